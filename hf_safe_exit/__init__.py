@@ -1,0 +1,17 @@
+"""hf_safe_exit: fast yet safe early-exit decoding for HuggingFace seq2seq models.
+
+>>> import hf_safe_exit
+>>> model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained(path))
+>>> model.generate(**inputs, early_exit=hf_safe_exit.EarlyExit(threshold=0.9))
+"""
+
+from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
+from .fingerprint import model_fingerprint
+from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
+    "model_fingerprint", "__version__",
+]

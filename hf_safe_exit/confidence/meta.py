@@ -1,0 +1,122 @@
+"""Meta-classifier confidence (CALM, Schuster et al. 2022, Eq. 7).
+
+A small head maps the (final-layer-normed) state of layer i to
+P(layer i's top token equals the last layer's top token). It is trained with the
+backbone frozen (see ``hf_safe_exit.training``) and saved next to the model as
+``meta_head.safetensors`` + ``meta_head_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import ConfidenceMeasure, LayerView
+
+META_WEIGHTS_NAME = "meta_head.safetensors"
+META_CONFIG_NAME = "meta_head_config.json"
+
+
+class MissingMetaHeadError(ValueError):
+    """The meta measure was requested for a model without a trained meta-classifier head."""
+
+
+@dataclass
+class MetaHeadConfig:
+    d_model: int
+    hidden_size: int = 0  # 0: a single Linear(d_model, 2); > 0: Linear -> GELU -> Linear
+    dropout: float = 0.0
+
+
+class MetaClassifierHead(nn.Module):
+    """``Linear(d_model, 2)`` or a one-hidden-layer MLP; class 1 = "already agrees with the last layer"."""
+
+    def __init__(self, config: MetaHeadConfig):
+        super().__init__()
+        self.config = config
+        if config.hidden_size > 0:
+            self.net = nn.Sequential(
+                nn.Linear(config.d_model, config.hidden_size),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.hidden_size, 2),
+            )
+        else:
+            self.net = nn.Linear(config.d_model, 2)
+
+    def forward(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of shape ``(..., 2)``."""
+        return self.net(normed_hidden)
+
+    def prob_agree(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(normed_hidden.dtype, torch.float32)
+        return torch.softmax(self.forward(normed_hidden).to(dtype), dim=-1)[..., 1]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  os.path.join(directory, META_WEIGHTS_NAME))
+        with open(os.path.join(directory, META_CONFIG_NAME), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "MetaClassifierHead":
+        weights = os.path.join(directory, META_WEIGHTS_NAME)
+        config_path = os.path.join(directory, META_CONFIG_NAME)
+        if not (os.path.isfile(weights) and os.path.isfile(config_path)):
+            raise MissingMetaHeadError(
+                f"No meta-classifier head in {directory!s} (expected {META_WEIGHTS_NAME} and {META_CONFIG_NAME}). "
+                "Train one with hf_safe_exit.training.train_meta_classifier(model, ...) and save it next to the model."
+            )
+        with open(config_path) as f:
+            head = cls(MetaHeadConfig(**json.load(f)))
+        head.load_state_dict(load_file(weights))
+        return head.eval()
+
+
+def find_meta_head(model) -> MetaClassifierHead:
+    """The meta head attached to ``model`` (``model.meta_head``) or saved next to its weights."""
+    head = getattr(model, "meta_head", None)
+    if isinstance(head, MetaClassifierHead):
+        return head
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if path and os.path.isfile(os.path.join(path, META_WEIGHTS_NAME)):
+        head = MetaClassifierHead.from_pretrained(path)
+        param = next(model.parameters())
+        head.to(device=param.device, dtype=param.dtype)
+        model.meta_head = head
+        return head
+    raise MissingMetaHeadError(
+        f"measure='meta' needs a trained meta-classifier head, but {type(model).__name__} "
+        f"({path or 'no local path'}) has none: set model.meta_head = MetaClassifierHead.from_pretrained(dir), "
+        "or train one with hf_safe_exit.training.train_meta_classifier, or use measure='softmax'."
+    )
+
+
+class MetaConfidence(ConfidenceMeasure):
+    """Confidence = the meta-classifier's probability that the current layer agrees with the last."""
+
+    name = "meta"
+    needs_logits = False
+
+    def __init__(self, head: MetaClassifierHead | None = None):
+        self.head = head
+
+    def bind(self, model) -> "MetaConfidence":
+        head = self.head if self.head is not None else find_meta_head(model)
+        if head.config.d_model != model.config.d_model:
+            raise MissingMetaHeadError(
+                f"meta head has d_model={head.config.d_model} but the model has d_model={model.config.d_model}: "
+                "it was trained for another model; retrain it for this one."
+            )
+        return MetaConfidence(head)
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        if self.head is None:
+            raise MissingMetaHeadError("MetaConfidence used before bind(model): no head attached.")
+        return self.head.prob_agree(view.normed)

@@ -1,0 +1,54 @@
+"""Reading a prediction out of any decoder layer of a T5-family model.
+
+CALM (Schuster et al., 2022, Sec. 3) reads every intermediate decoder state
+through the *shared* output head. For HF T5 that head is
+``decoder.final_layer_norm`` -> ``* d_model**-0.5`` (only when
+``config.scale_decoder_outputs``, i.e. tied-embedding T5 v1.0) -> ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "normed_state", "intermediate_logits"]
+
+
+def _supported_classes() -> tuple[type, ...]:
+    from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration
+
+    return (T5ForConditionalGeneration, MT5ForConditionalGeneration)
+
+
+SUPPORTED_MODEL_CLASSES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
+
+
+def check_supported_model(model: object) -> PreTrainedModel:
+    """Return ``model`` if it is a supported T5-family seq2seq LM, else raise ``TypeError``."""
+    if not isinstance(model, _supported_classes()):
+        raise TypeError(
+            f"hf_safe_exit early exit supports {', '.join(SUPPORTED_MODEL_CLASSES)} "
+            f"(T5 v1.0, T5 v1.1, flan-T5, mT5); got {type(model).__name__}. "
+            "Load your checkpoint with T5ForConditionalGeneration.from_pretrained(...)."
+        )
+    return model
+
+
+def normed_state(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """``decoder.final_layer_norm`` applied to a raw decoder block output."""
+    return model.decoder.final_layer_norm(hidden)
+
+
+def intermediate_logits(model: PreTrainedModel, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+    """Logits of the shared LM head applied to a decoder block's output.
+
+    ``hidden`` is the raw output of a decoder block (``normed=False``) or already
+    passed through ``decoder.final_layer_norm`` (``normed=True``; HF's last
+    ``decoder_hidden_states`` entry is already normed). For the last block this
+    equals ``model(...).logits`` exactly.
+    """
+    if not normed:
+        hidden = model.decoder.final_layer_norm(hidden)
+    if model.config.scale_decoder_outputs:
+        hidden = hidden * (model.config.d_model**-0.5)
+    return model.lm_head(hidden)

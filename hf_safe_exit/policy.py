@@ -1,0 +1,154 @@
+"""What ``model.generate(..., early_exit=...)`` accepts.
+
+The argument is a small protocol, :class:`EarlyExitPolicy`: an object with a
+``bind(model)`` method returning a *bound* policy, i.e. one that knows, for the
+model at hand,
+
+* ``measure`` -- a :class:`~hf_safe_exit.confidence.ConfidenceMeasure`,
+* ``min_exit_layer`` -- the first (1-based) decoder layer allowed to exit,
+* ``threshold_at(step, max_new_tokens)`` -- the exit threshold λ_t for the token at ``step``.
+
+A row exits after layer i >= ``min_exit_layer`` when ``confidence > λ_t``
+(strict, as in CALM and Jazbec et al. 2024, so that λ = 1 is exactly the full model).
+:class:`EarlyExit` is the plain fixed-threshold policy; ``RiskControlled``
+(``hf_safe_exit.risk``) binds to an :class:`EarlyExit` whose threshold was chosen
+with a statistical guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from .confidence import ConfidenceMeasure, LayerView, get_measure, measure_name
+
+__all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "SCHEDULES"]
+
+SCHEDULES = ("constant", "decaying")
+
+
+def decaying_threshold(base: float, step: int, max_new_tokens: int, tau: float = 4.0) -> float:
+    """CALM's position-decaying threshold (Schuster et al. 2022, Eq. 4).
+
+    λ_t = clip(0.9·λ + 0.1·exp(−τ·t/N), 0, 1), with t the 0-based position and N the
+    maximum number of new tokens. This is the paper's form; the t5x reference code
+    multiplies the exponential term by λ as well (0.9·λ + 0.1·λ·exp(−τt/N)). With
+    λ = 1 the schedule stays at 1 for every t, so λ = 1 remains the full model.
+    """
+    if base >= 1.0:
+        return 1.0
+    value = 0.9 * base + 0.1 * math.exp(-tau * step / max(max_new_tokens, 1))
+    return min(max(value, 0.0), 1.0)
+
+
+@runtime_checkable
+class EarlyExitPolicy(Protocol):
+    """Anything ``generate(early_exit=...)`` accepts: it binds to a model and returns a :class:`BoundPolicy`."""
+
+    def bind(self, model) -> "BoundPolicy": ...
+
+
+@runtime_checkable
+class BoundPolicy(Protocol):
+    measure: ConfidenceMeasure
+    min_exit_layer: int
+
+    def threshold_at(self, step: int, max_new_tokens: int) -> float: ...
+
+
+def _check_min_exit_layer(min_exit_layer: int, model) -> None:
+    num_layers = model.config.num_decoder_layers
+    if not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= num_layers:
+        raise ValueError(
+            f"min_exit_layer={min_exit_layer!r} is outside the decoder: this model has {num_layers} decoder "
+            f"layers, so use an integer in [1, {num_layers}] (1-based; {num_layers} means never exit early)."
+        )
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """Exit a token at the first layer ``i >= min_exit_layer`` whose confidence exceeds the threshold.
+
+    Args:
+        threshold: λ in [0, 1]. 1 never exits (the full model); 0 exits wherever confidence > 0.
+        measure: ``"softmax"``, ``"saturation"``, ``"meta"`` or a ``ConfidenceMeasure`` instance.
+        schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
+        decay_tau: τ of the decaying schedule (CALM uses 4).
+        min_exit_layer: first 1-based decoder layer allowed to exit.
+    """
+
+    threshold: float = 0.9
+    measure: str | ConfidenceMeasure = "softmax"
+    schedule: str = "constant"
+    decay_tau: float = 4.0
+    min_exit_layer: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+            0.0 <= float(self.threshold) <= 1.0
+        ):
+            raise ValueError(f"threshold={self.threshold!r} is outside [0, 1]: use 1.0 for the full model, "
+                             "smaller values to exit earlier.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown: use one of {SCHEDULES}.")
+        if not self.decay_tau > 0:
+            raise ValueError(f"decay_tau={self.decay_tau!r} must be > 0.")
+        get_measure(self.measure)  # raises on an unknown name
+
+    @property
+    def measure_name(self) -> str:
+        return measure_name(self.measure)
+
+    def bind(self, model) -> "EarlyExit":
+        _check_min_exit_layer(self.min_exit_layer, model)
+        return replace(self, measure=get_measure(self.measure).bind(model))
+
+    def threshold_at(self, step: int, max_new_tokens: int) -> float:
+        if self.schedule == "decaying":
+            return decaying_threshold(float(self.threshold), step, max_new_tokens, self.decay_tau)
+        return float(self.threshold)
+
+
+class _ForcedLayerMeasure(ConfidenceMeasure):
+    name = "forced"
+    needs_logits = False
+
+    def __init__(self, layer_of: Callable[[int, torch.Tensor], torch.Tensor]):
+        self.layer_of = layer_of
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        target = self.layer_of(view.step, view.rows).to(view.rows.device)
+        return (view.layer >= target).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ForcedExit:
+    """Exit every token at a prescribed layer: for oracles, ablations and tests.
+
+    ``layers`` is an int (same layer everywhere), a LongTensor ``(batch, max_new_tokens)``
+    of 1-based exit layers, or a callable ``(step, rows) -> LongTensor(len(rows))``.
+    """
+
+    layers: int | torch.Tensor | Callable[[int, torch.Tensor], torch.Tensor]
+    min_exit_layer: int = 1
+    measure: ConfidenceMeasure = field(init=False, default=None)
+
+    def bind(self, model) -> "ForcedExit":
+        layers = self.layers
+        if isinstance(layers, int):
+            _check_min_exit_layer(layers, model)
+            fn = lambda step, rows: torch.full((len(rows),), layers, dtype=torch.long)  # noqa: E731
+        elif isinstance(layers, torch.Tensor):
+            table = layers.long()
+            fn = lambda step, rows: table[rows.cpu(), min(step, table.shape[1] - 1)]  # noqa: E731
+        else:
+            fn = layers
+        bound = ForcedExit(self.layers, self.min_exit_layer)
+        object.__setattr__(bound, "measure", _ForcedLayerMeasure(fn))
+        return bound
+
+    def threshold_at(self, step: int, max_new_tokens: int) -> float:
+        return 0.5
