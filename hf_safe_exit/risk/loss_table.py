@@ -1,0 +1,175 @@
+"""``LossTable``: the calibration loss matrices of one model on one task, stored next to the model.
+
+The calibration pipeline decodes a calibration set once per threshold λ on a grid and
+writes a ``LossTable``; :class:`~hf_safe_exit.risk.RiskControlled` reads it and picks λ̂ for
+any (ε, δ, method) without decoding again. Convention: ``losses[name][k, j]`` is the loss
+of example ``j`` at threshold ``lambdas[k]``.
+
+Risks (Jazbec, Timans et al. 2024, Sec. 3), with ℓ the task loss and ŷ_λ the early-exit output:
+
+* ``"performance_gap"``: ℓ(ŷ_λ, y) − ℓ(ŷ_1, y), unrestricted (may be negative), in [a − b, b − a];
+* ``"performance_gap_bounded"``: max{ℓ(ŷ_λ, y) − ℓ(ŷ_1, y), 0}, in [0, b − a] (CALM's choice);
+* ``"consistency"``: ℓ(ŷ_λ, ŷ_1), in [0, 1] by default (no labels needed);
+
+for task losses in [a, b] (default [0, 1], so the gap lies in [−1, 1]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .selection import prepare_losses
+
+__all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME"]
+
+CALIBRATION_FILENAME = "early_exit_calibration.npz"
+RISKS = ("performance_gap", "performance_gap_bounded", "consistency")
+DEFAULT_LOSS_BOUNDS = {"performance_gap": (-1.0, 1.0), "performance_gap_bounded": (0.0, 1.0),
+                       "consistency": (0.0, 1.0)}
+_FORMAT_VERSION = 1
+
+
+def _json_ready(obj, what: str):
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-serialisable (str, numbers, lists, dicts): {err}") from None
+
+
+@dataclass
+class LossTable:
+    """Loss matrices ``(K, n)`` per risk on a λ grid, plus extras and JSON metadata.
+
+    Attributes:
+        lambdas: (K,) thresholds in [0, 1], containing 1.0.
+        losses: ``{risk name: (K, n) array}``; names from :data:`RISKS`.
+        bounds: ``{risk name: (lower, upper)}``; defaults from :data:`DEFAULT_LOSS_BOUNDS`.
+        extras: other arrays, e.g. ``task_loss``/``mean_exit_layer``/``layer_fraction`` (K, n),
+            ``wall_time`` (K,).
+        metadata: JSON-able dict (``model_fingerprint``, ``task``, ``measure``, ``schedule``,
+            ``min_exit_layer``, ``num_decoder_layers``, ``example_ids``, ``versions``, ...).
+    """
+
+    lambdas: np.ndarray
+    losses: dict[str, np.ndarray]
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lambdas = np.asarray(self.lambdas, dtype=np.float64)
+        if not self.losses:
+            raise ValueError(f"A LossTable needs at least one loss matrix, keyed by one of {RISKS}.")
+        unknown = set(self.losses) - set(RISKS)
+        if unknown:
+            raise ValueError(f"Unknown risk name(s) {sorted(unknown)}: use {RISKS}.")
+        self.bounds = {name: tuple(float(v) for v in self.bounds.get(name, DEFAULT_LOSS_BOUNDS[name]))
+                       for name in self.losses}
+        self.losses = {name: np.asarray(arr, dtype=np.float64) for name, arr in self.losses.items()}
+        sizes = set()
+        for name, arr in self.losses.items():
+            prepare_losses(self.lambdas, arr, self.bounds[name])  # validates grid, shape, finiteness, bounds
+            sizes.add(arr.shape[1])
+        if len(sizes) != 1:
+            raise ValueError(f"All loss matrices must cover the same examples; got n = {sorted(sizes)}.")
+        self.extras = {name: np.asarray(arr) for name, arr in self.extras.items()}
+        for name, arr in self.extras.items():
+            if arr.ndim == 0 or arr.shape[0] != self.lambdas.size:
+                raise ValueError(f"extras[{name!r}] has shape {arr.shape}; its first axis must follow lambdas "
+                                 f"({self.lambdas.size}).")
+        self.metadata = _json_ready(dict(self.metadata), "metadata")
+        ids = self.metadata.get("example_ids")
+        if ids is not None and len(ids) != self.n:
+            raise ValueError(f"metadata['example_ids'] has {len(ids)} entries for {self.n} examples.")
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.losses.values())).shape[1]
+
+    @classmethod
+    def from_task_losses(cls, lambdas, task_losses, consistency_losses=None, task_loss_bounds=(0.0, 1.0),
+                         extras=None, metadata=None, consistency_bounds=(0.0, 1.0)) -> "LossTable":
+        """Derive the risks from per-threshold task losses ``task_losses[k, j]`` = ℓ(ŷ_{λ_k}, y_j).
+
+        The gap is taken relative to the λ = 1 row (which must exist). ``task_losses`` is also
+        kept in ``extras['task_loss']``. ``consistency_losses`` (K, n), ℓ(ŷ_λ, ŷ_1), is optional.
+        """
+        a, b = (float(v) for v in task_loss_bounds)
+        task = np.asarray(task_losses, dtype=np.float64)
+        prepare_losses(lambdas, task, (a, b))  # validates grid, shape and range before deriving
+        lam = np.asarray(lambdas, dtype=np.float64)
+        full = task[int(np.argmin(np.abs(lam - 1.0)))]
+        gap = task - full[None, :]
+        losses = {"performance_gap": gap, "performance_gap_bounded": np.maximum(gap, 0.0)}
+        bounds = {"performance_gap": (a - b, b - a), "performance_gap_bounded": (0.0, b - a)}
+        if consistency_losses is not None:
+            losses["consistency"] = np.asarray(consistency_losses, dtype=np.float64)
+            bounds["consistency"] = tuple(consistency_bounds)
+        extras = dict(extras or {})
+        extras.setdefault("task_loss", task)
+        meta = dict(metadata or {})
+        meta.setdefault("task_loss_bounds", [a, b])
+        return cls(lam, losses, bounds, extras, meta)
+
+    def subset(self, indices) -> "LossTable":
+        """The table restricted to the examples ``indices`` (for calibration/test splits).
+
+        Extras with one entry per (λ, example) are subset; per-λ extras (e.g. ``wall_time``)
+        are kept unchanged.
+        """
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if idx.size == 0:
+            raise ValueError("subset needs at least one example index.")
+        meta = dict(self.metadata)
+        if meta.get("example_ids") is not None:
+            meta["example_ids"] = [meta["example_ids"][int(i)] for i in idx]
+        extras = {k: (v[:, idx] if v.ndim >= 2 and v.shape[1] == self.n else v) for k, v in self.extras.items()}
+        return LossTable(self.lambdas.copy(), {k: v[:, idx] for k, v in self.losses.items()}, dict(self.bounds),
+                         extras, meta)
+
+    def digest(self) -> str:
+        """A content hash (grid, losses, bounds), used to cache fits made from this table."""
+        h = hashlib.sha256(self.lambdas.tobytes())
+        for name in sorted(self.losses):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.losses[name]).tobytes())
+            h.update(repr(self.bounds[name]).encode())
+        return h.hexdigest()[:16]
+
+    def save(self, path) -> str:
+        """Write one ``.npz`` (no pickles); a directory path gets :data:`CALIBRATION_FILENAME`."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CALIBRATION_FILENAME)
+        arrays = {"lambdas": self.lambdas}
+        arrays.update({f"loss__{k}": v for k, v in self.losses.items()})
+        arrays.update({f"extra__{k}": v for k, v in self.extras.items()})
+        header = {"format_version": _FORMAT_VERSION, "bounds": {k: list(v) for k, v in self.bounds.items()},
+                  "metadata": self.metadata}
+        arrays["header_json"] = np.array(json.dumps(header))
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "LossTable":
+        """Read a table written by :meth:`save` (a file, or a directory holding :data:`CALIBRATION_FILENAME`)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CALIBRATION_FILENAME)
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header_json"]))
+            if header.get("format_version", 0) > _FORMAT_VERSION:
+                raise ValueError(f"{path} was written by a newer hf_safe_exit (format {header['format_version']}): "
+                                 "upgrade hf_safe_exit to read it.")
+            losses = {k[len("loss__"):]: data[k] for k in data.files if k.startswith("loss__")}
+            extras = {k[len("extra__"):]: data[k] for k in data.files if k.startswith("extra__")}
+            bounds = {k: tuple(v) for k, v in header["bounds"].items()}
+            return cls(data["lambdas"], losses, bounds, extras, header.get("metadata", {}))
