@@ -1,0 +1,19 @@
+"""Risk control for early exit: choose the exit threshold with a distribution-free guarantee.
+
+Jazbec, Timans et al. (2024), "Fast yet Safe: Early-Exiting with Risk Control"; conformal
+risk control (Angelopoulos et al. 2022), RCPS upper confidence bounds (Bates et al. 2021),
+Learn then Test (Angelopoulos et al. 2021). See :class:`RiskControlled` and :class:`LossTable`.
+"""
+
+from .bounds import binomial_count, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
+from .controlled import (RISK_CONTROL_FILENAME, MissingCalibrationError, RiskCertificate, RiskControlled, clear_cache,
+                         find_calibration)
+from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
+from .selection import (BOUNDS, METHODS, Selection, select, select_crc, select_ltt, select_naive, select_ucb)
+
+__all__ = [
+    "RiskControlled", "RiskCertificate", "LossTable", "MissingCalibrationError", "find_calibration", "clear_cache",
+    "CALIBRATION_FILENAME", "RISK_CONTROL_FILENAME", "RISKS", "DEFAULT_LOSS_BOUNDS", "METHODS", "BOUNDS",
+    "Selection", "select", "select_naive", "select_crc", "select_ucb", "select_ltt",
+    "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "binomial_count",
+]

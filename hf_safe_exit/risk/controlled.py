@@ -1,0 +1,396 @@
+"""``RiskControlled``: an ``early_exit=`` policy whose threshold carries a statistical guarantee.
+
+>>> rc = RiskControlled(eps=0.05, delta=0.1, method="ucb").fit_table(LossTable.load(path))
+>>> rc.lambda_, rc.certificate.feasible
+>>> model.generate(**inputs, early_exit=rc)
+>>> model.generate(**inputs, early_exit=RiskControlled(eps=0.05))   # fits from the model's stored table
+
+Guarantees (Jazbec, Timans et al. 2024, "Fast yet Safe", Sec. 3), for the chosen risk R(λ):
+``crc``: E[R_test(λ̂)] ≤ ε; ``ucb`` / ``ltt``: P(R(λ̂) ≤ ε) ≥ 1 − δ; ``naive``: none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..confidence import ConfidenceMeasure, get_measure, measure_name
+from ..fingerprint import model_fingerprint
+from ..policy import SCHEDULES, EarlyExit
+from .bounds import _check_level, hoeffding_bentkus_ucb
+from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
+from .selection import BOUNDS, METHODS, MONOTONIZE, select
+
+__all__ = ["RiskControlled", "RiskCertificate", "MissingCalibrationError", "find_calibration",
+           "RISK_CONTROL_FILENAME", "clear_cache"]
+
+RISK_CONTROL_FILENAME = "risk_control.json"
+_FORMAT_VERSION = 1
+_FIT_CACHE: "OrderedDict[tuple, RiskControlled]" = OrderedDict()
+_TABLE_CACHE: "OrderedDict[tuple, LossTable]" = OrderedDict()
+_CACHE_SIZE = 64
+
+_HOW_TO_CALIBRATE = (
+    "Calibrate it once: `hf-safe-exit collect --model <model> --task <task> ... && hf-safe-exit calibrate ...` "
+    "(writes {fname} next to the weights), or build the loss table yourself and use "
+    "`RiskControlled(eps=...).fit_table(LossTable.load(path))`, or attach one with "
+    "`model.early_exit_calibration = LossTable.load(path)`."
+).format(fname=CALIBRATION_FILENAME)
+
+
+class MissingCalibrationError(FileNotFoundError):
+    """No stored calibration loss table was found for the model."""
+
+
+def clear_cache() -> None:
+    """Forget cached fits and loaded tables (tests; after rewriting a table in place)."""
+    _FIT_CACHE.clear()
+    _TABLE_CACHE.clear()
+
+
+def _cache_put(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class RiskCertificate:
+    """What was guaranteed, for which model and data. Grid lists are in ascending λ order.
+
+    ``risk_bound`` is the quantity compared with ε at λ̂: R̂ (naive), n/(n+1)·R̂ + B/(n+1)
+    (crc), the UCB (ucb), or the Hoeffding–Bentkus UCB at level δ (ltt, whose test itself
+    uses ``p_value`` ≤ δ). ``feasible`` is False when no λ < 1 qualified (then λ̂ = 1).
+    """
+
+    eps: float
+    delta: float | None
+    method: str
+    bound: str | None
+    risk: str
+    monotonize: str | None
+    n: int
+    lambda_hat: float
+    empirical_risk: float
+    risk_bound: float
+    p_value: float | None
+    feasible: bool
+    guarantee: str
+    loss_bounds: tuple[float, float]
+    grid: list[float] = field(default_factory=list)
+    grid_empirical_risk: list[float] = field(default_factory=list)
+    grid_statistic: list[float] = field(default_factory=list)
+    model_fingerprint: str | None = None
+    task: str | None = None
+    measure: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RiskCertificate":
+        data = dict(data)
+        data["loss_bounds"] = tuple(data["loss_bounds"])
+        return cls(**data)
+
+
+def _guarantee(method: str, eps: float, delta: float | None, risk: str) -> str:
+    if method == "crc":
+        return f"E[{risk}(λ̂) on a new example] ≤ {eps:g}"
+    if method in ("ucb", "ltt"):
+        return f"P({risk} risk at λ̂ ≤ {eps:g}) ≥ {1 - delta:g}"
+    return "none (naive empirical risk, for comparison only)"
+
+
+class RiskControlled:
+    """Pick the exit threshold λ̂ with a distribution-free risk guarantee, then act as an ``early_exit=`` policy.
+
+    Args:
+        eps: target risk ε in (0, 1).
+        delta: failure probability δ in (0, 1); required by ``ucb``/``ltt``, refused by ``crc``/``naive``.
+        method: ``"crc"`` (in expectation), ``"ucb"`` or ``"ltt"`` (with probability 1 − δ), ``"naive"``.
+        bound: UCB bound for ``method="ucb"``: ``"wsr"`` (default), ``"hoeffding"``, ``"hoeffding_bentkus"``.
+        risk: ``"performance_gap"`` (unrestricted, default), ``"performance_gap_bounded"``, ``"consistency"``.
+        monotonize: ``None`` or ``"per_example"`` (see :mod:`hf_safe_exit.risk.selection`).
+        measure, schedule, min_exit_layer, decay_tau: the early-exit settings the losses were
+            computed with. ``None`` takes them from the loss table's metadata (``fit_table``);
+            a value that contradicts the table raises. Defaults when neither says:
+            schedule ``"constant"``, min_exit_layer 1, decay_tau 4; the measure must be known.
+
+    Fitted attributes: ``lambda_`` (λ̂) and ``certificate`` (:class:`RiskCertificate`).
+    """
+
+    def __init__(self, eps: float, delta: float | None = None, method: str = "crc", bound: str = "wsr",
+                 risk: str = "performance_gap", monotonize: str | None = None,
+                 measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
+                 min_exit_layer: int | None = None, decay_tau: float | None = None):
+        self.eps = _check_level(eps, "eps")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
+        if method in ("ucb", "ltt"):
+            if delta is None:
+                raise ValueError(f"method={method!r} guarantees the risk with probability 1 − delta: pass delta "
+                                 "(e.g. delta=0.1), or use method='crc' for a guarantee in expectation.")
+            delta = _check_level(delta, "delta")
+        elif delta is not None:
+            raise ValueError(f"delta={delta!r} was given but method={method!r} has no δ: drop delta, or use "
+                             "method='ucb' or method='ltt' for a high-probability guarantee.")
+        if bound not in BOUNDS:
+            raise ValueError(f"bound={bound!r} is unknown: use one of {BOUNDS}.")
+        if risk not in RISKS:
+            raise ValueError(f"risk={risk!r} is unknown: use one of {RISKS}.")
+        if monotonize not in MONOTONIZE:
+            raise ValueError(f"monotonize={monotonize!r} is unknown: use None or 'per_example'.")
+        if measure is not None:
+            get_measure(measure)
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}.")
+        if min_exit_layer is not None and (isinstance(min_exit_layer, bool) or not isinstance(min_exit_layer, int)
+                                           or min_exit_layer < 1):
+            raise ValueError(f"min_exit_layer={min_exit_layer!r} must be a positive integer (1-based layer).")
+        if decay_tau is not None and not decay_tau > 0:
+            raise ValueError(f"decay_tau={decay_tau!r} must be > 0.")
+        self.delta, self.method, self.bound, self.risk, self.monotonize = delta, method, bound, risk, monotonize
+        self.measure, self.schedule, self.min_exit_layer, self.decay_tau = measure, schedule, min_exit_layer, decay_tau
+        self.lambda_: float | None = None
+        self.certificate: RiskCertificate | None = None
+        self._calibration: dict = {}
+
+    # ------------------------------------------------------------------ sklearn-style plumbing
+    def get_params(self) -> dict:
+        return {"eps": self.eps, "delta": self.delta, "method": self.method, "bound": self.bound, "risk": self.risk,
+                "monotonize": self.monotonize, "measure": self.measure, "schedule": self.schedule,
+                "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau}
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.lambda_ is not None
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
+        fitted = f", lambda_={self.lambda_:.4g}" if self.is_fitted else ""
+        return f"RiskControlled({params}{fitted})"
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, lambdas, losses, loss_bounds=None) -> "RiskControlled":
+        """Choose λ̂ from a loss matrix, ``losses[k, j]`` = loss of example j at ``lambdas[k]``.
+
+        ``loss_bounds`` defaults to the range of ``risk`` ((−1, 1) for the unrestricted gap,
+        (0, 1) otherwise). Returns ``self`` with ``lambda_`` and ``certificate``.
+        """
+        return self._fit(lambdas, losses, loss_bounds, metadata={})
+
+    def fit_table(self, table: LossTable) -> "RiskControlled":
+        """Choose λ̂ from a :class:`LossTable`, recording its model fingerprint, task and early-exit settings."""
+        if not isinstance(table, LossTable):
+            raise ValueError(f"fit_table expects a LossTable, got {type(table).__name__}; use fit(lambdas, losses) "
+                             "for a raw matrix.")
+        if self.risk not in table.losses:
+            raise ValueError(f"This loss table has no {self.risk!r} losses (it has {sorted(table.losses)}): pick one "
+                             "of those with risk=..., or rebuild the table with them.")
+        return self._fit(table.lambdas, table.losses[self.risk], table.bounds[self.risk], metadata=table.metadata)
+
+    def _settings(self, metadata: dict) -> dict:
+        """Early-exit settings: the table's metadata, checked against what the user passed."""
+        out = {}
+        user_measure = None if self.measure is None else measure_name(self.measure)
+        for key, user, default in (("measure", user_measure, None), ("schedule", self.schedule, "constant"),
+                                   ("min_exit_layer", self.min_exit_layer, 1), ("decay_tau", self.decay_tau, 4.0)):
+            stored = metadata.get(key)
+            if stored is not None and user is not None and stored != user:
+                raise ValueError(f"The losses were computed with {key}={stored!r} but this RiskControlled asks for "
+                                 f"{key}={user!r}: a threshold calibrated for one setting is not valid for another. "
+                                 f"Drop {key}= or recalibrate with {key}={user!r}.")
+            out[key] = user if user is not None else (stored if stored is not None else default)
+        return out
+
+    def _fit(self, lambdas, losses, loss_bounds, metadata: dict) -> "RiskControlled":
+        settings = self._settings(metadata)
+        bounds = tuple(loss_bounds) if loss_bounds is not None else DEFAULT_LOSS_BOUNDS[self.risk]
+        sel = select(self.method, lambdas, losses, self.eps, self.delta, bound=self.bound, loss_bounds=bounds,
+                     monotonize=self.monotonize)
+        pos = sel.position
+        emp, stat = float(sel.empirical_risk[pos]), float(sel.statistic[pos])
+        p_value = None
+        risk_bound = stat
+        if self.method == "ltt":
+            p_value = stat
+            risk_bound = float(hoeffding_bentkus_ucb(emp, sel.n, self.delta, *bounds))
+        bound_name = {"ucb": self.bound, "ltt": "hoeffding_bentkus"}.get(self.method)
+        asc = slice(None, None, -1)
+        self.certificate = RiskCertificate(
+            eps=self.eps, delta=self.delta, method=self.method, bound=bound_name, risk=self.risk,
+            monotonize=self.monotonize, n=sel.n, lambda_hat=sel.lambda_hat, empirical_risk=emp,
+            risk_bound=risk_bound, p_value=p_value, feasible=sel.feasible,
+            guarantee=_guarantee(self.method, self.eps, self.delta, self.risk), loss_bounds=bounds,
+            grid=sel.lambdas[asc].tolist(), grid_empirical_risk=sel.empirical_risk[asc].tolist(),
+            grid_statistic=sel.statistic[asc].tolist(), model_fingerprint=metadata.get("model_fingerprint"),
+            task=metadata.get("task"), measure=settings["measure"])
+        self.lambda_ = sel.lambda_hat
+        self._calibration = {**settings, "model_fingerprint": metadata.get("model_fingerprint"),
+                             "task": metadata.get("task")}
+        if not sel.feasible:
+            why = ("even λ = 1 fails the test" if not sel.passed[0] else "no threshold below 1 passes")
+            warnings.warn(
+                f"RiskControlled({self.method}, eps={self.eps:g}{'' if self.delta is None else f', delta={self.delta:g}'})"
+                f": {why} with n={sel.n} calibration examples, so λ̂ = 1 (never exit early; no speed-up). "
+                "Raise eps (or delta), or calibrate on more examples"
+                + (f" (CRC needs eps ≥ B/(n+1) = {bounds[1] / (sel.n + 1):.3g})." if self.method == "crc" else "."),
+                UserWarning, stacklevel=3)
+        return self
+
+    # ------------------------------------------------------------------ the early_exit= protocol
+    def bind(self, model) -> EarlyExit:
+        """Return the bound :class:`~hf_safe_exit.policy.EarlyExit` with threshold λ̂ for ``model``.
+
+        Fitted: checks the model fingerprint (if calibrated with one). Unfitted: finds the
+        model's stored :class:`LossTable` (see :func:`find_calibration`), fits for this
+        (ε, δ, method, bound, risk, monotonize) and caches the fit per model and table.
+        """
+        fingerprint = model_fingerprint(model)
+        fitted = self if self.is_fitted else self._fit_from_stored(model, fingerprint)
+        return fitted._bind_fitted(model, fingerprint)
+
+    def _bind_fitted(self, model, fingerprint: str) -> EarlyExit:
+        expected = self._calibration.get("model_fingerprint")
+        if expected is not None and expected != fingerprint:
+            raise ValueError(f"This RiskControlled was calibrated for another model (fingerprint {expected}, this model "
+                             f"is {fingerprint}): its guarantee does not transfer. Recalibrate on this model. "
+                             + _HOW_TO_CALIBRATE)
+        cal = self._calibration
+        measure = self.measure if isinstance(self.measure, ConfidenceMeasure) else cal.get("measure")
+        if measure is None:
+            raise ValueError("Unknown confidence measure: the losses were given without metadata, so say which measure "
+                             "they were computed with, e.g. RiskControlled(..., measure='softmax').")
+        return EarlyExit(threshold=float(self.lambda_), measure=measure, schedule=cal["schedule"],
+                         decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"])).bind(model)
+
+    def _fit_from_stored(self, model, fingerprint: str) -> "RiskControlled":
+        table, source = find_calibration(model)
+        stored = table.metadata.get("model_fingerprint")
+        if stored is not None and stored != fingerprint:
+            raise ValueError(f"The calibration at {source} was made for another model (fingerprint {stored}, this "
+                             f"model is {fingerprint}): recalibrate for this model. " + _HOW_TO_CALIBRATE)
+        params = self.get_params()
+        key = (fingerprint, table.digest(), *((k, params[k] if not isinstance(params[k], ConfidenceMeasure)
+                                               else ("instance", id(params[k]))) for k in sorted(params)))
+        hit = _FIT_CACHE.get(key)
+        if hit is None:
+            hit = RiskControlled(**params).fit_table(table)
+            _cache_put(_FIT_CACHE, key, hit)
+        return hit
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        if not self.is_fitted:
+            raise ValueError("This RiskControlled is not fitted: call fit(...) or fit_table(...) before saving it.")
+        params = self.get_params()
+        params["measure"] = None if self.measure is None else measure_name(self.measure)
+        from .. import __version__
+        return {"format_version": _FORMAT_VERSION, "hf_safe_exit_version": __version__, "params": params,
+                "lambda_": self.lambda_, "calibration": dict(self._calibration),
+                "certificate": self.certificate.to_dict()}
+
+    def save_pretrained(self, save_directory) -> str:
+        """Write ``save_directory/risk_control.json`` (λ̂, certificate, settings, model fingerprint)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(os.fspath(save_directory), RISK_CONTROL_FILENAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RiskControlled":
+        if data.get("format_version", 0) > _FORMAT_VERSION:
+            raise ValueError(f"risk_control.json format {data['format_version']} is newer than this hf_safe_exit "
+                             "understands: upgrade hf_safe_exit.")
+        obj = cls(**data["params"])
+        lam = float(data["lambda_"])
+        if not 0.0 <= lam <= 1.0 or math.isnan(lam):
+            raise ValueError(f"Corrupt risk_control.json: lambda_={lam!r} is outside [0, 1].")
+        obj.lambda_ = lam
+        obj.certificate = RiskCertificate.from_dict(data["certificate"])
+        obj._calibration = dict(data["calibration"])
+        return obj
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, **hub_kwargs) -> "RiskControlled":
+        """Load from a directory (or the JSON file itself), else from a Hub repo's ``risk_control.json``."""
+        path = os.fspath(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, RISK_CONTROL_FILENAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r}: save one with "
+                                        "RiskControlled(...).fit_table(table).save_pretrained(directory).")
+        elif not os.path.isfile(path):
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = hf_hub_download(repo_id=path, filename=RISK_CONTROL_FILENAME, **hub_kwargs)
+            except Exception as err:  # network, missing repo or file, invalid id: all mean "not found"
+                raise FileNotFoundError(
+                    f"Could not load a risk control from {path_or_repo_id!r}: it is not a local directory or file, "
+                    f"and downloading {RISK_CONTROL_FILENAME} from the Hub repo failed ({type(err).__name__}: {err}). "
+                    "Pass the directory you gave save_pretrained(), or a Hub repo id that holds the file.") from err
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+def _load_cached(path: str) -> LossTable:
+    stat = os.stat(path)
+    key = ("file", os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = LossTable.load(path)
+        _cache_put(_TABLE_CACHE, key, table)
+    return table
+
+
+def find_calibration(model) -> tuple[LossTable, str]:
+    """The stored calibration table for ``model`` and where it came from.
+
+    Looks, in order, at ``model.early_exit_calibration`` (a :class:`LossTable` or a path),
+    ``<model.name_or_path>/early_exit_calibration.npz`` for a local checkpoint directory,
+    and the file of that name in the Hub repo ``model.name_or_path``. Raises
+    :class:`MissingCalibrationError` explaining how to calibrate when none is found.
+    """
+    attached = getattr(model, "early_exit_calibration", None)
+    if isinstance(attached, LossTable):
+        return attached, "model.early_exit_calibration"
+    if isinstance(attached, (str, os.PathLike)):
+        return _load_cached(os.path.join(attached, CALIBRATION_FILENAME) if os.path.isdir(attached)
+                            else os.fspath(attached)), os.fspath(attached)
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = os.fspath(name)
+    tried = []
+    if name and os.path.isdir(name):
+        path = os.path.join(name, CALIBRATION_FILENAME)
+        if os.path.isfile(path):
+            return _load_cached(path), path
+        tried.append(f"no {CALIBRATION_FILENAME} in the checkpoint directory {name!r}")
+    elif name:
+        key = ("hub", name)
+        if key in _TABLE_CACHE:
+            return _TABLE_CACHE[key], f"hub:{name}"
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=name, filename=CALIBRATION_FILENAME)
+        except Exception as err:  # offline, no such repo or file, not a valid repo id
+            tried.append(f"could not get {CALIBRATION_FILENAME} from the Hub repo {name!r} ({type(err).__name__})")
+        else:
+            table = LossTable.load(path)
+            _cache_put(_TABLE_CACHE, key, table)
+            return table, f"hub:{name}"
+    else:
+        tried.append("the model has no name_or_path (built in memory) and no early_exit_calibration attached")
+    raise MissingCalibrationError(
+        "RiskControlled(eps=...) without fit() needs the model's stored calibration losses, and none was found: "
+        + "; ".join(tried) + ". " + _HOW_TO_CALIBRATE)
