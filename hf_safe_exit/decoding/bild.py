@@ -1,0 +1,599 @@
+"""BiLD: big-little speculative decoding for two HF T5-family models.
+
+Big Little Decoder (Kim et al., NeurIPS 2023) pairs a small and a large seq2seq model
+that share a vocabulary:
+
+* **Draft.** The small model decodes autoregressively. Before it commits a token it looks at
+  its confidence, the maximum probability after the logits processors. If that is below the
+  **fallback** threshold α_FB the token is left to the large model (a *fallback*). Drafting also
+  stops after ``max_draft_len`` tokens, or when a stopping criterion (EOS, ``max_length``) fires.
+* **Verify.** The large model scores every drafted token in one non-autoregressive pass. It
+  **rolls back** at the first drafted token ``y`` whose cross-entropy under the large model,
+  ``-log p_L(y)``, exceeds the **rollback** threshold α_RB (strictly). It keeps the tokens before
+  ``y`` and puts its own token in place of ``y``. If nothing is rolled back and the draft ended in
+  a fallback, the large model's token for the next position is appended, because the same pass
+  already computed it. If the draft ended at ``max_draft_len`` or at a stopping criterion, nothing
+  is appended and the small model drafts the next token. So α_FB = 0 with α_RB = ∞ gives exactly
+  the small model's output.
+* Both models' caches are cropped to the kept prefix, per sequence.
+
+α_RB = 0 gives exactly the large model's output. Every drafted token with ``p_L(y) < 1`` is
+rolled back, and a token with ``p_L(y) == 1`` is the large model's argmax anyway. Unlike the
+reference implementation, a threshold of 0 here means 0, not "use the default".
+
+Greedy and sampling
+    The logits processors come from the large model's merged ``GenerationConfig`` (temperature,
+    top-k, top-p, repetition penalty, min length, ...). They apply to both models' scores, per row
+    and per position, with that position's own prefix. Greedy decoding takes the argmax. Sampling
+    draws from the processed distribution with ``torch.multinomial``, so a fixed ``torch.manual_seed``
+    gives the same output. With sampling the rollback test uses the sampled draft token. BiLD is
+    not a distribution-preserving speculative sampler: with α_RB > 0 the output distribution
+    differs from the large model's.
+
+Batches and per-sequence rollback (the cache layout)
+    Rows accept different numbers of drafted tokens, so after a rollback their lengths differ.
+    Each model's self-attention cache is kept **right-aligned with left padding**: row ``r``'s
+    cached tokens sit in the last ``len_r`` columns, and the columns before them are masked out
+    through ``decoder_attention_mask``. T5's decoder position information is the *relative*
+    position bias (key position minus query position), so a masked left pad changes neither the
+    attention weights nor the position biases among the real tokens. Up to floating-point
+    rounding, the result equals an unpadded forward (checked against a fresh forward in the tests).
+
+    * Cropping row ``r`` by ``k_r`` tokens: crop every row by ``min_r k_r`` (``Cache.crop``), shift
+      each row with more to drop right by the difference (a ``gather`` along the time axis, so
+      the dropped tail wraps into masked left slots), then trim the padding columns that all
+      rows share.
+    * A forward must feed every row the same number of new columns ``K``. A row with fewer
+      pending tokens has its last cached tokens cropped and fed again (the same K/V, recomputed).
+      A row shorter than ``K`` gets masked placeholder columns in front.
+    * Drafting runs in lockstep. A row that has stopped drafting waits for the others; while it
+      waits it re-feeds its last token, one column per step. The large model then verifies all
+      rows in a single pass. Finished rows leave the batch (``batch_select_indices``).
+
+    After each verification both caches hold exactly the kept prefix of every row, minus any
+    tokens not yet fed. The large model's replacement or fallback token is one of those: it is
+    fed at the next call.
+
+Statistics per call (``return_dict_in_generate=True`` → :class:`BiLDOutput`): tokens drafted,
+accepted, rolled back; rollback and fallback events; tokens produced by the large model; large- and
+small-model decoder calls (one batched forward counts as one call; the encoders run once each and
+are not counted).
+
+Risk control of the rollback threshold
+    Rollback thresholds map to λ ∈ [0, 1] by ``λ = exp(-α_RB)``, so ``α_RB = -log λ``. λ = 1 is
+    α_RB = 0, i.e. the large model's output; λ = 0 is α_RB = ∞, where every draft is accepted.
+    λ has a plain meaning: a drafted token is kept iff ``p_L(y) >= λ``, the smallest probability
+    the large model must give it. A smaller λ is more permissive. A calibration runner takes
+    ``lambda lam: BiLD.from_lambda(small_model, lam, fallback=...)`` (or
+    :func:`bild_policy_factory`) as its policy factory, exactly as for the early-exit threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.generation.utils import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from .readout import check_supported_model
+
+__all__ = [
+    "BiLD",
+    "BiLDOutput",
+    "BiLDStats",
+    "DEFAULT_FALLBACK",
+    "DEFAULT_ROLLBACK",
+    "DEFAULT_MAX_DRAFT_LEN",
+    "bild_policy_factory",
+    "check_compatible_pair",
+    "lambda_to_rollback",
+    "rollback_to_lambda",
+]
+
+DEFAULT_FALLBACK = 0.6
+# A few nats, the range used for α_RB in the BiLD paper's experiments. A drafted token is kept while
+# the large model gives it probability >= exp(-3) ≈ 0.05.
+DEFAULT_ROLLBACK = 3.0
+DEFAULT_MAX_DRAFT_LEN = 10
+
+# generate() arguments BiLD cannot honour; the message says what to do instead.
+_REJECTED_KWARGS = {
+    "assistant_model": "BiLD already is a speculative decoder: pass the small model as BiLD(small_model=...)",
+    "streamer": "streaming is not supported by BiLD decoding; decode without a streamer",
+    "custom_generate": "BiLD supplies its own decoding loop; drop custom_generate",
+    "past_key_values": "BiLD builds its own caches for both models; drop past_key_values",
+    "inputs_embeds": "BiLD runs the small model's encoder on token ids; pass input_ids instead of inputs_embeds",
+    "decoder_input_ids": "BiLD starts from the decoder start token; decoder prompts are not supported",
+}
+_UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+# ----------------------------------------------------------------------------------------------
+# thresholds and λ
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+        raise ValueError(f"{name}={value!r} must be a real number.")
+    return float(value)
+
+
+def rollback_to_lambda(rollback: float) -> float:
+    """λ = exp(-α_RB): 1 for rollback 0 (the large model's output), 0 for rollback ∞."""
+    rollback = _check_real("rollback", rollback)
+    if rollback < 0:
+        raise ValueError(f"rollback={rollback!r} is negative: use a cross-entropy threshold >= 0 (0 = the large model).")
+    return math.exp(-rollback)
+
+
+def lambda_to_rollback(lam: float) -> float:
+    """α_RB = -log λ for λ in [0, 1]: λ = 1 → 0 (the large model), λ = 0 → ∞ (accept every draft)."""
+    lam = _check_real("lam", lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam={lam!r} is outside [0, 1]: 1 is the large model's output, smaller is more permissive.")
+    if lam == 0.0:
+        return math.inf
+    return max(-math.log(lam), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# compatibility
+
+
+def _special_ids(model) -> dict[str, Any]:
+    gc, cfg = model.generation_config, model.config
+
+    def pick(name):
+        value = getattr(gc, name, None)
+        return getattr(cfg, name, None) if value is None else value
+
+    return {name: pick(name) for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id")}
+
+
+def check_compatible_pair(large_model, small_model, large_tokenizer=None, small_tokenizer=None) -> None:
+    """Raise unless ``small_model`` can draft for ``large_model``.
+
+    Both must be supported T5-family models (``TypeError`` otherwise), on the same device, with the
+    same vocabulary size, output head size, and decoder-start, pad and EOS ids (``ValueError``).
+    If both tokenizers are given, their vocabularies must be identical too.
+    """
+    check_supported_model(large_model)
+    check_supported_model(small_model)
+    fix = ("BiLD needs two checkpoints of one model family that share a tokenizer (e.g. t5-small with t5-large, "
+           "or flan-t5-small with flan-t5-xl); load a small model trained with the large model's tokenizer.")
+    v_large = large_model.get_output_embeddings().weight.shape[0]
+    v_small = small_model.get_output_embeddings().weight.shape[0]
+    if large_model.config.vocab_size != small_model.config.vocab_size or v_large != v_small:
+        raise ValueError(
+            f"mismatched vocabularies: the large model has vocab_size={large_model.config.vocab_size} "
+            f"(LM head {v_large}) but the small model has vocab_size={small_model.config.vocab_size} "
+            f"(LM head {v_small}). {fix}"
+        )
+    ids_large, ids_small = _special_ids(large_model), _special_ids(small_model)
+    for name in ids_large:
+        a, b = ids_large[name], ids_small[name]
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"mismatched special tokens: {name} is {a!r} for the large model but {b!r} for the "
+                             f"small model. {fix}")
+    if large_tokenizer is not None and small_tokenizer is not None:
+        if large_tokenizer.get_vocab() != small_tokenizer.get_vocab():
+            raise ValueError(f"mismatched tokenizers: the large and small tokenizers map tokens to different ids. {fix}")
+    if large_model.device != small_model.device:
+        raise ValueError(f"the large model is on {large_model.device} but the small model is on {small_model.device}; "
+                         "move both to the same device (model.to(device)).")
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+@dataclass
+class BiLDStats:
+    """Counters for one BiLD ``decode`` call (summed over the batch)."""
+
+    num_drafted: int = 0          # tokens proposed by the small model
+    num_accepted: int = 0         # drafted tokens kept in the output
+    num_rolled_back: int = 0      # drafted tokens discarded by rollbacks
+    num_rollbacks: int = 0        # rollback events
+    num_fallbacks: int = 0        # drafts ended because the small model's confidence < fallback
+    num_large_tokens: int = 0     # output tokens produced by the large model (replacements and fallbacks)
+    num_new_tokens: int = 0       # generated tokens in the output, summed over rows (excluding padding)
+    large_model_calls: int = 0    # large decoder forwards (one batched pass = one call)
+    small_model_calls: int = 0    # small decoder forwards
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class BiLDOutput(ModelOutput):
+    """What ``decode`` returns with ``return_dict_in_generate=True``: ``sequences`` plus :class:`BiLDStats`."""
+
+    sequences: torch.LongTensor | None = None
+    num_drafted: int | None = None
+    num_accepted: int | None = None
+    num_rolled_back: int | None = None
+    num_rollbacks: int | None = None
+    num_fallbacks: int | None = None
+    num_large_tokens: int | None = None
+    num_new_tokens: int | None = None
+    large_model_calls: int | None = None
+    small_model_calls: int | None = None
+
+    @property
+    def stats(self) -> BiLDStats:
+        return BiLDStats(**{f.name: getattr(self, f.name) for f in fields(BiLDStats)})
+
+
+# ----------------------------------------------------------------------------------------------
+# a decoder with a right-aligned, per-row croppable cache
+
+
+class _Decoder:
+    """One model's decoder side during BiLD: encoder states, a left-padded cache and what it holds.
+
+    ``tokens[r]`` is the list of decoder tokens whose K/V are in row ``r`` of the cache. They sit in
+    the last ``len(tokens[r])`` columns; the ``width - len(tokens[r])`` columns before them are masked.
+    """
+
+    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor | None, pad_id: int):
+        self.model = model
+        self.encoder_hidden = encoder_hidden
+        self.encoder_mask = encoder_mask
+        self.pad_id = pad_id
+        dec_cfg = model.decoder.config
+        self.cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
+        self.tokens: list[list[int]] = [[] for _ in range(encoder_hidden.shape[0])]
+        self.width = 0
+        self.calls = 0
+
+    # -- cache surgery ---------------------------------------------------------------------
+    def _self_layers(self):
+        return [layer for layer in self.cache.self_attention_cache.layers if getattr(layer, "is_initialized", False)]
+
+    def truncate(self, keep: list[int]) -> None:
+        """Keep only the first ``keep[r]`` cached tokens of each row ``r``."""
+        remove = [len(t) - k for t, k in zip(self.tokens, keep)]
+        if any(r < 0 for r in remove):
+            raise AssertionError("cannot keep more tokens than are cached")
+        if self.width == 0 or not any(remove):
+            self.tokens = [t[:k] for t, k in zip(self.tokens, keep)]
+            return
+        low = min(remove)
+        if low:
+            self.cache.crop(-low)
+            self.width -= low
+        extra = torch.tensor([r - low for r in remove], device=self.encoder_hidden.device)
+        if bool(extra.any()):
+            cols = torch.arange(self.width, device=extra.device)
+            src = (cols[None, :] - extra[:, None]) % self.width  # new[t] = old[t - extra]
+            for layer in self._self_layers():
+                index = src[:, None, :, None].expand_as(layer.keys)
+                layer.keys = layer.keys.gather(2, index)
+                layer.values = layer.values.gather(2, index)
+        self.tokens = [t[:k] for t, k in zip(self.tokens, keep)]
+        self._trim_left()
+
+    def _trim_left(self) -> None:
+        if not self.tokens:
+            return
+        common = self.width - max(len(t) for t in self.tokens)
+        if common > 0:
+            for layer in self._self_layers():
+                layer.keys = layer.keys[:, :, common:, :]
+                layer.values = layer.values[:, :, common:, :]
+            self.width -= common
+
+    def select_rows(self, index: list[int]) -> None:
+        """Keep only the given rows (finished rows leave the batch)."""
+        idx = torch.tensor(index, dtype=torch.long, device=self.encoder_hidden.device)
+        if self.width > 0:
+            self.cache.batch_select_indices(idx)
+        self.encoder_hidden = self.encoder_hidden[idx]
+        if self.encoder_mask is not None:
+            self.encoder_mask = self.encoder_mask[idx]
+        self.tokens = [self.tokens[i] for i in index]
+        self._trim_left()
+
+    def row_cache(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer, (keys, values) of row ``row``'s real cached tokens, shape (heads, len, d_kv)."""
+        n = len(self.tokens[row])
+        return [(layer.keys[row, :, self.width - n:, :], layer.values[row, :, self.width - n:, :])
+                for layer in self._self_layers()]
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, seqs: list[list[int]], n_out: list[int]) -> list[torch.Tensor]:
+        """Bring every row's cache to ``seqs[r]`` and return the float32 logits at its last ``n_out[r]`` positions.
+
+        The cache must hold a prefix-compatible history: the longest common prefix of what is
+        cached and ``seqs[r]`` is kept, and the rest is fed.
+        """
+        keep = [_common_prefix(t, s) for t, s in zip(self.tokens, seqs)]
+        need = [max(len(s) - k, n) for s, k, n in zip(seqs, keep, n_out)]
+        width_new = max(need)
+        if width_new == 0:
+            empty = torch.empty((0, self.model.config.vocab_size), device=self.encoder_hidden.device)
+            return [empty for _ in seqs]
+        keep = [max(len(s) - width_new, 0) for s in seqs]
+        self.truncate(keep)
+        device = self.encoder_hidden.device
+        batch = len(seqs)
+        block = torch.full((batch, width_new), self.pad_id, dtype=torch.long, device=device)
+        total = self.width + width_new
+        mask = torch.zeros((batch, total), dtype=torch.long, device=device)
+        for r, (s, k) in enumerate(zip(seqs, keep)):
+            new = s[k:]
+            block[r, width_new - len(new):] = torch.tensor(new, dtype=torch.long, device=device)
+            mask[r, total - len(s):] = 1
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
+            attention_mask=self.encoder_mask,
+            decoder_input_ids=block,
+            decoder_attention_mask=None if bool(mask.all()) else mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        self.calls += 1
+        self.width = total
+        self.tokens = [list(s) for s in seqs]
+        logits = out.logits.to(dtype=torch.float32)
+        return [logits[r, width_new - n:] for r, n in enumerate(n_out)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy object
+
+
+@dataclass(frozen=True)
+class BiLD:
+    """Big-little speculative decoding; pass as ``model.generate(..., early_exit=BiLD(small_model))``.
+
+    Args:
+        small_model: a T5-family model sharing the large model's vocabulary (the drafter).
+        fallback: α_FB in [0, 1]. The small model hands a token to the large model when its
+            confidence (max processed probability) is < α_FB. 0 never falls back.
+        rollback: α_RB >= 0 (``math.inf`` allowed). A drafted token ``y`` is rolled back when
+            ``-log p_L(y) > α_RB``. 0 reproduces the large model; ∞ accepts every draft.
+        max_draft_len: the most tokens the small model drafts before the large model verifies.
+        small_tokenizer: optional. If given, and ``generate`` gets ``tokenizer=``, the two
+            vocabularies are compared.
+
+    ``decode(large_model, **generate_kwargs)`` runs the decoding. With ``enable(model)`` it is
+    called for you by ``model.generate(..., early_exit=BiLD(...))``.
+    """
+
+    small_model: Any = field(repr=False)
+    fallback: float = DEFAULT_FALLBACK
+    rollback: float = DEFAULT_ROLLBACK
+    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
+    small_tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_supported_model(self.small_model)
+        fallback = _check_real("fallback", self.fallback)
+        if not 0.0 <= fallback <= 1.0:
+            raise ValueError(f"fallback={self.fallback!r} is outside [0, 1]: it is a probability threshold on the "
+                             "small model's confidence (0 = never fall back to the large model).")
+        rollback = _check_real("rollback", self.rollback)
+        if rollback < 0:
+            raise ValueError(f"rollback={self.rollback!r} is negative: it is a cross-entropy threshold in nats, "
+                             ">= 0 (0 = the large model's output, math.inf = accept every draft).")
+        if isinstance(self.max_draft_len, bool) or not isinstance(self.max_draft_len, int) or self.max_draft_len < 1:
+            raise ValueError(f"max_draft_len={self.max_draft_len!r} must be an integer >= 1.")
+
+    # -- λ ----------------------------------------------------------------------------------
+    lambda_to_rollback = staticmethod(lambda_to_rollback)
+    rollback_to_lambda = staticmethod(rollback_to_lambda)
+
+    @property
+    def lam(self) -> float:
+        """λ = exp(-rollback) in [0, 1] (1 = the large model's output)."""
+        return rollback_to_lambda(self.rollback)
+
+    @classmethod
+    def from_lambda(cls, small_model, lam: float, *, fallback: float = DEFAULT_FALLBACK,
+                    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN, small_tokenizer=None) -> "BiLD":
+        """The BiLD policy with rollback = -log λ (λ = 1: the large model's output; 0: accept all drafts)."""
+        return cls(small_model, fallback=fallback, rollback=lambda_to_rollback(lam), max_draft_len=max_draft_len,
+                   small_tokenizer=small_tokenizer)
+
+    # -- decoding -----------------------------------------------------------------------------
+    def check_pair(self, large_model, large_tokenizer=None) -> None:
+        """Raise ``TypeError``/``ValueError`` unless this policy's small model can draft for ``large_model``."""
+        check_compatible_pair(large_model, self.small_model, large_tokenizer, self.small_tokenizer)
+
+    def decode(self, large_model, inputs: torch.Tensor | None = None, **generate_kwargs):
+        """Generate with BiLD. Takes the arguments of ``generate`` and returns what it returns.
+
+        Returns a ``LongTensor`` of sequences (decoder start token first, finished rows padded
+        with ``pad_token_id``, as HF does). With ``return_dict_in_generate=True`` it returns a
+        :class:`BiLDOutput` with the statistics. ``bild_step_callback=fn`` (optional) is called
+        after every verification step with a dict: ``large``/``small`` (internal decoders),
+        ``rows`` (original batch indices of the active rows), ``sequences`` (their committed
+        tokens), ``rolled_back`` (per row, whether this step rolled back).
+        """
+        self.check_pair(large_model, generate_kwargs.get("tokenizer"))
+        for name, why in _REJECTED_KWARGS.items():
+            if generate_kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported with BiLD: {why}.")
+        if generate_kwargs.get("synced_gpus"):
+            raise ValueError("synced_gpus is not supported with BiLD: run on a single device.")
+        step_callback: Callable | None = generate_kwargs.pop("bild_step_callback", None)
+        for name in ("use_cache", "past_key_values", "custom_generate", "assistant_model", "streamer"):
+            generate_kwargs.pop(name, None)
+
+        stats = BiLDStats()
+
+        def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, inputs_tensor=None,
+                 **model_kwargs):
+            return self._loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                              inputs_tensor, model_kwargs, stats, step_callback)
+
+        # Call the unpatched HF generate: it merges the GenerationConfig, runs the large encoder and
+        # builds logits processors and stopping criteria, then hands over to ``loop``.
+        large_cache = EncoderDecoderCache(DynamicCache(config=large_model.decoder.config),
+                                          DynamicCache(config=large_model.decoder.config))
+        return GenerationMixin.generate(large_model, inputs, custom_generate=loop, past_key_values=large_cache,
+                                        **generate_kwargs)
+
+    def _loop(self, large, input_ids, logits_processor, stopping_criteria, gen_cfg, inputs_tensor, model_kwargs,
+              stats: BiLDStats, step_callback):
+        if gen_cfg.num_beams is not None and gen_cfg.num_beams > 1:
+            raise ValueError(f"num_beams={gen_cfg.num_beams} is not supported with BiLD: use greedy (num_beams=1) or "
+                             "sampling (do_sample=True).")
+        for name in _UNSUPPORTED_OUTPUTS:
+            if getattr(gen_cfg, name, False):
+                raise ValueError(f"{name}=True is not supported with BiLD; request only return_dict_in_generate.")
+        if inputs_tensor is None or inputs_tensor.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ValueError("BiLD needs encoder input_ids (token ids) to run the small model's encoder.")
+        small = self.small_model
+        device = input_ids.device
+        batch = input_ids.shape[0]
+        enc_mask = model_kwargs.get("attention_mask")
+        repeat = batch // inputs_tensor.shape[0]
+        small_inputs = inputs_tensor.repeat_interleave(repeat, dim=0) if repeat > 1 else inputs_tensor
+        small_inputs = small_inputs.to(small.device)
+        small_hidden = small.get_encoder()(input_ids=small_inputs, attention_mask=enc_mask, return_dict=True)
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
+        large_dec = _Decoder(large, model_kwargs["encoder_outputs"].last_hidden_state, enc_mask, pad_id)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0:
+            large_dec.cache = cache
+        small_dec = _Decoder(small, small_hidden.last_hidden_state, enc_mask, pad_id)
+
+        do_sample = bool(gen_cfg.do_sample)
+        use_processors = len(logits_processor) > 0
+        max_length = gen_cfg.max_length
+        fallback, rollback, max_draft = float(self.fallback), float(self.rollback), self.max_draft_len
+
+        def process(prefix: list[int], logits: torch.Tensor) -> torch.Tensor:
+            if not use_processors:
+                return logits
+            ids = torch.tensor([prefix], dtype=torch.long, device=device)
+            return logits_processor(ids, logits[None])[0]
+
+        def choose(scores: torch.Tensor) -> int:
+            if do_sample:
+                return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0])
+            return int(torch.argmax(scores))
+
+        def stops(seq: list[int]) -> bool:
+            ids = torch.tensor([seq], dtype=torch.long, device=device)
+            return bool(stopping_criteria(ids, None)[0])
+
+        seqs: list[list[int]] = [row.tolist() for row in input_ids]
+        active = list(range(batch))
+        start_len = input_ids.shape[1]
+
+        while active:
+            n = len(active)
+            cur = [seqs[r] for r in active]
+            drafts: list[list[int]] = [[] for _ in range(n)]
+            fell_back = [False] * n
+            drafting = [max_length is None or len(cur[i]) < max_length for i in range(n)]
+            # -- draft with the small model, in lockstep ------------------------------------
+            while any(drafting):
+                full = [cur[i] + drafts[i] for i in range(n)]
+                out = small_dec.forward(full, [1 if drafting[i] else 0 for i in range(n)])
+                stats.small_model_calls += 1
+                for i in range(n):
+                    if not drafting[i]:
+                        continue
+                    scores = process(full[i], out[i][-1])
+                    probs = torch.softmax(scores, dim=-1)
+                    if float(probs.max()) < fallback:
+                        drafting[i] = False
+                        fell_back[i] = True
+                        stats.num_fallbacks += 1
+                        continue
+                    token = int(torch.multinomial(probs, 1)[0]) if do_sample else int(torch.argmax(scores))
+                    drafts[i].append(token)
+                    stats.num_drafted += 1
+                    if len(drafts[i]) >= max_draft or stops(full[i] + [token]):
+                        drafting[i] = False
+            # -- verify with the large model in one pass --------------------------------------
+            full = [cur[i] + drafts[i] for i in range(n)]
+            out = large_dec.forward(full, [len(d) + 1 for d in drafts])
+            stats.large_model_calls += 1
+            rolled = [False] * n
+            finished = [False] * n
+            for i, r in enumerate(active):
+                draft = drafts[i]
+                new: list[int] = []
+                from_large: list[bool] = []
+                for j in range(len(draft) + 1):
+                    prefix = cur[i] + draft[:j]
+                    if j < len(draft):
+                        scores = process(prefix, out[i][j])
+                        logp = float(torch.log_softmax(scores, dim=-1)[draft[j]])
+                        if -logp > rollback:
+                            new.append(choose(scores))
+                            from_large.append(True)
+                            rolled[i] = True
+                            stats.num_rollbacks += 1
+                            stats.num_rolled_back += len(draft) - j
+                            break
+                        new.append(draft[j])
+                        from_large.append(False)
+                    elif fell_back[i]:
+                        new.append(choose(process(prefix, out[i][j])))
+                        from_large.append(True)
+                seq = seqs[r]
+                for token, large_token in zip(new, from_large):
+                    seq.append(token)
+                    if large_token:
+                        stats.num_large_tokens += 1
+                    else:
+                        stats.num_accepted += 1
+                    if stops(seq):
+                        finished[i] = True
+                        break
+                if not new and not finished[i]:  # cannot happen: an empty draft always falls back
+                    raise AssertionError("BiLD made no progress")
+            # crop both caches to the kept prefix of every row, then drop finished rows
+            for dec in (large_dec, small_dec):
+                dec.truncate([_common_prefix(t, seqs[r]) for t, r in zip(dec.tokens, active)])
+            if step_callback is not None:
+                step_callback({"large": large_dec, "small": small_dec, "rows": list(active),
+                               "sequences": [list(seqs[r]) for r in active], "rolled_back": list(rolled)})
+            if any(finished):
+                keep = [i for i in range(n) if not finished[i]]
+                active = [active[i] for i in keep]
+                if active:
+                    large_dec.select_rows(keep)
+                    small_dec.select_rows(keep)
+
+        longest = max(len(s) for s in seqs)
+        sequences = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
+        for r, s in enumerate(seqs):
+            sequences[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+        stats.num_new_tokens = sum(len(s) - start_len for s in seqs)
+        if gen_cfg.return_dict_in_generate:
+            return BiLDOutput(sequences=sequences, **stats.as_dict())
+        return sequences
+
+
+def bild_policy_factory(small_model, *, fallback: float = DEFAULT_FALLBACK, max_draft_len: int = DEFAULT_MAX_DRAFT_LEN,
+                        small_tokenizer=None) -> Callable[[float], BiLD]:
+    """``lam -> BiLD.from_lambda(small_model, lam, ...)``: the policy factory a calibration runner takes."""
+    check_supported_model(small_model)
+
+    def factory(lam: float) -> BiLD:
+        return BiLD.from_lambda(small_model, lam, fallback=fallback, max_draft_len=max_draft_len,
+                                small_tokenizer=small_tokenizer)
+
+    return factory
