@@ -1,0 +1,5 @@
+"""The calibration pipeline: per-example losses over a threshold grid (:func:`collect`) and their evaluation."""
+
+from .runner import ModelMismatchError, StateMismatchError, check_model_matches, collect, default_lambdas
+
+__all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]

@@ -1,0 +1,351 @@
+"""The calibration runner: decode every example at every threshold λ of a grid and record the losses.
+
+For a model, a :class:`~hf_safe_exit.tasks.Task`, a λ grid, a confidence measure and n
+examples, :func:`collect` decodes each example with ``EarlyExit(threshold=λ, ...)`` for every
+λ (greedy, batched) and writes a :class:`~hf_safe_exit.risk.loss_table.LossTable`:
+
+* ``losses["performance_gap"]``, ``["performance_gap_bounded"]`` -- ℓ(ŷ_λ, y) − ℓ(ŷ_1, y) and its
+  positive part, from the task loss ℓ = 1 − score (``extras["task_loss"]``);
+* ``losses["consistency"]`` -- ℓ(ŷ_λ, ŷ_1): the task loss of the output against the full
+  model's (λ = 1) output as the reference;
+* ``extras["mean_exit_layer"]``, ``extras["layer_fraction"]``, ``extras["num_tokens"]`` (K, n) -- per
+  example: mean 1-based exit layer over its generated tokens, executed decoder layers /
+  (decoder layers × tokens), number of generated tokens;
+* ``extras["wall_time"]`` (K,) -- seconds spent decoding all examples at each λ (summed over
+  processes), measured in the same run for every λ, so ``wall_time[λ=1] / wall_time[λ]`` is
+  the speed-up over the full model; ``extras["example_time"]`` (K, n) -- each batch's time
+  split evenly over its examples;
+* ``metadata`` -- ``model_fingerprint``, ``task``, ``lambdas``, ``measure``, ``schedule``,
+  ``min_exit_layer``, ``num_decoder_layers``, ``max_new_tokens``, ``max_input_length``,
+  ``batch_size``, ``example_ids``, ``versions``, plus what the caller adds.
+
+Rows are in the order of ``lambdas`` as given (the default grid is ascending).
+
+**Batches and processes.** Examples are cut into fixed batches of ``batch_size`` in the order
+given; a *cell* is one (λ, batch). Under ``accelerate`` (``accelerate launch -m hf_safe_exit
+collect ...``) batch ``b`` goes to process ``b mod world_size`` and the main process gathers
+all cells (``gather_object``) and writes the one result file. Because every batch is the same
+whatever the number of processes, one process and several give the same losses.
+
+**Resumable.** Every finished cell is appended to a JSON-lines file in the state directory
+(default: ``<output>.partial/``, one file per process). A rerun with the same settings reads
+all of them and only decodes the missing cells, so an interrupted run continues where it
+stopped and yields the same result file (the state directory is kept as the cache; pass
+``fresh=True`` / ``--fresh`` to discard it). Settings that change the results (model
+fingerprint, task, grid, measure, schedule, batch size, lengths, examples) are checked
+against the state's ``config.json``; a mismatch raises :class:`StateMismatchError`.
+
+**Deterministic.** Greedy decoding; losses are computed from the decoded text after all
+cells are in. Only the wall times vary from run to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]
+
+
+def default_lambdas() -> np.ndarray:
+    """The default grid: 20 thresholds, ascending, including λ = 0 and λ = 1.
+
+    ``0, 0.1, ..., 0.9`` and then a denser top end ``0.92, 0.94, 0.96, 0.98, 0.99, 0.995,
+    0.998, 0.999, 0.9995, 1``: the softmax-margin and saturation confidences of a trained
+    model pile up close to 1, where most of the trade-off between speed and risk happens.
+    """
+    low = np.round(np.arange(0.0, 0.95, 0.1), 10)
+    high = np.array([0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0])
+    return np.concatenate([low, high])
+
+
+class StateMismatchError(ValueError):
+    """The partial state directory was written with other settings than this run's."""
+
+
+class ModelMismatchError(ValueError):
+    """A results file or calibration belongs to another model than the one given."""
+
+
+def check_model_matches(table_or_metadata, model) -> None:
+    """Raise :class:`ModelMismatchError` unless the table was collected on ``model`` (same fingerprint)."""
+    from ..fingerprint import model_fingerprint
+
+    meta = getattr(table_or_metadata, "metadata", table_or_metadata)
+    stored = meta.get("model_fingerprint")
+    actual = model_fingerprint(model)
+    if stored is None:
+        raise ModelMismatchError("the results file has no model_fingerprint in its metadata: recollect it with "
+                                 "`hf-safe-exit collect` on this model.")
+    if stored != actual:
+        raise ModelMismatchError(f"the results file was collected on another model (fingerprint {stored}, this model "
+                                 f"is {actual}): run `hf-safe-exit collect` on this model, or pass the model it was "
+                                 "collected on.")
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"hf_safe_exit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _as_rows(examples) -> list[Mapping[str, Any]]:
+    if hasattr(examples, "to_list"):  # datasets.Dataset
+        return examples.to_list()
+    return list(examples)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_cells(state_dir: Path) -> dict[tuple[int, int], dict]:
+    """All finished cells in the state directory (any process count); a torn last line is ignored."""
+    cells: dict[tuple[int, int], dict] = {}
+    for file in sorted(state_dir.glob("cells-*.jsonl")):
+        with open(file, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    cell = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                cells.setdefault((int(cell["k"]), int(cell["batch"])), cell)
+    return cells
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def collect(
+    model,
+    tokenizer,
+    task,
+    examples: Iterable[Mapping[str, Any]],
+    *,
+    lambdas: Sequence[float] | None = None,
+    measure: str = "softmax",
+    schedule: str = "constant",
+    min_exit_layer: int = 1,
+    decay_tau: float = 4.0,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    max_input_length: int | None = None,
+    output: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    stop_after_cells: int | None = None,
+):
+    """Decode ``examples`` at every λ of ``lambdas`` and return (and, with ``output``, save) a ``LossTable``.
+
+    Args:
+        model: a T5-family model (``hf_safe_exit.enable`` is applied if needed); put it on the
+            device first (under ``accelerate`` the CLI uses ``PartialState().device``).
+        tokenizer: its tokenizer.
+        task: a :class:`~hf_safe_exit.tasks.Task` or its name (``"cnndm"``, ``"squad"``).
+        examples: rows of the task's dataset (a ``datasets.Dataset`` or a list of dicts).
+        lambdas: the threshold grid; must contain 1.0. Default :func:`default_lambdas`.
+        measure, schedule, min_exit_layer, decay_tau: passed to :class:`~hf_safe_exit.EarlyExit`.
+        batch_size: examples per ``generate`` call.
+        max_new_tokens / max_input_length: default to the task's.
+        output: where to write the result file (``.npz``); ``None`` keeps it in memory only.
+        state_dir: where finished cells are kept for resuming; default ``<output>.partial``
+            (no resuming when both are ``None``).
+        fresh: discard an existing state directory first.
+        progress: show a tqdm bar (main process only).
+        metadata: extra JSON-able entries for the table's metadata.
+        stop_after_cells: stop (raising ``KeyboardInterrupt``) after decoding this many cells:
+            to simulate an interruption.
+
+    Returns:
+        the ``LossTable`` on the main process; ``None`` on the other processes.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    import hf_safe_exit
+
+    from ..fingerprint import model_fingerprint
+    from ..risk.loss_table import LossTable
+    from ..tasks import get_task
+
+    task = get_task(task)
+    rows = _as_rows(examples)
+    if not rows:
+        raise ValueError("collect needs at least one example: check the data split and --n.")
+    lam = default_lambdas() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+    if lam.ndim != 1 or lam.size == 0 or not np.all((lam >= 0) & (lam <= 1)):
+        raise ValueError(f"lambdas must be thresholds in [0, 1], got {lambdas!r}.")
+    if np.unique(lam).size != lam.size:
+        raise ValueError("lambdas contains duplicates: give each threshold once.")
+    if not np.any(lam == 1.0):
+        raise ValueError("the grid must contain λ = 1 (the full model: the reference of the performance gap and the "
+                         "consistency loss): add 1.0 to lambdas.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    max_new_tokens = int(max_new_tokens or task.max_new_tokens)
+    max_input_length = int(max_input_length or task.max_input_length)
+    # validate the policy settings once, before any decoding
+    hf_safe_exit.EarlyExit(threshold=1.0, measure=measure, schedule=schedule, min_exit_layer=min_exit_layer,
+                           decay_tau=decay_tau).bind(model)
+    model = hf_safe_exit.enable(model)
+    model.eval()
+
+    state = PartialState()
+    ids = [task.example_id(r) for r in rows]
+    prompts = [task.prompt(r) for r in rows]
+    references = [task.reference(r) for r in rows]
+    n, num_layers = len(rows), int(model.config.num_decoder_layers)
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    fingerprint = model_fingerprint(model)
+    measure_label = hf_safe_exit.EarlyExit(measure=measure).measure_name
+    config = {
+        "model_fingerprint": fingerprint, "task": task.name, "lambdas": [float(x) for x in lam],
+        "measure": measure_label, "schedule": schedule, "min_exit_layer": int(min_exit_layer),
+        "decay_tau": float(decay_tau),
+        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "max_input_length": max_input_length,
+        "examples": _digest({"ids": ids, "prompts": prompts}),
+    }
+
+    # ---- state directory (resuming) -------------------------------------------------------------
+    if state_dir is None and output is not None:
+        state_dir = Path(output).with_name(Path(output).name + ".partial")
+    state_path = Path(state_dir) if state_dir is not None else None
+    done: dict[tuple[int, int], dict] = {}
+    if state_path is not None:
+        if state.is_main_process:
+            if fresh and state_path.exists():
+                shutil.rmtree(state_path)
+            state_path.mkdir(parents=True, exist_ok=True)
+            config_file = state_path / "config.json"
+            if config_file.exists():
+                stored = json.loads(config_file.read_text())
+                diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                if diff:
+                    raise StateMismatchError(
+                        f"the partial results in '{state_path}' were collected with other settings ({', '.join(diff)}): "
+                        "rerun with --fresh (fresh=True) to discard them, or choose another --output.")
+            else:
+                config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
+        state.wait_for_everyone()
+        done = _read_cells(state_path)
+
+    # λ = 1 first: the reference of the other rows; then the grid in the given order.
+    order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
+    mine = [(k, b) for k in order for b in range(len(batches)) if b % state.num_processes == state.process_index]
+    todo = [cell for cell in mine if cell not in done]
+    cells_file = None
+    if state_path is not None:
+        cells_file = state_path / f"cells-{state.process_index:03d}-of-{state.num_processes:03d}.jsonl"
+
+    device = next(model.parameters()).device
+
+    def decode(k: int, batch: list[int]):
+        enc = tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_input_length)
+        policy = hf_safe_exit.EarlyExit(threshold=float(lam[k]), measure=measure, schedule=schedule,
+                                        min_exit_layer=min_exit_layer, decay_tau=decay_tau)
+        with torch.inference_mode():
+            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                 early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 return_dict_in_generate=True)
+        return out
+
+    if todo:
+        decode(todo[0][0], batches[todo[0][1]])  # warm-up, not timed: the first call pays one-time costs
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"collect {task.name}", unit="cell",
+               disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    computed = 0
+    try:
+        for k, b in todo:
+            batch = batches[b]
+            _sync(device)
+            start = time.perf_counter()
+            out = decode(k, batch)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+            exit_layers = out.exit_layers.detach().cpu()
+            cell = {
+                "k": k, "lambda": float(lam[k]), "batch": b, "ids": [ids[j] for j in batch], "predictions": texts,
+                "mean_exit_layer": [float(x) for x in out.mean_exit_layer.detach().cpu().double()],
+                "layer_fraction": [float(x) for x in out.layer_fraction.detach().cpu().double()],
+                "num_tokens": [int(x) for x in (exit_layers > 0).sum(dim=1)],
+                "seconds": seconds,
+            }
+            done[(k, b)] = cell
+            if cells_file is not None:
+                with open(cells_file, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(cell) + "\n")
+            bar.update(1)
+            computed += 1
+            if stop_after_cells is not None and computed >= stop_after_cells:
+                raise KeyboardInterrupt(f"stopped after {computed} cells (stop_after_cells)")
+    finally:
+        bar.close()
+
+    gathered = gather_object([done[cell] for cell in mine]) if state.num_processes > 1 else [done[c] for c in mine]
+    if not state.is_main_process:
+        return None
+    cells = {}
+    for cell in gathered:
+        cells.setdefault((int(cell["k"]), int(cell["batch"])), cell)
+    missing = [(k, b) for k in range(lam.size) for b in range(len(batches)) if (k, b) not in cells]
+    if missing:
+        raise RuntimeError(f"{len(missing)} (λ, batch) cells are missing after gathering: rerun to resume.")
+
+    K = lam.size
+    predictions = [[""] * n for _ in range(K)]
+    mean_exit = np.zeros((K, n))
+    fraction = np.zeros((K, n))
+    num_tokens = np.zeros((K, n), dtype=np.int64)
+    example_time = np.zeros((K, n))
+    wall_time = np.zeros(K)
+    for (k, b), cell in cells.items():
+        batch = batches[b]
+        if cell["ids"] != [ids[j] for j in batch]:
+            raise StateMismatchError(f"cell (λ={lam[k]}, batch {b}) holds other examples: rerun with --fresh.")
+        for pos, j in enumerate(batch):
+            predictions[k][j] = cell["predictions"][pos]
+            mean_exit[k, j] = cell["mean_exit_layer"][pos]
+            fraction[k, j] = cell["layer_fraction"][pos]
+            num_tokens[k, j] = cell["num_tokens"][pos]
+            example_time[k, j] = cell["seconds"] / len(batch)
+        wall_time[k] += cell["seconds"]
+
+    full = order[0]
+    task_losses = np.array([[task.loss(predictions[k][j], references[j]) for j in range(n)] for k in range(K)])
+    consistency = np.array([[task.consistency_loss(predictions[k][j], predictions[full][j]) for j in range(n)]
+                            for k in range(K)])
+    meta = dict(config)
+    meta.pop("examples")
+    meta.update({"num_decoder_layers": num_layers, "example_ids": ids, "n": n, "versions": _versions(),
+                 "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": device.type,
+                 "task_loss": f"1 - {type(task).__name__}.score", "lambda_order": "as given"})
+    meta.update(dict(metadata or {}))
+    table = LossTable.from_task_losses(
+        lam, task_losses, consistency_losses=consistency, task_loss_bounds=task.loss_bounds,
+        extras={"mean_exit_layer": mean_exit, "layer_fraction": fraction, "num_tokens": num_tokens,
+                "example_time": example_time, "wall_time": wall_time},
+        metadata=meta)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        table.save(output)
+    return table

@@ -1,0 +1,286 @@
+"""``hf-safe-exit`` (also ``python -m hf_safe_exit``): collect, calibrate, evaluate, plot.
+
+::
+
+    hf-safe-exit collect   --model DIR --task cnndm --data ../shared/data --n 200 --output cnndm.npz
+    hf-safe-exit calibrate --results cnndm.npz --eps 0.05 --method crc --model DIR        # -> DIR/risk_control.json
+    hf-safe-exit evaluate  --results cnndm.npz --eps 0.02,0.05,0.1 --output eval.json     # + a table on stdout
+    hf-safe-exit plot      --evaluation eval.json --output-dir figures/
+
+Several processes / GPUs: ``accelerate launch -m hf_safe_exit collect ...`` (one result file).
+Errors print one line to stderr and exit with status 2; set ``HF_SAFE_EXIT_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DEBUG_ENV = "HF_SAFE_EXIT_DEBUG"
+
+
+class UsageError(Exception):
+    """Bad command-line usage (reported in one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message, and no SystemExit from deep inside
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-safe-exit", description="Risk-controlled early-exit decoding for HuggingFace T5: "
+                     "collect calibration losses, calibrate a threshold, evaluate and plot.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("collect", help="decode examples at every threshold of a grid and store per-example losses")
+    p.add_argument("--model", required=True, help="local model directory (or Hub id) of a T5-family model")
+    p.add_argument("--task", required=True, help="cnndm or squad")
+    p.add_argument("--data", default=None, help="local data file or folder (e.g. ../shared/data); "
+                   "default: download from the Hub")
+    p.add_argument("--split", default="pool", help="train, pool (calibration/test pool; default) or all")
+    p.add_argument("--n", type=int, default=None, help="number of examples (a seeded random subset of the split); "
+                   "default all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels")
+    p.add_argument("--measure", default="softmax", help="softmax, saturation or meta (default softmax)")
+    p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
+    p.add_argument("--min-exit-layer", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--max-input-length", type=int, default=None, help="default: the task's")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/")
+    p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("calibrate", help="choose the threshold λ̂ for a target risk and save risk_control.json")
+    p.add_argument("--results", required=True, help="result file written by `collect`")
+    p.add_argument("--eps", type=float, required=True, help="target risk ε in (0, 1)")
+    p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt)")
+    p.add_argument("--method", default="crc", help="crc (default), ucb, ltt or naive")
+    p.add_argument("--bound", default="wsr", help="UCB bound: wsr (default), hoeffding, hoeffding_bentkus")
+    p.add_argument("--risk", default="performance_gap",
+                   help="performance_gap (default), performance_gap_bounded or consistency")
+    p.add_argument("--monotonize", default=None, choices=("per_example",))
+    p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
+                   "default output directory")
+    p.add_argument("--output", default=None, help="directory for risk_control.json (default: --model)")
+    p.add_argument("--store-in-model", action="store_true", help="also copy the results into the model directory "
+                   "(early_exit_calibration.npz), so that RiskControlled(eps=...) works there without fitting")
+
+    p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up")
+    p.add_argument("--results", required=True, help="result file written by `collect` (on the pool)")
+    p.add_argument("--eps", type=_floats, default=None, help="comma-separated ε (default 0.01,0.02,0.05,0.1,0.15,0.2)")
+    p.add_argument("--methods", type=_names, default=None, help="comma-separated (default crc,ucb,ltt)")
+    p.add_argument("--delta", type=float, default=0.1, help="δ for ucb and ltt (default 0.1)")
+    p.add_argument("--bound", default="wsr")
+    p.add_argument("--risk", default="performance_gap")
+    p.add_argument("--monotonize", default=None, choices=("per_example",))
+    p.add_argument("--n-cal", type=int, default=None, help="calibration examples per split (default half)")
+    p.add_argument("--repeats", type=int, default=100, help="random splits (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="JSON file for the results")
+
+    p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε")
+    p.add_argument("--evaluation", required=True, help="JSON written by `evaluate`")
+    p.add_argument("--output-dir", required=True)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _load_model(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import hf_safe_exit
+
+    path = os.fspath(path)
+    if not os.path.isdir(path) and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", path):
+        raise FileNotFoundError(f"no model directory at '{path}': pass a local model directory (config.json, weights, "
+                                "tokenizer) or a Hub model id.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"could not load a model and tokenizer from '{path}' ({first}): pass a local model "
+                                "directory (config.json, weights, tokenizer) or a reachable Hub model id.") from None
+    return tokenizer, hf_safe_exit.enable(model.eval())
+
+
+def _load_table(path: str):
+    from .risk.loss_table import LossTable
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no results file at '{path}': write one with `hf-safe-exit collect ... --output {path}`.")
+    try:
+        return LossTable.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"'{path}' is not a results file written by `hf-safe-exit collect` ({exc}).") from None
+
+
+def _subset(dataset, n: int | None, seed: int):
+    import numpy as np
+
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ValueError(f"--n {n} must be at least 1.")
+    index = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    return dataset.select(index.tolist())
+
+
+def _print_collect_summary(table) -> None:
+    import numpy as np
+
+    lam = table.lambdas
+    wall = table.extras["wall_time"]
+    full = int(np.argmin(np.abs(lam - 1.0)))
+    print(f"{'lambda':>8} {'task loss':>10} {'gap':>9} {'consist.':>9} {'exit layer':>10} {'layers':>7} "
+          f"{'seconds':>8} {'speedup':>8}")
+    for k in np.argsort(lam):
+        print(f"{lam[k]:>8.4g} {table.extras['task_loss'][k].mean():>10.4f} "
+              f"{table.losses['performance_gap'][k].mean():>+9.4f} {table.losses['consistency'][k].mean():>9.4f} "
+              f"{table.extras['mean_exit_layer'][k].mean():>10.2f} {table.extras['layer_fraction'][k].mean():>7.3f} "
+              f"{wall[k]:>8.2f} {wall[full] / wall[k] if wall[k] > 0 else float('nan'):>8.2f}")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _cmd_collect(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from .calibration.runner import collect
+    from .tasks import get_task, load_split
+
+    task = get_task(args.task)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be at least 1.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
+    data = load_split(task, args.split, path=args.data)
+    data = _subset(data, args.n, args.seed)
+    tokenizer, model = _load_model(args.model, args.dtype)
+    model.to(state.device)
+    source = os.fspath(args.data) if args.data else task.hub_id
+    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, measure=args.measure, schedule=args.schedule,
+                    min_exit_layer=args.min_exit_layer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
+                    progress=not args.no_progress,
+                    metadata={"split": args.split, "subset_seed": args.seed, "data_source": source,
+                              "model_path": os.fspath(args.model)})
+    if state.is_main_process:
+        _print_collect_summary(table)
+        print(f"wrote {args.output} ({table.n} examples × {table.lambdas.size} thresholds)")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibration.runner import check_model_matches
+    from .risk import CALIBRATION_FILENAME, RiskControlled
+
+    table = _load_table(args.results)
+    output = args.output or args.model
+    if output is None:
+        raise UsageError("say where to write risk_control.json: pass --output DIR or --model DIR.")
+    if args.store_in_model and args.model is None:
+        raise UsageError("--store-in-model needs --model DIR.")
+    if args.model is not None:
+        _, model = _load_model(args.model)
+        check_model_matches(table, model)
+    rc = RiskControlled(args.eps, delta=args.delta, method=args.method, bound=args.bound, risk=args.risk,
+                        monotonize=args.monotonize)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc.fit_table(table)
+    for w in caught:
+        print(f"hf-safe-exit calibrate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    path = rc.save_pretrained(output)
+    cert = rc.certificate
+    print(f"λ̂ = {rc.lambda_:.6g} ({args.method}, {args.risk}, n = {cert.n}); empirical risk {cert.empirical_risk:+.4f}, "
+          f"bound {cert.risk_bound:+.4f}; guarantee: {cert.guarantee}")
+    print(f"wrote {path}")
+    if args.store_in_model:
+        print(f"wrote {table.save(Path(args.model) / CALIBRATION_FILENAME)}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .calibration.evaluate import DEFAULT_EPS, DEFAULT_METHODS, evaluate_table, format_table
+
+    table = _load_table(args.results)
+    result = evaluate_table(table, eps=args.eps or DEFAULT_EPS, methods=args.methods or DEFAULT_METHODS,
+                            delta=args.delta, bound=args.bound, risk=args.risk, n_cal=args.n_cal,
+                            repeats=args.repeats, seed=args.seed, monotonize=args.monotonize)
+    result["results_file"] = os.fspath(args.results)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plotting import plot_evaluation
+
+    path = Path(args.evaluation)
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation file at '{path}': write one with `hf-safe-exit evaluate ... --output {path}`.")
+    try:
+        evaluation = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'{path}' is not JSON ({exc}): pass the file written by `hf-safe-exit evaluate`.") from None
+    if not isinstance(evaluation, dict) or "results" not in evaluation:
+        raise ValueError(f"'{path}' is not an evaluation written by `hf-safe-exit evaluate`.")
+    for p in plot_evaluation(evaluation, args.output_dir):
+        print(f"wrote {p}")
+    return 0
+
+
+_COMMANDS = {"collect": _cmd_collect, "calibrate": _cmd_calibrate, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 error: one line on stderr)."""
+    parser = build_parser()
+    command = "hf-safe-exit"
+    try:
+        args = parser.parse_args(argv)
+        command = f"hf-safe-exit {args.command}"
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports every failure in one line
+        if os.environ.get(_DEBUG_ENV):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The calibration runner end to end on a tiny random T5 and real examples from ../shared/data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_safe_exit.calibration import StateMismatchError, collect, default_lambdas
+from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
+from hf_safe_exit.fingerprint import model_fingerprint
+from hf_safe_exit.risk import LossTable
+from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+
+DATA = shared_data_dir()
+pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent")
+
+LAMBDAS = [0.0, 0.5, 0.9, 1.0]
+COMMON = dict(lambdas=LAMBDAS, batch_size=2, max_new_tokens=6, max_input_length=48, progress=False)
+TIMING = ("wall_time", "example_time")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: tiny models run fastest single-threaded
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cnndm():
+    rows = load_split("cnndm", "pool", path=DATA).select(range(5))
+    task = get_task("cnndm")
+    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
+    return rows, tokenizer, build_tiny_t5(len(tokenizer))  # 2 encoder / 3 decoder layers
+
+
+def assert_same_results(a: LossTable, b: LossTable, timing: bool):
+    np.testing.assert_array_equal(a.lambdas, b.lambdas)
+    assert a.losses.keys() == b.losses.keys() and a.extras.keys() == b.extras.keys()
+    for name in a.losses:
+        np.testing.assert_array_equal(a.losses[name], b.losses[name], err_msg=name)
+    for name in a.extras:
+        if timing or name not in TIMING:
+            np.testing.assert_array_equal(a.extras[name], b.extras[name], err_msg=name)
+    assert a.metadata == b.metadata and a.bounds == b.bounds
+
+
+def stock_greedy_text(model, tokenizer, prompt, max_new_tokens, max_length):
+    """The full model's greedy output from HF's own generate (independent of our decoder loop)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    enc = tokenizer([prompt], return_tensors="pt", truncation=True, max_length=max_length)
+    # stock generate sizes the cache from the encoder depth; this model's decoder is deeper
+    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, past_key_values=cache)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_default_grid():
+    grid = default_lambdas()
+    assert grid.size == 20 and grid[0] == 0.0 and grid[-1] == 1.0 and np.all(np.diff(grid) > 0)
+
+
+def test_result_file_shapes_and_full_model_row(cnndm, tmp_path):
+    rows, tokenizer, model = cnndm
+    task = get_task("cnndm")
+    path = tmp_path / "cnndm.npz"
+    table = collect(model, tokenizer, task, rows, output=path, metadata={"note": "test"}, **COMMON)
+    loaded = LossTable.load(path)
+    assert_same_results(table, loaded, timing=True)
+    K, n, L = len(LAMBDAS), len(rows), model.config.num_decoder_layers
+    assert set(loaded.losses) == {"performance_gap", "performance_gap_bounded", "consistency"}
+    for name in loaded.losses:
+        assert loaded.losses[name].shape == (K, n)
+    for name in ("task_loss", "mean_exit_layer", "layer_fraction", "num_tokens", "example_time"):
+        assert loaded.extras[name].shape == (K, n), name
+    assert loaded.extras["wall_time"].shape == (K,) and np.all(loaded.extras["wall_time"] > 0)
+    meta = loaded.metadata
+    assert meta["model_fingerprint"] == model_fingerprint(model)
+    assert meta["task"] == "cnndm" and meta["measure"] == "softmax" and meta["schedule"] == "constant"
+    assert meta["lambdas"] == LAMBDAS and meta["example_ids"] == rows["id"] and meta["note"] == "test"
+    assert meta["num_decoder_layers"] == L and {"torch", "transformers", "hf_safe_exit"} <= set(meta["versions"])
+    assert loaded.bounds["performance_gap"] == (-1.0, 1.0)
+
+    full = LAMBDAS.index(1.0)
+    # λ = 1 is the full model: every performance-gap and consistency loss is exactly 0, all layers run
+    assert np.all(loaded.losses["performance_gap"][full] == 0.0)
+    assert np.all(loaded.losses["performance_gap_bounded"][full] == 0.0)
+    assert np.all(loaded.losses["consistency"][full] == 0.0)
+    assert np.all(loaded.extras["mean_exit_layer"][full] == L) and np.all(loaded.extras["layer_fraction"][full] == 1.0)
+    # λ = 0 exits wherever the softmax margin is > 0: at layer 1, so 1/L of the layers run
+    assert np.all(loaded.extras["mean_exit_layer"][0] == 1.0)
+    np.testing.assert_allclose(loaded.extras["layer_fraction"][0], 1.0 / L)
+    assert np.any(loaded.losses["consistency"][0] > 0)  # exiting at layer 1 changes some outputs
+    # the λ = 1 task losses equal 1 − ROUGE-L of HF's own greedy output, example by example
+    for j, row in enumerate(rows):
+        text = stock_greedy_text(model, tokenizer, task.prompt(row), 6, 48)
+        assert loaded.extras["task_loss"][full, j] == pytest.approx(task.loss(text, task.reference(row)), abs=1e-12)
+    # the gap is the task loss minus the full model's, example by example
+    np.testing.assert_allclose(loaded.losses["performance_gap"],
+                               loaded.extras["task_loss"] - loaded.extras["task_loss"][full])
+
+
+def test_resume_after_interruption_gives_the_same_file(cnndm, tmp_path):
+    rows, tokenizer, model = cnndm
+    reference = collect(model, tokenizer, "cnndm", rows, output=tmp_path / "a.npz", **COMMON)
+
+    out = tmp_path / "b.npz"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, tokenizer, "cnndm", rows, output=out, stop_after_cells=5, **COMMON)
+    assert not out.exists()
+    state = tmp_path / "b.npz.partial"
+    lines = lambda: sum(len(f.read_text().splitlines()) for f in state.glob("cells-*.jsonl"))  # noqa: E731
+    assert lines() == 5
+    resumed = collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
+    assert lines() == len(LAMBDAS) * 3  # 3 batches of ≤ 2 examples: only the 7 missing cells were decoded
+    assert_same_results(reference, LossTable.load(out), timing=False)
+    # a rerun with everything done decodes nothing and writes the identical file, timings included
+    again = collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
+    assert lines() == len(LAMBDAS) * 3
+    assert_same_results(resumed, again, timing=True)
+    assert_same_results(resumed, LossTable.load(out), timing=True)
+    # other settings on the same state are refused
+    with pytest.raises(StateMismatchError, match="--fresh"):
+        collect(model, tokenizer, "cnndm", rows, output=out, **{**COMMON, "lambdas": [0.3, 1.0]})
+    assert json.loads((state / "config.json").read_text())["lambdas"] == LAMBDAS
+
+
+def test_squad_losses_are_one_minus_f1(tmp_path):
+    rows = load_split("squad", "pool", path=DATA).select(range(4))
+    task = get_task("squad")
+    tokenizer = build_word_tokenizer([task.prompt(r) for r in rows])
+    model = build_tiny_t5(len(tokenizer), seed=3)
+    table = collect(model, tokenizer, task, rows, lambdas=[0.5, 1.0], batch_size=4, max_new_tokens=4,
+                    max_input_length=64, progress=False)
+    assert table.metadata["task"] == "squad" and table.losses["performance_gap"].shape == (2, 4)
+    for j, row in enumerate(rows):
+        text = stock_greedy_text(model, tokenizer, task.prompt(row), 4, 64)
+        assert table.extras["task_loss"][1, j] == pytest.approx(1 - task.score(text, task.reference(row)))
+
+
+def test_bad_grid_is_refused(cnndm):
+    rows, tokenizer, model = cnndm
+    with pytest.raises(ValueError, match="λ = 1"):
+        collect(model, tokenizer, "cnndm", rows, lambdas=[0.2, 0.5], progress=False)
+    with pytest.raises(ValueError, match="at least one example"):
+        collect(model, tokenizer, "cnndm", [], lambdas=[1.0], progress=False)
