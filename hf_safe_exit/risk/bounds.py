@@ -28,7 +28,7 @@ from scipy.special import rel_entr
 from scipy.stats import binom
 
 __all__ = [
-    "binomial_count", "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb",
+    "binomial_count", "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "wsr_rejects",
 ]
 
 # Relative slack when rounding n·R̂ up to an integer count: n·R̂ is a floating-point sum, and
@@ -142,6 +142,17 @@ def wsr_ucb(losses, delta: float, upper: float = 1.0):
     [0, B]: 0 means "R⁺ ≤ 0" (every μ > 0 rejected), B means no μ < B was rejected.
     ``losses`` has shape (..., n); the result has shape (...).
     """
+    x, nu, target = _wsr_setup(losses, delta, upper)
+    lo, hi = np.zeros(x.shape[:-1]), np.ones(x.shape[:-1])
+    for _ in range(_BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        rejected = _wsr_log_capital(x, nu, mid) >= target
+        lo, hi = np.where(rejected, lo, mid), np.where(rejected, mid, hi)
+    return upper * hi
+
+
+def _wsr_setup(losses, delta, upper):
+    """Scaled losses x/B, the predictable bets ν_i and the rejection level log(1/δ) of :func:`wsr_ucb`."""
     delta = _check_level(delta, "delta")
     if not upper > 0:
         raise ValueError(f"upper={upper!r} must be > 0 for the betting bound (it is the losses' upper bound B).")
@@ -154,12 +165,20 @@ def wsr_ucb(losses, delta: float, upper: float = 1.0):
     sigma2 = (np.cumsum((x - mu_hat) ** 2, axis=-1) + 0.25) / (t + 1.0)
     sigma2_prev = np.concatenate([np.full(x.shape[:-1] + (1,), 0.25), sigma2[..., :-1]], axis=-1)
     nu = np.minimum(np.sqrt(2.0 * math.log(1.0 / delta) / (n * sigma2_prev)), 1.0)
-    target = math.log(1.0 / delta)
-    lo, hi = np.zeros(x.shape[:-1]), np.ones(x.shape[:-1])
+    return x, nu, math.log(1.0 / delta)
+
+
+def _wsr_log_capital(x, nu, mu):
+    """log max_t K_t(μ) for scaled losses x (..., n) and candidate means μ (...)."""
     with np.errstate(divide="ignore"):
-        for _ in range(_BISECT_ITERS):
-            mid = 0.5 * (lo + hi)
-            log_capital = np.max(np.cumsum(np.log1p(-nu * (x - mid[..., None])), axis=-1), axis=-1)
-            rejected = log_capital >= target
-            lo, hi = np.where(rejected, lo, mid), np.where(rejected, mid, hi)
-    return upper * hi
+        return np.max(np.cumsum(np.log1p(-nu * (x - np.asarray(mu)[..., None])), axis=-1), axis=-1)
+
+
+def wsr_rejects(losses, delta: float, mu, upper: float = 1.0):
+    """The betting test behind :func:`wsr_ucb`: True where max_t K_t(μ) ≥ 1/δ, i.e. ``H: R ≥ μ`` is rejected.
+
+    Since K_t is increasing in μ, ``wsr_rejects(x, δ, ε)`` equals ``wsr_ucb(x, δ) < ε`` up to the
+    bisection tolerance, at the cost of a single capital evaluation (used by simulations).
+    """
+    x, nu, target = _wsr_setup(losses, delta, upper)
+    return _wsr_log_capital(x, nu, np.broadcast_to(np.asarray(mu, dtype=np.float64) / upper, x.shape[:-1])) >= target
