@@ -1,0 +1,313 @@
+"""RiskControlled: fit / certificate / warnings, validation, save/load, and the early_exit= protocol."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from hf_safe_exit.fingerprint import model_fingerprint
+from hf_safe_exit.policy import EarlyExit
+from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, MissingCalibrationError,
+                               RiskControlled, clear_cache, select)
+from hf_safe_exit.risk import controlled as controlled_mod
+
+
+def _tiny_t5(seed=0):
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _task_losses(seed=0, K=11, n=400):
+    rng = np.random.default_rng(seed)
+    lam = np.linspace(0, 1, K)
+    full = rng.uniform(0, 0.6, n)
+    harm = (1 - lam)[:, None] ** 2
+    task = np.clip(full[None, :] + rng.normal(0.15, 0.2, (K, n)) * harm, 0, 1)
+    task[-1] = full
+    return lam, task
+
+
+def _table(fingerprint=None, **meta):
+    lam, task = _task_losses()
+    consistency = np.clip(np.abs(task - task[-1]) * 1.5, 0, 1)
+    metadata = {"task": "toy", "measure": "softmax", "schedule": "constant", "min_exit_layer": 1, **meta}
+    if fingerprint is not None:
+        metadata["model_fingerprint"] = fingerprint
+    return LossTable.from_task_losses(lam, task, consistency_losses=consistency, metadata=metadata)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+# ---------------------------------------------------------------- fit
+@pytest.mark.parametrize("method,delta,bound", [("crc", None, "wsr"), ("ucb", 0.1, "wsr"), ("ucb", 0.1, "hoeffding"),
+                                                ("ucb", 0.1, "hoeffding_bentkus"), ("ltt", 0.1, "wsr"),
+                                                ("naive", None, "wsr")])
+def test_fit_returns_self_and_matches_select(method, delta, bound):
+    table = _table()
+    gap = table.losses["performance_gap"]
+    rc = RiskControlled(0.1, delta=delta, method=method, bound=bound)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rc.fit(table.lambdas, gap) is rc
+    sel = select(method, table.lambdas, gap, 0.1, delta, bound=bound, loss_bounds=(-1, 1))
+    cert = rc.certificate
+    assert rc.lambda_ == sel.lambda_hat == cert.lambda_hat
+    assert cert.eps == 0.1 and cert.delta == delta and cert.method == method and cert.n == gap.shape[1]
+    k = int(np.flatnonzero(table.lambdas == rc.lambda_)[0])
+    assert cert.empirical_risk == pytest.approx(gap[k].mean())
+    assert cert.grid == sorted(table.lambdas.tolist())
+    assert cert.feasible == (rc.lambda_ < 1)
+    if method == "crc":
+        n = gap.shape[1]
+        assert cert.risk_bound == pytest.approx(n / (n + 1) * gap[k].mean() + 1 / (n + 1))
+    if method in ("crc", "ucb", "naive") and cert.feasible:
+        assert cert.risk_bound <= 0.1
+
+
+def test_fit_table_records_metadata_and_chooses_risk():
+    table = _table(fingerprint="abc123")
+    rc = RiskControlled(0.05, risk="consistency").fit_table(table)
+    assert rc.certificate.model_fingerprint == "abc123" and rc.certificate.task == "toy"
+    assert rc.certificate.measure == "softmax" and rc.certificate.risk == "consistency"
+    direct = RiskControlled(0.05, risk="consistency").fit(table.lambdas, table.losses["consistency"], (0, 1))
+    assert direct.lambda_ == rc.lambda_
+
+
+def test_infeasible_warns_and_returns_one():
+    table = _table().subset(np.arange(15))  # CRC needs eps ≥ 1/(n+1) = 0.0625
+    with pytest.warns(UserWarning, match="never exit early"):
+        rc = RiskControlled(0.05).fit_table(table)
+    assert rc.lambda_ == 1.0 and rc.certificate.feasible is False
+
+
+def test_unrestricted_gap_more_efficient_than_zero_bounded_via_api():
+    table = _table()
+    a = RiskControlled(0.05, 0.1, method="ucb").fit_table(table)
+    b = RiskControlled(0.05, 0.1, method="ucb", risk="performance_gap_bounded").fit_table(table)
+    assert a.lambda_ <= b.lambda_
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs,match", [
+    ({"eps": 0.0}, "eps"), ({"eps": 1.0}, "eps"), ({"eps": -0.1}, "eps"), ({"eps": float("nan")}, "eps"),
+    ({"eps": 0.1, "delta": 0.1}, "drop delta"),                       # crc has no δ
+    ({"eps": 0.1, "method": "naive", "delta": 0.1}, "drop delta"),
+    ({"eps": 0.1, "method": "ucb"}, "pass delta"),
+    ({"eps": 0.1, "method": "ltt"}, "pass delta"),
+    ({"eps": 0.1, "method": "ucb", "delta": 0.0}, "delta"),
+    ({"eps": 0.1, "method": "ucb", "delta": 1.5}, "delta"),
+    ({"eps": 0.1, "method": "magic"}, "method"),
+    ({"eps": 0.1, "method": "ucb", "delta": 0.1, "bound": "chernoff"}, "bound"),
+    ({"eps": 0.1, "risk": "accuracy"}, "risk"),
+    ({"eps": 0.1, "monotonize": "yes"}, "monotonize"),
+    ({"eps": 0.1, "schedule": "linear"}, "schedule"),
+    ({"eps": 0.1, "measure": "entropy"}, "measure"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RiskControlled(**kwargs)
+
+
+@pytest.mark.parametrize("lam,losses,match", [
+    ([0.0, 0.5], np.zeros((2, 4)), "λ = 1"),
+    ([0.0, 0.5, 1.0], np.zeros((4, 3)), "shape"),
+    ([0.0, 1.0], np.zeros((2, 0)), "empty"),
+    ([0.0, 1.0], np.array([[np.nan, 0.0], [0.0, 0.0]]), "NaN"),
+    ([0.0, 1.0], np.array([[2.0, 0.0], [0.0, 0.0]]), "loss_bounds"),
+])
+def test_fit_validation(lam, losses, match):
+    with pytest.raises(ValueError, match=match):
+        RiskControlled(0.1).fit(lam, losses)
+
+
+def test_measure_mismatch_with_table_raises():
+    with pytest.raises(ValueError, match="measure"):
+        RiskControlled(0.1, measure="saturation").fit_table(_table())
+    with pytest.raises(ValueError, match="no 'consistency'"):
+        lam, task = _task_losses()
+        RiskControlled(0.1, risk="consistency").fit_table(LossTable.from_task_losses(lam, task))
+
+
+# ---------------------------------------------------------------- persistence
+def test_save_and_load_round_trip(tmp_path):
+    rc = RiskControlled(0.08, 0.1, method="ucb", bound="hoeffding_bentkus", risk="performance_gap_bounded").fit_table(
+        _table(fingerprint="f00d"))
+    assert rc.certificate.feasible
+    path = rc.save_pretrained(tmp_path / "rc")
+    assert path.endswith(RISK_CONTROL_FILENAME)
+    data = json.loads((tmp_path / "rc" / RISK_CONTROL_FILENAME).read_text())
+    assert data["lambda_"] == rc.lambda_ and data["calibration"]["model_fingerprint"] == "f00d"
+    back = RiskControlled.from_pretrained(tmp_path / "rc")
+    assert back.lambda_ == rc.lambda_ and back.certificate == rc.certificate
+    assert back.get_params() == rc.get_params()
+    assert RiskControlled.from_pretrained(path).lambda_ == rc.lambda_  # the file itself works too
+
+
+def test_save_unfitted_raises(tmp_path):
+    with pytest.raises(ValueError, match="not fitted"):
+        RiskControlled(0.1).save_pretrained(tmp_path)
+
+
+def test_from_pretrained_missing_wraps_hub_error(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        raise huggingface_hub.errors.EntryNotFoundError("404")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(FileNotFoundError, match="Hub"):
+        RiskControlled.from_pretrained("someone/model")
+    assert calls == [("someone/model", RISK_CONTROL_FILENAME)]
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        RiskControlled.from_pretrained(tmp_path)  # a directory without the file
+
+
+def test_loss_table_round_trip_and_subset(tmp_path):
+    table = _table(fingerprint="x", example_ids=[f"ex{i}" for i in range(400)])
+    path = table.save(tmp_path)
+    assert path.endswith(CALIBRATION_FILENAME)
+    back = LossTable.load(tmp_path)
+    assert back.metadata == table.metadata and back.bounds == table.bounds and back.digest() == table.digest()
+    for name in table.losses:
+        np.testing.assert_array_equal(back.losses[name], table.losses[name])
+    np.testing.assert_array_equal(back.extras["task_loss"], table.extras["task_loss"])
+    sub = back.subset([3, 1])
+    assert sub.n == 2 and sub.metadata["example_ids"] == ["ex3", "ex1"]
+    np.testing.assert_array_equal(sub.losses["consistency"], table.losses["consistency"][:, [3, 1]])
+
+
+def test_loss_table_derives_risks_from_task_losses():
+    lam, task = _task_losses()
+    order = np.random.default_rng(0).permutation(len(lam))  # the λ = 1 row need not come last
+    table = LossTable.from_task_losses(lam[order], task[order], task_loss_bounds=(0.0, 1.0))
+    full = task[-1]
+    np.testing.assert_allclose(table.losses["performance_gap"], task[order] - full)
+    np.testing.assert_allclose(table.losses["performance_gap_bounded"], np.maximum(task[order] - full, 0))
+    assert table.bounds["performance_gap"] == (-1.0, 1.0) and table.bounds["performance_gap_bounded"] == (0.0, 1.0)
+    wide = LossTable.from_task_losses(lam, 2 * task, task_loss_bounds=(0.0, 2.0))
+    assert wide.bounds["performance_gap"] == (-2.0, 2.0)
+    with pytest.raises(ValueError, match="λ = 1"):
+        LossTable.from_task_losses(lam[:-1], task[:-1])
+    with pytest.raises(ValueError, match="bounds"):
+        LossTable.from_task_losses(lam, task + 1.0)
+
+
+# ---------------------------------------------------------------- the early_exit= protocol
+def test_bind_fitted_gives_early_exit_with_calibrated_settings():
+    model = _tiny_t5()
+    table = _table(fingerprint=model_fingerprint(model), schedule="decaying", min_exit_layer=2)
+    rc = RiskControlled(0.1, 0.1, method="ucb").fit_table(table)
+    bound = rc.bind(model)
+    assert isinstance(bound, EarlyExit)
+    assert bound.threshold == rc.lambda_ and bound.schedule == "decaying" and bound.min_exit_layer == 2
+    assert bound.measure.name == "softmax"
+    assert not hasattr(model, "early_exit") and not hasattr(model.generation_config, "early_exit")
+
+
+def test_bind_on_another_model_raises():
+    model_a, model_b = _tiny_t5(0), _tiny_t5(1)
+    rc = RiskControlled(0.1).fit_table(_table(fingerprint=model_fingerprint(model_a)))
+    rc.bind(model_a)
+    with pytest.raises(ValueError, match="another model"):
+        rc.bind(model_b)
+
+
+def test_fitted_from_raw_matrix_needs_measure_to_bind():
+    lam, task = _task_losses()
+    rc = RiskControlled(0.1).fit(lam, task - task[-1])
+    with pytest.raises(ValueError, match="measure"):
+        rc.bind(_tiny_t5())
+    assert RiskControlled(0.1, measure="saturation").fit(lam, task - task[-1]).bind(_tiny_t5()).measure.name == \
+        "saturation"
+
+
+def test_unfitted_one_liner_with_attached_table(monkeypatch):
+    model = _tiny_t5()
+    table = _table(fingerprint=model_fingerprint(model))
+    model.early_exit_calibration = table
+    for eps, delta, method in ((0.05, None, "crc"), (0.1, 0.1, "ucb")):
+        policy = RiskControlled(eps, delta, method=method)
+        bound = policy.bind(model)
+        assert bound.threshold == RiskControlled(eps, delta, method=method).fit_table(table).lambda_
+        assert not policy.is_fitted  # the user's object is left untouched
+    # cached: a second bind with the same request does not refit
+    fits = []
+    original = RiskControlled.fit_table
+    monkeypatch.setattr(RiskControlled, "fit_table", lambda self, t: fits.append(1) or original(self, t))
+    RiskControlled(0.05).bind(model)
+    RiskControlled(0.05).bind(model)
+    assert fits == []
+    RiskControlled(0.07).bind(model)  # a new ε fits once
+    RiskControlled(0.07).bind(model)
+    assert fits == [1]
+
+
+def test_unfitted_one_liner_from_checkpoint_directory(tmp_path):
+    model = _tiny_t5()
+    model.save_pretrained(tmp_path)
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert model_fingerprint(reloaded) == model_fingerprint(model)
+    with pytest.raises(MissingCalibrationError, match="hf-safe-exit calibrate"):
+        RiskControlled(0.05).bind(reloaded)
+    _table(fingerprint=model_fingerprint(model)).save(tmp_path / CALIBRATION_FILENAME)
+    bound = RiskControlled(0.05).bind(reloaded)
+    assert bound.threshold == RiskControlled(0.05).fit_table(LossTable.load(tmp_path)).lambda_
+
+
+def test_unfitted_one_liner_rejects_table_of_another_model():
+    model = _tiny_t5()
+    model.early_exit_calibration = _table(fingerprint="0123456789abcdef")
+    with pytest.raises(ValueError, match="another model"):
+        RiskControlled(0.05).bind(model)
+
+
+def test_unfitted_without_calibration_explains_how_to_calibrate():
+    with pytest.raises(MissingCalibrationError, match="fit_table"):
+        RiskControlled(0.05).bind(_tiny_t5())
+
+
+def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    model = _tiny_t5()
+    stored = _table(fingerprint=model_fingerprint(model)).save(tmp_path / CALIBRATION_FILENAME)
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        return stored
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model.config._name_or_path = "someone/t5-early-exit"
+    model.name_or_path = "someone/t5-early-exit"
+    bound = RiskControlled(0.05).bind(model)
+    assert calls == [("someone/t5-early-exit", CALIBRATION_FILENAME)]
+    assert bound.threshold == RiskControlled(0.05).fit_table(LossTable.load(stored)).lambda_
+    RiskControlled(0.05).bind(model)
+    assert len(calls) == 1  # the downloaded table is cached for the process
+
+
+def test_generate_accepts_risk_controlled_if_available():
+    generate = pytest.importorskip("hf_safe_exit.decoding.generate").generate
+    model = _tiny_t5()
+    model.early_exit_calibration = _table(fingerprint=model_fingerprint(model))
+    inputs = torch.tensor([[5, 6, 7, 1]])
+    fitted = RiskControlled(0.1).fit_table(model.early_exit_calibration)
+    out_one_liner = generate(model, inputs, early_exit=RiskControlled(eps=0.1), max_new_tokens=4)
+    out_fitted = generate(model, inputs, early_exit=fitted, max_new_tokens=4)
+    out_plain = generate(model, inputs, early_exit=EarlyExit(threshold=fitted.lambda_, measure="softmax"),
+                         max_new_tokens=4)
+    assert torch.equal(out_one_liner, out_fitted) and torch.equal(out_fitted, out_plain)
