@@ -250,14 +250,28 @@ def _cmd_plot(args) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation file at '{path}': write one with `hf-safe-exit evaluate ... --output {path}`.")
     try:
-        evaluation = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"'{path}' is not JSON ({exc}): pass the file written by `hf-safe-exit evaluate`.") from None
     if not isinstance(evaluation, dict) or "results" not in evaluation:
         raise ValueError(f"'{path}' is not an evaluation written by `hf-safe-exit evaluate`.")
     for p in plot_evaluation(evaluation, args.output_dir):
         print(f"wrote {p}")
     return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our own progress bar and one-line errors: no per-file bars or info logs from HF libraries."""
+    try:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
 
 
 _COMMANDS = {"collect": _cmd_collect, "calibrate": _cmd_calibrate, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
@@ -267,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 error: one line on stderr)."""
     parser = build_parser()
     command = "hf-safe-exit"
+    _quiet_libraries()
     try:
         args = parser.parse_args(argv)
         command = f"hf-safe-exit {args.command}"

@@ -1,0 +1,201 @@
+"""Each CLI command on tiny inputs (in-process ``main([...])``), and bad input giving one line on stderr, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import hf_safe_exit
+from hf_safe_exit.calibration.tiny import save_tiny_t5
+from hf_safe_exit.cli import main
+from hf_safe_exit.risk import RiskControlled, clear_cache
+from hf_safe_exit.risk import LossTable
+from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+
+DATA = shared_data_dir()
+pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent")
+GRID = "0,0.5,0.9,1"
+COLLECT = ["--task", "cnndm", "--n", "6", "--lambdas", GRID, "--batch-size", "3", "--max-new-tokens", "5",
+           "--max-input-length", "40", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model directory, and one collect run on 6 CNN/DM pool examples."""
+    root = tmp_path_factory.mktemp("cli")
+    task = get_task("cnndm")
+    rows = load_split(task, "pool", path=DATA)
+    texts = [task.prompt(r) + " " + r["highlights"] for r in rows.select(range(40))]
+    model_dir = save_tiny_t5(root / "model", texts, seed=0)
+    results = root / "results.npz"
+    assert main(["collect", "--model", model_dir, "--data", str(DATA), "--output", str(results), *COLLECT]) == 0
+    return root, model_dir, results
+
+
+def one_error_line(capsys, argv):
+    capsys.readouterr()  # drop what fixtures printed
+    status = main(argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_collect_writes_a_table_for_the_model(workdir, capsys):
+    root, model_dir, results = workdir
+    table = LossTable.load(results)
+    assert table.losses["performance_gap"].shape == (4, 6)
+    assert table.metadata["data_source"] == str(DATA) and table.metadata["split"] == "pool"
+    model = hf_safe_exit.enable(__import__("transformers").AutoModelForSeq2SeqLM.from_pretrained(model_dir))
+    assert table.metadata["model_fingerprint"] == hf_safe_exit.model_fingerprint(model)
+    pool_ids = load_split("cnndm", "pool", path=DATA)["id"]
+    assert set(table.metadata["example_ids"]) <= set(pool_ids) and len(set(table.metadata["example_ids"])) == 6
+
+
+def test_calibrate_then_generate_with_the_saved_policy(workdir, capsys, tmp_path):
+    root, model_dir, results = workdir
+    out = tmp_path / "rc"
+    assert main(["calibrate", "--results", str(results), "--eps", "0.3", "--model", model_dir,
+                 "--output", str(out)]) == 0
+    assert "λ̂ =" in capsys.readouterr().out
+    rc = RiskControlled.from_pretrained(out)
+    table = LossTable.load(results)
+    expected = RiskControlled(0.3).fit_table(table)  # same table, same settings: the same λ̂
+    assert rc.lambda_ == expected.lambda_ and rc.lambda_ in table.lambdas
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = hf_safe_exit.enable(AutoModelForSeq2SeqLM.from_pretrained(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(["summarize: police said the man was arrested"], return_tensors="pt")
+    got = model.generate(**enc, early_exit=rc, max_new_tokens=5, return_dict_in_generate=True)
+    ref = model.generate(**enc, early_exit=hf_safe_exit.EarlyExit(threshold=rc.lambda_), max_new_tokens=5,
+                         return_dict_in_generate=True)
+    assert torch.equal(got.sequences, ref.sequences) and torch.equal(got.exit_layers, ref.exit_layers)
+
+
+def test_calibrate_store_in_model_enables_the_unfitted_one_liner(workdir, tmp_path, capsys):
+    root, model_dir, results = workdir
+    import shutil
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    local = tmp_path / "model"
+    shutil.copytree(model_dir, local)
+    assert main(["calibrate", "--results", str(results), "--eps", "0.4", "--model", str(local),
+                 "--store-in-model"]) == 0
+    assert (local / "risk_control.json").is_file() and (local / "early_exit_calibration.npz").is_file()
+    clear_cache()
+    model = hf_safe_exit.enable(AutoModelForSeq2SeqLM.from_pretrained(local))
+    ids = torch.tensor([[5, 6, 7, 1]])
+    out = model.generate(input_ids=ids, early_exit=RiskControlled(eps=0.4), max_new_tokens=3)
+    expected = RiskControlled(0.4).fit_table(LossTable.load(results)).lambda_
+    ref = model.generate(input_ids=ids, early_exit=hf_safe_exit.EarlyExit(threshold=expected), max_new_tokens=3)
+    assert torch.equal(out, ref)
+
+
+def test_evaluate_and_plot(workdir, tmp_path, capsys):
+    root, model_dir, results = workdir
+    ev = tmp_path / "eval.json"
+    assert main(["evaluate", "--results", str(results), "--eps", "0.1,0.99", "--methods", "crc,ucb,ltt,naive",
+                 "--n-cal", "3", "--repeats", "4", "--output", str(ev)]) == 0
+    printed = capsys.readouterr().out
+    assert "test risk" in printed and "speedup" in printed
+    result = json.loads(ev.read_text())
+    rows = {(r["method"], r["eps"]): r for r in result["results"]}
+    assert len(rows) == 8 and result["settings"]["n_test"] == 3
+    table = LossTable.load(results)
+    wall = table.extras["wall_time"]
+    # CRC with n_cal = 3 cannot exit below eps = B/(n+1) = 0.25: λ̂ = 1, i.e. exactly the full model
+    crc = rows[("crc", 0.1)]
+    assert crc["no_exit_rate"] == 1.0 and crc["lambda_hat_mean"] == 1.0 and crc["test_risk_mean"] == 0.0
+    assert crc["speedup"] == 1.0 and crc["mean_exit_layer"] == 3.0 and crc["layer_fraction"] == 1.0
+    # naive at eps = 0.99 takes the smallest λ (every mean gap is ≤ 1 − 1/n... < 0.99): exits at layer 1
+    naive = rows[("naive", 0.99)]
+    assert naive["lambda_hat_mean"] == 0.0 and naive["mean_exit_layer"] == 1.0
+    assert naive["speedup"] == pytest.approx(wall[3] / wall[0])
+    assert naive["layer_fraction"] == pytest.approx(1 / 3)
+
+    figures = tmp_path / "fig"
+    assert main(["plot", "--evaluation", str(ev), "--output-dir", str(figures)]) == 0
+    for name in ("risk_vs_eps.png", "exit_layer_vs_eps.png", "speedup_vs_eps.png"):
+        data = (figures / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+
+
+def test_missing_data_path(workdir, tmp_path, capsys):
+    root, model_dir, _ = workdir
+    args = ["collect", "--model", model_dir, "--data", str(tmp_path / "nowhere"), "--output",
+            str(tmp_path / "x.npz"), *COLLECT]
+    line = one_error_line(capsys, args)
+    assert "nowhere" in line and "abisee/cnn_dailymail" in line and "local path" in line
+
+
+def test_unknown_task(workdir, tmp_path, capsys):
+    root, model_dir, _ = workdir
+    args = ["collect", "--model", model_dir, "--data", str(DATA), "--output", str(tmp_path / "x.npz"), *COLLECT]
+    args[args.index("cnndm")] = "xsum"
+    line = one_error_line(capsys, args)
+    assert "unknown task 'xsum'" in line and "['cnndm', 'squad']" in line
+
+
+def test_results_from_another_model(workdir, tmp_path, capsys):
+    root, model_dir, results = workdir
+    other = save_tiny_t5(tmp_path / "other", ["a b c d summarize"], seed=1)
+    line = one_error_line(capsys, ["calibrate", "--results", str(results), "--eps", "0.3", "--model", other])
+    assert "another model" in line and "collect" in line
+    assert not os.path.exists(os.path.join(other, "risk_control.json"))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["evaluate", "--results", "no_such.npz", "--output", "e.json"], "no results file"),
+    (["calibrate", "--results", "RESULTS", "--eps", "1.5", "--output", "OUT"], "eps"),
+    (["calibrate", "--results", "RESULTS", "--eps", "0.1", "--method", "ucb", "--output", "OUT"], "delta"),
+    (["calibrate", "--results", "RESULTS", "--eps", "0.1"], "--output"),
+    (["evaluate", "--results", "RESULTS", "--eps", "x", "--output", "OUT"], "comma-separated numbers"),
+    (["plot", "--evaluation", "RESULTS", "--output-dir", "OUT"], "not JSON"),
+    (["collect", "--task", "cnndm"], "required"),
+    (["collect", "--model", "/no/such/model", "--task", "cnndm", "--data", "DATA", "--output", "OUT"],
+     "no model directory"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line(workdir, tmp_path, capsys, argv, needle):
+    root, model_dir, results = workdir
+    sub = {"RESULTS": str(results), "OUT": str(tmp_path / "out"), "DATA": str(DATA)}
+    line = one_error_line(capsys, [sub.get(a, a) for a in argv])
+    assert line.startswith("hf-safe-exit") and needle in line, line
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_give_the_same_file(workdir, tmp_path):
+    """``accelerate launch -m hf_safe_exit collect`` with 2 CPU processes == the single-process file."""
+    root, model_dir, results = workdir
+    out = tmp_path / "two.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_safe_exit",
+           "collect", "--model", model_dir, "--data", str(DATA), "--output", str(out), "--cpu", *COLLECT]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = LossTable.load(results), LossTable.load(out)
+    assert sorted(p.name for p in (tmp_path / "two.npz.partial").glob("cells-*")) == [
+        "cells-000-of-002.jsonl", "cells-001-of-002.jsonl"]
+    for name in one.losses:
+        np.testing.assert_array_equal(one.losses[name], two.losses[name])
+    for name in one.extras:
+        if name not in ("wall_time", "example_time"):
+            np.testing.assert_array_equal(one.extras[name], two.extras[name])
+    drop = lambda m: {k: v for k, v in m.items() if k != "device"}  # noqa: E731
+    assert drop(one.metadata) == drop(two.metadata)
