@@ -25,8 +25,9 @@ SIM_METHODS = ("naive", "crc", "ucb_hoeffding", "ucb_hoeffding_bentkus", "ucb_ws
 
 
 def synthetic_population(n_examples: int = 20000, num_lambdas: int = 21, num_layers: int = 8, seed: int = 0,
-                         help_rate: float = 0.35, shortfall: float = 0.8):
-    """An early-exit-like population: returns ``(lambdas (K,), task_losses (K, N))`` in [0, 1].
+                         help_rate: float = 0.35, shortfall: float = 0.8, return_exit_layers: bool = False):
+    """An early-exit-like population: returns ``(lambdas (K,), task_losses (K, N))`` in [0, 1]
+    (and the 1-based exit layers (K, N) with ``return_exit_layers=True``).
 
     Each example has a difficulty d ~ Beta(2, 4). Layer i's confidence rises with depth
     and falls with difficulty; its task loss falls with depth towards the final layer's
@@ -50,6 +51,8 @@ def synthetic_population(n_examples: int = 20000, num_lambdas: int = 21, num_lay
     exits[..., -1] = True
     exit_layer = np.argmax(exits, axis=-1)  # first layer that exits
     task = np.take_along_axis(layer_loss[None].repeat(num_lambdas, 0), exit_layer[..., None], axis=-1)[..., 0]
+    if return_exit_layers:
+        return lambdas, task, exit_layer + 1
     return lambdas, task
 
 
