@@ -165,3 +165,5 @@ def test_bounds_reject_bad_n_and_range():
         hoeffding_ucb(0.1, 10, 0.1, lower=1.0, upper=0.0)
     with pytest.raises(ValueError, match="upper"):
         wsr_ucb(np.zeros(5), 0.1, upper=0.0)
+    with pytest.raises(ValueError, match="upper"):
+        wsr_ucb(np.array([0.5, 1.5]), 0.1, upper=1.0)

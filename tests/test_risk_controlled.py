@@ -300,14 +300,15 @@ def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
     assert len(calls) == 1  # the downloaded table is cached for the process
 
 
-def test_generate_accepts_risk_controlled_if_available():
-    generate = pytest.importorskip("hf_safe_exit.decoding.generate").generate
-    model = _tiny_t5()
+def test_generate_one_liner_with_risk_controlled():
+    enable = pytest.importorskip("hf_safe_exit.decoding.generate").enable  # the core issue's entry point
+    model = enable(_tiny_t5())
     model.early_exit_calibration = _table(fingerprint=model_fingerprint(model))
-    inputs = torch.tensor([[5, 6, 7, 1]])
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 1], [9, 3, 2, 1]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     fitted = RiskControlled(0.1).fit_table(model.early_exit_calibration)
-    out_one_liner = generate(model, inputs, early_exit=RiskControlled(eps=0.1), max_new_tokens=4)
-    out_fitted = generate(model, inputs, early_exit=fitted, max_new_tokens=4)
-    out_plain = generate(model, inputs, early_exit=EarlyExit(threshold=fitted.lambda_, measure="softmax"),
-                         max_new_tokens=4)
+    assert fitted.certificate.feasible
+    out_one_liner = model.generate(**inputs, early_exit=RiskControlled(eps=0.1), max_new_tokens=4)
+    out_fitted = model.generate(**inputs, early_exit=fitted, max_new_tokens=4)
+    out_plain = model.generate(**inputs, early_exit=EarlyExit(threshold=fitted.lambda_, measure="softmax"),
+                               max_new_tokens=4)
     assert torch.equal(out_one_liner, out_fitted) and torch.equal(out_fitted, out_plain)

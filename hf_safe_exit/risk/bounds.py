@@ -61,7 +61,7 @@ def binomial_count(n_times_r_hat):
 
 
 def hoeffding_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper: float = 1.0):
-    """Hoeffding upper confidence bound [RCPS, Sec. 3.1.1; Hoeffding 1963, Thm 2].
+    """Hoeffding upper confidence bound [RCPS, Sec. 3.1; Hoeffding 1963, Thm 2].
 
         R⁺ = R̂ + (b − a) · sqrt(log(1/δ) / (2n))
 
@@ -75,7 +75,7 @@ def hoeffding_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper: float 
 
 
 def hoeffding_bentkus_pvalue(r_hat, n: int, alpha, *, count=None, binary: bool = False):
-    """Hoeffding–Bentkus p-value for the null ``H: R > α`` [LTT, Sec. 3 / RCPS, Sec. 3.1.2].
+    """Hoeffding–Bentkus p-value for the null ``H: R > α`` [LTT, Sec. 3; RCPS, Sec. 3.1].
 
         p = min( exp(−n · h₁(min(R̂, α), α)),  e · P(Binom(n, α) ≤ ⌈n R̂⌉) ),
         h₁(a, b) = a log(a/b) + (1 − a) log((1 − a)/(1 − b))   (Bernoulli KL divergence).
@@ -99,7 +99,7 @@ def hoeffding_bentkus_pvalue(r_hat, n: int, alpha, *, count=None, binary: bool =
 
 def hoeffding_bentkus_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper: float = 1.0, *,
                           count=None, binary: bool = False):
-    """Hoeffding–Bentkus upper confidence bound [RCPS, Sec. 3.1.2]: inverts the p-value,
+    """Hoeffding–Bentkus upper confidence bound [RCPS, Sec. 3.1]: inverts the p-value,
 
         R⁺ = sup{ R ∈ [0, 1] : p_HB(R̂, n, R) > δ }   (found by bisection; p is non-increasing in R).
 
@@ -123,7 +123,7 @@ def hoeffding_bentkus_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper
 
 
 def wsr_ucb(losses, delta: float, upper: float = 1.0):
-    """Waudby-Smith–Ramdas betting upper confidence bound [WSR, Sec. 4; RCPS, Sec. 3.1.3, Prop. (WSR)].
+    """Waudby-Smith–Ramdas betting upper confidence bound [WSR, Sec. 4 (hedged capital); RCPS, Sec. 3.1].
 
     For a candidate mean μ the capital after t bets against ``H: R ≥ μ`` is
 
@@ -160,6 +160,8 @@ def _wsr_setup(losses, delta, upper):
     n = x.shape[-1]
     if n < 1:
         raise ValueError("wsr_ucb needs at least one loss.")
+    if not np.all(x <= 1.0 + 1e-12):
+        raise ValueError(f"wsr_ucb needs losses <= upper={upper!r} (and no NaN): pass the losses' true upper bound.")
     t = np.arange(1, n + 1, dtype=np.float64)
     mu_hat = (np.cumsum(x, axis=-1) + 0.5) / (t + 1.0)
     sigma2 = (np.cumsum((x - mu_hat) ** 2, axis=-1) + 0.25) / (t + 1.0)
