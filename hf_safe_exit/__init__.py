@@ -5,6 +5,7 @@
 >>> model.generate(**inputs, early_exit=hf_safe_exit.EarlyExit(threshold=0.9))
 """
 
+from .decoding import EarlyExitGenerateOutput, enable, generate
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
-    "model_fingerprint", "__version__",
+    "model_fingerprint", "enable", "generate", "EarlyExitGenerateOutput", "__version__",
 ]

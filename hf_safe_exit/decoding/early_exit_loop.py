@@ -1,0 +1,325 @@
+"""Token-level early-exit decoding for T5 with CALM state propagation.
+
+One new token per step, one decoder block at a time, over HF's
+``EncoderDecoderCache``:
+
+* every row of the batch keeps a *state* ``x``: while the row is still deciding,
+  ``x`` is the output of the last block it ran; once it exited after layer i,
+  ``x`` stays the exit hidden state h_i;
+* at block j the self-attention K/V of **all** rows are computed from
+  ``LayerNorm_j(x)`` and appended to the cache in one batched update. For rows
+  that already exited this *is* CALM's state propagation (Schuster et al. 2022,
+  Sec. 4.2): the skipped layer's K/V come from the exit state through that layer's
+  own pre-attention layer norm and k/v projections;
+* only the rows still deciding run the rest of the block (query, attention,
+  cross-attention, feed-forward) — the batch never waits for its slowest row;
+* after block i >= ``min_exit_layer`` a confidence c_i is computed for the rows
+  still deciding and a row exits when ``c_i > λ_t`` (strict: λ = 1 never exits).
+
+Block 0 owns T5's relative position bias; it is computed once per step (as block 0
+would) and handed to every block, exactly as ``T5Stack`` does. With a threshold that
+never triggers, the arithmetic is the same as HF's incremental forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.generation.utils import GenerateEncoderDecoderOutput
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+from ..confidence import LayerView
+
+__all__ = ["EarlyExitGenerateOutput", "early_exit_decode", "new_decoder_cache"]
+
+
+@dataclass
+class EarlyExitGenerateOutput(GenerateEncoderDecoderOutput):
+    """HF's ``GenerateEncoderDecoderOutput`` plus what early exit did for every generated token.
+
+    Attributes:
+        exit_layers: ``(batch, new_tokens)`` LongTensor, 1-based decoder layer each token exited at
+            (``num_decoder_layers`` = full model); 0 at padding after a sequence finished.
+        confidences: ``(batch, new_tokens)`` float, the confidence that triggered the exit; NaN where
+            the token reached the last layer without a confidence being computed, and at padding.
+        mean_exit_layer: ``(batch,)`` mean exit layer over each sequence's real (non-padding) tokens.
+        layer_fraction: ``(batch,)`` decoder blocks run in full / (num_decoder_layers × real tokens).
+        num_decoder_layers: depth of the decoder.
+    """
+
+    exit_layers: torch.LongTensor | None = None
+    confidences: torch.FloatTensor | None = None
+    mean_exit_layer: torch.FloatTensor | None = None
+    layer_fraction: torch.FloatTensor | None = None
+    num_decoder_layers: int | None = None
+
+
+def new_decoder_cache(model) -> EncoderDecoderCache:
+    """An empty cache sized by the *decoder* depth (stock ``generate`` sizes it by the encoder's)."""
+    return EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+
+
+def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
+    # Same overflow guard as T5Block applies in float16.
+    if hidden.dtype == torch.float16:
+        limit = torch.where(torch.isinf(hidden).any(), torch.finfo(hidden.dtype).max - 1000,
+                            torch.finfo(hidden.dtype).max)
+        hidden = torch.clamp(hidden, min=-limit, max=limit)
+    return hidden
+
+
+def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # (b, s, heads*head_dim) -> (b, heads, s, head_dim)
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+class _StepDecoder:
+    """Runs the decoder blocks of one T5 model for one new token, with per-row exits."""
+
+    def __init__(self, model, cache: EncoderDecoderCache, encoder_hidden: torch.Tensor,
+                 encoder_mask: torch.Tensor | None):
+        self.model = model
+        self.decoder = model.decoder
+        self.blocks = list(model.decoder.block)
+        self.num_layers = len(self.blocks)
+        self.cache = cache
+        self.encoder_hidden = encoder_hidden
+        config = model.decoder.config
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        self.head_dim = config.d_kv
+        probe = encoder_hidden[:, :1]
+        # The same extended cross-attention mask T5Stack builds (None when nothing is padded).
+        self.cross_mask = create_bidirectional_mask(
+            config=config, inputs_embeds=probe, attention_mask=encoder_mask, encoder_hidden_states=encoder_hidden
+        )
+        self.cross_bias = torch.zeros(
+            (1, config.num_heads, 1, encoder_hidden.shape[1]), device=encoder_hidden.device, dtype=encoder_hidden.dtype
+        )
+        self.scale = config.d_model**-0.5 if model.config.scale_decoder_outputs else None
+        # HF processes logits in float32; keep float64 when the model runs in float64 (exactness checks).
+        self.logits_dtype = torch.promote_types(encoder_hidden.dtype, torch.float32)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            normed = normed * self.scale
+        return self.model.lm_head(normed)
+
+    def _cross_kv(self, layer: int, rows: torch.Tensor | None):
+        cross = self.cache.cross_attention_cache
+        if not self.cache.is_updated.get(layer, False):
+            att = self.blocks[layer].layer[1].EncDecAttention
+            k = _split_heads(att.k(self.encoder_hidden), self.head_dim)
+            v = _split_heads(att.v(self.encoder_hidden), self.head_dim)
+            cross.update(k, v, layer)
+            self.cache.is_updated[layer] = True
+        keys, values = cross.layers[layer].keys, cross.layers[layer].values
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        return keys, values
+
+    def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
+             done: torch.Tensor):
+        """Decode one token for every row.
+
+        Args:
+            tokens: ``(batch, 1)`` the previous tokens.
+            threshold: λ_t for this step (>= 1 never exits early).
+            done: ``(batch,)`` bool, rows whose sequence already finished: they exit at layer 1
+                (their output is padding; their cache entries only keep shapes aligned).
+
+        Returns:
+            logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer, exit layers ``(batch,)`` long,
+            confidences ``(batch,)`` float32 (NaN where none was computed).
+        """
+        batch = tokens.shape[0]
+        device = tokens.device
+        x = self.decoder.dropout(self.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
+        past = self.cache.self_attention_cache.get_seq_length(0)
+        position_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(1, past + 1, device=device,
+                                                                          past_seen_tokens=past)
+        position_bias = position_bias.to(x.dtype)
+
+        exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+        confidence = torch.full((batch,), float("nan"), device=device)
+        out_logits: torch.Tensor | None = None
+        deciding = ~done
+        # `rows` is None while every row is still deciding: the common case runs without gathers.
+        rows: torch.Tensor | None = None if bool(deciding.all()) else deciding.nonzero().squeeze(1)
+        may_exit = threshold < 1.0
+        for idx, block in enumerate(self.blocks):
+            layer = idx + 1
+            self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
+            att = self_attn_layer.SelfAttention
+            normed_all = self_attn_layer.layer_norm(x)
+            keys, values = self.cache.self_attention_cache.update(
+                _split_heads(att.k(normed_all), self.head_dim), _split_heads(att.v(normed_all), self.head_dim), idx
+            )
+            if rows is not None and rows.numel() == 0:
+                continue  # every row exited: only fill the remaining layers' K/V (state propagation)
+            if rows is None:
+                h, normed = x, normed_all
+            else:
+                h, normed = x[rows], normed_all[rows]
+                keys, values = keys[rows], values[rows]
+            # Self-attention of the deciding rows.
+            query = _split_heads(att.q(normed), self.head_dim)
+            attn, _ = self.attention(att, query, keys, values, None, dropout=0.0, scaling=att.scaling,
+                                     position_bias=position_bias)
+            h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn.reshape(h.shape[0], 1, -1))))
+            # Cross-attention over the cached encoder K/V.
+            catt = cross_layer.EncDecAttention
+            ckeys, cvalues = self._cross_kv(idx, rows)
+            cmask = self.cross_mask if (self.cross_mask is None or rows is None) else self.cross_mask[rows]
+            query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
+            attn, _ = self.attention(catt, query, ckeys, cvalues, cmask, dropout=0.0, scaling=catt.scaling,
+                                     position_bias=self.cross_bias)
+            h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn.reshape(h.shape[0], 1, -1))))
+            h = _clamp_fp16(ff_layer(h))
+            prev = x if rows is None else x[rows]
+            if rows is None:
+                x = h
+            else:
+                x = x.clone()
+                x[rows] = h
+            row_ids = torch.arange(batch, device=device) if rows is None else rows
+
+            if layer == self.num_layers:
+                exiting = torch.ones(row_ids.shape[0], dtype=torch.bool, device=device)
+                conf = None
+            elif may_exit and layer >= min_exit_layer:
+                cached: dict[str, torch.Tensor] = {}
+                final_normed = self.decoder.final_layer_norm(h[:, 0])
+
+                def logits_fn(final_normed=final_normed, cached=cached):
+                    if "logits" not in cached:
+                        cached["logits"] = self.logits(final_normed)
+                    return cached["logits"]
+
+                view = LayerView(layer=layer, step=step, rows=row_ids, hidden=h[:, 0], prev_hidden=prev[:, 0],
+                                 normed=final_normed, logits_fn=logits_fn)
+                conf = measure(view).float()
+                exiting = conf > threshold
+                if not bool(exiting.any()):
+                    continue
+            else:
+                continue
+
+            # Read out the exiting rows through the shared head.
+            if conf is not None and "logits" in cached:
+                row_logits = cached["logits"][exiting]
+            else:
+                row_logits = self.logits(self.decoder.final_layer_norm(h[exiting, 0]))
+            if out_logits is None:
+                out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
+            exit_rows = row_ids[exiting]
+            out_logits[exit_rows] = row_logits.to(self.logits_dtype)
+            exit_layer[exit_rows] = layer
+            if conf is not None:
+                confidence[exit_rows] = conf[exiting]
+            rows = row_ids[~exiting]
+        if out_logits is None:  # every row was already done: nothing to read out
+            out_logits = torch.zeros((batch, self.model.config.vocab_size), dtype=self.logits_dtype, device=device)
+        return out_logits, exit_layer, confidence
+
+
+def early_exit_decode(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    early_exit_policy=None,
+    early_exit_streamer=None,
+    **model_kwargs,
+):
+    """HF ``custom_generate`` callable: greedy or sampled decoding with per-token early exit.
+
+    HF's ``generate`` has already run the encoder, built the decoder start ids,
+    the logits processors and stopping criteria. This loop mirrors
+    ``GenerationMixin._sample`` (logits processors on float32 logits, argmax or
+    multinomial, EOS → pad for finished rows, stopping criteria), with the model
+    forward replaced by :class:`_StepDecoder`.
+    """
+    if early_exit_policy is None:
+        raise ValueError("early_exit_decode needs early_exit_policy (a bound EarlyExit policy).")
+    if synced_gpus:
+        raise NotImplementedError("early exit does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP) generation yet.")
+    streamer = early_exit_streamer if early_exit_streamer is not None else streamer
+    policy = early_exit_policy
+    measure = policy.measure
+    pad_token_id = generation_config._pad_token_tensor
+    return_dict = generation_config.return_dict_in_generate
+    output_scores = return_dict and generation_config.output_scores
+    output_logits = return_dict and generation_config.output_logits
+    has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    do_sample = generation_config.do_sample
+    max_new_tokens = max(int(generation_config.max_length) - input_ids.shape[1], 1)
+
+    encoder_outputs = model_kwargs["encoder_outputs"]
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, EncoderDecoderCache) or cache.get_seq_length() != 0 or (
+        len(cache.self_attention_cache.layers) not in (0, model.config.num_decoder_layers)
+    ):
+        cache = new_decoder_cache(model)
+    decoder = _StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
+    if pad_token_id is not None:
+        pad_token_id = pad_token_id.to(input_ids.device)
+
+    batch = input_ids.shape[0]
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    scores, raw_logits = (), ()
+    exit_layers, confidences = [], []
+    step = 0
+    while True:
+        threshold = float(policy.threshold_at(step, max_new_tokens))
+        logits, layers, conf = decoder.step(
+            input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
+            min_exit_layer=policy.min_exit_layer, done=unfinished == 0,
+        )
+        next_scores = logits_processor(input_ids, logits)
+        if output_scores:
+            scores += (next_scores,)
+        if output_logits:
+            raw_logits += (logits,)
+        if do_sample:
+            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        exit_layers.append(layers * unfinished)
+        confidences.append(torch.where(unfinished.bool(), conf, torch.full_like(conf, float("nan"))))
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        step += 1
+        if unfinished.max() == 0:
+            break
+    if streamer is not None:
+        streamer.end()
+
+    if not return_dict:
+        return input_ids
+    exit_layers_t = torch.stack(exit_layers, dim=1)
+    real = (exit_layers_t > 0).sum(dim=1).clamp(min=1)
+    mean_exit = exit_layers_t.sum(dim=1).float() / real
+    encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None
+    return EarlyExitGenerateOutput(
+        sequences=input_ids,
+        scores=scores if output_scores else None,
+        logits=raw_logits if output_logits else None,
+        encoder_hidden_states=encoder_hidden_states,
+        past_key_values=cache,
+        exit_layers=exit_layers_t,
+        confidences=torch.stack(confidences, dim=1),
+        mean_exit_layer=mean_exit,
+        layer_fraction=mean_exit / decoder.num_layers,
+        num_decoder_layers=decoder.num_layers,
+    )
