@@ -12,7 +12,6 @@ from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.policy import EarlyExit
 from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, MissingCalibrationError,
                                RiskControlled, clear_cache, select)
-from hf_safe_exit.risk import controlled as controlled_mod
 
 
 def _tiny_t5(seed=0):
@@ -312,3 +311,17 @@ def test_generate_one_liner_with_risk_controlled():
     out_plain = model.generate(**inputs, early_exit=EarlyExit(threshold=fitted.lambda_, measure="softmax"),
                                max_new_tokens=4)
     assert torch.equal(out_one_liner, out_fitted) and torch.equal(out_fitted, out_plain)
+
+
+def test_loss_table_validation():
+    lam, task = _task_losses()
+    with pytest.raises(ValueError, match="JSON"):
+        LossTable.from_task_losses(lam, task, metadata={"bad": object()})
+    with pytest.raises(ValueError, match="example_ids"):
+        LossTable.from_task_losses(lam, task, metadata={"example_ids": [1, 2]})
+    with pytest.raises(ValueError, match="Unknown risk"):
+        LossTable(lam, {"accuracy": task})
+    with pytest.raises(ValueError, match="first axis"):
+        LossTable.from_task_losses(lam, task, extras={"wall_time": np.ones(3)})
+    with pytest.raises(ValueError, match="same examples"):
+        LossTable(lam, {"consistency": task, "performance_gap_bounded": task[:, :5]})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from hf_safe_exit.risk.bounds import hoeffding_bentkus_pvalue, hoeffding_ucb, wsr_ucb
+from hf_safe_exit.risk.bounds import hoeffding_bentkus_pvalue, wsr_ucb
 from hf_safe_exit.risk.selection import select, select_crc, select_ltt, select_naive, select_ucb
 
 

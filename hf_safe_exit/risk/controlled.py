@@ -18,7 +18,6 @@ import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 
 from ..confidence import ConfidenceMeasure, get_measure, measure_name
 from ..fingerprint import model_fingerprint

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import (_check_level, binomial_count, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb,
-                     wsr_ucb)
+from .bounds import _check_level, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
 
 __all__ = [
     "Selection", "METHODS", "BOUNDS", "MONOTONIZE", "prepare_losses", "first_violation_scan",
