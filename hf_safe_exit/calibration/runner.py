@@ -234,17 +234,19 @@ def collect(
             if fresh and state_path.exists():
                 shutil.rmtree(state_path)
             state_path.mkdir(parents=True, exist_ok=True)
-            config_file = state_path / "config.json"
-            if config_file.exists():
-                stored = json.loads(config_file.read_text())
-                diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-                if diff:
-                    raise StateMismatchError(
-                        f"the partial results in '{state_path}' were collected with other settings ({', '.join(diff)}): "
-                        "rerun with --fresh (fresh=True) to discard them, or choose another --output.")
-            else:
-                config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
         state.wait_for_everyone()
+        # every process checks (and raises) alike, so that none is left waiting at a barrier
+        config_file = state_path / "config.json"
+        if config_file.exists():
+            stored = json.loads(config_file.read_text())
+            diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            if diff:
+                raise StateMismatchError(
+                    f"the partial results in '{state_path}' were collected with other settings ({', '.join(diff)}): "
+                    "rerun with --fresh (fresh=True) to discard them, or choose another --output.")
+        state.wait_for_everyone()
+        if state.is_main_process and not config_file.exists():
+            config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
         done = _read_cells(state_path)
 
     # λ = 1 first: the reference of the other rows; then the grid in the given order.
