@@ -24,7 +24,9 @@ Rows are in the order of ``lambdas`` as given (the default grid is ascending).
 **Batches and processes.** Examples are cut into fixed batches of ``batch_size`` in the order
 given; a *cell* is one (λ, batch). Under ``accelerate`` (``accelerate launch -m hf_safe_exit
 collect ...``) batch ``b`` goes to process ``b mod world_size`` and the main process gathers
-all cells (``gather_object``) and writes the one result file. Because every batch is the same
+all cells (``gather_object``) and writes the one result file. Each process decodes its batches
+one after the other, each batch at every λ in turn, so that the wall times of all thresholds
+are measured under the same conditions. Because every batch is the same
 whatever the number of processes, one process and several give the same losses.
 
 **Resumable.** Every finished cell is appended to a JSON-lines file in the state directory
@@ -249,9 +251,10 @@ def collect(
             config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
         done = _read_cells(state_path)
 
-    # λ = 1 first: the reference of the other rows; then the grid in the given order.
+    # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
+    # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
     order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
-    mine = [(k, b) for k in order for b in range(len(batches)) if b % state.num_processes == state.process_index]
+    mine = [(k, b) for b in range(len(batches)) if b % state.num_processes == state.process_index for k in order]
     todo = [cell for cell in mine if cell not in done]
     cells_file = None
     if state_path is not None:
