@@ -1,6 +1,5 @@
 """Task metrics against independent references: hand-computed ROUGE-L (LCS) and the official SQuAD v1.1 rules."""
 
-import math
 import re
 
 import pytest
@@ -130,3 +129,4 @@ def test_squad_task_interface():
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(UnknownTaskError, match=r"unknown task 'xsum': use one of \['cnndm', 'squad'\]"):
         get_task("xsum")
+    assert get_task("SQuAD").name == "squad" and get_task(get_task("cnndm")).name == "cnndm"

@@ -16,7 +16,7 @@ from .squad import SQuAD, normalize_answer, squad_exact_match, squad_f1
 __all__ = [
     "Task", "CNNDailyMail", "SQuAD", "TASKS", "get_task", "rouge_l", "normalize_answer", "squad_f1",
     "squad_exact_match", "DataUnavailableError", "shared_data_dir", "load_task_data", "load_split", "SPLITS",
-    "DATA_ENV",
+    "DATA_ENV", "UnknownTaskError",
 ]
 
 TASKS: dict[str, type[Task]] = {"cnndm": CNNDailyMail, "squad": SQuAD}
@@ -34,5 +34,3 @@ def get_task(task: str | Task) -> Task:
         return TASKS[task.lower()]()
     raise UnknownTaskError(f"unknown task {task!r}: use one of {sorted(TASKS)}.")
 
-
-__all__.append("UnknownTaskError")
