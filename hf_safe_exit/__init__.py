@@ -9,10 +9,11 @@ from .decoding import EarlyExitGenerateOutput, enable, generate
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
+from .risk import LossTable, RiskCertificate, RiskControlled
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
-    "model_fingerprint", "enable", "generate", "EarlyExitGenerateOutput", "__version__",
+    "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput", "__version__",
 ]
