@@ -411,6 +411,14 @@ class BiLD:
         return cls(small_model, fallback=fallback, rollback=lambda_to_rollback(lam), max_draft_len=max_draft_len,
                    small_tokenizer=small_tokenizer)
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings that determine the output (for result metadata and resume checks)."""
+        from ..fingerprint import model_fingerprint
+
+        return {"strategy": "bild", "fallback": float(self.fallback), "rollback": float(self.rollback) if math.isfinite(self.rollback) else "inf",
+                "lambda": self.lam, "max_draft_len": int(self.max_draft_len),
+                "small_model": model_fingerprint(self.small_model)}
+
     # -- decoding -----------------------------------------------------------------------------
     def check_pair(self, large_model, large_tokenizer=None) -> None:
         """Raise ``TypeError``/``ValueError`` unless this policy's small model can draft for ``large_model``."""
@@ -424,7 +432,8 @@ class BiLD:
         :class:`BiLDOutput` with the statistics. ``bild_step_callback=fn`` (optional) is called
         after every verification step with a dict: ``large``/``small`` (internal decoders),
         ``rows`` (original batch indices of the active rows), ``sequences`` (their committed
-        tokens), ``rolled_back`` (per row, whether this step rolled back).
+        tokens), ``rolled_back`` (per row, whether this step rolled back) and ``rolled_back_tokens``
+        (per row, how many drafted tokens this step discarded).
         """
         self.check_pair(large_model, generate_kwargs.get("tokenizer"))
         for name, why in _REJECTED_KWARGS.items():
@@ -530,6 +539,7 @@ class BiLD:
             out = large_dec.forward(full, [len(d) + 1 for d in drafts])
             stats.large_model_calls += 1
             rolled = [False] * n
+            dropped = [0] * n  # drafted tokens discarded by this step's rollback, per row
             finished = [False] * n
             for i, r in enumerate(active):
                 draft = drafts[i]
@@ -546,6 +556,7 @@ class BiLD:
                             rolled[i] = True
                             stats.num_rollbacks += 1
                             stats.num_rolled_back += len(draft) - j
+                            dropped[i] = len(draft) - j
                             break
                         new.append(draft[j])
                         from_large.append(False)
@@ -569,7 +580,7 @@ class BiLD:
                 dec.truncate([_common_prefix(t, seqs[r]) for t, r in zip(dec.tokens, active)])
             if step_callback is not None:
                 step_callback({"large": large_dec, "small": small_dec, "rows": list(active),
-                               "sequences": [list(seqs[r]) for r in active], "rolled_back": list(rolled)})
+                               "sequences": [list(seqs[r]) for r in active], "rolled_back": list(rolled), "rolled_back_tokens": list(dropped)})
             if any(finished):
                 keep = [i for i in range(n) if not finished[i]]
                 active = [active[i] for i in keep]
