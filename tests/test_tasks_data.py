@@ -64,3 +64,14 @@ def test_no_hub_and_no_path_is_a_clear_error(monkeypatch):
             load_split(task, "pool")
         message = str(info.value)
         assert "\n" not in message and hub_id in message and "local path" in message and "--data" in message
+
+
+def test_local_csv_keeps_ids_as_text_and_env_var_points_to_data(tmp_path, monkeypatch):
+    path = tmp_path / "mini.csv"
+    path.write_text('article,highlights,id\n"A, b.","x .\ny .",0123\n"C.","z .",1e5\n', encoding="utf-8")
+    ds = load_task_data("cnndm", path)
+    assert ds["id"] == ["0123", "1e5"] and ds[0]["highlights"] == "x .\ny ." and ds[0]["article"] == "A, b."
+    monkeypatch.setenv("HF_SAFE_EXIT_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path
+    monkeypatch.setenv("HF_SAFE_EXIT_DATA", str(tmp_path / "missing"))
+    assert shared_data_dir() is None

@@ -107,7 +107,15 @@ def _load_local(name: str, path: Path):
     if name == "cnndm":
         if path.suffix.lower() not in (".csv", ".gz", ".bz2", ".zip", ".xz"):
             raise ValueError(f"'{path}' is not a CSV: the cnndm task reads {_LOCAL_KIND[name]}.")
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+        import csv
+
+        header = None
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), None)
+        # every column as text: ids such as "1e5..." or "0123" must not turn into numbers
+        features = (datasets.Features({c: datasets.Value("string") for c in header}) if header else None)
+        ds = datasets.load_dataset("csv", data_files=str(path), split="train", features=features)
         missing = [c for c in _CNNDM_COLUMNS if c not in ds.column_names]
         if missing:
             raise ValueError(f"'{path}' lacks the column(s) {missing}: the cnndm task reads {_LOCAL_KIND[name]}.")
