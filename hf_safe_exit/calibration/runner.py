@@ -262,28 +262,37 @@ def collect(
 
     device = next(model.parameters()).device
 
-    def decode(k: int, batch: list[int]):
-        enc = tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_input_length)
+    encoded: dict[int, Any] = {}
+
+    def encode(b: int):  # tokenized once per batch, outside the timed region
+        if b not in encoded:
+            encoded.clear()  # cells come batch by batch: keep only the current batch
+            encoded[b] = tokenizer([prompts[j] for j in batches[b]], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=max_input_length).to(device)
+        return encoded[b]
+
+    def decode(k: int, b: int):
+        enc = encode(b)
         policy = hf_safe_exit.EarlyExit(threshold=float(lam[k]), measure=measure, schedule=schedule,
                                         min_exit_layer=min_exit_layer, decay_tau=decay_tau)
         with torch.inference_mode():
-            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                  early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  return_dict_in_generate=True)
         return out
 
     if todo:
-        decode(todo[0][0], batches[todo[0][1]])  # warm-up, not timed: the first call pays one-time costs
+        decode(*todo[0])  # warm-up, not timed: the first call pays one-time costs
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"collect {task.name}", unit="cell",
                disable=not (progress and state.is_main_process), dynamic_ncols=True)
     computed = 0
     try:
         for k, b in todo:
             batch = batches[b]
+            encode(b)
             _sync(device)
             start = time.perf_counter()
-            out = decode(k, batch)
+            out = decode(k, b)
             _sync(device)
             seconds = time.perf_counter() - start
             texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
