@@ -1,0 +1,13 @@
+"""Training for early exit: CALM's per-layer loss, the meta-classifier head, a T5 tokenizer, span corruption
+and the offline data used to build the package's default model (``examples/train_default_model.py``)."""
+
+from .calm_loss import CALMLossOutput, CALMSeq2SeqTrainer, calm_loss, layer_weights, per_layer_losses
+from .meta_classifier import balanced_class_weights, collect_meta_examples, meta_labels, train_meta_classifier
+from .span_corruption import random_spans_noise_mask, span_corrupt
+from .tokenizer import sentinel_tokens, train_t5_tokenizer
+
+__all__ = [
+    "CALMLossOutput", "CALMSeq2SeqTrainer", "calm_loss", "layer_weights", "per_layer_losses",
+    "balanced_class_weights", "collect_meta_examples", "meta_labels", "train_meta_classifier",
+    "random_spans_noise_mask", "span_corrupt", "sentinel_tokens", "train_t5_tokenizer",
+]
