@@ -10,10 +10,13 @@ from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
 from .risk import LossTable, RiskCertificate, RiskControlled
+from .calibration import collect
+from .tasks import get_task, load_split
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
-    "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput", "__version__",
+    "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
+    "collect", "get_task", "load_split", "__version__",
 ]
