@@ -137,6 +137,13 @@ def test_intermediate_thresholds_mix_both_models(pair, batch):
     assert out.num_drafted == out.num_accepted + out.num_rolled_back
     assert out.large_model_calls < MAX_NEW  # fewer large calls than tokens per row
     assert out.stats.as_dict()["large_model_calls"] == out.large_model_calls
+    # per-row counters add up to the totals
+    assert out.row_new_tokens.tolist() == [MAX_NEW] * ids.shape[0]
+    assert int(out.row_accepted.sum()) == out.num_accepted and int(out.row_rolled_back.sum()) == out.num_rolled_back
+    assert int(out.row_large_tokens.sum()) == out.num_large_tokens
+    assert int(out.row_large_calls.max()) == out.large_model_calls
+    assert torch.all(out.row_accepted + out.row_large_tokens == out.row_new_tokens)
+    assert torch.all(out.large_calls_per_token < 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,7 +212,13 @@ class BiLDStats:
 
 @dataclass
 class BiLDOutput(ModelOutput):
-    """What ``decode`` returns with ``return_dict_in_generate=True``: ``sequences`` plus :class:`BiLDStats`."""
+    """What ``decode`` returns with ``return_dict_in_generate=True``.
+
+    ``sequences`` plus the :class:`BiLDStats` counters summed over the batch (ints). It also has
+    per-row LongTensors of shape ``(batch,)``: ``row_new_tokens`` (generated tokens, without
+    padding), ``row_accepted``, ``row_rolled_back``, ``row_large_tokens``, and ``row_large_calls``
+    / ``row_small_calls`` (batched decoder passes the row took part in until it finished).
+    """
 
     sequences: torch.LongTensor | None = None
     num_drafted: int | None = None
@@ -224,10 +230,21 @@ class BiLDOutput(ModelOutput):
     num_new_tokens: int | None = None
     large_model_calls: int | None = None
     small_model_calls: int | None = None
+    row_new_tokens: torch.LongTensor | None = None
+    row_accepted: torch.LongTensor | None = None
+    row_rolled_back: torch.LongTensor | None = None
+    row_large_tokens: torch.LongTensor | None = None
+    row_large_calls: torch.LongTensor | None = None
+    row_small_calls: torch.LongTensor | None = None
 
     @property
     def stats(self) -> BiLDStats:
         return BiLDStats(**{f.name: getattr(self, f.name) for f in fields(BiLDStats)})
+
+    @property
+    def large_calls_per_token(self) -> torch.Tensor:
+        """Per row: large-model passes that included the row / its generated tokens (1.0 = the large model alone)."""
+        return self.row_large_calls.double() / self.row_new_tokens.clamp(min=1).double()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,6 +522,8 @@ class BiLD:
             return bool(stopping_criteria(ids, None)[0])
 
         seqs: list[list[int]] = [row.tolist() for row in input_ids]
+        per_row = {name: [0] * batch for name in ("row_accepted", "row_rolled_back", "row_large_tokens",
+                                                   "row_large_calls", "row_small_calls")}
         active = list(range(batch))
         start_len = input_ids.shape[1]
 
@@ -519,6 +538,8 @@ class BiLD:
                 full = [cur[i] + drafts[i] for i in range(n)]
                 out = small_dec.forward(full, [1 if drafting[i] else 0 for i in range(n)])
                 stats.small_model_calls += 1
+                for r in active:
+                    per_row["row_small_calls"][r] += 1
                 for i in range(n):
                     if not drafting[i]:
                         continue
@@ -538,6 +559,8 @@ class BiLD:
             full = [cur[i] + drafts[i] for i in range(n)]
             out = large_dec.forward(full, [len(d) + 1 for d in drafts])
             stats.large_model_calls += 1
+            for r in active:
+                per_row["row_large_calls"][r] += 1
             rolled = [False] * n
             dropped = [0] * n  # drafted tokens discarded by this step's rollback, per row
             finished = [False] * n
@@ -556,6 +579,7 @@ class BiLD:
                             rolled[i] = True
                             stats.num_rollbacks += 1
                             stats.num_rolled_back += len(draft) - j
+                            per_row["row_rolled_back"][r] += len(draft) - j
                             dropped[i] = len(draft) - j
                             break
                         new.append(draft[j])
@@ -568,8 +592,10 @@ class BiLD:
                     seq.append(token)
                     if large_token:
                         stats.num_large_tokens += 1
+                        per_row["row_large_tokens"][r] += 1
                     else:
                         stats.num_accepted += 1
+                        per_row["row_accepted"][r] += 1
                     if stops(seq):
                         finished[i] = True
                         break
@@ -594,7 +620,9 @@ class BiLD:
             sequences[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
         stats.num_new_tokens = sum(len(s) - start_len for s in seqs)
         if gen_cfg.return_dict_in_generate:
-            return BiLDOutput(sequences=sequences, **stats.as_dict())
+            rows = {name: torch.tensor(v, dtype=torch.long, device=device) for name, v in per_row.items()}
+            rows["row_new_tokens"] = torch.tensor([len(s) - start_len for s in seqs], dtype=torch.long, device=device)
+            return BiLDOutput(sequences=sequences, **stats.as_dict(), **rows)
         return sequences
 
 
