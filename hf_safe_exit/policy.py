@@ -24,6 +24,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from .confidence import ConfidenceMeasure, LayerView, get_measure, measure_name
+from .decoding.poe import PoEConfig, resolve_anytime
 
 __all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "SCHEDULES"]
 
@@ -78,6 +79,10 @@ class EarlyExit:
         schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
         decay_tau: τ of the decaying schedule (CALM uses 4).
         min_exit_layer: first 1-based decoder layer allowed to exit.
+        anytime: ``None`` (default: each layer predicts with its own logits), ``"poe"`` or a
+            :class:`~hf_safe_exit.decoding.poe.PoEConfig`: Product-of-Experts anytime predictions
+            (Jazbec et al. 2023), the normalised product of the ReLU'd logits of layers 1..l, used as the
+            prediction and/or as the logits the confidence measure sees. Stored resolved (a PoEConfig).
     """
 
     threshold: float = 0.9
@@ -85,6 +90,7 @@ class EarlyExit:
     schedule: str = "constant"
     decay_tau: float = 4.0
     min_exit_layer: int = 1
+    anytime: str | PoEConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
@@ -97,6 +103,7 @@ class EarlyExit:
         if not self.decay_tau > 0:
             raise ValueError(f"decay_tau={self.decay_tau!r} must be > 0.")
         get_measure(self.measure)  # raises on an unknown name
+        object.__setattr__(self, "anytime", resolve_anytime(self.anytime))
 
     @property
     def measure_name(self) -> str:
@@ -104,6 +111,8 @@ class EarlyExit:
 
     def bind(self, model) -> "EarlyExit":
         _check_min_exit_layer(self.min_exit_layer, model)
+        if self.anytime is not None:
+            self.anytime.layer_weights(model.config.num_decoder_layers)  # raises on a wrong number of weights
         return replace(self, measure=get_measure(self.measure).bind(model))
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:

@@ -16,6 +16,12 @@ One new token per step, one decoder block at a time, over HF's
 * after block i >= ``min_exit_layer`` a confidence c_i is computed for the rows
   still deciding and a row exits when ``c_i > λ_t`` (strict: λ = 1 never exits).
 
+With ``EarlyExit(anytime="poe")`` (:mod:`hf_safe_exit.decoding.poe`, Jazbec et al. 2023) every
+layer's logits are also read out for the deciding rows and folded into a running
+Product-of-Experts; an exiting row predicts with (and the softmax measure looks at) the
+normalised product of the ReLU'd logits of layers 1..i instead of layer i's own softmax.
+Without it the loop is unchanged.
+
 Block 0 owns T5's relative position bias; it is computed once per step (as block 0
 would) and handed to every block, exactly as ``T5Stack`` does. With a threshold that
 never triggers, the arithmetic is the same as HF's incremental forward.
@@ -33,6 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 from ..confidence import LayerView
+from .poe import PoEConfig, PoEState
 
 __all__ = ["EarlyExitGenerateOutput", "early_exit_decode", "new_decoder_cache"]
 
@@ -122,7 +129,7 @@ class _StepDecoder:
         return keys, values
 
     def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
-             done: torch.Tensor):
+             done: torch.Tensor, poe: PoEConfig | None = None):
         """Decode one token for every row.
 
         Args:
@@ -130,6 +137,11 @@ class _StepDecoder:
             threshold: λ_t for this step (>= 1 never exits early).
             done: ``(batch,)`` bool, rows whose sequence already finished: they exit at layer 1
                 (their output is padding; their cache entries only keep shapes aligned).
+            poe: Product-of-Experts anytime predictions (:mod:`hf_safe_exit.decoding.poe`), or None. When set
+                (and the step may exit early, or ``poe.final_layer == "poe"``), the logits of every layer are
+                read out for the deciding rows and folded into the running product; an exiting row gets the
+                PoE log-probabilities of its exit layer as its logits (``poe.prediction``) and the softmax
+                measure sees them (``poe.confidence``). With ``poe=None`` nothing here changes.
 
         Returns:
             logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer, exit layers ``(batch,)`` long,
@@ -150,6 +162,10 @@ class _StepDecoder:
         # `rows` is None while every row is still deciding: the common case runs without gathers.
         rows: torch.Tensor | None = None if bool(deciding.all()) else deciding.nonzero().squeeze(1)
         may_exit = threshold < 1.0
+        poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
+        poe_state: PoEState | None = None
+        if poe is not None and (may_exit or poe_last):
+            poe_state = PoEState(poe, self.num_layers, batch, self.logits_dtype, device)
         for idx, block in enumerate(self.blocks):
             layer = idx + 1
             self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
@@ -186,13 +202,22 @@ class _StepDecoder:
                 x = x.clone()
                 x[rows] = h
             row_ids = torch.arange(batch, device=device) if rows is None else rows
+            poe_logp = raw_logits = None
+            if poe_state is not None and (layer < self.num_layers or poe_last):
+                poe_normed = self.decoder.final_layer_norm(h[:, 0])
+                raw_logits = self.logits(poe_normed)
+                poe_logp = poe_state.update(layer, rows, raw_logits)
 
             if layer == self.num_layers:
                 exiting = torch.ones(row_ids.shape[0], dtype=torch.bool, device=device)
                 conf = None
             elif may_exit and layer >= min_exit_layer:
                 cached: dict[str, torch.Tensor] = {}
-                final_normed = self.decoder.final_layer_norm(h[:, 0])
+                if poe_logp is not None:
+                    final_normed = poe_normed
+                    cached["logits"] = poe_logp if poe.confidence else raw_logits.to(self.logits_dtype)
+                else:
+                    final_normed = self.decoder.final_layer_norm(h[:, 0])
 
                 def logits_fn(final_normed=final_normed, cached=cached):
                     if "logits" not in cached:
@@ -209,7 +234,9 @@ class _StepDecoder:
                 continue
 
             # Read out the exiting rows through the shared head.
-            if conf is not None and "logits" in cached:
+            if poe_logp is not None:
+                row_logits = (poe_logp if poe.prediction else raw_logits)[exiting]
+            elif conf is not None and "logits" in cached:
                 row_logits = cached["logits"][exiting]
             else:
                 row_logits = self.logits(self.decoder.final_layer_norm(h[exiting, 0]))
@@ -253,6 +280,9 @@ def early_exit_decode(
     streamer = early_exit_streamer if early_exit_streamer is not None else streamer
     policy = early_exit_policy
     measure = policy.measure
+    poe = getattr(policy, "anytime", None)
+    if poe is not None and not isinstance(poe, PoEConfig):
+        raise TypeError(f"the bound policy's anytime must be a PoEConfig or None, got {type(poe).__name__}.")
     pad_token_id = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
     output_scores = return_dict and generation_config.output_scores
@@ -280,7 +310,7 @@ def early_exit_decode(
         threshold = float(policy.threshold_at(step, max_new_tokens))
         logits, layers, conf = decoder.step(
             input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
-            min_exit_layer=policy.min_exit_layer, done=unfinished == 0,
+            min_exit_layer=policy.min_exit_layer, done=unfinished == 0, poe=poe,
         )
         next_scores = logits_processor(input_ids, logits)
         if output_scores:
