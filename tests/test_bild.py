@@ -126,6 +126,23 @@ def test_huge_rollback_no_fallback_is_small_greedy(pair, batch, rollback):
                            _hf_generate(small, input_ids=row, max_new_tokens=MAX_NEW))
 
 
+def test_differently_shaped_mt5_pair(batch):
+    """A small model of another width, depth and class (mT5) than the large one: both exactness limits hold."""
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    large = _t5(4, 3)
+    torch.manual_seed(6)
+    small = MT5ForConditionalGeneration(MT5Config(
+        vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=2.0)).eval()
+    ids, mask = batch
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW)
+    assert torch.equal(BiLD(small, fallback=0.3, rollback=0.0, max_draft_len=4).decode(large, **kwargs),
+                       _hf_generate(large, **kwargs))
+    assert torch.equal(BiLD(small, fallback=0.0, rollback=math.inf, max_draft_len=4).decode(large, **kwargs),
+                       _hf_generate(small, **kwargs))
+
+
 def test_intermediate_thresholds_mix_both_models(pair, batch):
     large, small = pair
     ids, mask = batch

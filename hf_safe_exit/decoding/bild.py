@@ -432,9 +432,9 @@ class BiLD:
         """JSON-able settings that determine the output (for result metadata and resume checks)."""
         from ..fingerprint import model_fingerprint
 
-        return {"strategy": "bild", "fallback": float(self.fallback), "rollback": float(self.rollback) if math.isfinite(self.rollback) else "inf",
-                "lambda": self.lam, "max_draft_len": int(self.max_draft_len),
-                "small_model": model_fingerprint(self.small_model)}
+        rollback = float(self.rollback) if math.isfinite(self.rollback) else "inf"  # strict JSON has no Infinity
+        return {"strategy": "bild", "fallback": float(self.fallback), "rollback": rollback, "lambda": self.lam,
+                "max_draft_len": int(self.max_draft_len), "small_model": model_fingerprint(self.small_model)}
 
     # -- decoding -----------------------------------------------------------------------------
     def check_pair(self, large_model, large_tokenizer=None) -> None:
