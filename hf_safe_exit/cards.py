@@ -1,0 +1,482 @@
+"""The risk guarantee in a HuggingFace model card (README.md), with ``model-index`` results the Hub renders.
+
+>>> rc = RiskControlled(eps=0.05, delta=0.1, method="ucb").fit_table(table)
+>>> write_guarantee_card("my-model/", rc, test_results={"test_risk": 0.031, "n_test": 400},
+...                      efficiency={"mean_exit_layer": 3.1, "num_decoder_layers": 6, "speedup": 1.6},
+...                      hardware="1× Intel Xeon core, torch 2.5 CPU", plots=["plots/risk.png"])
+
+writes (or updates) ``my-model/README.md`` through :class:`huggingface_hub.ModelCard`:
+
+* a section between ``<!-- hf_safe_exit:guarantee:start -->`` and ``<!-- ...:end -->`` that
+  states the guarantee in plain words, the method and bound, the calibration task, split and
+  n, λ̂, the confidence measure and schedule, the measured test risk and efficiency (mean
+  decoder layers, speed-up, hardware) when given, the plots, and how to load it. Updating a
+  card replaces only that section: the rest of the text and the user's metadata stay;
+* ``model-index`` results (:class:`huggingface_hub.EvalResult`, metric types
+  :data:`METRIC_TYPES`): λ̂, the calibration risk and its bound and, when given, the test
+  risk, mean exit layer, layer fraction and speed-up. Other results in the card are kept;
+* ``risk_control.json`` next to the card (``save_calibration=True``), so that
+  ``RiskControlled.from_pretrained(dir_or_repo)`` finds the calibration that the card describes.
+
+:func:`push_to_hub` does the same for a Hub repo (it updates an existing README rather than
+replacing it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["write_guarantee_card", "render_guarantee_section", "guarantee_statement", "to_model_card",
+           "push_to_hub", "describe_hardware", "METRIC_TYPES", "SECTION_START", "SECTION_END"]
+
+SECTION_START = "<!-- hf_safe_exit:guarantee:start -->"
+SECTION_END = "<!-- hf_safe_exit:guarantee:end -->"
+# model-index metric types this library writes (and replaces when it updates a card); others are kept
+METRIC_TYPES = ("early_exit_threshold", "early_exit_calibration_risk", "early_exit_risk_bound", "early_exit_test_risk",
+                "early_exit_mean_layers", "early_exit_layer_fraction", "early_exit_speedup")
+_PLOTS_DIR = "hf_safe_exit_plots"
+
+# task registry name -> (metric shown in words, model-index task type, dataset id, dataset display name)
+_TASKS = {
+    "cnndm": ("ROUGE-L", "summarization", "abisee/cnn_dailymail", "CNN/DailyMail"),
+    "squad": ("F1", "question-answering", "rajpurkar/squad", "SQuAD v1.1"),
+}
+_METHODS = {
+    "crc": "conformal risk control (CRC; Angelopoulos et al. 2022), a guarantee in expectation",
+    "ucb": "upper confidence bound (RCPS; Bates et al. 2021), a guarantee with probability 1 − δ",
+    "ltt": "Learn then Test (Angelopoulos et al. 2021) with Hoeffding–Bentkus p-values and fixed-sequence testing",
+    "naive": "naive empirical risk (no guarantee; for comparison only)",
+}
+_BOUNDS = {"wsr": "Waudby-Smith–Ramdas betting bound", "hoeffding": "Hoeffding bound",
+           "hoeffding_bentkus": "Hoeffding–Bentkus bound"}
+
+
+def _task_info(task: str | None) -> tuple[str, str, str | None, str]:
+    if task in _TASKS:
+        return _TASKS[task]
+    return ("task score", "text2text-generation", task, task or "unknown task")
+
+
+def _risk_words(risk: str, metric: str) -> str:
+    if risk == "performance_gap":
+        return f"{metric} drop against the full model"
+    if risk == "performance_gap_bounded":
+        return f"{metric} drop against the full model, counted as 0 where early exit does better"
+    if risk == "consistency":
+        return f"1 − {metric} of the early-exit output measured against the full model's own output"
+    return risk
+
+
+def _risk_definition(risk: str, metric: str) -> str:
+    if risk == "performance_gap":
+        return (f"per example, {metric}(full model) − {metric}(early exit) against the reference; may be negative "
+                "where early exit does better (Jazbec, Timans et al. 2024, the unrestricted performance gap)")
+    if risk == "performance_gap_bounded":
+        return f"per example, max{{{metric}(full model) − {metric}(early exit), 0}} (CALM's bounded gap)"
+    if risk == "consistency":
+        return f"per example, 1 − {metric}(early exit, with the full model's output as the reference); needs no labels"
+    return risk
+
+
+def guarantee_statement(certificate, metric: str = "ROUGE-L") -> str:
+    """The guarantee of a :class:`~hf_safe_exit.risk.RiskCertificate` in one plain-words paragraph."""
+    c = certificate
+    what = _risk_words(c.risk, metric)
+    n = f"{c.n} calibration examples"
+    if not c.feasible:
+        tail = (f" No threshold below 1 passed the test with these {c.n} examples, so λ̂ = 1: the model always runs "
+                "every decoder layer (the guarantee holds trivially, with no speed-up).")
+    else:
+        tail = ""
+    if c.method in ("ucb", "ltt"):
+        return (f"With probability at least 1 − δ = {1 - c.delta:.4g} over the random draw of the {n}, the expected "
+                f"{what} on a new example from the same distribution is at most ε = {c.eps:g}." + tail)
+    if c.method == "crc":
+        return (f"In expectation over the random draw of the {n} and a new example from the same distribution, the "
+                f"{what} is at most ε = {c.eps:g} (a guarantee on average over calibration draws, not for every "
+                "draw)." + tail)
+    return (f"None: λ̂ was chosen by the naive empirical risk on {n} (mean {what} ≤ ε = {c.eps:g} on those examples "
+            "only), which carries no guarantee for new examples." + tail)
+
+
+def describe_hardware() -> str:
+    """A short description of this machine (for the speed-up's hardware line)."""
+    import torch
+
+    if torch.cuda.is_available():
+        dev = f"GPU {torch.cuda.get_device_name(0)}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        cpu = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        dev = f"CPU {cpu}, {torch.get_num_threads()} torch thread(s)"
+    return f"{dev}, torch {torch.__version__}"
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "—"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _pick_evaluation_row(evaluation: Mapping, certificate) -> dict:
+    """The row of an ``evaluate_table`` result for the certificate's method and ε (and δ, risk)."""
+    rows = [r for r in evaluation["results"] if r["method"] == certificate.method
+            and math.isclose(float(r["eps"]), certificate.eps, rel_tol=1e-9)
+            and (certificate.delta is None or r.get("delta") is None
+                 or math.isclose(float(r["delta"]), certificate.delta, rel_tol=1e-9))]
+    if not rows:
+        raise ValueError(f"the evaluation has no result for method={certificate.method!r}, eps={certificate.eps:g}: "
+                         "evaluate with that method and ε, or pass test_results as a dict of numbers.")
+    settings = evaluation.get("settings", {})
+    if settings.get("risk") not in (None, certificate.risk):
+        raise ValueError(f"the evaluation measured risk {settings.get('risk')!r} but the certificate controls "
+                         f"{certificate.risk!r}.")
+    r = rows[0]
+    return {"test_risk": r["test_risk_mean"], "test_risk_std": r.get("test_risk_std"),
+            "violation_rate": r.get("violation_rate"), "n_test": settings.get("n_test"),
+            "repeats": settings.get("repeats"), "lambda_hat_mean": r.get("lambda_hat_mean"),
+            "task_loss": r.get("task_loss"), "full_task_loss": evaluation.get("full_model", {}).get("task_loss"),
+            "mean_exit_layer": r.get("mean_exit_layer"), "layer_fraction": r.get("layer_fraction"),
+            "speedup": r.get("speedup"),
+            "num_decoder_layers": evaluation.get("metadata", {}).get("num_decoder_layers")}
+
+
+_TEST_KEYS = ("test_risk", "test_risk_std", "violation_rate", "n_test", "repeats", "lambda_hat_mean", "task_loss",
+              "full_task_loss", "split")
+_EFF_KEYS = ("mean_exit_layer", "num_decoder_layers", "layer_fraction", "speedup", "hardware", "batch_size",
+             "wall_time_full", "wall_time")
+
+
+def _normalise_results(test_results: Mapping | None, efficiency: Mapping | None, certificate,
+                       hardware: str | None) -> tuple[dict, dict]:
+    test, eff = {}, {}
+    if test_results is not None:
+        if "results" in test_results:  # an hf-safe-exit evaluate output
+            row = _pick_evaluation_row(test_results, certificate)
+            test = {k: row[k] for k in _TEST_KEYS if row.get(k) is not None}
+            eff = {k: row[k] for k in _EFF_KEYS if row.get(k) is not None}
+        else:
+            unknown = set(test_results) - set(_TEST_KEYS)
+            if unknown:
+                raise ValueError(f"test_results has unknown keys {sorted(unknown)}: use {_TEST_KEYS}, or pass the "
+                                 "JSON written by `hf-safe-exit evaluate`.")
+            if "test_risk" not in test_results:
+                raise ValueError("test_results needs at least 'test_risk' (the mean risk on held-out examples).")
+            test = dict(test_results)
+    if efficiency is not None:
+        unknown = set(efficiency) - set(_EFF_KEYS)
+        if unknown:
+            raise ValueError(f"efficiency has unknown keys {sorted(unknown)}: use {_EFF_KEYS}.")
+        eff.update(efficiency)
+    if hardware is not None:
+        eff["hardware"] = describe_hardware() if hardware == "auto" else hardware
+    for k, v in list(test.items()) + list(eff.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{k}={v!r} is not a finite number.")
+    return test, eff
+
+
+def render_guarantee_section(controlled, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
+                             plots: Sequence[str] = (), hardware: str | None = None,
+                             calibration_split: str | None = None, dataset_name: str | None = None,
+                             repo_id: str | None = None, anytime: str | None = None) -> str:
+    """The Markdown of the guarantee section (with its start/end markers). See :func:`write_guarantee_card`."""
+    if not getattr(controlled, "is_fitted", False):
+        raise ValueError("the RiskControlled is not fitted: call fit_table(...) (or load a fitted one with "
+                         "RiskControlled.from_pretrained) before writing its card.")
+    c = controlled.certificate
+    cal = getattr(controlled, "_calibration", {}) or {}
+    metric, _, _, task_name = _task_info(c.task)
+    test, eff = _normalise_results(test_results, efficiency, c, hardware)
+    dataset = dataset_name or task_name
+
+    method = _METHODS.get(c.method, c.method)
+    if c.method == "ucb" and c.bound:
+        method += f", {_BOUNDS.get(c.bound, c.bound)}"
+    lines = [SECTION_START, "## Early exit with a risk guarantee", "",
+             "This model can decode with token-level early exit (the `hf_safe_exit` library): each "
+             "generated token leaves the decoder at the first layer whose confidence exceeds a threshold λ̂. The "
+             "threshold was chosen on held-out calibration data so that the quality lost against running every "
+             "decoder layer (the *full model*) is controlled:", "",
+             "> **Guarantee.** " + guarantee_statement(c, metric), "",
+             "It assumes that the examples you decode are exchangeable with the calibration examples (drawn from the "
+             "same distribution) and holds for this model (fingerprint below) with the settings listed here; "
+             "another model, task or confidence measure needs its own calibration.", "",
+             "| | |", "|---|---|",
+             f"| Method | {method} |",
+             f"| Target risk | ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "") + " |",
+             f"| Risk | {_risk_definition(c.risk, metric)}; loss range [{c.loss_bounds[0]:g}, {c.loss_bounds[1]:g}] |",
+             f"| Calibration data | {dataset}" + (f", split `{calibration_split}`" if calibration_split else "")
+             + f", n = {c.n} |",
+             f"| Threshold λ̂ | {c.lambda_hat:.6g}" + ("" if c.feasible else " (no early exit)") + " |",
+             f"| Calibration risk at λ̂ | {c.empirical_risk:+.4f} (empirical mean) |",
+             f"| Risk bound at λ̂ | {c.risk_bound:+.4f}" + (f" (p-value {c.p_value:.3g})" if c.p_value is not None
+                                                           else "") + f" ≤ ε = {c.eps:g} |"
+             if c.feasible else f"| Risk bound at λ̂ | {c.risk_bound:+.4f} |",
+             f"| Confidence measure | {c.measure or cal.get('measure')} |",
+             f"| Threshold schedule | {cal.get('schedule', 'constant')}"
+             + (f" (τ = {cal.get('decay_tau'):g})" if cal.get("schedule") == "decaying" else "")
+             + f", first exit layer {cal.get('min_exit_layer', 1)} |"]
+    if anytime:
+        lines.append(f"| Anytime predictions | {anytime} |")
+    if c.monotonize:
+        lines.append(f"| Monotonised losses | {c.monotonize} |")
+    if c.model_fingerprint:
+        lines.append(f"| Model fingerprint | `{c.model_fingerprint}` |")
+    lines.append("")
+
+    if test or eff:
+        lines += ["### Measured on held-out data", ""]
+        if test:
+            split = f" ({test['split']})" if test.get("split") else ""
+            n_test = f" on {test['n_test']} test examples" if test.get("n_test") else ""
+            reps = (f", mean over {test['repeats']} random calibration/test splits" if test.get("repeats") else "")
+            lines.append(f"* Test risk{split}: **{test['test_risk']:+.4f}**" +
+                         (f" ± {test['test_risk_std']:.4f}" if test.get("test_risk_std") is not None else "") +
+                         f"{n_test}{reps} (target ε = {c.eps:g}).")
+            if test.get("violation_rate") is not None:
+                lines.append(f"* Splits with test risk above ε: {100 * test['violation_rate']:.1f}%"
+                             + (f" (allowed: δ = {100 * c.delta:g}%)" if c.delta is not None else "") + ".")
+            if test.get("task_loss") is not None and test.get("full_task_loss") is not None:
+                lines.append(f"* {metric}: {1 - test['task_loss']:.4f} with early exit, "
+                             f"{1 - test['full_task_loss']:.4f} with the full model.")
+        if eff.get("mean_exit_layer") is not None:
+            total = eff.get("num_decoder_layers")
+            frac = eff.get("layer_fraction")
+            lines.append(f"* Mean decoder layers per token: **{eff['mean_exit_layer']:.2f}**"
+                         + (f" of {total}" if total else "")
+                         + (f" ({100 * frac:.1f}% of the decoder layers run)" if frac is not None else "") + ".")
+        if eff.get("speedup") is not None:
+            lines.append(f"* Speed-up of generation against the full model: **{eff['speedup']:.2f}×**"
+                         + (f" (batch size {eff['batch_size']})" if eff.get("batch_size") else "")
+                         + (f" on {eff['hardware']}" if eff.get("hardware") else "") + ".")
+        elif eff.get("hardware"):
+            lines.append(f"* Hardware: {eff['hardware']}.")
+        lines.append("")
+
+    if plots:
+        lines += ["### Plots", ""]
+        for p in plots:
+            lines.append(f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})")
+        lines.append("")
+
+    where = repo_id or "<this repo or directory>"
+    lines += ["### Use it", "", "```python", "import hf_safe_exit",
+              "from transformers import AutoTokenizer, T5ForConditionalGeneration", "",
+              f'model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained("{where}"))',
+              f'early_exit = hf_safe_exit.RiskControlled.from_pretrained("{where}")  # reads risk_control.json',
+              "outputs = model.generate(**inputs, early_exit=early_exit)", "```", "", SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_results(controlled, test: dict, eff: dict, model_name: str, calibration_split: str | None,
+                  dataset_name: str | None):
+    from huggingface_hub import EvalResult
+
+    c = controlled.certificate
+    metric, task_type, dataset_id, task_name = _task_info(c.task)
+    dataset_id = dataset_id or "unknown"
+    name = dataset_name or task_name
+    level = f"ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "")
+    common = dict(task_type=task_type, dataset_type=dataset_id)
+    cal_split = calibration_split or "calibration"
+    out = [
+        EvalResult(dataset_name=f"{name} (calibration)", dataset_split=cal_split, metric_type="early_exit_threshold",
+                   metric_name=f"Early-exit threshold λ̂ ({c.method}, {level})", metric_value=float(c.lambda_hat),
+                   **common),
+        EvalResult(dataset_name=f"{name} (calibration)", dataset_split=cal_split,
+                   metric_type="early_exit_calibration_risk",
+                   metric_name=f"Calibration risk at λ̂: mean {_risk_words(c.risk, metric)} (n = {c.n})",
+                   metric_value=float(c.empirical_risk), **common),
+        EvalResult(dataset_name=f"{name} (calibration)", dataset_split=cal_split, metric_type="early_exit_risk_bound",
+                   metric_name=f"Risk bound at λ̂ ({c.method}{'/' + c.bound if c.bound else ''}, {level})",
+                   metric_value=float(c.risk_bound), **common),
+    ]
+    test_split = test.get("split") or "test"
+    if "test_risk" in test:
+        out.append(EvalResult(dataset_name=f"{name} (test)", dataset_split=test_split,
+                              metric_type="early_exit_test_risk",
+                              metric_name=f"Test risk at λ̂: mean {_risk_words(c.risk, metric)} (target ε = {c.eps:g})",
+                              metric_value=float(test["test_risk"]), **common))
+    for key, mtype, mname in (("mean_exit_layer", "early_exit_mean_layers", "Mean decoder layers per token"),
+                              ("layer_fraction", "early_exit_layer_fraction", "Fraction of decoder layers run"),
+                              ("speedup", "early_exit_speedup", "Generation speed-up vs the full model")):
+        if eff.get(key) is not None:
+            suffix = f" ({eff['hardware']})" if key == "speedup" and eff.get("hardware") else ""
+            out.append(EvalResult(dataset_name=f"{name} (test)", dataset_split=test_split, metric_type=mtype,
+                                  metric_name=mname + suffix, metric_value=float(eff[key]), **common))
+    return out
+
+
+def _card_path(model_dir_or_card_path) -> Path:
+    path = Path(model_dir_or_card_path)
+    if path.suffix.lower() == ".md":
+        return path
+    return path / "README.md"
+
+
+def _place_plots(plots: Sequence[str], card_dir: Path) -> list[str]:
+    """Plot paths relative to the card; plots outside its directory are copied into it (the Hub needs them there)."""
+    out = []
+    for p in plots:
+        src = Path(p)
+        if not src.is_absolute() and not src.exists() and (card_dir / src).is_file():
+            src = card_dir / src
+        if not src.is_file():
+            raise FileNotFoundError(f"plot '{p}' does not exist: write it with `hf-safe-exit plot` first.")
+        src = src.resolve()
+        try:
+            rel = src.relative_to(card_dir.resolve())
+        except ValueError:
+            dest = card_dir / _PLOTS_DIR / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            rel = dest.relative_to(card_dir)
+        out.append(rel.as_posix())
+    return out
+
+
+def _replace_section(text: str, section: str) -> str:
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end != -1 and end > start:
+        return text[:start] + section.rstrip("\n") + text[end + len(SECTION_END):]
+    if start != -1 or end != -1:
+        raise ValueError(f"the card has only one of the markers {SECTION_START!r} / {SECTION_END!r}: restore or "
+                         "remove it by hand, then write the card again.")
+    if not text.strip():
+        return section
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def to_model_card(controlled, card=None, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
+                  plots: Sequence[str] = (), hardware: str | None = None, model_name: str | None = None,
+                  calibration_split: str | None = None, dataset_name: str | None = None, repo_id: str | None = None,
+                  anytime: str | None = None):
+    """A :class:`huggingface_hub.ModelCard` with the guarantee section and ``model-index`` results.
+
+    ``card`` is an existing ``ModelCard`` to update (its other text, metadata and other sources' eval results
+    are kept), or None for a new card. ``plots`` are written into the card as given (relative paths).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if not getattr(controlled, "is_fitted", False):
+        raise ValueError("the RiskControlled is not fitted: call fit_table(...) before writing its card.")
+    section = render_guarantee_section(controlled, test_results=test_results, efficiency=efficiency, plots=plots,
+                                       hardware=hardware, calibration_split=calibration_split,
+                                       dataset_name=dataset_name, repo_id=repo_id, anytime=anytime)
+    test, eff = _normalise_results(test_results, efficiency, controlled.certificate, hardware)
+    if card is None:
+        name = model_name or (repo_id.split("/")[-1] if repo_id else "model")
+        data = ModelCardData(model_name=name, library_name="transformers")
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {name}\n\n")
+    data = card.data
+    name = model_name or getattr(data, "model_name", None) or (repo_id.split("/")[-1] if repo_id else "model")
+    ours = _eval_results(controlled, test, eff, name, calibration_split, dataset_name)
+    kept = [r for r in (getattr(data, "eval_results", None) or []) if r.metric_type not in METRIC_TYPES]
+    data.model_name = name
+    data.eval_results = kept + ours
+    tags = list(getattr(data, "tags", None) or [])
+    for tag in ("hf-safe-exit", "early-exit", "risk-control"):
+        if tag not in tags:
+            tags.append(tag)
+    data.tags = tags
+    if getattr(data, "library_name", None) is None:
+        data.library_name = "transformers"
+    card.text = _replace_section(card.text, section)
+    # round-trip through the YAML once, so that an invalid combination fails here rather than on the Hub
+    ModelCard(card.content)
+    return card
+
+
+def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Mapping | None = None,
+                         efficiency: Mapping | None = None, plots: Sequence[str] = (), hardware: str | None = None,
+                         model_name: str | None = None, calibration_split: str | None = None,
+                         dataset_name: str | None = None, repo_id: str | None = None, anytime: str | None = None,
+                         save_calibration: bool = True) -> Path:
+    """Write or update the model card ``README.md`` with the guarantee of ``controlled`` (a fitted ``RiskControlled``).
+
+    Args:
+        model_dir_or_card_path: the model directory (its ``README.md`` is written) or a ``.md`` path.
+        controlled: a fitted :class:`~hf_safe_exit.risk.RiskControlled`.
+        test_results: held-out results: the JSON dict written by ``hf-safe-exit evaluate`` (the row of this
+            method and ε is used, with its efficiency numbers), or a dict with ``test_risk`` and optionally
+            ``test_risk_std``, ``violation_rate``, ``n_test``, ``repeats``, ``task_loss``, ``full_task_loss``, ``split``.
+        efficiency: ``mean_exit_layer``, ``num_decoder_layers``, ``layer_fraction``, ``speedup``, ``batch_size``
+            (override those of ``test_results``).
+        plots: image files (e.g. from ``hf-safe-exit plot``); files outside the card's directory are copied into
+            ``<dir>/hf_safe_exit_plots/`` so that the Hub can show them.
+        hardware: where the speed-up was measured (``"auto"`` describes this machine).
+        model_name: the name in ``model-index`` (default: the card's, else the directory name).
+        calibration_split, dataset_name: how the card names the calibration data (e.g. ``"pool"``).
+        repo_id: the Hub repo id used in the card's code snippet.
+        anytime: a description of anytime predictions (e.g. ``"Product-of-Experts"``) if the policy used them.
+        save_calibration: also write ``risk_control.json`` next to the card (default True), so that
+            ``RiskControlled.from_pretrained(<dir or repo>)`` loads what the card describes.
+
+    Returns the path of the card.
+    """
+    from huggingface_hub import ModelCard
+
+    path = _card_path(model_dir_or_card_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    card = ModelCard.load(path) if path.is_file() else None  # a file path: never goes to the Hub
+    rel_plots = _place_plots(plots, path.parent)
+    name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
+        or Path(path.parent).resolve().name
+    card = to_model_card(controlled, card, test_results=test_results, efficiency=efficiency, plots=rel_plots,
+                         hardware=hardware, model_name=name, calibration_split=calibration_split,
+                         dataset_name=dataset_name, repo_id=repo_id, anytime=anytime)
+    card.save(path)
+    if save_calibration:
+        controlled.save_pretrained(path.parent)
+    return path
+
+
+def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
+                plots: Sequence[str] = (), hardware: str | None = None, model_name: str | None = None,
+                calibration_split: str | None = None, dataset_name: str | None = None, anytime: str | None = None,
+                token: str | None = None, revision: str | None = None, private: bool | None = None,
+                commit_message: str = "hf_safe_exit: risk-controlled early-exit calibration and card") -> str:
+    """Upload ``risk_control.json``, the plots and an updated README.md to the Hub repo ``repo_id`` in one commit.
+
+    An existing README of the repo is downloaded and updated (only the guarantee section and this library's
+    eval results change). Returns the commit URL.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            existing = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
+            shutil.copyfile(existing, os.path.join(tmp, "README.md"))
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            pass
+        write_guarantee_card(tmp, controlled, test_results=test_results, efficiency=efficiency, plots=plots,
+                             hardware=hardware, model_name=model_name or repo_id.split("/")[-1],
+                             calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
+                             anytime=anytime, save_calibration=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+    return str(info)
