@@ -456,3 +456,41 @@ def test_through_enabled_generate(pair, batch):
     via_kw = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, early_exit=bild,
                             return_dict_in_generate=True)
     assert torch.equal(via_kw.sequences, direct) and via_kw.large_model_calls > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the rollback threshold picked by the risk calibrator
+
+
+def test_risk_controlled_picks_rollback_threshold(pair):
+    """Losses over a λ grid -> RiskControlled -> λ̂ -> BiLD.from_lambda: the direction and the mapping agree."""
+    import numpy as np
+
+    from hf_safe_exit.risk import RiskControlled
+
+    large, small = pair
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(2, 100, (8, 7), generator=gen)
+    kwargs = dict(input_ids=ids, max_new_tokens=10)
+    full = _hf_generate(large, **kwargs)
+    lams = np.array([0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 0.9, 1.0])
+    factory = bild_policy_factory(small, fallback=0.2, max_draft_len=4)
+
+    def consistency(seqs):  # fraction of generated positions that differ from the large model's output
+        return (seqs[:, 1:] != full[:, 1:]).double().mean(dim=1).numpy()
+
+    losses = np.stack([consistency(factory(float(lam)).decode(large, **kwargs)) for lam in lams])
+    assert np.all(losses[-1] == 0.0)  # λ = 1 is the large model
+    assert losses[0].mean() > 0.1  # accepting everything departs from it
+    eps = 0.1
+    rc = RiskControlled(eps=eps, method="naive", risk="consistency").fit(lams, losses)
+    # brute force: the smallest λ with every λ' >= λ on the grid at mean loss <= ε
+    ok = losses.mean(axis=1) <= eps
+    k = len(lams) - 1
+    while k > 0 and ok[k - 1]:
+        k -= 1
+    assert rc.lambda_ == pytest.approx(lams[k])
+    assert 0.0 < rc.lambda_ < 1.0  # a non-trivial rollback threshold was chosen
+    policy = BiLD.from_lambda(small, rc.lambda_, fallback=0.2, max_draft_len=4)
+    assert policy.rollback == pytest.approx(lambda_to_rollback(lams[k]))
+    assert consistency(policy.decode(large, **kwargs)).mean() <= eps
