@@ -1,0 +1,349 @@
+"""``hf-safe-exit demo``: risk-controlled early exit on the shipped default model, offline, in under a minute.
+
+It summarises an article and answers a question about it, and for each prints
+
+* the early-exit output, each token coloured by the decoder layer it left at (``rich`` when
+  installed, else ANSI colours; ``color=False`` writes the layer after each token instead);
+* the guarantee the threshold λ̂ carries (from the shipped calibration) in plain words;
+* the measured speed-up against the full model (stock HF ``generate``) on that input, and the
+  full model's output for comparison.
+
+Calibrations are looked up per task next to the model, first match wins:
+``<model>/calibration/<task>/risk_control.json``, ``<model>/calibration/<task>/early_exit_calibration.npz``,
+``<model>/risk_control.json`` and ``<model>/early_exit_calibration.npz`` (the last two only when
+their task is ``<task>``). A stored loss table is fitted with ``eps``/``delta``/``method``. Without a
+calibration the demo stops with :class:`DemoError` saying what is missing and how to make it; it
+never calibrates on the fly (a guarantee needs held-out data).
+
+    python -m hf_safe_exit.demo                       # built-in article and question
+    python -m hf_safe_exit.demo --file article.txt --question "Who ...?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TextIO
+
+__all__ = ["run_demo", "find_task_calibration", "DemoError", "DemoResult", "DEMO_ARTICLE", "DEMO_QUESTION", "main"]
+
+# Written for this demo (not taken from any dataset).
+DEMO_ARTICLE = (
+    "The city council of Northfield voted on Tuesday to turn the old railway depot into a public library. "
+    "The building, which has stood empty since the last freight train left in 1998, will be restored over the "
+    "next two years at a cost of 12 million dollars. Mayor Elena Ruiz said the project would give the town's "
+    "children a quiet place to read and study, and that the library would stay open until ten o'clock every "
+    "night. Local historians welcomed the decision, because the depot's brick hall and its clock tower are among "
+    "the oldest structures in the region. Construction is expected to begin in the spring, and the council will "
+    "hold a public meeting next month to collect ideas for the reading rooms."
+)
+DEMO_QUESTION = "How much will the restoration of the depot cost?"
+
+_METRIC = {"cnndm": "ROUGE-L", "squad": "F1"}
+_TASK_TITLE = {"cnndm": "Summary", "squad": "Answer"}
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run: the message says what is missing and how to get it."""
+
+
+@dataclass
+class DemoResult:
+    task: str
+    prompt: str
+    text: str
+    full_text: str
+    pieces: list[str]
+    exit_layers: list[int]
+    num_layers: int
+    lambda_hat: float
+    guarantee: str
+    calibration_source: str
+    time_early: float
+    time_full: float
+    new_tokens_early: int
+    new_tokens_full: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(self.exit_layers) / max(len(self.exit_layers), 1)
+
+    @property
+    def speedup(self) -> float:
+        return self.time_full / self.time_early if self.time_early > 0 else float("nan")
+
+
+def find_task_calibration(model_dir, task: str, *, eps: float = 0.1, delta: float | None = 0.1,
+                          method: str = "ucb"):
+    """The fitted ``RiskControlled`` for ``task`` next to ``model_dir`` and where it came from (see module doc)."""
+    from .risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, RiskControlled
+
+    model_dir = Path(model_dir)
+    per_task = model_dir / "calibration" / task
+    tried = []
+    candidates = [(per_task / RISK_CONTROL_FILENAME, "json", False), (per_task / CALIBRATION_FILENAME, "table", False),
+                  (model_dir / RISK_CONTROL_FILENAME, "json", True), (model_dir / CALIBRATION_FILENAME, "table", True)]
+    for path, kind, check_task in candidates:
+        if not path.is_file():
+            tried.append(f"{path} (absent)")
+            continue
+        if kind == "json":
+            rc = RiskControlled.from_pretrained(path)
+            stored = rc.certificate.task
+        else:
+            table = LossTable.load(path)
+            stored = table.metadata.get("task")
+        if check_task and stored != task:
+            tried.append(f"{path} (calibrated for task {stored!r})")
+            continue
+        if kind == "table":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rc = RiskControlled(eps, delta=delta if method in ("ucb", "ltt") else None, method=method).fit_table(table)
+        return rc, str(path)
+    raise DemoError(
+        f"no calibration for task {task!r} next to the model in {model_dir}: tried " + "; ".join(tried) + ". "
+        f"Make one on held-out data, e.g. `hf-safe-exit collect --model {model_dir} --task {task} --split pool "
+        f"--output {task}.npz` then `hf-safe-exit calibrate --results {task}.npz --eps 0.1 --delta 0.1 --method ucb "
+        f"--model {model_dir} --output {per_task}`.")
+
+
+def _load(model_dir):
+    from . import enable
+    from .models import default_model_available, default_model_path, load_default_model
+
+    if model_dir is None:
+        if not default_model_available():
+            raise DemoError(f"the default model is not installed in {default_model_path()}: this installation was "
+                            "built without it. Train it with examples/train_default_model.py, or pass model_dir= "
+                            "(--model) with your own T5 checkpoint and its calibration.")
+        model, tokenizer = load_default_model()
+        return enable(model), tokenizer, default_model_path()
+    import torch
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise DemoError(f"no model in {path}: pass a local T5 checkpoint directory (config.json, weights, tokenizer).")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = T5ForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    return enable(model), tokenizer, path
+
+
+def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each generated token adds (decoding prefixes, so SentencePiece spaces come out right)."""
+    out, prev = [], ""
+    for i in range(1, len(ids) + 1):
+        cur = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        out.append(cur[len(prev):] if cur.startswith(prev) else cur)
+        prev = cur
+    return out
+
+
+_PALETTE = (46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)  # ANSI 256: green -> red
+
+
+def _layer_color(layer: int, num_layers: int) -> int:
+    frac = (layer - 1) / max(num_layers - 1, 1)
+    return _PALETTE[round(frac * (len(_PALETTE) - 1))]
+
+
+def _render_tokens(pieces, layers, num_layers, color: bool, use_rich: bool) -> str:
+    if not color:
+        return "".join(f"{p}⟨{l}⟩" if p.strip() else p for p, l in zip(pieces, layers))
+    if use_rich:
+        from rich.text import Text
+
+        text = Text()
+        for p, l in zip(pieces, layers):
+            text.append(p, style=f"bold color({_layer_color(l, num_layers)})")
+        return text
+    return "".join(f"\x1b[1;38;5;{_layer_color(l, num_layers)}m{p}\x1b[0m" for p, l in zip(pieces, layers))
+
+
+def _legend(num_layers: int, color: bool, use_rich: bool):
+    if not color:
+        return f"(⟨n⟩ after a token = the decoder layer it exited at, of {num_layers})"
+    if use_rich:
+        from rich.text import Text
+
+        text = Text("exit layer: ")
+        for l in range(1, num_layers + 1):
+            text.append(f" {l} ", style=f"bold black on color({_layer_color(l, num_layers)})")
+        text.append(f"  ({num_layers} = full depth)")
+        return text
+    return "exit layer: " + "".join(f"\x1b[1;30;48;5;{_layer_color(l, num_layers)}m {l} \x1b[0m"
+                                    for l in range(1, num_layers + 1)) + f"  ({num_layers} = full depth)"
+
+
+def _time_generate(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, *, max_new_tokens: int | None,
+              repeats: int) -> DemoResult:
+    import torch
+
+    from .cards import guarantee_statement
+    from .decoding.early_exit_loop import new_decoder_cache
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    prompt = task.prompt(example)
+    enc = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=task.max_input_length)
+    gen = dict(max_new_tokens=max_new_tokens or task.max_new_tokens, do_sample=False, num_beams=1)
+    early_exit = rc.bind(model)  # checks that the calibration belongs to this model (fingerprint)
+    with torch.inference_mode():
+        def run_full():
+            return type(model).generate(model, **enc, **gen, past_key_values=new_decoder_cache(model))
+
+        def run_early():
+            return model.generate(**enc, **gen, early_exit=early_exit, return_dict_in_generate=True)
+
+        run_full(), run_early()  # warm-up (first-call allocations), not timed
+        t_full, full = _time_generate(run_full, repeats)
+        t_early, out = _time_generate(run_early, repeats)
+    seq = out.sequences[0, 1:]
+    layers = out.exit_layers[0]
+    real = layers > 0
+    ids = seq[real].tolist()
+    full_ids = full[0, 1:].tolist()
+    num_layers = int(out.num_decoder_layers)
+    return DemoResult(
+        task=task_name, prompt=prompt, text=tokenizer.decode(ids, skip_special_tokens=True),
+        full_text=tokenizer.decode(full_ids, skip_special_tokens=True), pieces=_pieces(tokenizer, ids),
+        exit_layers=layers[real].tolist(), num_layers=num_layers, lambda_hat=float(rc.lambda_),
+        guarantee=guarantee_statement(rc.certificate, _METRIC.get(task_name, "task score")),
+        calibration_source=source, time_early=t_early, time_full=t_full, new_tokens_early=len(ids),
+        new_tokens_full=sum(1 for t in full_ids if t != tokenizer.pad_token_id),
+        extra={"measure": rc.certificate.measure, "method": rc.certificate.method})
+
+
+def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> None:
+    title = _TASK_TITLE.get(r.task, r.task)
+    line = "─" * 78
+    if use_rich:
+        from rich.console import Console
+
+        console = Console(file=out, force_terminal=True, color_system="256", highlight=False, soft_wrap=True)
+        emit = console.print
+    else:
+        def emit(obj=""):
+            print(obj, file=out)
+    emit(line)
+    emit(f"{title} ({r.task}) with early exit at λ̂ = {r.lambda_hat:.4g} "
+         f"[{r.extra['method']}, {r.extra['measure']} confidence; calibration {r.calibration_source}]")
+    emit(_render_tokens(r.pieces, r.exit_layers, r.num_layers, color, use_rich) or "(empty output)")
+    emit(_legend(r.num_layers, color, use_rich))
+    emit(f"Full model:  {r.full_text or '(empty output)'}")
+    same = "identical to" if r.text == r.full_text else "differs from"
+    emit(f"Mean exit layer {r.mean_exit_layer:.2f} of {r.num_layers} "
+         f"({100 * r.mean_exit_layer / r.num_layers:.0f}% of the decoder); output {same} the full model's.")
+    emit(f"Time: {r.time_early * 1000:.0f} ms for {r.new_tokens_early} tokens with early exit, "
+         f"{r.time_full * 1000:.0f} ms for {r.new_tokens_full} tokens with the full model (HF generate) "
+         f"→ speed-up {r.speedup:.2f}× on this input.")
+    emit(f"Guarantee: {r.guarantee}")
+
+
+def run_demo(text: str | None = None, file: str | os.PathLike | None = None, question: str | None = None, *,
+             model_dir: str | os.PathLike | None = None, eps: float = 0.1, delta: float | None = 0.1,
+             method: str = "ucb", max_new_tokens: int | None = None, repeats: int = 3, color: bool | None = None,
+             out: TextIO | None = None) -> list[DemoResult]:
+    """Summarise an article and answer a question with risk-controlled early exit; print and return the results.
+
+    Args:
+        text, file: the article (a string, or a UTF-8 text file); default: a built-in article.
+        question: a question about the article; default: the built-in question when the built-in article is used,
+            none (no QA) for your own article unless you pass one.
+        model_dir: a T5 checkpoint with its calibration(s); default: the shipped default model.
+        eps, delta, method: only used when the calibration found is a stored loss table (not a risk_control.json).
+        max_new_tokens: default: the task's.
+        repeats: timing runs per model (the fastest counts), after one untimed warm-up run.
+        color: colour tokens by exit layer (default: when ``out`` is a terminal and NO_COLOR is unset).
+        out: where to print (default stdout).
+    Raises:
+        DemoError: the model or a calibration is missing (the message says how to make it).
+    """
+    out = out if out is not None else sys.stdout
+    if text is not None and file is not None:
+        raise DemoError("pass either text or file, not both.")
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise DemoError(f"no file at '{path}'.")
+        text = path.read_text(encoding="utf-8")
+    if text is not None and not text.strip():
+        raise DemoError("the article is empty.")
+    if text is None:
+        text, question = DEMO_ARTICLE, question or DEMO_QUESTION
+    if not isinstance(repeats, int) or repeats < 1:
+        raise DemoError(f"repeats={repeats!r} must be a positive integer.")
+    if color is None:
+        color = bool(getattr(out, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+    try:
+        import rich  # noqa: F401
+
+        use_rich = color
+    except ImportError:
+        use_rich = False
+
+    model, tokenizer, directory = _load(model_dir)
+    jobs = [("cnndm", {"article": text, "highlights": "", "id": "demo"})]
+    if question:
+        jobs.append(("squad", {"question": question, "context": text, "answers": {"text": [""]}, "id": "demo-q"}))
+    calibrations = {task: find_task_calibration(directory, task, eps=eps, delta=delta, method=method)
+                    for task, _ in jobs}  # fail before any decoding if one is missing
+    results = []
+    for task, example in jobs:
+        rc, source = calibrations[task]
+        results.append(_run_task(model, tokenizer, task, example, rc, source, max_new_tokens=max_new_tokens,
+                                 repeats=repeats))
+        _print_result(results[-1], out, color, use_rich)
+    if not question:
+        print("(no question given: pass --question to also answer one about your article)", file=out)
+    return results
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="hf-safe-exit demo", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="your article (default: a built-in one)")
+    src.add_argument("--file", default=None, help="a UTF-8 text file with your article")
+    p.add_argument("--question", default=None, help="a question about the article (built-in one by default)")
+    p.add_argument("--model", default=None, help="a T5 checkpoint directory with its calibration "
+                                                 "(default: the shipped default model)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timing runs per model (default 3)")
+    p.add_argument("--no-color", action="store_true", help="plain text: exit layers as ⟨n⟩ after each token")
+    return p
+
+
+def run_from_args(args) -> int:
+    run_demo(text=args.text, file=args.file, question=args.question, model_dir=args.model,
+             max_new_tokens=args.max_new_tokens, repeats=args.repeats, color=False if args.no_color else None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except DemoError as exc:
+        print(f"hf-safe-exit demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

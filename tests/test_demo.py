@@ -1,0 +1,124 @@
+"""The demo: end to end on a tiny model with its own calibration, clear failures, and the shipped default model."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hf_safe_exit import EarlyExit, LossTable, RiskControlled, enable, model_fingerprint
+from hf_safe_exit.calibration.tiny import save_tiny_t5
+from hf_safe_exit.decoding import new_decoder_cache
+from hf_safe_exit.demo import DEMO_ARTICLE, DEMO_QUESTION, DemoError, find_task_calibration, main, run_demo
+from hf_safe_exit.models import default_model_available, default_model_path
+
+
+def _calibrate(model, task: str, directory) -> RiskControlled:
+    """A RiskControlled fitted on synthetic losses (a tiny random model has no meaningful ones) for ``model``."""
+    rng = np.random.default_rng(1)
+    lambdas = np.round(np.linspace(0.0, 1.0, 11), 10)
+    gaps = np.clip((1 - lambdas)[:, None] * rng.normal(0.25, 0.1, (11, 400)), -1, 1)
+    gaps[-1] = 0.0
+    table = LossTable(lambdas, {"performance_gap": gaps},
+                      metadata={"model_fingerprint": model_fingerprint(model), "task": task, "measure": "softmax"})
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
+    rc.save_pretrained(directory / "calibration" / task)
+    return rc
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import T5ForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("tiny_demo_model")
+    save_tiny_t5(d, [DEMO_ARTICLE, DEMO_QUESTION], seed=0, num_decoder_layers=4)
+    model = T5ForConditionalGeneration.from_pretrained(d)
+    rcs = {task: _calibrate(model, task, d) for task in ("cnndm", "squad")}
+    return d, rcs
+
+
+def test_demo_end_to_end_on_a_tiny_model(tiny_dir):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    d, rcs = tiny_dir
+    buf = io.StringIO()
+    results = run_demo(model_dir=d, max_new_tokens=12, repeats=1, color=False, out=buf)
+    printed = buf.getvalue()
+    assert [r.task for r in results] == ["cnndm", "squad"]
+    model = enable(T5ForConditionalGeneration.from_pretrained(d).eval())
+    tok = AutoTokenizer.from_pretrained(d)
+    for r in results:
+        rc = rcs[r.task]
+        assert r.lambda_hat == rc.lambda_ and 0.3 <= rc.lambda_ < 1
+        assert r.guarantee in printed and "With probability at least 1 − δ = 0.9" in r.guarantee
+        # independent re-run of the same early-exit decode: the demo's tokens and layers are what generate gives
+        enc = tok(r.prompt, return_tensors="pt", truncation=True, max_length=512)
+        ref = model.generate(**enc, max_new_tokens=12, early_exit=EarlyExit(threshold=rc.lambda_, measure="softmax"),
+                             return_dict_in_generate=True)
+        real = ref.exit_layers[0] > 0
+        assert r.exit_layers == ref.exit_layers[0][real].tolist()
+        assert r.text == tok.decode(ref.sequences[0, 1:][real], skip_special_tokens=True)
+        assert "".join(r.pieces) == r.text
+        assert len(set(r.exit_layers)) > 1, "the threshold must make tokens exit at different layers"
+        full = model.generate(**enc, max_new_tokens=12, past_key_values=new_decoder_cache(model))  # 2+4 layers
+        assert r.full_text == tok.decode(full[0], skip_special_tokens=True)
+        assert r.speedup == pytest.approx(r.time_full / r.time_early)
+        # the plain rendering writes each token's exit layer after it
+        marked = "".join(f"{p}⟨{l}⟩" if p.strip() else p for p, l in zip(r.pieces, r.exit_layers))
+        assert marked in printed
+    assert len(re.findall(r"speed-up \d+\.\d\d× on this input", printed)) == 2
+
+
+def test_demo_colours_with_rich_or_ansi(tiny_dir):
+    d, _ = tiny_dir
+    buf = io.StringIO()
+    run_demo(text="the council voted on tuesday to build a library .", model_dir=d, max_new_tokens=6, repeats=1,
+             color=True, out=buf)
+    printed = buf.getvalue()
+    assert "\x1b[" in printed and "38;5;" in printed  # 256-colour foreground escapes
+    assert "pass --question" in printed  # own article without a question: summary only
+
+
+def test_demo_missing_calibration_and_bad_input_fail_clearly(tmp_path, tiny_dir, capsys):
+    save_tiny_t5(tmp_path, [DEMO_ARTICLE], seed=0)
+    with pytest.raises(DemoError, match=r"no calibration for task 'cnndm'.*hf-safe-exit collect"):
+        run_demo(model_dir=tmp_path, repeats=1, out=io.StringIO())
+    d, _ = tiny_dir
+    with pytest.raises(DemoError, match="either text or file"):
+        run_demo(text="a", file="b", model_dir=d)
+    with pytest.raises(DemoError, match="no file"):
+        run_demo(file=tmp_path / "missing.txt", model_dir=d)
+    assert main(["--model", str(tmp_path), "--no-color"]) == 2
+    assert "no calibration for task 'cnndm'" in capsys.readouterr().err
+    # a calibration made for another model is refused (fingerprint), not silently used
+    other = tmp_path / "calibration" / "cnndm"
+    import shutil
+    shutil.copytree(d / "calibration" / "cnndm", other)
+    shutil.copytree(d / "calibration" / "squad", tmp_path / "calibration" / "squad")
+    rc, source = find_task_calibration(tmp_path, "cnndm")
+    assert source.endswith("calibration/cnndm/risk_control.json")
+    with pytest.raises(ValueError, match="another model"):
+        run_demo(model_dir=tmp_path, repeats=1, out=io.StringIO(), max_new_tokens=4)
+
+
+@pytest.mark.skipif(not default_model_available(),
+                    reason=f"the default model is not installed in {default_model_path()} (trained separately)")
+def test_demo_on_the_default_model_within_a_minute():
+    try:
+        find_task_calibration(default_model_path(), "cnndm")
+        find_task_calibration(default_model_path(), "squad")
+    except DemoError as exc:
+        pytest.skip(f"the default model ships without a calibration: {exc}")
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    buf = io.StringIO()
+    results = run_demo(color=False, out=buf)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"the demo took {elapsed:.1f} s"
+    assert [r.task for r in results] == ["cnndm", "squad"]
+    for r in results:
+        assert r.text.strip() and r.exit_layers and r.guarantee in buf.getvalue()
