@@ -1,4 +1,4 @@
-"""``hf-safe-exit`` (also ``python -m hf_safe_exit``): collect, calibrate, evaluate, plot.
+"""``hf-safe-exit`` (also ``python -m hf_safe_exit``): collect, calibrate, evaluate, plot, card, demo.
 
 ::
 
@@ -6,6 +6,8 @@
     hf-safe-exit calibrate --results cnndm.npz --eps 0.05 --method crc --model DIR        # -> DIR/risk_control.json
     hf-safe-exit evaluate  --results cnndm.npz --eps 0.02,0.05,0.1 --output eval.json     # + a table on stdout
     hf-safe-exit plot      --evaluation eval.json --output-dir figures/
+    hf-safe-exit card      --model DIR --evaluation eval.json --plots figures/*.png --hardware auto  # README.md
+    hf-safe-exit demo      [--text TEXT | --file FILE] [--question Q]    # the shipped default model, offline
 
 Several processes / GPUs: ``accelerate launch -m hf_safe_exit collect ...`` (one result file).
 Errors print one line to stderr and exit with status 2; set ``HF_SAFE_EXIT_DEBUG=1`` for the traceback.
@@ -107,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε")
     p.add_argument("--evaluation", required=True, help="JSON written by `evaluate`")
     p.add_argument("--output-dir", required=True)
+
+    p = sub.add_parser("card", help="write or update the model card (README.md) with the risk guarantee")
+    p.add_argument("--model", required=True, help="model directory (its README.md is written) or a .md file")
+    p.add_argument("--calibration", default=None, help="risk_control.json or its directory (default: the model's)")
+    p.add_argument("--evaluation", default=None, help="JSON written by `evaluate`: test risk, exit layers, speed-up")
+    p.add_argument("--plots", nargs="*", default=[], help="images to show in the card (e.g. from `plot`)")
+    p.add_argument("--hardware", default=None, help="where the speed-up was measured ('auto': this machine)")
+    p.add_argument("--split", default=None, help="name of the calibration split shown in the card (e.g. pool)")
+    p.add_argument("--model-name", default=None, help="name in the model-index metadata (default: the card's)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload card + calibration there")
+
+    from .demo import build_parser as _demo_parser
+
+    _demo_parser(sub.add_parser("demo", help="summarise an article and answer a question with risk-controlled "
+                                "early exit on the shipped default model, tokens coloured by exit layer"))
     return parser
 
 
@@ -260,6 +277,30 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_card(args) -> int:
+    from .cards import push_to_hub, write_guarantee_card
+    from .risk import RiskControlled
+
+    model = Path(args.model)
+    source = args.calibration or (model.parent if model.suffix.lower() == ".md" else model)
+    rc = RiskControlled.from_pretrained(source)
+    evaluation = None
+    if args.evaluation:
+        evaluation = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
+    kwargs = dict(test_results=evaluation, plots=args.plots, hardware=args.hardware, calibration_split=args.split)
+    path = write_guarantee_card(model, rc, model_name=args.model_name, **kwargs)
+    print(f"wrote {path} and {path.parent / 'risk_control.json'} (λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
+    if args.push_to_hub:
+        print(f"pushed: {push_to_hub(rc, args.push_to_hub, model_name=args.model_name, **kwargs)}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_from_args
+
+    return run_from_args(args)
+
+
 def _quiet_libraries() -> None:
     """Keep stderr for our own progress bar and one-line errors: no per-file bars or info logs from HF libraries."""
     try:
@@ -274,7 +315,8 @@ def _quiet_libraries() -> None:
         pass
 
 
-_COMMANDS = {"collect": _cmd_collect, "calibrate": _cmd_calibrate, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
+_COMMANDS = {"collect": _cmd_collect, "calibrate": _cmd_calibrate, "evaluate": _cmd_evaluate, "plot": _cmd_plot,
+             "card": _cmd_card, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ DEMO_QUESTION = "How much will the restoration of the depot cost?"
 
 _METRIC = {"cnndm": "ROUGE-L", "squad": "F1"}
 _TASK_TITLE = {"cnndm": "Summary", "squad": "Answer"}
+_DATA = {"cnndm": "CNN/DailyMail news articles", "squad": "SQuAD questions on Wikipedia paragraphs"}
 
 
 class DemoError(RuntimeError):
@@ -255,6 +256,8 @@ def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> No
          f"{r.time_full * 1000:.0f} ms for {r.new_tokens_full} tokens with the full model (HF generate) "
          f"→ speed-up {r.speedup:.2f}× on this input.")
     emit(f"Guarantee: {r.guarantee}")
+    emit(f"  (It is a statement about inputs drawn like the calibration data, {_DATA.get(r.task, r.task)}; "
+         "a text of another kind is outside it.)")
 
 
 def run_demo(text: str | None = None, file: str | os.PathLike | None = None, question: str | None = None, *,

@@ -186,3 +186,23 @@ def test_card_errors_are_clear(calibrated, tmp_path):
         write_guarantee_card(tmp_path, rc)
     with pytest.raises(FileNotFoundError, match="plot"):
         write_guarantee_card(tmp_path / "other", rc, plots=["/nonexistent/plot.png"])
+
+
+def test_card_command_line(calibrated, tmp_path, capsys):
+    from hf_safe_exit.cli import main
+
+    _, _, table = calibrated
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
+    rc.save_pretrained(tmp_path)
+    evaluation = evaluate_table(table, eps=(0.1,), methods=("ucb",), delta=0.1, repeats=3)
+    (tmp_path / "eval.json").write_text(__import__("json").dumps(evaluation), encoding="utf-8")
+    assert main(["card", "--model", str(tmp_path), "--evaluation", str(tmp_path / "eval.json"), "--split", "pool",
+                 "--hardware", "a laptop"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    card = ModelCard.load(tmp_path / "README.md")
+    ours = _ours(card)
+    assert ours["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
+    assert ours["early_exit_test_risk"].metric_value == evaluation["results"][0]["test_risk_mean"]
+    assert "on a laptop" in card.text
+    assert main(["card", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "risk_control.json" in capsys.readouterr().err

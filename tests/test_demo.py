@@ -122,3 +122,14 @@ def test_demo_on_the_default_model_within_a_minute():
     assert [r.task for r in results] == ["cnndm", "squad"]
     for r in results:
         assert r.text.strip() and r.exit_layers and r.guarantee in buf.getvalue()
+
+
+def test_demo_command_line(tiny_dir, capsys):
+    from hf_safe_exit.cli import main as cli_main
+
+    d, _ = tiny_dir
+    assert cli_main(["demo", "--model", str(d), "--no-color", "--repeats", "1", "--max-new-tokens", "4",
+                     "--text", "the council voted to build a library .", "--question", "what did the council do ?"]) == 0
+    out = capsys.readouterr().out
+    assert "Summary (cnndm)" in out and "Answer (squad)" in out and "Guarantee:" in out
+    assert cli_main(["demo", "--text", "a", "--file", "b"]) == 2  # mutually exclusive
