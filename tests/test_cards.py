@@ -206,3 +206,15 @@ def test_card_command_line(calibrated, tmp_path, capsys):
     assert "on a laptop" in card.text
     assert main(["card", "--model", str(tmp_path / "nowhere")]) == 2
     assert "risk_control.json" in capsys.readouterr().err
+
+
+def test_risk_controlled_methods_are_the_card_functions(calibrated, tmp_path):
+    _, _, table = calibrated
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
+    card = rc.to_model_card(model_name="m", calibration_split="pool")
+    assert _ours(card)["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
+    assert guarantee_statement(rc.certificate) in card.text
+    path = rc.write_card(tmp_path, model_name="m", calibration_split="pool")
+    written = ModelCard.load(path)
+    assert written.text.strip().endswith(card.text.strip().split("\n\n", 1)[1].strip())  # same section
+    assert RiskControlled.from_pretrained(tmp_path).certificate == rc.certificate

@@ -305,6 +305,25 @@ class RiskControlled:
             json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
         return path
 
+    # ------------------------------------------------------------------ model cards (hf_safe_exit.cards)
+    def to_model_card(self, card=None, **kwargs):
+        """A ``huggingface_hub.ModelCard`` stating this guarantee; see :func:`hf_safe_exit.cards.to_model_card`."""
+        from ..cards import to_model_card
+
+        return to_model_card(self, card, **kwargs)
+
+    def write_card(self, model_dir_or_card_path, **kwargs):
+        """Write/update README.md (and risk_control.json) there; see :func:`hf_safe_exit.cards.write_guarantee_card`."""
+        from ..cards import write_guarantee_card
+
+        return write_guarantee_card(model_dir_or_card_path, self, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload risk_control.json and an updated model card; see :func:`hf_safe_exit.cards.push_to_hub`."""
+        from ..cards import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_dict(cls, data: dict) -> "RiskControlled":
         if data.get("format_version", 0) > _FORMAT_VERSION:
