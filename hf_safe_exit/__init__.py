@@ -5,7 +5,7 @@
 >>> model.generate(**inputs, early_exit=hf_safe_exit.EarlyExit(threshold=0.9))
 """
 
-from .decoding import EarlyExitGenerateOutput, enable, generate
+from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
@@ -16,6 +16,7 @@ from .tasks import get_task, load_split
 __version__ = "0.1.0"
 
 __all__ = [
+    "BiLD",
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
     "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
     "collect", "get_task", "load_split", "__version__",
