@@ -21,6 +21,14 @@ examples, :func:`collect` decodes each example with ``EarlyExit(threshold=λ, ..
 
 Rows are in the order of ``lambdas`` as given (the default grid is ascending).
 
+**Other strategies.** ``policy_factory=`` (λ → an ``early_exit=`` object) calibrates another
+threshold through the same loop, e.g. BiLD's rollback threshold (λ = exp(−α_RB), λ = 1 ↔ the
+large model's output) with :func:`hf_safe_exit.decoding.bild.bild_policy_factory`. The losses are
+the same; the per-example cost extras are then ``large_calls_per_token`` and ``num_tokens``, and
+the metadata has ``strategy``, ``policy`` (the λ = 1 policy's settings, incl. the small model's
+fingerprint) and ``rollbacks`` instead of the early-exit settings. See
+:mod:`hf_safe_exit.calibration.strategies`.
+
 **Batches and processes.** Examples are cut into fixed batches of ``batch_size`` in the order
 given; a *cell* is one (λ, batch). Under ``accelerate`` (``accelerate launch -m hf_safe_exit
 collect ...``) batch ``b`` goes to process ``b mod world_size`` and the main process gathers
@@ -49,7 +57,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -125,6 +133,9 @@ def _read_cells(state_dir: Path) -> dict[tuple[int, int], dict]:
     return cells
 
 
+_CELL_KEYS = ("k", "lambda", "batch", "ids", "predictions", "seconds")
+
+
 def _sync(device) -> None:
     import torch
 
@@ -152,6 +163,8 @@ def collect(
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     stop_after_cells: int | None = None,
+    policy_factory: Callable[[float], Any] | None = None,
+    policy_description: Mapping[str, Any] | None = None,
 ):
     """Decode ``examples`` at every λ of ``lambdas`` and return (and, with ``output``, save) a ``LossTable``.
 
@@ -161,7 +174,8 @@ def collect(
         tokenizer: its tokenizer.
         task: a :class:`~hf_safe_exit.tasks.Task` or its name (``"cnndm"``, ``"squad"``).
         examples: rows of the task's dataset (a ``datasets.Dataset`` or a list of dicts).
-        lambdas: the threshold grid; must contain 1.0. Default :func:`default_lambdas`.
+        lambdas: the threshold grid; must contain 1.0. Default :func:`default_lambdas`
+            (for BiLD: :func:`~hf_safe_exit.calibration.strategies.default_bild_lambdas`).
         measure, schedule, min_exit_layer, decay_tau: passed to :class:`~hf_safe_exit.EarlyExit`.
         batch_size: examples per ``generate`` call.
         max_new_tokens / max_input_length: default to the task's.
@@ -173,6 +187,15 @@ def collect(
         metadata: extra JSON-able entries for the table's metadata.
         stop_after_cells: stop (raising ``KeyboardInterrupt``) after decoding this many cells:
             to simulate an interruption.
+        policy_factory: ``λ -> early_exit=`` object, to calibrate another decoding strategy's
+            threshold through the same runner, e.g. BiLD's rollback threshold with
+            ``bild_policy_factory(small_model, fallback=...)`` (λ = exp(−α_RB); see
+            :mod:`hf_safe_exit.calibration.strategies`). ``None`` (default): ``EarlyExit(threshold=λ,
+            measure=..., schedule=..., min_exit_layer=..., decay_tau=...)``; those four arguments
+            are ignored otherwise. λ = 1 must give the reference output (the large model).
+        policy_description: JSON-able settings of the factory's policies, stored in the run
+            config (resume check) and the metadata (``"policy"``); default
+            ``policy_factory(1.0).describe()``.
 
     Returns:
         the ``LossTable`` on the main process; ``None`` on the other processes.
@@ -187,12 +210,21 @@ def collect(
     from ..fingerprint import model_fingerprint
     from ..risk.loss_table import LossTable
     from ..tasks import get_task
+    from .strategies import EarlyExitStrategy, FactoryStrategy, default_bild_lambdas
 
     task = get_task(task)
     rows = _as_rows(examples)
     if not rows:
         raise ValueError("collect needs at least one example: check the data split and --n.")
-    lam = default_lambdas() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+    if policy_factory is None:
+        strategy = EarlyExitStrategy(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer,
+                                     decay_tau=decay_tau)
+    else:
+        strategy = FactoryStrategy(policy_factory, policy_description)
+    if lambdas is None:
+        lam = default_bild_lambdas() if strategy.name == "bild" else default_lambdas()
+    else:
+        lam = np.asarray(lambdas, dtype=np.float64)
     if lam.ndim != 1 or lam.size == 0 or not np.all((lam >= 0) & (lam <= 1)):
         raise ValueError(f"lambdas must be thresholds in [0, 1], got {lambdas!r}.")
     if np.unique(lam).size != lam.size:
@@ -204,9 +236,7 @@ def collect(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
     max_new_tokens = int(max_new_tokens or task.max_new_tokens)
     max_input_length = int(max_input_length or task.max_input_length)
-    # validate the policy settings once, before any decoding
-    hf_safe_exit.EarlyExit(threshold=1.0, measure=measure, schedule=schedule, min_exit_layer=min_exit_layer,
-                           decay_tau=decay_tau).bind(model)
+    strategy.check(model, tokenizer)  # validate the policy settings once, before any decoding
     model = hf_safe_exit.enable(model)
     model.eval()
 
@@ -217,11 +247,9 @@ def collect(
     n, num_layers = len(rows), int(model.config.num_decoder_layers)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     fingerprint = model_fingerprint(model)
-    measure_label = hf_safe_exit.EarlyExit(measure=measure).measure_name
     config = {
         "model_fingerprint": fingerprint, "task": task.name, "lambdas": [float(x) for x in lam],
-        "measure": measure_label, "schedule": schedule, "min_exit_layer": int(min_exit_layer),
-        "decay_tau": float(decay_tau),
+        **strategy.config,
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "max_input_length": max_input_length,
         "examples": _digest({"ids": ids, "prompts": prompts}),
     }
@@ -273,8 +301,7 @@ def collect(
 
     def decode(k: int, b: int):
         enc = encode(b)
-        policy = hf_safe_exit.EarlyExit(threshold=float(lam[k]), measure=measure, schedule=schedule,
-                                        min_exit_layer=min_exit_layer, decay_tau=decay_tau)
+        policy = strategy.policy(float(lam[k]))
         with torch.inference_mode():
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                  early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -296,14 +323,8 @@ def collect(
             _sync(device)
             seconds = time.perf_counter() - start
             texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-            exit_layers = out.exit_layers.detach().cpu()
-            cell = {
-                "k": k, "lambda": float(lam[k]), "batch": b, "ids": [ids[j] for j in batch], "predictions": texts,
-                "mean_exit_layer": [float(x) for x in out.mean_exit_layer.detach().cpu().double()],
-                "layer_fraction": [float(x) for x in out.layer_fraction.detach().cpu().double()],
-                "num_tokens": [int(x) for x in (exit_layers > 0).sum(dim=1)],
-                "seconds": seconds,
-            }
+            cell = {"k": k, "lambda": float(lam[k]), "batch": b, "ids": [ids[j] for j in batch], "predictions": texts,
+                    **strategy.costs(out), "seconds": seconds}
             done[(k, b)] = cell
             if cells_file is not None:
                 with open(cells_file, "a", encoding="utf-8") as fh:
@@ -327,9 +348,12 @@ def collect(
 
     K = lam.size
     predictions = [[""] * n for _ in range(K)]
-    mean_exit = np.zeros((K, n))
-    fraction = np.zeros((K, n))
-    num_tokens = np.zeros((K, n), dtype=np.int64)
+    # per-example costs: every cell key that is not bookkeeping (early exit: mean_exit_layer, layer_fraction,
+    # num_tokens; BiLD: large_calls_per_token, num_tokens); int64 when all values are ints
+    some = next(iter(cells.values()))
+    cost_names = [key for key in some if key not in _CELL_KEYS]
+    costs = {name: np.zeros((K, n), dtype=np.int64 if all(isinstance(v, int) for c in cells.values() for v in c[name])
+                            else np.float64) for name in cost_names}
     example_time = np.zeros((K, n))
     wall_time = np.zeros(K)
     for (k, b), cell in cells.items():
@@ -338,9 +362,8 @@ def collect(
             raise StateMismatchError(f"cell (λ={lam[k]}, batch {b}) holds other examples: rerun with --fresh.")
         for pos, j in enumerate(batch):
             predictions[k][j] = cell["predictions"][pos]
-            mean_exit[k, j] = cell["mean_exit_layer"][pos]
-            fraction[k, j] = cell["layer_fraction"][pos]
-            num_tokens[k, j] = cell["num_tokens"][pos]
+            for name, values in costs.items():
+                values[k, j] = cell[name][pos]
             example_time[k, j] = cell["seconds"] / len(batch)
         wall_time[k] += cell["seconds"]
 
@@ -353,11 +376,11 @@ def collect(
     meta.update({"num_decoder_layers": num_layers, "example_ids": ids, "n": n, "versions": _versions(),
                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": device.type,
                  "task_loss": f"1 - {type(task).__name__}.score", "lambda_order": "as given"})
+    meta.update(strategy.metadata(lam))
     meta.update(dict(metadata or {}))
     table = LossTable.from_task_losses(
         lam, task_losses, consistency_losses=consistency, task_loss_bounds=task.loss_bounds,
-        extras={"mean_exit_layer": mean_exit, "layer_fraction": fraction, "num_tokens": num_tokens,
-                "example_time": example_time, "wall_time": wall_time},
+        extras={**costs, "example_time": example_time, "wall_time": wall_time},
         metadata=meta)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

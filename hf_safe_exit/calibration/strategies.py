@@ -1,0 +1,158 @@
+"""What the calibration runner decodes with at each λ, and the per-example cost it records.
+
+:func:`~hf_safe_exit.calibration.collect` is the same loop for every decoding strategy. A
+*strategy* tells it three things:
+
+* ``policy(λ)``: the ``early_exit=`` object to decode with at threshold λ (λ = 1 must be the
+  reference output: the full model, or the large model);
+* ``config``: JSON-able settings that determine the outputs. They go into the resume check
+  (the state's ``config.json``) and into the result file's metadata;
+* ``costs(out)``: per-example cost numbers read from the ``generate`` output (``{name: one value
+  per row}``), stored as ``(K, n)`` extras of the result file (int64 if all values are ints, else
+  float64).
+
+Two strategies exist:
+
+* :class:`EarlyExitStrategy` (the default): ``EarlyExit(threshold=λ, measure=..., ...)``; costs
+  ``mean_exit_layer``, ``layer_fraction``, ``num_tokens``. Its config and metadata are the flat keys
+  ``measure``, ``schedule``, ``min_exit_layer``, ``decay_tau`` (the file layout has not changed).
+* :class:`FactoryStrategy`: any ``policy_factory(λ)`` with a JSON-able ``description``, e.g.
+  :func:`hf_safe_exit.decoding.bild.bild_policy_factory` for BiLD's rollback threshold
+  (λ = exp(−α_RB)). Config and metadata hold ``"policy": description`` and the metadata
+  also ``"strategy": description["strategy"]``. For BiLD the costs are ``large_calls_per_token``
+  (large-decoder passes that included the example / its generated tokens; 1.0 = the large model
+  alone) and ``num_tokens`` (its generated tokens); the metadata also lists the ``rollbacks`` of the
+  grid (``"inf"`` for λ = 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = ["EarlyExitStrategy", "FactoryStrategy", "bild_strategy", "default_bild_lambdas"]
+
+# BiLD rollback thresholds α_RB (nats) of the default grid, from "accept every draft" down to the large model.
+_BILD_ROLLBACKS = (math.inf, 8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
+
+
+def default_bild_lambdas() -> np.ndarray:
+    """The default λ grid for BiLD, ascending: λ = exp(−α_RB) for α_RB = ∞, 8, 6, 5, 4, 3.5, ..., 0.25, 0.1, 0.
+
+    λ = 0 accepts every draft (α_RB = ∞); λ = 1 is the large model's output (α_RB = 0). The
+    BiLD paper's useful rollback thresholds are a few nats, i.e. small λ, so the grid is dense there.
+    """
+    return np.array([0.0 if math.isinf(r) else math.exp(-r) for r in _BILD_ROLLBACKS])
+
+
+def _floats(values) -> list[float]:
+    return [float(x) for x in values.detach().cpu().double()]
+
+
+def _ints(values) -> list[int]:
+    return [int(x) for x in values.detach().cpu()]
+
+
+def _json_number(x: float):
+    """Strict JSON has no Infinity: ∞ is written as the string "inf"."""
+    return float(x) if math.isfinite(x) else "inf"
+
+
+def _early_exit_costs(out) -> dict[str, list]:
+    """Per row: mean 1-based exit layer, executed / (layers × tokens), generated tokens."""
+    exit_layers = out.exit_layers.detach().cpu()
+    return {"mean_exit_layer": _floats(out.mean_exit_layer), "layer_fraction": _floats(out.layer_fraction),
+            "num_tokens": [int(x) for x in (exit_layers > 0).sum(dim=1)]}
+
+
+class EarlyExitStrategy:
+    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau)`` at every λ (the default)."""
+
+    name = "early_exit"
+
+    def __init__(self, measure: str = "softmax", schedule: str = "constant", min_exit_layer: int = 1,
+                 decay_tau: float = 4.0):
+        import hf_safe_exit
+
+        self.kwargs = dict(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer, decay_tau=decay_tau)
+        self.config = {"measure": hf_safe_exit.EarlyExit(measure=measure).measure_name, "schedule": schedule,
+                       "min_exit_layer": int(min_exit_layer), "decay_tau": float(decay_tau)}
+
+    def policy(self, lam: float):
+        import hf_safe_exit
+
+        return hf_safe_exit.EarlyExit(threshold=float(lam), **self.kwargs)
+
+    def check(self, model, tokenizer) -> None:
+        """Validate the settings on ``model`` once, before any decoding."""
+        self.policy(1.0).bind(model)
+
+    def metadata(self, lambdas) -> dict:
+        return {}
+
+    def costs(self, out) -> dict[str, list]:
+        return _early_exit_costs(out)
+
+
+class FactoryStrategy:
+    """Decode with ``policy_factory(λ)``; ``description`` (JSON-able) identifies the settings.
+
+    Without a description, ``policy_factory(1.0).describe()`` is used when the policy has one
+    (e.g. :class:`~hf_safe_exit.decoding.bild.BiLD`). The costs depend on what ``generate``
+    returns: BiLD outputs give ``large_calls_per_token`` and ``num_tokens``; early-exit outputs give
+    the early-exit costs.
+    """
+
+    def __init__(self, policy_factory: Callable[[float], Any], description: Mapping[str, Any] | None = None):
+        if not callable(policy_factory):
+            raise TypeError(f"policy_factory must be a callable λ -> early_exit policy, got {type(policy_factory)!r}.")
+        self.factory = policy_factory
+        if description is None:
+            describe = getattr(policy_factory(1.0), "describe", None)
+            if not callable(describe):
+                raise ValueError("pass policy_description=... (JSON-able settings of the policies): it identifies the "
+                                 "run for resuming and goes into the result file's metadata.")
+            description = describe()
+        from ..risk.loss_table import _json_ready
+
+        self.description = _json_ready(dict(description), "policy_description")
+        self.name = str(self.description.get("strategy", "custom"))
+        self.config = {"policy": self.description}
+
+    def policy(self, lam: float):
+        return self.factory(float(lam))
+
+    def check(self, model, tokenizer) -> None:
+        policy = self.policy(1.0)
+        if callable(getattr(policy, "check_pair", None)):  # BiLD: the small model must suit the large one
+            policy.check_pair(model, tokenizer)
+        elif callable(getattr(policy, "bind", None)):
+            policy.bind(model)
+
+    def metadata(self, lambdas) -> dict:
+        meta: dict[str, Any] = {"strategy": self.name}
+        rollbacks = [getattr(self.policy(lam), "rollback", None) for lam in lambdas]
+        if all(r is not None for r in rollbacks):
+            meta["rollbacks"] = [_json_number(float(r)) for r in rollbacks]
+        return meta
+
+    def costs(self, out) -> dict[str, list]:
+        if getattr(out, "row_large_calls", None) is not None:  # a BiLDOutput
+            return {"large_calls_per_token": _floats(out.large_calls_per_token), "num_tokens": _ints(out.row_new_tokens)}
+        if getattr(out, "exit_layers", None) is not None:
+            return _early_exit_costs(out)
+        raise TypeError(f"the policies of policy_factory produced a {type(out).__name__}, which the runner cannot read "
+                        "costs from: it supports early-exit and BiLD outputs.")
+
+
+def bild_strategy(small_model, *, fallback: float | None = None, max_draft_len: int | None = None,
+                  small_tokenizer=None) -> FactoryStrategy:
+    """The BiLD rollback threshold as a strategy: ``λ -> BiLD.from_lambda(small_model, λ, ...)``."""
+    from ..decoding.bild import DEFAULT_FALLBACK, DEFAULT_MAX_DRAFT_LEN, bild_policy_factory
+
+    factory = bild_policy_factory(small_model, fallback=DEFAULT_FALLBACK if fallback is None else fallback,
+                                  max_draft_len=DEFAULT_MAX_DRAFT_LEN if max_draft_len is None else max_draft_len,
+                                  small_tokenizer=small_tokenizer)
+    return FactoryStrategy(factory, factory(1.0).describe())
