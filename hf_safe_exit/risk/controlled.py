@@ -5,6 +5,13 @@
 >>> model.generate(**inputs, early_exit=rc)
 >>> model.generate(**inputs, early_exit=RiskControlled(eps=0.05))   # fits from the model's stored table
 
+BiLD's rollback threshold (a table from ``collect(..., policy_factory=bild_policy_factory(small))``
+or ``hf-safe-exit collect --strategy bild``; λ = exp(−α_RB)) is calibrated the same way:
+
+>>> rc = RiskControlled(eps=0.05, small_model=small).fit_table(bild_table)
+>>> rc.bild()                                   # BiLD(small, rollback=-log λ̂, fallback=<the table's>)
+>>> large.generate(**inputs, early_exit=rc)     # runs that BiLD policy
+
 Guarantees (Jazbec, Timans et al. 2024, "Fast yet Safe", Sec. 3), for the chosen risk R(λ):
 ``crc``: E[R_test(λ̂)] ≤ ε; ``ucb`` / ``ltt``: P(R(λ̂) ≤ ε) ≥ 1 − δ; ``naive``: none.
 """
@@ -122,6 +129,13 @@ class RiskControlled:
             computed with. ``None`` takes them from the loss table's metadata (``fit_table``);
             a value that contradicts the table raises. Defaults when neither says:
             schedule ``"constant"``, min_exit_layer 1, decay_tau 4; the measure must be known.
+        small_model: the small (draft) model, for a BiLD calibration (a table whose metadata says
+            ``strategy: "bild"``); it must be the model the table was collected with (same
+            fingerprint). It can also be passed to :meth:`bild` later. Not saved by ``save_pretrained``.
+
+    A BiLD calibration's λ̂ is a rollback threshold: :meth:`bild` (or ``bind(large_model)``) returns
+    ``BiLD.from_lambda(small_model, λ̂, fallback=..., max_draft_len=...)`` with the table's fallback and
+    draft length, and ``generate(early_exit=rc)`` decodes with it.
 
     Fitted attributes: ``lambda_`` (λ̂) and ``certificate`` (:class:`RiskCertificate`).
     """
@@ -129,7 +143,7 @@ class RiskControlled:
     def __init__(self, eps: float, delta: float | None = None, method: str = "crc", bound: str = "wsr",
                  risk: str = "performance_gap", monotonize: str | None = None,
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
-                 min_exit_layer: int | None = None, decay_tau: float | None = None):
+                 min_exit_layer: int | None = None, decay_tau: float | None = None, small_model=None):
         self.eps = _check_level(eps, "eps")
         if method not in METHODS:
             raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
@@ -158,6 +172,7 @@ class RiskControlled:
             raise ValueError(f"decay_tau={decay_tau!r} must be > 0.")
         self.delta, self.method, self.bound, self.risk, self.monotonize = delta, method, bound, risk, monotonize
         self.measure, self.schedule, self.min_exit_layer, self.decay_tau = measure, schedule, min_exit_layer, decay_tau
+        self.small_model = small_model
         self.lambda_: float | None = None
         self.certificate: RiskCertificate | None = None
         self._calibration: dict = {}
@@ -211,7 +226,18 @@ class RiskControlled:
         return out
 
     def _fit(self, lambdas, losses, loss_bounds, metadata: dict) -> "RiskControlled":
-        settings = self._settings(metadata)
+        strategy = metadata.get("strategy")
+        if strategy not in (None, "early_exit", "bild"):
+            raise ValueError(f"This loss table calibrates a {strategy!r} decoding threshold, which RiskControlled "
+                             "cannot turn into a policy: it supports early exit and BiLD.")
+        if strategy == "bild":
+            given = [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"This loss table calibrates BiLD's rollback threshold, but {', '.join(given)}= "
+                                 "(early-exit settings) were given: drop them.")
+            settings = {"measure": None, "strategy": "bild", "policy": dict(metadata["policy"])}
+        else:
+            settings = self._settings(metadata)
         bounds = tuple(loss_bounds) if loss_bounds is not None else DEFAULT_LOSS_BOUNDS[self.risk]
         sel = select(self.method, lambdas, losses, self.eps, self.delta, bound=self.bound, loss_bounds=bounds,
                      monotonize=self.monotonize)
@@ -246,23 +272,83 @@ class RiskControlled:
         return self
 
     # ------------------------------------------------------------------ the early_exit= protocol
-    def bind(self, model) -> EarlyExit:
+    def bind(self, model):
         """Return the bound :class:`~hf_safe_exit.policy.EarlyExit` with threshold λ̂ for ``model``.
 
         Fitted: checks the model fingerprint (if calibrated with one). Unfitted: finds the
         model's stored :class:`LossTable` (see :func:`find_calibration`), fits for this
         (ε, δ, method, bound, risk, monotonize) and caches the fit per model and table.
+
+        A fitted BiLD calibration returns :meth:`bild` instead (``model`` is the large model).
         """
         fingerprint = model_fingerprint(model)
+        if self.is_bild:
+            self._check_fingerprint(fingerprint)
+            return self.bild()
         fitted = self if self.is_fitted else self._fit_from_stored(model, fingerprint)
+        if fitted.is_bild:
+            raise ValueError("The calibration stored with this model is for BiLD's rollback threshold: fit it with "
+                             "RiskControlled(eps=..., small_model=small).fit_table(table) and pass that as early_exit=.")
         return fitted._bind_fitted(model, fingerprint)
 
-    def _bind_fitted(self, model, fingerprint: str) -> EarlyExit:
+    # ------------------------------------------------------------------ BiLD's rollback threshold
+    @property
+    def is_bild(self) -> bool:
+        """Whether this was fitted on a BiLD table (λ̂ is a rollback threshold, λ = exp(−α_RB))."""
+        return self.is_fitted and self._calibration.get("strategy") == "bild"
+
+    def bild(self, small_model=None, *, small_tokenizer=None):
+        """The calibrated BiLD policy: ``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback and draft length.
+
+        ``small_model`` defaults to the one given to the constructor; its fingerprint must match the
+        small model the losses were collected with.
+        """
+        from ..decoding.bild import BiLD
+
+        if not self.is_fitted:
+            raise ValueError("This RiskControlled is not fitted: call fit_table(table) on a BiLD loss table (from "
+                             "`hf-safe-exit collect --strategy bild`) first.")
+        if not self.is_bild:
+            raise ValueError("This RiskControlled was calibrated for early exit, not for BiLD: use it as "
+                             "early_exit=rc (or rc.bind(model)), or fit it on a table from `collect --strategy bild`.")
+        small = self.small_model if small_model is None else small_model
+        policy = self._calibration["policy"]
+        expected = policy.get("small_model")
+        if small is None:
+            raise ValueError(f"This is a BiLD calibration: it needs the small (draft) model it was collected with "
+                             f"(fingerprint {expected}): pass RiskControlled(..., small_model=small) or rc.bild(small).")
+        actual = model_fingerprint(small)
+        if expected is not None and actual != expected:
+            raise ValueError(f"The BiLD calibration was collected with another small model (fingerprint {expected}, "
+                             f"this one is {actual}): its guarantee does not transfer. Pass that small model, or "
+                             "recollect with `hf-safe-exit collect --strategy bild --small-model ...`.")
+        return BiLD.from_lambda(small, float(self.lambda_), fallback=float(policy["fallback"]),
+                                max_draft_len=int(policy["max_draft_len"]), small_tokenizer=small_tokenizer)
+
+    @property
+    def decode(self):
+        """For a BiLD calibration only: ``generate(large, early_exit=rc)`` decodes with :meth:`bild`.
+
+        An early-exit calibration has no ``decode`` (``AttributeError``): ``generate`` then binds it.
+        """
+        if not self.is_bild:
+            raise AttributeError("decode: only a fitted BiLD calibration decodes; an early-exit one is bound with "
+                                 "bind(model)")
+
+        def decode(large_model, *args, **generate_kwargs):
+            return self.bind(large_model).decode(large_model, *args, **generate_kwargs)
+
+        return decode
+
+    def _check_fingerprint(self, fingerprint: str) -> None:
         expected = self._calibration.get("model_fingerprint")
         if expected is not None and expected != fingerprint:
             raise ValueError(f"This RiskControlled was calibrated for another model (fingerprint {expected}, this model "
                              f"is {fingerprint}): its guarantee does not transfer. Recalibrate on this model. "
                              + _HOW_TO_CALIBRATE)
+
+    def _bind_fitted(self, model, fingerprint: str) -> EarlyExit:
+        self._check_fingerprint(fingerprint)
         cal = self._calibration
         measure = self.measure if isinstance(self.measure, ConfidenceMeasure) else cal.get("measure")
         if measure is None:
