@@ -3,6 +3,7 @@
 ::
 
     hf-safe-exit collect   --model DIR --task cnndm --data ../shared/data --n 200 --output cnndm.npz
+    hf-safe-exit collect   --strategy bild --model LARGE --small-model SMALL --task cnndm ... --output bild.npz
     hf-safe-exit calibrate --results cnndm.npz --eps 0.05 --method crc --model DIR        # -> DIR/risk_control.json
     hf-safe-exit evaluate  --results cnndm.npz --eps 0.02,0.05,0.1 --output eval.json     # + a table on stdout
     hf-safe-exit plot      --evaluation eval.json --output-dir figures/
@@ -65,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="number of examples (a seeded random subset of the split); "
                    "default all")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
-    p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels")
+    p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels "
+                   "(bild: λ = exp(-rollback) for rollback = inf, 8, 6, ..., 0.1, 0)")
+    p.add_argument("--strategy", default="early_exit", choices=("early_exit", "bild"),
+                   help="early_exit (default): the exit threshold; bild: BiLD's rollback threshold, "
+                   "λ = exp(-rollback), with --model as the large model")
+    p.add_argument("--small-model", default=None, help="bild: the small (draft) model directory, same tokenizer")
+    p.add_argument("--fallback", type=float, default=None, help="bild: fallback threshold (default 0.6)")
+    p.add_argument("--max-draft-len", type=int, default=None, help="bild: tokens drafted per verification "
+                   "(default 10)")
     p.add_argument("--measure", default="softmax", help="softmax, saturation or meta (default softmax)")
     p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
     p.add_argument("--min-exit-layer", type=int, default=1)
@@ -176,13 +185,19 @@ def _print_collect_summary(table) -> None:
     lam = table.lambdas
     wall = table.extras["wall_time"]
     full = int(np.argmin(np.abs(lam - 1.0)))
-    print(f"{'lambda':>8} {'task loss':>10} {'gap':>9} {'consist.':>9} {'exit layer':>10} {'layers':>7} "
-          f"{'seconds':>8} {'speedup':>8}")
+    bild = "large_calls_per_token" in table.extras
+    cost = f"{'rollback':>9} {'large/tok':>9}" if bild else f"{'exit layer':>10} {'layers':>7}"
+    print(f"{'lambda':>8} {'task loss':>10} {'gap':>9} {'consist.':>9} {cost} {'seconds':>8} {'speedup':>8}")
     for k in np.argsort(lam):
+        if bild:
+            rollback = -np.log(lam[k]) if lam[k] > 0 else np.inf
+            cost = f"{rollback:>9.3g} {table.extras['large_calls_per_token'][k].mean():>9.3f}"
+        else:
+            cost = (f"{table.extras['mean_exit_layer'][k].mean():>10.2f} "
+                    f"{table.extras['layer_fraction'][k].mean():>7.3f}")
         print(f"{lam[k]:>8.4g} {table.extras['task_loss'][k].mean():>10.4f} "
               f"{table.losses['performance_gap'][k].mean():>+9.4f} {table.losses['consistency'][k].mean():>9.4f} "
-              f"{table.extras['mean_exit_layer'][k].mean():>10.2f} {table.extras['layer_fraction'][k].mean():>7.3f} "
-              f"{wall[k]:>8.2f} {wall[full] / wall[k] if wall[k] > 0 else float('nan'):>8.2f}")
+              f"{cost} {wall[k]:>8.2f} {wall[full] / wall[k] if wall[k] > 0 else float('nan'):>8.2f}")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -196,6 +211,11 @@ def _cmd_collect(args) -> int:
     task = get_task(args.task)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1.")
+    bild = args.strategy == "bild"
+    if bild and not args.small_model:
+        raise UsageError("--strategy bild needs --small-model DIR (the small draft model; --model is the large one).")
+    if not bild and (args.small_model or args.fallback is not None or args.max_draft_len is not None):
+        raise UsageError("--small-model, --fallback and --max-draft-len are for --strategy bild.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
     data = load_split(task, args.split, path=args.data)
@@ -203,12 +223,23 @@ def _cmd_collect(args) -> int:
     tokenizer, model = _load_model(args.model, args.dtype)
     model.to(state.device)
     source = os.fspath(args.data) if args.data else task.hub_id
+    metadata = {"split": args.split, "subset_seed": args.seed, "data_source": source,
+                "model_path": os.fspath(args.model)}
+    factory = None
+    if bild:
+        from .decoding.bild import DEFAULT_FALLBACK, DEFAULT_MAX_DRAFT_LEN, bild_policy_factory
+
+        small_tokenizer, small = _load_model(args.small_model, args.dtype)
+        small.to(state.device)
+        factory = bild_policy_factory(
+            small, fallback=DEFAULT_FALLBACK if args.fallback is None else args.fallback,
+            max_draft_len=DEFAULT_MAX_DRAFT_LEN if args.max_draft_len is None else args.max_draft_len,
+            small_tokenizer=small_tokenizer)
+        metadata["small_model_path"] = os.fspath(args.small_model)
     table = collect(model, tokenizer, task, data, lambdas=args.lambdas, measure=args.measure, schedule=args.schedule,
                     min_exit_layer=args.min_exit_layer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
-                    progress=not args.no_progress,
-                    metadata={"split": args.split, "subset_seed": args.seed, "data_source": source,
-                              "model_path": os.fspath(args.model)})
+                    progress=not args.no_progress, metadata=metadata, policy_factory=factory)
     if state.is_main_process:
         _print_collect_summary(table)
         print(f"wrote {args.output} ({table.n} examples × {table.lambdas.size} thresholds)")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["EarlyExitStrategy", "FactoryStrategy", "bild_strategy", "default_bild_lambdas"]
+__all__ = ["EarlyExitStrategy", "FactoryStrategy", "default_bild_lambdas"]
 
 # BiLD rollback thresholds α_RB (nats) of the default grid, from "accept every draft" down to the large model.
 _BILD_ROLLBACKS = (math.inf, 8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
@@ -140,19 +140,10 @@ class FactoryStrategy:
 
     def costs(self, out) -> dict[str, list]:
         if getattr(out, "row_large_calls", None) is not None:  # a BiLDOutput
-            return {"large_calls_per_token": _floats(out.large_calls_per_token), "num_tokens": _ints(out.row_new_tokens)}
+            return {"large_calls_per_token": _floats(out.large_calls_per_token),
+                    "num_tokens": _ints(out.row_new_tokens)}
         if getattr(out, "exit_layers", None) is not None:
             return _early_exit_costs(out)
         raise TypeError(f"the policies of policy_factory produced a {type(out).__name__}, which the runner cannot read "
                         "costs from: it supports early-exit and BiLD outputs.")
 
-
-def bild_strategy(small_model, *, fallback: float | None = None, max_draft_len: int | None = None,
-                  small_tokenizer=None) -> FactoryStrategy:
-    """The BiLD rollback threshold as a strategy: ``λ -> BiLD.from_lambda(small_model, λ, ...)``."""
-    from ..decoding.bild import DEFAULT_FALLBACK, DEFAULT_MAX_DRAFT_LEN, bild_policy_factory
-
-    factory = bild_policy_factory(small_model, fallback=DEFAULT_FALLBACK if fallback is None else fallback,
-                                  max_draft_len=DEFAULT_MAX_DRAFT_LEN if max_draft_len is None else max_draft_len,
-                                  small_tokenizer=small_tokenizer)
-    return FactoryStrategy(factory, factory(1.0).describe())

@@ -287,8 +287,9 @@ class RiskControlled:
             return self.bild()
         fitted = self if self.is_fitted else self._fit_from_stored(model, fingerprint)
         if fitted.is_bild:
-            raise ValueError("The calibration stored with this model is for BiLD's rollback threshold: fit it with "
-                             "RiskControlled(eps=..., small_model=small).fit_table(table) and pass that as early_exit=.")
+            raise ValueError("The calibration stored with this model is for BiLD's rollback threshold: fit it "
+                             "with RiskControlled(eps=..., small_model=small).fit_table(table) and pass that as "
+                             "early_exit=.")
         return fitted._bind_fitted(model, fingerprint)
 
     # ------------------------------------------------------------------ BiLD's rollback threshold
@@ -298,7 +299,7 @@ class RiskControlled:
         return self.is_fitted and self._calibration.get("strategy") == "bild"
 
     def bild(self, small_model=None, *, small_tokenizer=None):
-        """The calibrated BiLD policy: ``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback and draft length.
+        """The calibrated BiLD policy: ``BiLD.from_lambda(small_model, λ̂, ...)`` (the table's fallback, draft length).
 
         ``small_model`` defaults to the one given to the constructor; its fingerprint must match the
         small model the losses were collected with.
@@ -316,7 +317,8 @@ class RiskControlled:
         expected = policy.get("small_model")
         if small is None:
             raise ValueError(f"This is a BiLD calibration: it needs the small (draft) model it was collected with "
-                             f"(fingerprint {expected}): pass RiskControlled(..., small_model=small) or rc.bild(small).")
+                             f"(fingerprint {expected}): pass RiskControlled(..., small_model=small) or "
+                             "rc.bild(small).")
         actual = model_fingerprint(small)
         if expected is not None and actual != expected:
             raise ValueError(f"The BiLD calibration was collected with another small model (fingerprint {expected}, "
