@@ -236,6 +236,13 @@ def run_task(model, tok, task_name: str, n: int, args) -> dict:
                           metadata={"task": task_name, "measure": "softmax", "anytime": variant,
                                     "model_fingerprint": model_fingerprint(model),
                                     "num_decoder_layers": model.config.num_decoder_layers})
+        if args.save_tables:
+            table.metadata.update({"split": "pool", "schedule": "constant", "min_exit_layer": 1,
+                                   "max_new_tokens": max_new, "example_ids": result["example_ids"]})
+            saved = Path(args.save_tables) / task_name / f"{variant}.npz"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            table.save(saved)
+            log(f"wrote {saved}")
         ev = evaluate_table(table, eps=args.eps, methods=("crc", "ucb"), delta=0.1, n_cal=n // 2,
                             repeats=args.repeats, seed=args.seed)
         ev["grid"] = {"lambdas": grid, "mean_gap": gap.mean(1).tolist(), "mean_exit_layer": layers.mean(1).tolist(),
@@ -294,6 +301,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--save-tables", default=None, help="also write each variant's LossTable to DIR/<task>/<variant>.npz")
     p.add_argument("--output", default=None, help=f"JSON output (default: {RESULTS}; the tiny smoke test needs one)")
     args = p.parse_args(argv)
     args.eps = [float(e) for e in args.eps.split(",")]
