@@ -205,6 +205,27 @@ def test_risk_controlled_gives_the_calibrated_bild_policy(setup, table_run, tmp_
     assert loose.lambda_ == 0.0 and loose.bild().rollback == math.inf
 
 
+def test_held_out_evaluation_of_a_bild_table(table_run):
+    from hf_safe_exit.calibration.evaluate import evaluate_table, format_table
+
+    table, _ = table_run
+    n, n_cal, repeats, eps = table.n, 3, 4, 0.6
+    result = evaluate_table(table, eps=[eps], methods=["crc"], risk="consistency", n_cal=n_cal, repeats=repeats)
+    (row,) = result["results"]
+    # the same splits by hand: λ̂ by the CRC scan on the calibration part, risk and cost on the rest
+    rng = np.random.default_rng(0)
+    risks, calls = [], []
+    for perm in [rng.permutation(n) for _ in range(repeats)]:
+        cal, test = perm[:n_cal], perm[n_cal:]
+        k = LAMBDAS.index(crc_by_hand(table.lambdas, table.losses["consistency"][:, cal], eps, upper=1.0))
+        risks.append(table.losses["consistency"][k, test].mean())
+        calls.append(table.extras["large_calls_per_token"][k, test].mean())
+    assert row["test_risk_mean"] == pytest.approx(np.mean(risks))
+    assert row["large_calls_per_token"] == pytest.approx(np.mean(calls))
+    assert "mean_exit_layer" not in row and result["metadata"]["strategy"] == "bild"
+    assert "large/tok" in format_table(result)
+
+
 def test_bild_calibration_errors(setup, table_run):
     task, rows, tokenizer, large, small = setup
     table, _ = table_run
@@ -306,6 +327,12 @@ def test_cli_collect_strategy_bild_then_calibrate(model_dirs, capsys, tmp_path):
     policy = RiskControlled.from_pretrained(rc_dir).bild(small)
     assert policy.fallback == 0.2 and policy.max_draft_len == 4
     assert policy.rollback == lambda_to_rollback(RiskControlled.from_pretrained(rc_dir).lambda_)
+
+    evaluation = tmp_path / "eval.json"
+    assert main(["evaluate", "--results", str(results), "--eps", "0.5", "--methods", "crc", "--repeats", "3",
+                 "--risk", "consistency", "--output", str(evaluation)]) == 0
+    assert "large/tok" in capsys.readouterr().out
+    assert json.loads(evaluation.read_text())["results"][0]["large_calls_per_token"] > 0
 
 
 def test_cli_collect_bild_bad_input(model_dirs, capsys, tmp_path):

@@ -12,6 +12,10 @@ means and standard deviations over the splits, the rate of splits whose test ris
 
 CRC controls the mean test risk (≤ ε in expectation); UCB and LTT control the violation
 rate (≤ δ).
+
+A BiLD results file (``collect --strategy bild``: λ = exp(−rollback)) is evaluated the same way;
+its cost column is ``large_calls_per_token`` (large-model passes per generated token, 1 = the large
+model alone) instead of the exit layer and layer fraction, and "no exit" means λ̂ = 1 (rollback 0).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                          "examples in the results file).")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be a positive integer.")
-    for key in ("mean_exit_layer", "layer_fraction", "wall_time", "task_loss"):
+    bild = "large_calls_per_token" in table.extras and "mean_exit_layer" not in table.extras
+    costs = ("large_calls_per_token",) if bild else ("mean_exit_layer", "layer_fraction")
+    for key in (*costs, "wall_time", "task_loss"):
         if key not in table.extras:
             raise ValueError(f"the results file lacks extras[{key!r}]: it was not written by `hf-safe-exit collect`; "
                              "recollect it.")
@@ -57,7 +63,6 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
     lam = table.lambdas
     losses = table.losses[risk]
     bounds = table.bounds[risk]
-    exit_layer, fraction = table.extras["mean_exit_layer"], table.extras["layer_fraction"]
     task_loss, wall = table.extras["task_loss"], np.asarray(table.extras["wall_time"], dtype=np.float64)
     full = int(np.argmin(np.abs(lam - 1.0)))
     rng = np.random.default_rng(seed)
@@ -66,8 +71,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
     rows = []
     for method in methods:
         for e in eps:
-            rec = {k: [] for k in ("test_risk", "lambda_hat", "feasible", "mean_exit_layer", "layer_fraction",
-                                   "task_loss", "speedup")}
+            rec = {k: [] for k in ("test_risk", "lambda_hat", "feasible", *costs, "task_loss", "speedup")}
             for perm in splits:
                 cal, test = perm[:n_cal], perm[n_cal:]
                 sel = select(method, lam, losses[:, cal], e, delta if method in ("ucb", "ltt") else None,
@@ -76,11 +80,14 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 rec["test_risk"].append(losses[k, test].mean())
                 rec["lambda_hat"].append(sel.lambda_hat)
                 rec["feasible"].append(sel.feasible)
-                rec["mean_exit_layer"].append(exit_layer[k, test].mean())
-                rec["layer_fraction"].append(fraction[k, test].mean())
+                for key in costs:
+                    rec[key].append(table.extras[key][k, test].mean())
                 rec["task_loss"].append(task_loss[k, test].mean())
                 rec["speedup"].append(wall[full] / wall[k] if wall[k] > 0 else float("nan"))
             arr = {k: np.asarray(v, dtype=np.float64) for k, v in rec.items()}
+            first = costs[0]
+            cost_stats = {first: float(arr[first].mean()), f"{first}_std": float(arr[first].std()),
+                          **{key: float(arr[key].mean()) for key in costs[1:]}}
             rows.append({
                 "method": method, "eps": e, "delta": delta if method in ("ucb", "ltt") else None,
                 "bound": bound if method == "ucb" else ("hoeffding_bentkus" if method == "ltt" else None),
@@ -88,21 +95,20 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 "violation_rate": float((arr["test_risk"] > e).mean()),
                 "lambda_hat_mean": float(arr["lambda_hat"].mean()),
                 "no_exit_rate": float(1.0 - arr["feasible"].mean()),
-                "mean_exit_layer": float(arr["mean_exit_layer"].mean()),
-                "mean_exit_layer_std": float(arr["mean_exit_layer"].std()),
-                "layer_fraction": float(arr["layer_fraction"].mean()),
+                **cost_stats,
                 "task_loss": float(arr["task_loss"].mean()),
                 "speedup": float(np.nanmean(arr["speedup"])), "speedup_std": float(np.nanstd(arr["speedup"])),
             })
     meta = table.metadata
+    meta_keys = ("task", "model_fingerprint", "measure", "schedule", "min_exit_layer", "num_decoder_layers",
+                 "max_new_tokens", "versions") + (("strategy", "policy") if bild else ())
     return {
         "settings": {"eps": list(eps), "methods": list(methods), "delta": delta, "bound": bound, "risk": risk,
                      "n": n, "n_cal": n_cal, "n_test": n - n_cal, "repeats": repeats, "seed": seed,
                      "monotonize": monotonize, "loss_bounds": list(bounds)},
-        "metadata": {k: meta.get(k) for k in ("task", "model_fingerprint", "measure", "schedule", "min_exit_layer",
-                                              "num_decoder_layers", "max_new_tokens", "versions")},
-        "full_model": {"mean_exit_layer": float(exit_layer[full].mean()), "task_loss": float(task_loss[full].mean()),
-                       "wall_time": float(wall[full])},
+        "metadata": {k: meta.get(k) for k in meta_keys},
+        "full_model": {costs[0]: float(table.extras[costs[0]][full].mean()),
+                       "task_loss": float(task_loss[full].mean()), "wall_time": float(wall[full])},
         "results": rows,
     }
 
@@ -112,14 +118,25 @@ def format_table(evaluation: dict) -> str:
     s = evaluation["settings"]
     meta = evaluation.get("metadata", {})
     full = evaluation["full_model"]
-    head = (f"task={meta.get('task')} risk={s['risk']} measure={meta.get('measure')} n_cal={s['n_cal']} "
-            f"n_test={s['n_test']} repeats={s['repeats']} delta={s['delta']} | full model: task loss "
-            f"{full['task_loss']:.4f}, exit layer {full['mean_exit_layer']:.2f}")
-    cols = ("method", "eps", "test risk", "viol.", "λ̂", "no exit", "exit layer", "layers", "speedup", "task loss")
+    bild = "large_calls_per_token" in full
+    if bild:  # BiLD: the large model alone is the reference; cost = large-model passes per token
+        head = (f"task={meta.get('task')} risk={s['risk']} strategy=bild n_cal={s['n_cal']} n_test={s['n_test']} "
+                f"repeats={s['repeats']} delta={s['delta']} | large model: task loss {full['task_loss']:.4f}")
+        cost_cols = ("large/tok",)
+    else:
+        head = (f"task={meta.get('task')} risk={s['risk']} measure={meta.get('measure')} n_cal={s['n_cal']} "
+                f"n_test={s['n_test']} repeats={s['repeats']} delta={s['delta']} | full model: task loss "
+                f"{full['task_loss']:.4f}, exit layer {full['mean_exit_layer']:.2f}")
+        cost_cols = ("exit layer", "layers")
+    cols = ("method", "eps", "test risk", "viol.", "λ̂", "no exit", *cost_cols, "speedup", "task loss")
     lines = [head, " ".join(f"{c:>10}" for c in cols)]
     for r in evaluation["results"]:
+        if bild:
+            cost = [f"{r['large_calls_per_token']:>10.3f}"]
+        else:
+            cost = [f"{r['mean_exit_layer']:>10.2f}", f"{r['layer_fraction']:>10.3f}"]
         lines.append(" ".join([
             f"{r['method']:>10}", f"{r['eps']:>10.3g}", f"{r['test_risk_mean']:>+10.4f}", f"{r['violation_rate']:>10.2f}",
-            f"{r['lambda_hat_mean']:>10.4f}", f"{r['no_exit_rate']:>10.2f}", f"{r['mean_exit_layer']:>10.2f}",
-            f"{r['layer_fraction']:>10.3f}", f"{r['speedup']:>10.2f}", f"{r['task_loss']:>10.4f}"]))
+            f"{r['lambda_hat_mean']:>10.4f}", f"{r['no_exit_rate']:>10.2f}", *cost,
+            f"{r['speedup']:>10.2f}", f"{r['task_loss']:>10.4f}"]))
     return "\n".join(lines)
