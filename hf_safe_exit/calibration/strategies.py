@@ -56,8 +56,8 @@ def _ints(values) -> list[int]:
 
 
 def _json_number(x: float):
-    """Strict JSON has no Infinity: ∞ is written as the string "inf"."""
-    return float(x) if math.isfinite(x) else "inf"
+    """Strict JSON has no Infinity: ∞ is written as the string "inf" (and −0.0 as 0.0)."""
+    return float(x) + 0.0 if math.isfinite(x) else "inf"
 
 
 def _early_exit_costs(out) -> dict[str, list]:
