@@ -71,8 +71,11 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
             f"early_exit must be an early-exit policy (hf_safe_exit.EarlyExit, hf_safe_exit.RiskControlled, or any "
             f"object with bind(model)) or a decoding strategy with decode(model, **kwargs); got {type(early_exit)!r}."
         )
-    _check_generation_options(model, kwargs)
     policy = early_exit.bind(model)
+    if callable(getattr(policy, "decode", None)):
+        # e.g. a RiskControlled fitted on a BiLD loss table binds to a calibrated BiLD strategy
+        return generate(model, inputs, early_exit=policy, **kwargs)
+    _check_generation_options(model, kwargs)
     streamer = kwargs.pop("streamer", None)
     # Stock generate sizes the decoder cache by the encoder depth; hand it one sized by the decoder.
     if kwargs.get("past_key_values") is None:
