@@ -138,7 +138,7 @@ def lambda_to_rollback(lam: float) -> float:
         raise ValueError(f"lam={lam!r} is outside [0, 1]: 1 is the large model's output, smaller is more permissive.")
     if lam == 0.0:
         return math.inf
-    return max(-math.log(lam), 0.0)
+    return 0.0 if lam == 1.0 else -math.log(lam)  # not max(-log λ, 0): that gives -0.0 at λ = 1
 
 
 # ----------------------------------------------------------------------------------------------
