@@ -6,7 +6,8 @@ per method (CRC, UCB, LTT, ...):
 
 * ``risk_vs_eps.png`` -- mean test risk (± one standard deviation over the splits) against
   ε, with the diagonal ``risk = ε`` that a valid method stays below (in expectation for CRC);
-* ``exit_layer_vs_eps.png`` -- mean exit layer against ε (the full model's depth dashed);
+* ``exit_layer_vs_eps.png`` -- mean exit layer against ε (the full model's depth dashed); for a BiLD
+  evaluation ``large_calls_vs_eps.png``, large-model calls per generated token;
 * ``speedup_vs_eps.png`` -- wall-time speed-up over the full model against ε.
 """
 
@@ -67,13 +68,19 @@ def plot_evaluation(evaluation: dict, output_dir: str | os.PathLike) -> list[Pat
     finish(fig, ax, "test risk", "risk_vs_eps.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    depth = meta.get("num_decoder_layers")
-    if depth:
-        ax.axhline(depth, color="gray", lw=1, ls="--", label="full model")
+    first = next(iter(series.values()))[0]
+    if "mean_exit_layer" in first:  # early exit: mean exit layer against the decoder depth
+        cost, ylabel, name, full_level = "mean_exit_layer", "mean exit layer", "exit_layer_vs_eps.png", \
+            meta.get("num_decoder_layers")
+    else:  # BiLD: large-model passes per generated token (1 = the large model alone)
+        cost, ylabel, name, full_level = "large_calls_per_token", "large-model calls per token", \
+            "large_calls_vs_eps.png", 1.0
+    if full_level:
+        ax.axhline(full_level, color="gray", lw=1, ls="--", label="full model")
     for method, rows in series.items():
-        ax.plot([r["eps"] for r in rows], [r["mean_exit_layer"] for r in rows], marker="o", ms=3,
+        ax.plot([r["eps"] for r in rows], [r[cost] for r in rows], marker="o", ms=3,
                 label=_LABELS.get(method, method))
-    finish(fig, ax, "mean exit layer", "exit_layer_vs_eps.png")
+    finish(fig, ax, ylabel, name)
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     ax.axhline(1.0, color="gray", lw=1, ls="--", label="full model")

@@ -333,6 +333,10 @@ def test_cli_collect_strategy_bild_then_calibrate(model_dirs, capsys, tmp_path):
                  "--risk", "consistency", "--output", str(evaluation)]) == 0
     assert "large/tok" in capsys.readouterr().out
     assert json.loads(evaluation.read_text())["results"][0]["large_calls_per_token"] > 0
+    # plot draws BiLD's cost (large-model calls per token) instead of exit layers
+    assert main(["plot", "--evaluation", str(evaluation), "--output-dir", str(tmp_path / "figs")]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").glob("*.png")) == [
+        "large_calls_vs_eps.png", "risk_vs_eps.png", "speedup_vs_eps.png"]
 
 
 def test_cli_collect_bild_bad_input(model_dirs, capsys, tmp_path):
