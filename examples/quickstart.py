@@ -33,12 +33,12 @@ BUILTIN_ARTICLE = (
 
 def pool_article() -> str | None:
     """The first CNN/DM calibration/test-pool row (row 500), if the shared data is present."""
-    try:
-        from hf_safe_exit.tasks import load_split
+    from hf_safe_exit.tasks import load_split, shared_data_dir
 
-        return load_split("cnndm", "pool")[0]["article"]
-    except Exception:  # no shared data on a user's machine: fall back to the built-in text
+    data = shared_data_dir()
+    if data is None:  # a user's machine without the project's offline data: use the built-in text
         return None
+    return load_split("cnndm", "pool", path=data)[0]["article"]
 
 
 def timed(fn):
