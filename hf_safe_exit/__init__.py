@@ -8,6 +8,7 @@
 from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
+from .models import default_model_path, load_default_model
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
 from .risk import LossTable, RiskCertificate, RiskControlled
 from .calibration import collect
@@ -19,5 +20,5 @@ __all__ = [
     "BiLD",
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
     "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
-    "collect", "get_task", "load_split", "__version__",
+    "collect", "get_task", "load_split", "default_model_path", "load_default_model", "__version__",
 ]
