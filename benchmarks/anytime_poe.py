@@ -203,7 +203,7 @@ def run_task(model, tok, task_name: str, n: int, args) -> dict:
     task = get_task(task_name)
     all_rows = examples(task, n + args.n_grid, args.seed, args.data_dir)
     rows, grid_rows = all_rows[:n], all_rows[n:]
-    max_new = args.max_new_tokens or task.max_new_tokens
+    max_new = min(args.max_new_tokens or task.max_new_tokens, task.max_new_tokens)
     log(f"{task_name}: {n} pool examples (+{len(grid_rows)} others for the λ grids), max_new_tokens {max_new}")
     grids = confidence_grids(model, tok, task, grid_rows, args.batch_size, max_new)
     log(f"{task_name}: grids " + json.dumps({k: [round(x, 6) for x in v] for k, v in grids.items()}))
@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n-squad", type=int, default=200)
     p.add_argument("--n-cnndm", type=int, default=60)
     p.add_argument("--n-grid", type=int, default=32, help="other pool examples whose confidences set the λ grids")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on the task's max_new_tokens (default: the task's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eps", default="0.05,0.1,0.2")
     p.add_argument("--eps-focus", type=float, default=0.1)
@@ -320,6 +320,11 @@ def main(argv=None) -> dict:
     for task in args.tasks.split(","):
         n = args.n_squad if task == "squad" else args.n_cnndm
         results[task] = run_task(model, tok, task, n, args)
+        write(output, model, label, args, results, start)  # after every task: a partial run keeps what it has
+    return write(output, model, label, args, results, start, final=True)
+
+
+def write(output, model, label, args, results, start, final=False) -> dict:
     import transformers
 
     from hf_safe_exit.cards import describe_hardware
@@ -341,8 +346,9 @@ def main(argv=None) -> dict:
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(doc, indent=1))
-    log(f"wrote {output}")
-    print(json.dumps(doc["summary"], indent=1))
+    log(f"wrote {output} ({', '.join(results)})")
+    if final:
+        print(json.dumps(doc["summary"], indent=1))
     return doc
 
 

@@ -44,6 +44,7 @@ DEMO_ARTICLE = (
 DEMO_QUESTION = "How much will the restoration of the depot cost?"
 
 _METRIC = {"cnndm": "ROUGE-L", "squad": "F1"}
+DEFAULT_MAX_NEW_TOKENS = 64  # caps the summary length (CNN/DM's task default is 128) to stay within a minute
 _TASK_TITLE = {"cnndm": "Summary", "squad": "Answer"}
 _DATA = {"cnndm": "CNN/DailyMail news articles", "squad": "SQuAD questions on Wikipedia paragraphs"}
 
@@ -99,7 +100,7 @@ def find_task_calibration(model_dir, task: str, *, eps: float = 0.1, delta: floa
         else:
             table = LossTable.load(path)
             stored = table.metadata.get("task")
-        if check_task and stored != task:
+        if (check_task and stored != task) or (stored is not None and stored != task):
             tried.append(f"{path} (calibrated for task {stored!r})")
             continue
         if kind == "table":
@@ -125,7 +126,9 @@ def _load(model_dir):
             raise DemoError(f"the default model is not installed in {default_model_path()}: this installation was "
                             "built without it. Train it with examples/train_default_model.py, or pass model_dir= "
                             "(--model) with your own T5 checkpoint and its calibration.")
-        model, tokenizer = load_default_model()
+        # Without the meta head: an attached head changes model_fingerprint, and calibrations made with the CLI
+        # (which loads the plain checkpoint) carry the plain model's fingerprint.
+        model, tokenizer = load_default_model(with_meta_head=False)
         return enable(model), tokenizer, default_model_path()
     import torch
     from transformers import AutoTokenizer, T5ForConditionalGeneration
@@ -204,16 +207,17 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
     task = get_task(task_name)
     prompt = task.prompt(example)
     enc = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=task.max_input_length)
-    gen = dict(max_new_tokens=max_new_tokens or task.max_new_tokens, do_sample=False, num_beams=1)
+    gen = dict(max_new_tokens=max_new_tokens or min(task.max_new_tokens, DEFAULT_MAX_NEW_TOKENS), do_sample=False,
+               num_beams=1)
     early_exit = rc.bind(model)  # checks that the calibration belongs to this model (fingerprint)
     with torch.inference_mode():
-        def run_full():
-            return type(model).generate(model, **enc, **gen, past_key_values=new_decoder_cache(model))
+        def run_full(**over):
+            return type(model).generate(model, **enc, **{**gen, **over}, past_key_values=new_decoder_cache(model))
 
-        def run_early():
-            return model.generate(**enc, **gen, early_exit=early_exit, return_dict_in_generate=True)
+        def run_early(**over):
+            return model.generate(**enc, **{**gen, **over}, early_exit=early_exit, return_dict_in_generate=True)
 
-        run_full(), run_early()  # warm-up (first-call allocations), not timed
+        run_full(max_new_tokens=2), run_early(max_new_tokens=2)  # short warm-up (first-call allocations), untimed
         t_full, full = _time_generate(run_full, repeats)
         t_early, out = _time_generate(run_early, repeats)
     seq = out.sequences[0, 1:]
@@ -262,7 +266,7 @@ def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> No
 
 def run_demo(text: str | None = None, file: str | os.PathLike | None = None, question: str | None = None, *,
              model_dir: str | os.PathLike | None = None, eps: float = 0.1, delta: float | None = 0.1,
-             method: str = "ucb", max_new_tokens: int | None = None, repeats: int = 3, color: bool | None = None,
+             method: str = "ucb", max_new_tokens: int | None = None, repeats: int = 1, color: bool | None = None,
              out: TextIO | None = None) -> list[DemoResult]:
     """Summarise an article and answer a question with risk-controlled early exit; print and return the results.
 
@@ -272,8 +276,8 @@ def run_demo(text: str | None = None, file: str | os.PathLike | None = None, que
             none (no QA) for your own article unless you pass one.
         model_dir: a T5 checkpoint with its calibration(s); default: the shipped default model.
         eps, delta, method: only used when the calibration found is a stored loss table (not a risk_control.json).
-        max_new_tokens: default: the task's.
-        repeats: timing runs per model (the fastest counts), after one untimed warm-up run.
+        max_new_tokens: default: the task's, at most 64.
+        repeats: timed runs per model (the fastest counts; default 1), after a short untimed warm-up.
         color: colour tokens by exit layer (default: when ``out`` is a terminal and NO_COLOR is unset).
         out: where to print (default stdout).
     Raises:
@@ -328,7 +332,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default=None, help="a T5 checkpoint directory with its calibration "
                                                  "(default: the shipped default model)")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3, help="timing runs per model (default 3)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per model, the fastest counts (default 1)")
     p.add_argument("--no-color", action="store_true", help="plain text: exit layers as ⟨n⟩ after each token")
     return p
 
