@@ -6,6 +6,9 @@
 """
 
 from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate
+from .decoding.poe import PoEConfig
+from .cards import write_guarantee_card
+from .demo import run_demo
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .fingerprint import model_fingerprint
 from .models import default_model_path, load_default_model
@@ -20,5 +23,6 @@ __all__ = [
     "BiLD",
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
     "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
-    "collect", "get_task", "load_split", "default_model_path", "load_default_model", "__version__",
+    "collect", "get_task", "load_split", "default_model_path", "load_default_model",
+    "PoEConfig", "write_guarantee_card", "run_demo", "__version__",
 ]

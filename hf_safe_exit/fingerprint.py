@@ -10,6 +10,7 @@ import torch
 __all__ = ["model_fingerprint"]
 
 _SAMPLES_PER_TENSOR = 1024
+_ADD_ON_PREFIXES = ("meta_head.",)
 
 
 @torch.no_grad()
@@ -18,7 +19,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     Values are hashed after rounding to bfloat16, so the same checkpoint loaded in
     float32 or bfloat16 gets the same fingerprint, while fine-tuning, another
-    checkpoint or another architecture gets a different one. Calibrations and
+    checkpoint or another architecture gets a different one. An attached ``meta_head`` is
+    ignored (it is an add-on read by the meta measure, not part of the backbone). Calibrations and
     stored loss tables carry it; loading one onto another model raises.
     """
     digest = hashlib.sha256()
@@ -29,7 +31,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
+        # An attached meta-classifier head is an add-on, not the backbone the losses were collected with.
+        if id(param) in seen or name.startswith(_ADD_ON_PREFIXES):
             continue
         seen.add(id(param))
         flat = param.detach().reshape(-1)

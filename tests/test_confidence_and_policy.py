@@ -138,3 +138,16 @@ def test_unknown_measure_and_schedule_and_beam_search_raise():
         model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2, num_beams=2, early_exit=EarlyExit())
     with pytest.raises(TypeError, match="bind"):
         model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2, early_exit=0.9)
+
+
+def test_fingerprint_ignores_an_attached_meta_head_but_sees_weight_changes():
+    from hf_safe_exit import model_fingerprint
+
+    model = tiny_t5()
+    before = model_fingerprint(model)
+    model.meta_head = MetaClassifierHead(MetaHeadConfig(d_model=16))
+    assert model_fingerprint(model) == before
+    with torch.no_grad():
+        model.decoder.block[1].layer[2].DenseReluDense.wo.weight.mul_(1.5)
+    assert model_fingerprint(model) != before
+    assert model_fingerprint(tiny_t5(num_decoder_layers=2)) != before
