@@ -10,6 +10,7 @@ import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
 from hf_safe_exit.confidence import ConfidenceMeasure
 from hf_safe_exit.decoding import new_decoder_cache
+from no_cache_reference import reference_exit_logits
 
 VOCAB = 97
 
@@ -98,37 +99,6 @@ def test_without_early_exit_generate_is_hf_own():
 # ---------------------------------------------------------------------------------------------------------------
 # Independent reference: no cache, whole sequence at once, blocks above a position's exit layer are the identity.
 # ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_exit_logits(model, input_ids, attention_mask, sequences, exit_layers):
-    """Logits of every generated position, recomputed without any cache.
-
-    ``exit_layers[b, t]`` is the 1-based layer token t of row b exited at. At such a
-    position every block above the exit layer is the identity, which is what CALM's
-    state propagation makes the cached decoder compute.
-    """
-    dtype = next(model.parameters()).dtype
-    enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    dec_in = sequences[:, :-1]
-    b, t = dec_in.shape
-    neg = torch.finfo(dtype).min
-    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
-    self_mask = torch.zeros(b, 1, t, t, dtype=dtype).masked_fill(~causal, neg)
-    cross_mask = torch.zeros(b, 1, 1, enc.shape[1], dtype=dtype).masked_fill(attention_mask[:, None, None, :] == 0,
-                                                                            neg)
-    h = model.decoder.embed_tokens(dec_in)
-    bias = cross_bias = None
-    for j, block in enumerate(model.decoder.block, start=1):
-        new, bias, cross_bias = block(h, self_mask if bias is None else None, bias, enc, cross_mask, cross_bias)
-        if j == 1:  # block 0 returns the bias without the mask; fold the causal mask in for later blocks
-            bias = bias + self_mask
-        keep = (exit_layers >= j)[..., None]
-        h = torch.where(keep, new, h)
-    normed = model.decoder.final_layer_norm(h)
-    if model.config.scale_decoder_outputs:  # T5 v1.0: tied head, scaled decoder output (HF's flag for it)
-        normed = normed * model.config.d_model**-0.5
-    return model.lm_head(normed)
-
-
 def _run_forced(model, ids, mask, layers, max_new_tokens=10):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                          early_exit=ForcedExit(layers), return_dict_in_generate=True, output_logits=True)

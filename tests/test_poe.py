@@ -12,6 +12,7 @@ import hf_safe_exit
 from hf_safe_exit import EarlyExit
 from hf_safe_exit.confidence import softmax_margin
 from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
+from no_cache_reference import reference_layer_logits
 from hf_safe_exit.decoding.poe import PoEConfig, PoEState, poe_distribution, poe_log_probs, poe_weights
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,35 +145,6 @@ def batch():
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     return ids * mask, mask
-
-
-@torch.no_grad()
-def reference_layer_logits(model, input_ids, attention_mask, sequences, exit_layers):
-    """``(L, batch, T, vocab)`` logits of every decoder layer at every generated position, without any cache.
-
-    At a position whose token exited at layer e, blocks above e are the identity (CALM's state
-    propagation), so later positions attend to that token's exit state at those layers. Entries of
-    layers above a position's exit layer are not used by the checks.
-    """
-    dtype = next(model.parameters()).dtype
-    enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    dec_in = sequences[:, :-1]
-    b, t = dec_in.shape
-    neg = torch.finfo(dtype).min
-    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
-    self_mask = torch.zeros(b, 1, t, t, dtype=dtype).masked_fill(~causal, neg)
-    cross_mask = torch.zeros(b, 1, 1, enc.shape[1], dtype=dtype).masked_fill(attention_mask[:, None, None, :] == 0,
-                                                                            neg)
-    h = model.decoder.embed_tokens(dec_in)
-    bias = cross_bias = None
-    per_layer = []
-    for j, block in enumerate(model.decoder.block, start=1):
-        new, bias, cross_bias = block(h, self_mask if bias is None else None, bias, enc, cross_mask, cross_bias)
-        if j == 1:
-            bias = bias + self_mask
-        per_layer.append(model.lm_head(model.decoder.final_layer_norm(new)))  # untied head: no output scaling
-        h = torch.where((exit_layers >= j)[..., None], new, h)
-    return torch.stack(per_layer)
 
 
 def _generate(model, policy, steps=10, **kwargs):
