@@ -26,20 +26,14 @@ from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 DATA = shared_data_dir()
-pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
-                                                     "is absent")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent"),
+              pytest.mark.usefixtures("one_thread")]
 
 LAMBDAS = [0.0, math.exp(-3.0), math.exp(-1.0), 0.9, 1.0]
 MAX_NEW, MAX_IN = 8, 40
 COMMON = dict(lambdas=LAMBDAS, batch_size=3, max_new_tokens=MAX_NEW, max_input_length=MAX_IN, progress=False)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: tiny models run fastest single-threaded
-    yield
-    torch.set_num_threads(old)
 
 
 def small_from(large, noise: float = 0.0, seed: int = 1):

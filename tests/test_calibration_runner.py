@@ -13,20 +13,14 @@ from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 DATA = shared_data_dir()
-pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
-                                                     "is absent")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent"),
+              pytest.mark.usefixtures("one_thread")]
 
 LAMBDAS = [0.0, 0.5, 0.9, 1.0]
 COMMON = dict(lambdas=LAMBDAS, batch_size=2, max_new_tokens=6, max_input_length=48, progress=False)
 TIMING = ("wall_time", "example_time")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: tiny models run fastest single-threaded
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

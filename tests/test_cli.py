@@ -17,19 +17,13 @@ from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 DATA = shared_data_dir()
-pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
-                                                     "is absent")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent"),
+              pytest.mark.usefixtures("one_thread")]
 GRID = "0,0.5,0.9,1"
 COLLECT = ["--task", "cnndm", "--n", "6", "--lambdas", GRID, "--batch-size", "3", "--max-new-tokens", "5",
            "--max-input-length", "40", "--no-progress"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

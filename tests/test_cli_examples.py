@@ -4,7 +4,6 @@ import runpy
 from pathlib import Path
 
 import pytest
-import torch
 
 from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.risk import RiskControlled
@@ -12,16 +11,10 @@ from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 DATA = shared_data_dir()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-pytestmark = pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
-                                                     "is absent")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
+                                                     "is absent"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("script,task_name,score_key", [("summarize_cnndm.py", "cnndm", "rougeL_full"),

@@ -25,12 +25,6 @@ from .readout import check_supported_model
 
 __all__ = ["enable", "generate", "is_enabled"]
 
-_UNSUPPORTED = {
-    "assistant_model": "assisted decoding (use hf_safe_exit's BiLD strategy instead)",
-    "prefix_allowed_tokens_fn": None,  # supported through HF's logits processors
-}
-
-
 def _check_generation_options(model, kwargs: dict) -> None:
     gen_config = kwargs.get("generation_config") or model.generation_config
     num_beams = kwargs.get("num_beams", getattr(gen_config, "num_beams", 1)) or 1

@@ -31,7 +31,7 @@ from ..fingerprint import model_fingerprint
 from ..policy import SCHEDULES, EarlyExit
 from .bounds import _check_level, hoeffding_bentkus_ucb
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
-from .selection import BOUNDS, METHODS, MONOTONIZE, select
+from .selection import BOUNDS, MONOTONIZE, check_method_and_delta, select
 
 __all__ = ["RiskControlled", "RiskCertificate", "MissingCalibrationError", "find_calibration",
            "RISK_CONTROL_FILENAME", "clear_cache"]
@@ -145,16 +145,7 @@ class RiskControlled:
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
                  min_exit_layer: int | None = None, decay_tau: float | None = None, small_model=None):
         self.eps = _check_level(eps, "eps")
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
-        if method in ("ucb", "ltt"):
-            if delta is None:
-                raise ValueError(f"method={method!r} guarantees the risk with probability 1 − delta: pass delta "
-                                 "(e.g. delta=0.1), or use method='crc' for a guarantee in expectation.")
-            delta = _check_level(delta, "delta")
-        elif delta is not None:
-            raise ValueError(f"delta={delta!r} was given but method={method!r} has no δ: drop delta, or use "
-                             "method='ucb' or method='ltt' for a high-probability guarantee.")
+        delta = check_method_and_delta(method, delta)
         if bound not in BOUNDS:
             raise ValueError(f"bound={bound!r} is unknown: use one of {BOUNDS}.")
         if risk not in RISKS:

@@ -233,21 +233,29 @@ def select_ltt(lambdas, losses, eps, delta, *, loss_bounds=(0.0, 1.0), monotoniz
     return _finish(lam, order, arr.mean(axis=1), pvals, pvals <= delta, arr.shape[1])
 
 
-def select(method, lambdas, losses, eps, delta=None, *, bound="wsr", loss_bounds=(0.0, 1.0),
-           monotonize=None) -> Selection:
-    """Dispatch to ``select_<method>``; ``delta`` must be given exactly for ``ucb`` and ``ltt``."""
+def check_method_and_delta(method, delta):
+    """Validate ``method`` and its δ: given, in (0, 1), exactly for ``ucb`` and ``ltt``. Returns δ (or None)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown: use one of {METHODS}.")
     if method in ("ucb", "ltt"):
         if delta is None:
-            raise ValueError(f"method={method!r} controls the risk with probability 1 − delta: pass delta, "
-                             "e.g. delta=0.1.")
-        fn = select_ucb if method == "ucb" else select_ltt
-        kw = {"bound": bound} if method == "ucb" else {}
-        return fn(lambdas, losses, eps, delta, loss_bounds=loss_bounds, monotonize=monotonize, **kw)
+            raise ValueError(f"method={method!r} controls the risk with probability 1 − delta: pass delta "
+                             "(e.g. delta=0.1), or use method='crc' for a guarantee in expectation.")
+        return _check_level(delta, "delta")
     if delta is not None:
         raise ValueError(f"delta={delta!r} was given but method={method!r} has no δ "
                          f"({'it controls the risk in expectation' if method == 'crc' else 'it gives no guarantee'}): "
                          "drop delta, or use method='ucb' or 'ltt' for a high-probability guarantee.")
+    return None
+
+
+def select(method, lambdas, losses, eps, delta=None, *, bound="wsr", loss_bounds=(0.0, 1.0),
+           monotonize=None) -> Selection:
+    """Dispatch to ``select_<method>``; ``delta`` must be given exactly for ``ucb`` and ``ltt``."""
+    delta = check_method_and_delta(method, delta)
+    if method in ("ucb", "ltt"):
+        fn = select_ucb if method == "ucb" else select_ltt
+        kw = {"bound": bound} if method == "ucb" else {}
+        return fn(lambdas, losses, eps, delta, loss_bounds=loss_bounds, monotonize=monotonize, **kw)
     fn = select_crc if method == "crc" else select_naive
     return fn(lambdas, losses, eps, loss_bounds=loss_bounds, monotonize=monotonize)
