@@ -238,6 +238,10 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
              f"| Threshold schedule | {cal.get('schedule', 'constant')}"
              + (f" (τ = {cal.get('decay_tau'):g})" if cal.get("schedule") == "decaying" else "")
              + f", first exit layer {cal.get('min_exit_layer', 1)} |"]
+    if not anytime and cal.get("anytime"):  # the calibration decoded with Product-of-Experts predictions
+        poe = cal["anytime"]
+        anytime = (f"Product-of-Experts over the exits so far (Jazbec et al. 2023): {poe.get('activation')} "
+                   f"activation, {poe.get('weights')} weights")
     if anytime:
         lines.append(f"| Anytime predictions | {anytime} |")
     if c.monotonize:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", default="softmax", help="softmax, saturation or meta (default softmax)")
     p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
     p.add_argument("--min-exit-layer", type=int, default=1)
+    p.add_argument("--anytime", default=None, choices=("poe",),
+                   help="poe: Product-of-Experts anytime predictions and confidences (Jazbec et al. 2023); "
+                   "the calibration then holds for that decoder, and RiskControlled decodes with it")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--max-input-length", type=int, default=None, help="default: the task's")
@@ -216,6 +219,8 @@ def _cmd_collect(args) -> int:
         raise UsageError("--strategy bild needs --small-model DIR (the small draft model; --model is the large one).")
     if not bild and (args.small_model or args.fallback is not None or args.max_draft_len is not None):
         raise UsageError("--small-model, --fallback and --max-draft-len are for --strategy bild.")
+    if bild and args.anytime:
+        raise UsageError("--anytime is an early-exit setting: drop it for --strategy bild.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
     data = load_split(task, args.split, path=args.data)
@@ -237,7 +242,8 @@ def _cmd_collect(args) -> int:
             small_tokenizer=small_tokenizer)
         metadata["small_model_path"] = os.fspath(args.small_model)
     table = collect(model, tokenizer, task, data, lambdas=args.lambdas, measure=args.measure, schedule=args.schedule,
-                    min_exit_layer=args.min_exit_layer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    min_exit_layer=args.min_exit_layer, anytime=args.anytime, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
                     progress=not args.no_progress, metadata=metadata, policy_factory=factory)
     if state.is_main_process:

@@ -143,3 +143,23 @@ def test_bad_grid_is_refused(cnndm):
         collect(model, tokenizer, "cnndm", rows, lambdas=[0.2, 0.5], progress=False)
     with pytest.raises(ValueError, match="at least one example"):
         collect(model, tokenizer, "cnndm", [], lambdas=[1.0], progress=False)
+
+
+def test_poe_collection_records_its_decoder_and_fits_a_poe_policy(cnndm):
+    from hf_safe_exit import EarlyExit, PoEConfig, RiskControlled
+    from hf_safe_exit.decoding.generate import generate
+
+    rows, tokenizer, model = cnndm
+    task = get_task("cnndm")
+    poe = collect(model, tokenizer, task, rows, anytime="poe", **COMMON)
+    plain = collect(model, tokenizer, task, rows, **COMMON)
+    assert poe.metadata["anytime"] == PoEConfig().to_dict() and "anytime" not in plain.metadata
+    full = LAMBDAS.index(1.0)  # PoE's default final_layer="model": λ = 1 is the plain full model
+    np.testing.assert_array_equal(poe.extras["task_loss"][full], plain.extras["task_loss"][full])
+    # each row of the PoE table is what EarlyExit(anytime="poe") decodes, example by example
+    k = LAMBDAS.index(0.5)
+    enc = tokenizer([task.prompt(rows[0])], return_tensors="pt", truncation=True, max_length=48)
+    out = generate(model, **enc, max_new_tokens=6, early_exit=EarlyExit(threshold=0.5, anytime="poe"))
+    text = tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    assert poe.extras["task_loss"][k, 0] == pytest.approx(task.loss(text, task.reference(rows[0])), abs=1e-12)
+    assert RiskControlled(0.2).fit_table(poe).bind(model).anytime == PoEConfig()

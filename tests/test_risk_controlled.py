@@ -325,3 +325,36 @@ def test_loss_table_validation():
         LossTable.from_task_losses(lam, task, extras={"wall_time": np.ones(3)})
     with pytest.raises(ValueError, match="same examples"):
         LossTable(lam, {"consistency": task, "performance_gap_bounded": task[:, :5]})
+
+
+# ---------------------------------------------------------------- Product-of-Experts calibrations
+def test_poe_calibration_binds_decodes_and_round_trips_with_poe(tmp_path):
+    from hf_safe_exit import PoEConfig
+
+    enable = pytest.importorskip("hf_safe_exit.decoding.generate").enable
+    model = enable(_tiny_t5())
+    poe = PoEConfig(activation="softplus")
+    table = _table(fingerprint=model_fingerprint(model), anytime=poe.to_dict())
+    rc = RiskControlled(0.1).fit_table(table)
+    bound = rc.bind(model)
+    assert bound.anytime == poe  # the calibrated decoder, not plain early exit
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 1], [9, 3, 2, 1]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    ours = model.generate(**inputs, early_exit=rc, max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(**inputs, early_exit=EarlyExit(threshold=rc.lambda_, measure="softmax", anytime=poe),
+                         max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, ref.scores))
+    rc.save_pretrained(tmp_path)
+    assert RiskControlled.from_pretrained(tmp_path).bind(model).anytime == poe
+    assert RiskControlled(0.1, anytime=poe).fit_table(table).lambda_ == rc.lambda_  # agreeing setting is accepted
+
+
+def test_anytime_mismatch_with_table_raises():
+    with pytest.raises(ValueError, match="anytime"):
+        RiskControlled(0.1, anytime="poe").fit_table(_table())  # a plain early-exit table
+    from hf_safe_exit import PoEConfig
+
+    with pytest.raises(ValueError, match="anytime"):
+        RiskControlled(0.1, anytime=PoEConfig(weights="uniform")).fit_table(_table(anytime=PoEConfig().to_dict()))
+    with pytest.raises(ValueError, match="anytime"):
+        RiskControlled(0.1, anytime="products")

@@ -154,6 +154,7 @@ def collect(
     schedule: str = "constant",
     min_exit_layer: int = 1,
     decay_tau: float = 4.0,
+    anytime=None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     max_input_length: int | None = None,
@@ -176,7 +177,9 @@ def collect(
         examples: rows of the task's dataset (a ``datasets.Dataset`` or a list of dicts).
         lambdas: the threshold grid; must contain 1.0. Default :func:`default_lambdas`
             (for BiLD: :func:`~hf_safe_exit.calibration.strategies.default_bild_lambdas`).
-        measure, schedule, min_exit_layer, decay_tau: passed to :class:`~hf_safe_exit.EarlyExit`.
+        measure, schedule, min_exit_layer, decay_tau, anytime: passed to :class:`~hf_safe_exit.EarlyExit`
+            (``anytime="poe"`` or a :class:`~hf_safe_exit.PoEConfig`: Product-of-Experts predictions and
+            confidences; stored in the metadata, so ``RiskControlled`` decodes with them too).
         batch_size: examples per ``generate`` call.
         max_new_tokens / max_input_length: default to the task's.
         output: where to write the result file (``.npz``); ``None`` keeps it in memory only.
@@ -191,7 +194,7 @@ def collect(
             threshold through the same runner, e.g. BiLD's rollback threshold with
             ``bild_policy_factory(small_model, fallback=...)`` (λ = exp(−α_RB); see
             :mod:`hf_safe_exit.calibration.strategies`). ``None`` (default): ``EarlyExit(threshold=λ,
-            measure=..., schedule=..., min_exit_layer=..., decay_tau=...)``; those four arguments
+            measure=..., schedule=..., min_exit_layer=..., decay_tau=..., anytime=...)``; those arguments
             are ignored otherwise. λ = 1 must give the reference output (the large model).
         policy_description: JSON-able settings of the factory's policies, stored in the run
             config (resume check) and the metadata (``"policy"``); default
@@ -218,7 +221,7 @@ def collect(
         raise ValueError("collect needs at least one example: check the data split and --n.")
     if policy_factory is None:
         strategy = EarlyExitStrategy(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer,
-                                     decay_tau=decay_tau)
+                                     decay_tau=decay_tau, anytime=anytime)
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)
     if lambdas is None:

@@ -15,7 +15,8 @@ Two strategies exist:
 
 * :class:`EarlyExitStrategy` (the default): ``EarlyExit(threshold=λ, measure=..., ...)``; costs
   ``mean_exit_layer``, ``layer_fraction``, ``num_tokens``. Its config and metadata are the flat keys
-  ``measure``, ``schedule``, ``min_exit_layer``, ``decay_tau`` (the file layout has not changed).
+  ``measure``, ``schedule``, ``min_exit_layer``, ``decay_tau``, and ``anytime`` (the
+  :class:`~hf_safe_exit.PoEConfig` as a dict) only when Product-of-Experts predictions are on.
 * :class:`FactoryStrategy`: any ``policy_factory(λ)`` with a JSON-able ``description``, e.g.
   :func:`hf_safe_exit.decoding.bild.bild_policy_factory` for BiLD's rollback threshold
   (λ = exp(−α_RB)). Config and metadata hold ``"policy": description`` and the metadata
@@ -68,17 +69,22 @@ def _early_exit_costs(out) -> dict[str, list]:
 
 
 class EarlyExitStrategy:
-    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau)`` at every λ (the default)."""
+    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau, anytime)`` at every λ (the default)."""
 
     name = "early_exit"
 
     def __init__(self, measure: str = "softmax", schedule: str = "constant", min_exit_layer: int = 1,
-                 decay_tau: float = 4.0):
+                 decay_tau: float = 4.0, anytime=None):
         import hf_safe_exit
+        from ..decoding.poe import resolve_anytime
 
-        self.kwargs = dict(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer, decay_tau=decay_tau)
+        anytime = resolve_anytime(anytime)
+        self.kwargs = dict(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer, decay_tau=decay_tau,
+                           anytime=anytime)
         self.config = {"measure": hf_safe_exit.EarlyExit(measure=measure).measure_name, "schedule": schedule,
                        "min_exit_layer": int(min_exit_layer), "decay_tau": float(decay_tau)}
+        if anytime is not None:  # absent for plain early exit: older tables and states stay valid
+            self.config["anytime"] = anytime.to_dict()
 
     def policy(self, lam: float):
         import hf_safe_exit

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 
 from ..confidence import ConfidenceMeasure, get_measure, measure_name
+from ..decoding.poe import resolve_anytime
 from ..fingerprint import model_fingerprint
 from ..policy import SCHEDULES, EarlyExit
 from .bounds import _check_level, hoeffding_bentkus_ucb
@@ -129,6 +130,10 @@ class RiskControlled:
             computed with. ``None`` takes them from the loss table's metadata (``fit_table``);
             a value that contradicts the table raises. Defaults when neither says:
             schedule ``"constant"``, min_exit_layer 1, decay_tau 4; the measure must be known.
+        anytime: ``None``, ``"poe"`` or a :class:`~hf_safe_exit.PoEConfig`: whether the losses were
+            computed with Product-of-Experts anytime predictions (Jazbec et al. 2023). ``None``
+            takes the table's setting (plain early exit if it has none); a value that contradicts
+            the table raises, since λ̂ holds only for the decoder it was calibrated with.
         small_model: the small (draft) model, for a BiLD calibration (a table whose metadata says
             ``strategy: "bild"``); it must be the model the table was collected with (same
             fingerprint). It can also be passed to :meth:`bild` later. Not saved by ``save_pretrained``.
@@ -143,7 +148,8 @@ class RiskControlled:
     def __init__(self, eps: float, delta: float | None = None, method: str = "crc", bound: str = "wsr",
                  risk: str = "performance_gap", monotonize: str | None = None,
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
-                 min_exit_layer: int | None = None, decay_tau: float | None = None, small_model=None):
+                 min_exit_layer: int | None = None, decay_tau: float | None = None, anytime=None,
+                 small_model=None):
         self.eps = _check_level(eps, "eps")
         delta = check_method_and_delta(method, delta)
         if bound not in BOUNDS:
@@ -163,6 +169,7 @@ class RiskControlled:
             raise ValueError(f"decay_tau={decay_tau!r} must be > 0.")
         self.delta, self.method, self.bound, self.risk, self.monotonize = delta, method, bound, risk, monotonize
         self.measure, self.schedule, self.min_exit_layer, self.decay_tau = measure, schedule, min_exit_layer, decay_tau
+        self.anytime = resolve_anytime(anytime)
         self.small_model = small_model
         self.lambda_: float | None = None
         self.certificate: RiskCertificate | None = None
@@ -172,7 +179,7 @@ class RiskControlled:
     def get_params(self) -> dict:
         return {"eps": self.eps, "delta": self.delta, "method": self.method, "bound": self.bound, "risk": self.risk,
                 "monotonize": self.monotonize, "measure": self.measure, "schedule": self.schedule,
-                "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau}
+                "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau, "anytime": self.anytime}
 
     @property
     def is_fitted(self) -> bool:
@@ -214,6 +221,13 @@ class RiskControlled:
                                  f"{key}={user!r}: a threshold calibrated for one setting is not valid for another. "
                                  f"Drop {key}= or recalibrate with {key}={user!r}.")
             out[key] = user if user is not None else (stored if stored is not None else default)
+        stored_anytime = metadata.get("anytime")
+        user_anytime = None if self.anytime is None else self.anytime.to_dict()
+        if user_anytime is not None and metadata and stored_anytime != user_anytime:
+            raise ValueError(f"The losses were computed with anytime={stored_anytime!r} but this RiskControlled asks "
+                             f"for anytime={user_anytime!r}: a threshold calibrated for one decoder is not valid for "
+                             "another. Drop anytime= or recollect with `collect --anytime poe`.")
+        out["anytime"] = user_anytime if user_anytime is not None else stored_anytime
         return out
 
     def _fit(self, lambdas, losses, loss_bounds, metadata: dict) -> "RiskControlled":
@@ -222,7 +236,8 @@ class RiskControlled:
             raise ValueError(f"This loss table calibrates a {strategy!r} decoding threshold, which RiskControlled "
                              "cannot turn into a policy: it supports early exit and BiLD.")
         if strategy == "bild":
-            given = [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau") if getattr(self, k) is not None]
+            given = [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
+                     if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"This loss table calibrates BiLD's rollback threshold, but {', '.join(given)}= "
                                  "(early-exit settings) were given: drop them.")
@@ -348,7 +363,8 @@ class RiskControlled:
             raise ValueError("Unknown confidence measure: the losses were given without metadata, so say which measure "
                              "they were computed with, e.g. RiskControlled(..., measure='softmax').")
         return EarlyExit(threshold=float(self.lambda_), measure=measure, schedule=cal["schedule"],
-                         decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"])).bind(model)
+                         decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"]),
+                         anytime=resolve_anytime(cal.get("anytime"))).bind(model)
 
     def _fit_from_stored(self, model, fingerprint: str) -> "RiskControlled":
         table, source = find_calibration(model)
@@ -371,6 +387,7 @@ class RiskControlled:
             raise ValueError("This RiskControlled is not fitted: call fit(...) or fit_table(...) before saving it.")
         params = self.get_params()
         params["measure"] = None if self.measure is None else measure_name(self.measure)
+        params["anytime"] = None if self.anytime is None else self.anytime.to_dict()
         from .. import __version__
         return {"format_version": _FORMAT_VERSION, "hf_safe_exit_version": __version__, "params": params,
                 "lambda_": self.lambda_, "calibration": dict(self._calibration),
