@@ -206,9 +206,11 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
 
     task = get_task(task_name)
     prompt = task.prompt(example)
-    enc = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=task.max_input_length)
-    gen = dict(max_new_tokens=max_new_tokens or min(task.max_new_tokens, DEFAULT_MAX_NEW_TOKENS), do_sample=False,
-               num_beams=1)
+    calibrated = rc.generation_settings  # decode as the calibration did: the guarantee is for those outputs
+    enc = tokenizer(prompt, return_tensors="pt", truncation=True,
+                    max_length=calibrated.get("max_input_length", task.max_input_length))
+    default_new = calibrated.get("max_new_tokens", min(task.max_new_tokens, DEFAULT_MAX_NEW_TOKENS))
+    gen = dict(max_new_tokens=max_new_tokens or default_new, do_sample=False, num_beams=1)
     early_exit = rc.bind(model)  # checks that the calibration belongs to this model (fingerprint)
     with torch.inference_mode():
         def run_full(**over):
@@ -276,7 +278,8 @@ def run_demo(text: str | None = None, file: str | os.PathLike | None = None, que
             none (no QA) for your own article unless you pass one.
         model_dir: a T5 checkpoint with its calibration(s); default: the shipped default model.
         eps, delta, method: only used when the calibration found is a stored loss table (not a risk_control.json).
-        max_new_tokens: default: the task's, at most 64.
+        max_new_tokens: default: the calibration's (else the task's, at most 64). Inputs are truncated to the
+            calibration's ``max_input_length`` (else the task's).
         repeats: timed runs per model (the fastest counts; default 1), after a short untimed warm-up.
         color: colour tokens by exit layer (default: when ``out`` is a terminal and NO_COLOR is unset).
         out: where to print (default stdout).

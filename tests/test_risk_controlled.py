@@ -358,3 +358,11 @@ def test_anytime_mismatch_with_table_raises():
         RiskControlled(0.1, anytime=PoEConfig(weights="uniform")).fit_table(_table(anytime=PoEConfig().to_dict()))
     with pytest.raises(ValueError, match="anytime"):
         RiskControlled(0.1, anytime="products")
+
+
+def test_generation_settings_of_the_calibration_survive_save_and_load(tmp_path):
+    rc = RiskControlled(0.1).fit_table(_table(fingerprint="f00d", max_new_tokens=48, max_input_length=160))
+    assert rc.generation_settings == {"max_new_tokens": 48, "max_input_length": 160}
+    rc.save_pretrained(tmp_path)
+    assert RiskControlled.from_pretrained(tmp_path).generation_settings == rc.generation_settings
+    assert RiskControlled(0.1).fit_table(_table()).generation_settings == {}

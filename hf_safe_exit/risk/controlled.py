@@ -267,6 +267,9 @@ class RiskControlled:
         self.lambda_ = sel.lambda_hat
         self._calibration = {**settings, "model_fingerprint": metadata.get("model_fingerprint"),
                              "task": metadata.get("task")}
+        # the lengths the losses were decoded with: the guarantee is for outputs made the same way
+        self._calibration.update({k: int(metadata[k]) for k in ("max_new_tokens", "max_input_length")
+                                  if metadata.get(k) is not None})
         if not sel.feasible:
             why = ("even λ = 1 fails the test" if not sel.passed[0] else "no threshold below 1 passes")
             warnings.warn(
@@ -297,6 +300,14 @@ class RiskControlled:
                              "with RiskControlled(eps=..., small_model=small).fit_table(table) and pass that as "
                              "early_exit=.")
         return fitted._bind_fitted(model, fingerprint)
+
+    @property
+    def generation_settings(self) -> dict:
+        """``max_new_tokens`` / ``max_input_length`` the calibration decoded with (empty if unknown).
+
+        The guarantee is stated for outputs produced the same way: decode with these lengths.
+        """
+        return {k: self._calibration[k] for k in ("max_new_tokens", "max_input_length") if k in self._calibration}
 
     # ------------------------------------------------------------------ BiLD's rollback threshold
     @property
