@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train hf_safe_exit's small default T5 from scratch, offline, reproducibly.
 
-Stages: tokenizer -> T5 span-corruption pretraining -> multitask CALM fine-tuning
-(CNN/DM summarisation + SQuAD QA) -> meta-classifier -> evaluation on held-out pool
+Stages: tokenizer -> self-supervised pretraining (T5 span corruption, lead sentences, cloze
+questions: hf_safe_exit.training.self_supervised) -> multitask CALM fine-tuning (CNN/DM
+summarisation + SQuAD QA, plus a share of the self-supervised batches) -> meta-classifier -> evaluation on held-out pool
 rows (full model and every static exit layer, lead-3 for comparison) -> writes the
 package's ``hf_safe_exit/default_model/`` (fp16 safetensors, config, tokenizer, meta
 head, model card, held-out ids).
@@ -11,7 +12,10 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-    python examples/train_default_model.py --max-minutes 75            # CPU run
+    python examples/train_default_model.py --threads 2 --max-minutes 110 --pretrain-fraction 0.4 \
+        --d-model 192 --d-kv 48 --d-ff 512 --enc-layers 6 --dec-layers 6 --max-source-length 160 \
+        --max-target-length 48 --summ-prob 0.4                       # the shipped model (CPU)
+    python examples/train_default_model.py --card-only                  # re-render its README.md
     python examples/train_default_model.py --tiny --max-minutes 3 --out /tmp/tiny_model   # smoke test
     python examples/train_default_model.py --device cuda --d-model 384 --dec-layers 8 ...  # larger, on a GPU
 """
@@ -35,6 +39,7 @@ from hf_safe_exit.training.data import (default_data_dir, load_cnndm, load_squad
                                         summarization_example)
 from hf_safe_exit.training.evaluation import evaluate_qa, evaluate_summarization, lead3, rouge_l, truncated_decoder_model
 from hf_safe_exit.training.meta_classifier import train_meta_classifier
+from hf_safe_exit.training.self_supervised import cloze_question_example, lead_sentences_example
 from hf_safe_exit.training.span_corruption import span_corrupt
 from hf_safe_exit.training.tokenizer import train_t5_tokenizer
 
@@ -72,6 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--summ-prob", type=float, default=0.5, help="share of fine-tuning batches that are CNN/DM")
+    p.add_argument("--pretrain-mix", default="span=0.3,lead=0.35,cloze=0.35",
+                   help="pretraining objectives and their batch shares: T5 span corruption, lead sentences "
+                        "(lead-bias pretraining), cloze questions (span-selection pretraining)")
+    p.add_argument("--finetune-self-supervised", type=float, default=0.2,
+                   help="share of fine-tuning batches that stay self-supervised (lead/cloze), so that 500 "
+                        "CNN/DM rows are not memorised")
     p.add_argument("--weighting", default="linear", choices=["linear", "uniform", "geometric"])
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-cnndm", type=int, default=100)
@@ -80,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a very small config for a smoke test")
     p.add_argument("--resume", action="store_true", help="reuse the tokenizer / pretraining checkpoint in --work-dir")
     p.add_argument("--skip-train", action="store_true", help="only evaluate + package the latest checkpoint")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite README.md in --out from its training_results.json (no training, no evaluation)")
     a = p.parse_args(argv)
     if a.tiny:
         a.vocab_size, a.d_model, a.d_ff, a.num_heads, a.d_kv = 1200, 64, 128, 2, 32
@@ -170,8 +183,18 @@ def train_loop(name, model, tok, make_batch, *, steps_max, seconds, args, device
     return step, time.time() - t0
 
 
+def rewrite_card(out: Path) -> None:
+    """Re-render ``out/README.md`` from ``out/training_results.json`` (the settings and numbers of the run)."""
+    stored = json.loads((out / "training_results.json").read_text())
+    args = argparse.Namespace(**stored["args"])
+    write_card(out, args, stored, stored.get("examples"))
+    log(f"rewrote {out / 'README.md'}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.card_only:
+        return rewrite_card(Path(args.out))
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -216,17 +239,46 @@ def main(argv=None):
     summary = json.loads(state_path.read_text()) if (args.resume or args.skip_train) and state_path.exists() else {}
     budget = args.max_minutes * 60
 
-    def pretrain_batch_fn():
-        # tokenised pretraining chunks, span-corrupted on the fly
+    def parse_mix(spec: str) -> dict[str, float]:
+        mix = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+        unknown = set(mix) - {"span", "lead", "cloze"}
+        if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+            sys.exit(f"--pretrain-mix: expected weights for span/lead/cloze, got {spec!r}")
+        return mix
+
+    def self_supervised_sources():
+        """Per-objective batch makers over the pretraining text (one objective per batch: less padding)."""
+        rng = random.Random(args.seed + 1)
         ids = tok(pre_texts, add_special_tokens=False)["input_ids"]
         chunk = int(args.max_source_length * 0.85) - 2
         chunks = [x[i:i + chunk] for x in ids for i in range(0, len(x), chunk) if len(x[i:i + chunk]) >= 16]
-        rng = random.Random(args.seed + 1)
-        log(f"pretraining chunks: {len(chunks)} of <= {chunk} tokens ({sum(map(len, chunks)) / 1e6:.2f}M tokens)")
+        lead = encode_pairs(tok, [ex for ex in map(lead_sentences_example, pre_texts) if ex is not None],
+                            args.max_source_length, args.max_target_length)
+        # the cloze sentence must lie inside the truncated context: keep the first words only
+        words_fit = int(args.max_source_length * 0.55)
+        cloze_texts = [" ".join(t.split()[:words_fit]) for t in pre_texts]
+        log(f"self-supervised: {len(chunks)} span-corruption chunks of <= {chunk} tokens "
+            f"({sum(map(len, chunks)) / 1e6:.2f}M tokens), {len(lead)} lead-sentence pairs, "
+            f"{len(cloze_texts)} passages for cloze questions")
 
-        def make():
-            return pad_batch([span_corrupt(c, sentinels, rng=rng) for c in rng.sample(chunks, args.batch_size)])
-        return make
+        def make_cloze():
+            pairs = []
+            while len(pairs) < args.batch_size:
+                ex = cloze_question_example(rng.choice(cloze_texts), rng)
+                if ex is not None:
+                    pairs.append(ex)
+            return pad_batch(encode_pairs(tok, pairs, args.max_source_length, args.qa_target_length))
+
+        return {"span": lambda: pad_batch([span_corrupt(c, sentinels, rng=rng)
+                                           for c in rng.sample(chunks, args.batch_size)]),
+                "lead": lambda: pad_batch(rng.sample(lead, args.batch_size)),
+                "cloze": make_cloze}
+
+    def mixture(makers: dict, weights: dict[str, float], seed: int):
+        rng = random.Random(seed)
+        names = [k for k in weights if weights[k] > 0]
+        w = [weights[k] for k in names]
+        return lambda: makers[rng.choices(names, w)[0]]()
 
     if args.skip_train:
         model = T5ForConditionalGeneration.from_pretrained(ft_ckpt, dtype=torch.float32).to(device)
@@ -240,7 +292,8 @@ def main(argv=None):
             model = T5ForConditionalGeneration(config).to(device)
             n_params = sum(p.numel() for p in model.parameters())
             log(f"model: {n_params / 1e6:.2f}M parameters")
-            make = pretrain_batch_fn()
+            ssl = self_supervised_sources()
+            make = mixture(ssl, parse_mix(args.pretrain_mix), args.seed + 5)
             steps, secs = train_loop("pretrain", model, tok, make, steps_max=args.max_pretrain_steps,
                                      seconds=budget * args.pretrain_fraction, args=args, device=device,
                                      ckpt=pre_ckpt, history=history, extra_state={})
@@ -250,8 +303,12 @@ def main(argv=None):
                                   args.max_target_length)
         qa_pairs = encode_pairs(tok, [qa_example(q) for q in sq_train], args.max_source_length, args.qa_target_length)
         rng = random.Random(args.seed + 2)
+        ssl = self_supervised_sources() if args.finetune_self_supervised > 0 else {}
+        keep_ssl = mixture(ssl, {"lead": 0.5, "cloze": 0.5}, args.seed + 6) if ssl else None
 
         def make_ft():
+            if keep_ssl is not None and rng.random() < args.finetune_self_supervised:
+                return keep_ssl()
             pool = summ_pairs if rng.random() < args.summ_prob else qa_pairs
             return pad_batch(rng.sample(pool, args.batch_size))
         remaining = budget - (time.time() - t_start)
@@ -386,17 +443,23 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
         for src, pred in items:
             ex_lines += f"- *{kind}* `{src[:90]}...` → `{pred[:160] or '(empty)'}`\n"
     w = layer_weights(args.dec_layers, args.weighting).tolist()
+    mix = ", ".join(f"{k} {v:g}" for k, v in (
+        (kv.split("=")[0], float(kv.split("=")[1])) for kv in getattr(args, "pretrain_mix", "span=1").split(",")))
+    ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
+    gap = ev["lead3_rougeL"] - full["rougeL"]
+    versus_lead = (f"{gap:.1f} ROUGE-L points below lead-3" if gap > 0 else f"{-gap:.1f} ROUGE-L points above lead-3")
     text = f"""---
 {data.to_yaml()}
 ---
 
 # hf_safe_exit default model (a small T5 trained from scratch on CPU)
 
-A deliberately **small and weak** T5 ({results['params'] / 1e6:.1f} M parameters) that ships inside the
-`hf_safe_exit` package so that the early-exit demos, tests and benchmarks run offline on real text.
-Every decoder layer was trained to be read out through the shared head (CALM's per-layer loss). It is **not** a
-useful summariser or QA model, and with this little training its layers barely differ: compare its scores with
-lead-3 and read the per-layer table and the sample outputs below before drawing any conclusion from it.
+A **small** T5 ({results['params'] / 1e6:.1f} M parameters) that ships inside the `hf_safe_exit` package, so that the
+early-exit demo, tests and benchmarks run offline on real text. It was trained from scratch on a 2-core CPU in
+{results.get('train_wall_minutes') or 0:.0f} minutes, with no pretrained weights, and every decoder layer was trained to be
+read out through the shared head (CALM's per-layer loss). It is a weak model: on held-out CNN/DM it is
+{versus_lead}, and its SQuAD F1 is {full['squad_f1']:.1f}. Use it to see and measure early exit, not as a
+summariser or QA system.
 
 ```python
 import hf_safe_exit
@@ -412,11 +475,16 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 (safetensors); the meta-classifier head (`meta_head.safetensors`, Linear(d_model, 2)) sits next to them.
 
 ## Data (offline copies; fixed project splits)
-- Self-supervised pretraining (T5 span corruption, 15% noise, mean span 3): CNN/DailyMail 3.0.0 validation
-  rows 0–499 (articles only), SQuAD v1.1 dev articles 0–35 (contexts only), the Lee/Pincombe/Welsh news corpus and
-  a shortened English Wikipedia dump.
-- Fine-tuning (multitask, {args.summ_prob:.0%} of batches each way): `summarize: <article>` → highlights (CNN/DM rows
-  0–499), `question: <q> context: <c>` → first answer (SQuAD dev articles 0–35, 8,123 questions).
+- Self-supervised pretraining text: CNN/DailyMail 3.0.0 validation rows 0–499 (articles only), SQuAD v1.1 dev
+  articles 0–35 (contexts only), the Lee/Pincombe/Welsh news corpus and a shortened English Wikipedia dump.
+  Three objectives, one per batch (shares {mix}): T5 span corruption (15% noise, mean span 3); *lead sentences*
+  (`summarize: <text>` → its first sentences, lead-bias pretraining, Zhu et al. 2021); *cloze questions*
+  (`question: <a sentence of the text with a name or number replaced by what/how many> context: <text>` → that
+  span, span-selection pretraining, Glass et al. 2020). None of them uses a summary or an answer.
+- Fine-tuning (multitask): `summarize: <article>` → highlights (CNN/DM rows 0–499; {args.summ_prob:.0%} of the
+  supervised batches), `question: <q> context: <c>` → first answer (SQuAD dev articles 0–35, 8,123 questions);
+  {ssl_ft:.0%} of the fine-tuning batches stay self-supervised (lead sentences / cloze questions) so that 500
+  CNN/DM rows are not simply memorised.
 - Held out, never trained on: CNN/DM rows 500–899 and SQuAD articles 36–47 (the project's calibration/test pool).
   The rows used for the numbers below are listed in `heldout_eval_ids.json`.
 
@@ -446,19 +514,19 @@ ROUGE-L: `rouge_score` rougeL F-measure with stemming, averaged per example, ×1
 |---|---|---|---|
 {rows}
 
-Per-layer quality: {trend_text}
+Per-layer quality (CALM's "marginal monotonicity"): {trend_text}
 
 ### Sample outputs of the full model (held-out, greedy)
 {ex_lines}
 
 ## Limitations
-Trained for about an hour on a CPU shared with other jobs, from scratch, on ~9 k labelled examples: it is close to
-degenerate (see the samples above; it has not got far past predicting frequent tokens) and far below lead-3. Use it to
-exercise the early-exit machinery offline, not as a model of quality; for a real model run
-`examples/train_default_model.py --device cuda` with a larger budget, or bring a pretrained T5. The size
-({results['params'] / 1e6:.1f} M parameters, d_model {args.d_model}) is below the 10–20 M first planned because a shared 2-core CPU
-gave about 3–13 s per batch of 16. Scores come from small held-out
-subsets ({ev['cnndm_n']} / {ev['squad_n']}) and carry sampling error of a few points.
+Trained from scratch for {results.get('train_wall_minutes') or 0:.0f} minutes on a shared 2-core CPU, on ~9 k labelled
+examples and ~1.4 M tokens of unlabelled text: it copies and recombines phrases of its input rather than
+understanding it, and it is far from a pretrained T5. Exit-layer scores come from small held-out subsets
+({ev['cnndm_n']} / {ev['squad_n']}) and carry sampling error of a few points. For a real model, run
+`examples/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
+`hf_safe_exit.training.CALMSeq2SeqTrainer`. The size ({results['params'] / 1e6:.1f} M parameters) is at the low end of the
+10–20 M first planned: on this CPU a larger model would have seen too few tokens in the time available.
 """
     card = ModelCard(text)
     card.save(out / "README.md")

@@ -1,13 +1,14 @@
-"""Training for early exit: CALM's per-layer loss, the meta-classifier head, a T5 tokenizer, span corruption
-and the offline data used to build the package's default model (``examples/train_default_model.py``)."""
+"""Training for early exit: CALM's per-layer loss, the meta-classifier head, a T5 tokenizer, span corruption,
+lead-sentence and cloze-question examples, and the offline data used to build the package's default model (``examples/train_default_model.py``)."""
 
 from .calm_loss import CALMLossOutput, CALMSeq2SeqTrainer, calm_loss, layer_weights, per_layer_losses
 from .meta_classifier import balanced_class_weights, collect_meta_examples, meta_labels, train_meta_classifier
+from .self_supervised import cloze_question_example, lead_sentences_example, split_sentences
 from .span_corruption import random_spans_noise_mask, span_corrupt
 from .tokenizer import sentinel_tokens, train_t5_tokenizer
 
 __all__ = [
     "CALMLossOutput", "CALMSeq2SeqTrainer", "calm_loss", "layer_weights", "per_layer_losses",
     "balanced_class_weights", "collect_meta_examples", "meta_labels", "train_meta_classifier",
-    "random_spans_noise_mask", "span_corrupt", "sentinel_tokens", "train_t5_tokenizer",
+    "random_spans_noise_mask", "span_corrupt", "cloze_question_example", "lead_sentences_example", "split_sentences", "sentinel_tokens", "train_t5_tokenizer",
 ]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Calibrate the shipped default model on the held-out pool, with the CLI only, and write the
+# guarantee into its model card: what `hf-safe-exit demo` and `RiskControlled(eps=...)` run under.
+#
+#   bash examples/calibrate_default_model.sh                 # from the repository root, offline
+#   MODEL=/path/to/t5 WORK=/tmp/cal bash examples/calibrate_default_model.sh
+#
+# Per task (CNN/DM: pool rows 500-899; SQuAD: pool articles 36-47; never trained on):
+#   collect   -> every example decoded at every threshold of the grid (losses vs the full model)
+#   calibrate -> λ̂ for ε (UCB-WSR, δ = 0.1) on all collected pool examples -> calibration/<task>/
+#   evaluate  -> repeated random calibration/test splits of the same examples: test risk, speed-up
+#   plot, card -> figures and the guarantee section of the model's README.md
+# Lengths are the ones the default model was trained with (160 input tokens); the guarantee
+# holds for outputs decoded the same way (RiskControlled.generation_settings, used by the demo).
+set -euo pipefail
+
+MODEL=${MODEL:-hf_safe_exit/default_model}
+DATA=${DATA:-../shared/data}
+WORK=${WORK:-/tmp/hf_safe_exit_calibration}
+DELTA=${DELTA:-0.1}
+GRID=${GRID:-0,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1}
+mkdir -p "$WORK"
+
+# task  examples  max_new_tokens  eps
+while read -r task n new_tokens eps; do
+  out="$MODEL/calibration/$task"
+  mkdir -p "$out"
+  hf-safe-exit collect --model "$MODEL" --task "$task" --data "$DATA" --split pool --n "$n" \
+      --lambdas "$GRID" --max-new-tokens "$new_tokens" --max-input-length 160 --batch-size 8 \
+      --output "$WORK/$task.npz" --no-progress
+  hf-safe-exit calibrate --results "$WORK/$task.npz" --eps "$eps" --delta "$DELTA" --method ucb \
+      --model "$MODEL" --output "$out"
+  hf-safe-exit evaluate --results "$WORK/$task.npz" --eps "0.02,0.05,0.1,0.15,0.2" --delta "$DELTA" \
+      --repeats 200 --output "$out/evaluation.json"
+  hf-safe-exit plot --evaluation "$out/evaluation.json" --output-dir "$WORK/plots-$task"
+  hf-safe-exit card --model "$MODEL" --calibration "$out" --evaluation "$out/evaluation.json" \
+      --plots "$WORK"/plots-"$task"/*.png --hardware auto --split pool
+done <<EOF
+cnndm ${N_CNNDM:-400} 64 ${EPS_CNNDM:-0.05}
+squad ${N_SQUAD:-800} 16 ${EPS_SQUAD:-0.05}
+EOF
