@@ -7,7 +7,7 @@ one run records: wall time of ``generate`` over all examples, mean decoder layer
 generated token, the fraction of decoder blocks run, and the task score (ROUGE-L or
 SQuAD F1) -- next to stock HF ``generate`` (the full model) on the same inputs.
 
-    python benchmarks/early_exit_speed.py --out /work/runs/early_exit_speed.json
+    python benchmarks/early_exit_speed.py          # writes benchmarks/results/early_exit_speed.json
 
 Wall times on a shared or loaded machine are noisy: the JSON records the load average.
 """
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--measure", default="softmax")
     p.add_argument("--max-source-length", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="early_exit_speed.json")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "early_exit_speed.json"))
     return p.parse_args(argv)
 
 
@@ -70,7 +70,11 @@ def main(argv=None):
                           lambda p, a: squad_f1(p, a) * 100, "squad_f1")
 
     L = model.config.num_decoder_layers
-    results = {"model": str(path), "measure": args.measure, "threads": args.threads, "device": "cpu",
+    from hf_safe_exit.cards import describe_hardware
+
+    results = {"model": str(path), "model_fingerprint": hf_safe_exit.model_fingerprint(model),
+               "measure": args.measure, "threads": args.threads, "device": "cpu", "hardware": describe_hardware(),
+               "versions": {"torch": torch.__version__, "hf_safe_exit": hf_safe_exit.__version__},
                "num_decoder_layers": L, "load_average_start": os.getloadavg(), "runs": []}
 
     def run(src, max_new, bs, threshold):
