@@ -7,16 +7,24 @@
 
 writes (or updates) ``my-model/README.md`` through :class:`huggingface_hub.ModelCard`:
 
-* a section between ``<!-- hf_safe_exit:guarantee:start -->`` and ``<!-- ...:end -->`` that
-  states the guarantee in plain words, the method and bound, the calibration task, split and
-  n, λ̂, the confidence measure and schedule, the measured test risk and efficiency (mean
-  decoder layers, speed-up, hardware) when given, the plots, and how to load it. Updating a
-  card replaces only that section: the rest of the text and the user's metadata stay;
+* one section per calibration task, between ``<!-- hf_safe_exit:guarantee:<task>:start -->`` and
+  ``<!-- hf_safe_exit:guarantee:<task>:end -->`` (:func:`section_markers`; the task is the
+  certificate's, e.g. ``cnndm``), that states the guarantee in plain words, the method and bound,
+  the calibration task, split and n, λ̂, the confidence measure and schedule, the measured test
+  risk and efficiency (mean decoder layers, speed-up, hardware) when given, the plots, and how
+  to load it. Writing a card for task T replaces only T's section (a new one goes after the
+  other guarantee sections): the other tasks' sections, the rest of the text and the user's
+  metadata stay. A section with the generic markers :data:`SECTION_START` / :data:`SECTION_END`
+  (cards written before sections carried a task, or certificates without a task) is replaced by
+  the next write of any task that has no section of its own, so old cards migrate;
 * ``model-index`` results (:class:`huggingface_hub.EvalResult`, metric types
   :data:`METRIC_TYPES`): λ̂, the calibration risk and its bound and, when given, the test
-  risk, mean exit layer, layer fraction and speed-up. Other results in the card are kept;
-* ``risk_control.json`` next to the card (``save_calibration=True``), so that
-  ``RiskControlled.from_pretrained(dir_or_repo)`` finds the calibration that the card describes.
+  risk, mean exit layer, layer fraction and speed-up. They replace only this library's earlier
+  results for the same task and dataset; other tasks' and other sources' results are kept;
+* the calibration (``risk_control.json``, ``save_calibration=True``) where the card's snippet and
+  ``hf-safe-exit demo`` find it: ``<dir>/calibration/<task>/`` when the model keeps per-task
+  calibrations (or the root's ``risk_control.json`` is another task's), else next to the card
+  (:func:`calibration_directory` has the rule).
 
 :func:`push_to_hub` does the same for a Hub repo (it updates an existing README rather than
 replacing it).
@@ -24,19 +32,27 @@ replacing it).
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["write_guarantee_card", "render_guarantee_section", "guarantee_statement", "to_model_card",
-           "push_to_hub", "describe_hardware", "METRIC_TYPES", "SECTION_START", "SECTION_END"]
+           "push_to_hub", "describe_hardware", "section_markers", "calibration_directory", "METRIC_TYPES",
+           "SECTION_START", "SECTION_END", "CALIBRATION_SUBDIR"]
 
+# the generic markers: sections of certificates without a task, and of cards written before sections had one
 SECTION_START = "<!-- hf_safe_exit:guarantee:start -->"
 SECTION_END = "<!-- hf_safe_exit:guarantee:end -->"
+_MARKER = "<!-- hf_safe_exit:guarantee:{}{} -->"
+_ANY_SECTION_END = re.compile(r"<!-- hf_safe_exit:guarantee:(?:[^\s:>]+:)?end -->")
+# task names that fit an HTML comment and a directory name: no spaces, ':', '--', '/', leading or doubled dots
+_TASK_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
+CALIBRATION_SUBDIR = "calibration"  # <model>/calibration/<task>/: per-task calibrations (hf_safe_exit.demo)
 # model-index metric types this library writes (and replaces when it updates a card); others are kept
 METRIC_TYPES = ("early_exit_threshold", "early_exit_calibration_risk", "early_exit_risk_bound", "early_exit_test_risk",
                 "early_exit_mean_layers", "early_exit_layer_fraction", "early_exit_speedup")
@@ -57,10 +73,38 @@ _BOUNDS = {"wsr": "Waudby-Smith–Ramdas betting bound", "hoeffding": "Hoeffding
            "hoeffding_bentkus": "Hoeffding–Bentkus bound"}
 
 
+_TASK_KINDS = {"summarization": "summarisation", "question-answering": "question answering"}
+
+
 def _task_info(task: str | None) -> tuple[str, str, str | None, str]:
     if task in _TASKS:
         return _TASKS[task]
     return ("task score", "text2text-generation", task, task or "unknown task")
+
+
+def _check_task_name(task: str) -> str:
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"task {task!r} cannot name a model-card section or a calibration directory: use letters, "
+                         "digits, '_', and single '.' or '-' between them (e.g. 'cnndm').")
+    return task
+
+
+def section_markers(task: str | None) -> tuple[str, str]:
+    """The start and end markers of the guarantee section for ``task``: the generic ones for None."""
+    if task is None:
+        return SECTION_START, SECTION_END
+    _check_task_name(task)
+    return _MARKER.format(task + ":", "start"), _MARKER.format(task + ":", "end")
+
+
+def _section_title(task: str | None) -> str:
+    """The section heading; it names the task (and its metric) when the certificate has one."""
+    title = "## Early exit with a risk guarantee"
+    if task is None:
+        return title
+    metric, task_type, _, name = _task_info(task)
+    kind = _TASK_KINDS.get(task_type)
+    return f"{title}: {name}" + (f" {kind}" if kind else "") + f" ({metric})"
 
 
 def _risk_words(risk: str, metric: str) -> str:
@@ -197,15 +241,41 @@ def _normalise_results(test_results: Mapping | None, efficiency: Mapping | None,
     return test, eff
 
 
-def render_guarantee_section(controlled, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
-                             plots: Sequence[str] = (), hardware: str | None = None,
-                             calibration_split: str | None = None, dataset_name: str | None = None,
-                             repo_id: str | None = None, anytime: str | None = None) -> str:
-    """The Markdown of the guarantee section (with its start/end markers). See :func:`write_guarantee_card`."""
+def _check_fitted(controlled) -> None:
     if not getattr(controlled, "is_fitted", False):
         raise ValueError("the RiskControlled is not fitted: call fit_table(...) (or load a fitted one with "
                          "RiskControlled.from_pretrained) before writing its card.")
+
+
+def _use_it(where: str | None, calibration_subfolder: str | None) -> list[str]:
+    """The section's code snippet; it loads the calibration from where it is stored (root or a subfolder)."""
+    target = where or "<this repo or directory>"
+    if not calibration_subfolder:
+        load = f'hf_safe_exit.RiskControlled.from_pretrained("{target}")  # reads risk_control.json'
+    elif where:  # a Hub repo id: hf_hub_download's subfolder
+        load = (f'hf_safe_exit.RiskControlled.from_pretrained("{where}", subfolder="{calibration_subfolder}")'
+                f"  # reads {calibration_subfolder}/risk_control.json")
+    else:
+        load = f'hf_safe_exit.RiskControlled.from_pretrained("<this directory>/{calibration_subfolder}")'
+    return ["### Use it", "", "```python", "import hf_safe_exit",
+            "from transformers import AutoTokenizer, T5ForConditionalGeneration", "",
+            f'model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained("{target}"))',
+            f"early_exit = {load}", "outputs = model.generate(**inputs, early_exit=early_exit)", "```", ""]
+
+
+def render_guarantee_section(controlled, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
+                             plots: Sequence[str] = (), hardware: str | None = None,
+                             calibration_split: str | None = None, dataset_name: str | None = None,
+                             repo_id: str | None = None, anytime: str | None = None,
+                             calibration_subfolder: str | None = None) -> str:
+    """The Markdown of the guarantee section, between the markers of its certificate's task.
+
+    ``calibration_subfolder`` is where the calibration lies relative to the card (e.g. ``"calibration/cnndm"``;
+    None: ``risk_control.json`` next to it), for the code snippet. See :func:`write_guarantee_card`.
+    """
+    _check_fitted(controlled)
     c = controlled.certificate
+    start, end = section_markers(c.task)
     cal = getattr(controlled, "_calibration", {}) or {}
     metric, _, _, task_name = _task_info(c.task)
     test, eff = _normalise_results(test_results, efficiency, c, hardware)
@@ -214,7 +284,7 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
     method = _METHODS.get(c.method, c.method)
     if c.method == "ucb" and c.bound:
         method += f", {_BOUNDS.get(c.bound, c.bound)}"
-    lines = [SECTION_START, "## Early exit with a risk guarantee", "",
+    lines = [start, _section_title(c.task), "",
              "This model can decode with token-level early exit (the `hf_safe_exit` library): each "
              "generated token leaves the decoder at the first layer whose confidence exceeds a threshold λ̂. The "
              "threshold was chosen on held-out calibration data so that the quality lost against running every "
@@ -285,12 +355,7 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
             lines.append(f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})")
         lines.append("")
 
-    where = repo_id or "<this repo or directory>"
-    lines += ["### Use it", "", "```python", "import hf_safe_exit",
-              "from transformers import AutoTokenizer, T5ForConditionalGeneration", "",
-              f'model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained("{where}"))',
-              f'early_exit = hf_safe_exit.RiskControlled.from_pretrained("{where}")  # reads risk_control.json',
-              "outputs = model.generate(**inputs, early_exit=early_exit)", "```", "", SECTION_END]
+    lines += _use_it(repo_id, calibration_subfolder) + [end]
     return "\n".join(lines) + "\n"
 
 
@@ -333,6 +398,21 @@ def _eval_results(controlled, test: dict, eff: dict, model_name: str, calibratio
     return out
 
 
+def _merge_eval_results(existing: Sequence, ours: Sequence) -> list:
+    """``existing`` with this library's earlier results for the task and dataset of ``ours`` replaced by ``ours``.
+
+    Only results with a metric type of :data:`METRIC_TYPES` and the same (task type, dataset type) as one of ``ours``
+    are dropped; other tasks' results and other sources' results stay, in their order. ``ours`` take the place of
+    the first result they replace (else they go last).
+    """
+    keys = {(r.task_type, r.dataset_type) for r in ours}
+    replaced = {i for i, r in enumerate(existing)
+                if r.metric_type in METRIC_TYPES and (r.task_type, r.dataset_type) in keys}
+    kept = [r for i, r in enumerate(existing) if i not in replaced]
+    at = min(replaced) if replaced else len(kept)  # nothing before the first replaced result was dropped
+    return kept[:at] + list(ours) + kept[at:]
+
+
 def _card_path(model_dir_or_card_path) -> Path:
     path = Path(model_dir_or_card_path)
     if path.suffix.lower() == ".md":
@@ -340,8 +420,12 @@ def _card_path(model_dir_or_card_path) -> Path:
     return path / "README.md"
 
 
-def _place_plots(plots: Sequence[str], card_dir: Path) -> list[str]:
-    """Plot paths relative to the card; plots outside its directory are copied into it (the Hub needs them there)."""
+def _place_plots(plots: Sequence[str], card_dir: Path, task: str | None = None) -> list[str]:
+    """Plot paths relative to the card; plots outside its directory are copied into it (the Hub needs them there).
+
+    Copies go to ``hf_safe_exit_plots/<task>/`` (``hf_safe_exit_plots/`` without a task), so that the plots of
+    one task's section never overwrite another's of the same file name.
+    """
     out = []
     for p in plots:
         src = Path(p)
@@ -353,7 +437,7 @@ def _place_plots(plots: Sequence[str], card_dir: Path) -> list[str]:
         try:
             rel = src.relative_to(card_dir.resolve())
         except ValueError:
-            dest = card_dir / _PLOTS_DIR / src.name
+            dest = card_dir / _PLOTS_DIR / (task or "") / src.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
             rel = dest.relative_to(card_dir)
@@ -361,13 +445,37 @@ def _place_plots(plots: Sequence[str], card_dir: Path) -> list[str]:
     return out
 
 
-def _replace_section(text: str, section: str) -> str:
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start != -1 and end != -1 and end > start:
-        return text[:start] + section.rstrip("\n") + text[end + len(SECTION_END):]
-    if start != -1 or end != -1:
-        raise ValueError(f"the card has only one of the markers {SECTION_START!r} / {SECTION_END!r}: restore or "
-                         "remove it by hand, then write the card again.")
+def _find_section(text: str, start: str, end: str) -> tuple[int, int] | None:
+    """The span of the section between ``start`` and ``end`` in ``text`` (None if absent); one of each, in order."""
+    n_start, n_end = text.count(start), text.count(end)
+    if n_start == 0 and n_end == 0:
+        return None
+    if n_start == 0 or n_end == 0:
+        raise ValueError(f"the card has only one of the markers {start!r} / {end!r}: restore or remove it by hand, "
+                         "then write the card again.")
+    i, j = text.find(start), text.find(end)
+    if n_start > 1 or n_end > 1 or j < i:
+        raise ValueError(f"the card has {n_start} {start!r} and {n_end} {end!r} markers (one section expected, start "
+                         "before end): remove the extra section by hand, then write the card again.")
+    return i, j + len(end)
+
+
+def _replace_section(text: str, section: str, task: str | None = None) -> str:
+    """``text`` with the guarantee section of ``task`` replaced by ``section`` (which carries that task's markers).
+
+    The task's own section is replaced; without one, a generic section (old cards) is; without either, ``section``
+    goes right after the last guarantee section of any task, else at the end of the text.
+    """
+    span = _find_section(text, *section_markers(task))
+    if span is None and task is not None:
+        span = _find_section(text, SECTION_START, SECTION_END)  # an old card's section: migrate it to this task
+    body = section.rstrip("\n")
+    if span is not None:
+        return text[:span[0]] + body + text[span[1]:]
+    ends = list(_ANY_SECTION_END.finditer(text))
+    if ends:
+        at = ends[-1].end()
+        return text[:at] + "\n\n" + body + text[at:]
     if not text.strip():
         return section
     return text.rstrip("\n") + "\n\n" + section
@@ -376,19 +484,22 @@ def _replace_section(text: str, section: str) -> str:
 def to_model_card(controlled, card=None, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
                   plots: Sequence[str] = (), hardware: str | None = None, model_name: str | None = None,
                   calibration_split: str | None = None, dataset_name: str | None = None, repo_id: str | None = None,
-                  anytime: str | None = None):
-    """A :class:`huggingface_hub.ModelCard` with the guarantee section and ``model-index`` results.
+                  anytime: str | None = None, calibration_subfolder: str | None = None):
+    """A :class:`huggingface_hub.ModelCard` with the guarantee section of the certificate's task and its results.
 
-    ``card`` is an existing ``ModelCard`` to update (its other text, metadata and other sources' eval results
-    are kept), or None for a new card. ``plots`` are written into the card as given (relative paths).
+    ``card`` is an existing ``ModelCard`` to update: only the section of this task (or a generic one, see
+    :func:`_replace_section`) and this library's ``model-index`` results for this task's dataset change; other
+    tasks' sections and results, the other text, metadata and other sources' eval results are kept. None: a new
+    card. ``plots`` are written into the card as given (relative paths); ``calibration_subfolder``: see
+    :func:`render_guarantee_section`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    if not getattr(controlled, "is_fitted", False):
-        raise ValueError("the RiskControlled is not fitted: call fit_table(...) before writing its card.")
+    _check_fitted(controlled)
     section = render_guarantee_section(controlled, test_results=test_results, efficiency=efficiency, plots=plots,
                                        hardware=hardware, calibration_split=calibration_split,
-                                       dataset_name=dataset_name, repo_id=repo_id, anytime=anytime)
+                                       dataset_name=dataset_name, repo_id=repo_id, anytime=anytime,
+                                       calibration_subfolder=calibration_subfolder)
     test, eff = _normalise_results(test_results, efficiency, controlled.certificate, hardware)
     if card is None:
         name = model_name or (repo_id.split("/")[-1] if repo_id else "model")
@@ -397,9 +508,8 @@ def to_model_card(controlled, card=None, *, test_results: Mapping | None = None,
     data = card.data
     name = model_name or getattr(data, "model_name", None) or (repo_id.split("/")[-1] if repo_id else "model")
     ours = _eval_results(controlled, test, eff, name, calibration_split, dataset_name)
-    kept = [r for r in (getattr(data, "eval_results", None) or []) if r.metric_type not in METRIC_TYPES]
     data.model_name = name
-    data.eval_results = kept + ours
+    data.eval_results = _merge_eval_results(getattr(data, "eval_results", None) or [], ours)
     tags = list(getattr(data, "tags", None) or [])
     for tag in ("hf-safe-exit", "early-exit", "risk-control"):
         if tag not in tags:
@@ -407,10 +517,54 @@ def to_model_card(controlled, card=None, *, test_results: Mapping | None = None,
     data.tags = tags
     if getattr(data, "library_name", None) is None:
         data.library_name = "transformers"
-    card.text = _replace_section(card.text, section)
+    card.text = _replace_section(card.text, section, controlled.certificate.task)
     # round-trip through the YAML once, so that an invalid combination fails here rather than on the Hub
     ModelCard(card.content)
     return card
+
+
+def _stored_task(path: Path) -> tuple[bool, str | None]:
+    """(True, its task) for a readable risk_control.json at ``path``; (False, None) if absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return True, (data.get("certificate") or {}).get("task")
+    except (OSError, ValueError, AttributeError):
+        return False, None
+
+
+def calibration_directory(model_dir, task: str | None) -> Path:
+    """Where :func:`write_guarantee_card` (``save_calibration=True``) saves ``task``'s calibration for ``model_dir``.
+
+    The first that applies:
+
+    1. ``<model_dir>/calibration/<task>/`` when that directory exists: where ``hf-safe-exit demo``
+       (:func:`hf_safe_exit.demo.find_task_calibration`) looks first, and where per-task calibrations are made
+       (``hf-safe-exit calibrate --output <model>/calibration/<task>``);
+    2. ``model_dir`` when its ``risk_control.json`` is a calibration of ``task`` (updated in place, as before
+       per-task calibrations: ``RiskControlled.from_pretrained(model_dir)`` and the demo read it);
+    3. ``<model_dir>/calibration/<task>/`` (created) when ``<model_dir>/calibration/`` exists (the model keeps its
+       calibrations per task) or ``<model_dir>/risk_control.json`` holds another task's calibration (or one
+       without a task, or is unreadable): that file is never overwritten with another task's;
+    4. else ``model_dir`` (backwards compatible: ``risk_control.json`` next to the card).
+
+    A certificate without a task (``task=None``) always goes to ``model_dir``. The card's snippet loads from the
+    directory chosen here: ``RiskControlled.from_pretrained("<model_dir>/calibration/<task>")``, or from a Hub
+    repo ``RiskControlled.from_pretrained(repo_id, subfolder="calibration/<task>")``.
+    """
+    from .risk import RISK_CONTROL_FILENAME
+
+    model_dir = Path(model_dir)
+    if task is None:
+        return model_dir
+    per_task = model_dir / CALIBRATION_SUBDIR / _check_task_name(task)
+    root = model_dir / RISK_CONTROL_FILENAME
+    if per_task.is_dir():
+        return per_task
+    if root.exists():
+        return model_dir if _stored_task(root) == (True, task) else per_task
+    if per_task.parent.is_dir():
+        return per_task
+    return model_dir
 
 
 def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Mapping | None = None,
@@ -419,6 +573,10 @@ def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Ma
                          dataset_name: str | None = None, repo_id: str | None = None, anytime: str | None = None,
                          save_calibration: bool = True) -> Path:
     """Write or update the model card ``README.md`` with the guarantee of ``controlled`` (a fitted ``RiskControlled``).
+
+    The card gets (or updates) the section of the certificate's task and that task's ``model-index`` results; the
+    sections and results of other tasks stay, so one card can state one guarantee per calibration task (write it
+    once per task). See the module docstring.
 
     Args:
         model_dir_or_card_path: the model directory (its ``README.md`` is written) or a ``.md`` path.
@@ -429,32 +587,63 @@ def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Ma
         efficiency: ``mean_exit_layer``, ``num_decoder_layers``, ``layer_fraction``, ``speedup``, ``batch_size``
             (override those of ``test_results``).
         plots: image files (e.g. from ``hf-safe-exit plot``); files outside the card's directory are copied into
-            ``<dir>/hf_safe_exit_plots/`` so that the Hub can show them.
+            ``<dir>/hf_safe_exit_plots/<task>/`` so that the Hub can show them.
         hardware: where the speed-up was measured (``"auto"`` describes this machine).
         model_name: the name in ``model-index`` (default: the card's, else the directory name).
         calibration_split, dataset_name: how the card names the calibration data (e.g. ``"pool"``).
         repo_id: the Hub repo id used in the card's code snippet.
         anytime: a description of anytime predictions (e.g. ``"Product-of-Experts"``) if the policy used them.
-        save_calibration: also write ``risk_control.json`` next to the card (default True), so that
-            ``RiskControlled.from_pretrained(<dir or repo>)`` loads what the card describes.
+        save_calibration: also write ``risk_control.json`` (default True) into
+            :func:`calibration_directory` of the card's directory: ``<dir>/calibration/<task>/`` when the model keeps
+            per-task calibrations (``<dir>/calibration/`` exists) unless ``<dir>/risk_control.json`` already is
+            this task's, also when that file is another task's; else ``<dir>`` itself (as before). The card's
+            snippet loads it from there.
 
     Returns the path of the card.
     """
     from huggingface_hub import ModelCard
 
+    _check_fitted(controlled)
     path = _card_path(model_dir_or_card_path)
+    task = controlled.certificate.task
+    cal_dir = calibration_directory(path.parent, task)  # also checks the task name, before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     card = ModelCard.load(path) if path.is_file() else None  # a file path: never goes to the Hub
-    rel_plots = _place_plots(plots, path.parent)
+    rel_plots = _place_plots(plots, path.parent, task)
     name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
         or Path(path.parent).resolve().name
+    subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
     card = to_model_card(controlled, card, test_results=test_results, efficiency=efficiency, plots=rel_plots,
                          hardware=hardware, model_name=name, calibration_split=calibration_split,
-                         dataset_name=dataset_name, repo_id=repo_id, anytime=anytime)
+                         dataset_name=dataset_name, repo_id=repo_id, anytime=anytime, calibration_subfolder=subfolder)
     card.save(path)
     if save_calibration:
-        controlled.save_pretrained(path.parent)
+        controlled.save_pretrained(cal_dir)
     return path
+
+
+def _mirror_hub_repo(api, repo_id: str, task: str | None, directory: Path, revision: str | None,
+                     token: str | None) -> bool:
+    """Copy into ``directory`` what :func:`write_guarantee_card` reads there from the Hub repo: its README.md, its
+    root ``risk_control.json`` and an (empty) ``calibration/`` when the repo has files under it.
+
+    Returns whether the root ``risk_control.json`` was fetched. A repo or revision without files fetches nothing.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .risk import RISK_CONTROL_FILENAME
+
+    try:
+        files = set(api.list_repo_files(repo_id, revision=revision))
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        return False
+    for name in ("README.md", RISK_CONTROL_FILENAME):
+        if name in files:
+            shutil.copyfile(hf_hub_download(repo_id, name, revision=revision, token=token), directory / name)
+    if any(f.startswith(f"{CALIBRATION_SUBDIR}/") for f in files):
+        (directory / CALIBRATION_SUBDIR).mkdir()
+    return RISK_CONTROL_FILENAME in files
 
 
 def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
@@ -464,23 +653,30 @@ def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None
                 commit_message: str = "hf_safe_exit: risk-controlled early-exit calibration and card") -> str:
     """Upload ``risk_control.json``, the plots and an updated README.md to the Hub repo ``repo_id`` in one commit.
 
-    An existing README of the repo is downloaded and updated (only the guarantee section and this library's
-    eval results change). Returns the commit URL.
+    An existing README of the repo is downloaded and updated (only this task's guarantee section and this library's
+    eval results for its dataset change). The calibration goes where :func:`calibration_directory` puts it for the
+    repo's files (``calibration/<task>/`` when the repo has a ``calibration/`` folder or its root
+    ``risk_control.json`` is another task's; else the root). Returns the commit URL.
     """
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import HfApi
 
+    from .risk import RISK_CONTROL_FILENAME
+
+    _check_fitted(controlled)
+    task = controlled.certificate.task
+    if task is not None:
+        _check_task_name(task)
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            existing = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
-            shutil.copyfile(existing, os.path.join(tmp, "README.md"))
-        except (EntryNotFoundError, RepositoryNotFoundError):
-            pass
-        write_guarantee_card(tmp, controlled, test_results=test_results, efficiency=efficiency, plots=plots,
+        tmp_dir = Path(tmp)
+        fetched_root = _mirror_hub_repo(api, repo_id, task, tmp_dir, revision, token)
+        per_task = calibration_directory(tmp_dir, task) != tmp_dir
+        write_guarantee_card(tmp_dir, controlled, test_results=test_results, efficiency=efficiency, plots=plots,
                              hardware=hardware, model_name=model_name or repo_id.split("/")[-1],
                              calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
                              anytime=anytime, save_calibration=True)
+        if fetched_root and per_task:  # the repo's root calibration (another task's) is left as it is
+            (tmp_dir / RISK_CONTROL_FILENAME).unlink()
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
     return str(info)

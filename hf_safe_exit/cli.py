@@ -8,6 +8,7 @@
     hf-safe-exit evaluate  --results cnndm.npz --eps 0.02,0.05,0.1 --output eval.json     # + a table on stdout
     hf-safe-exit plot      --evaluation eval.json --output-dir figures/
     hf-safe-exit card      --model DIR --evaluation eval.json --plots figures/*.png --hardware auto  # README.md
+    hf-safe-exit card      --model DIR --calibration DIR/calibration/squad ...   # + a section per task
     hf-safe-exit demo      [--text TEXT | --file FILE] [--question Q]    # the shipped default model, offline
 
 Several processes / GPUs: ``accelerate launch -m hf_safe_exit collect ...`` (one result file).
@@ -124,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="write or update the model card (README.md) with the risk guarantee")
     p.add_argument("--model", required=True, help="model directory (its README.md is written) or a .md file")
-    p.add_argument("--calibration", default=None, help="risk_control.json or its directory (default: the model's)")
+    p.add_argument("--calibration", default=None, help="risk_control.json or its directory (default: the model's); "
+                   "run once per task (e.g. DIR/calibration/cnndm, then DIR/calibration/squad): each task gets its "
+                   "own section")
     p.add_argument("--evaluation", default=None, help="JSON written by `evaluate`: test risk, exit layers, speed-up")
     p.add_argument("--plots", nargs="*", default=[], help="images to show in the card (e.g. from `plot`)")
     p.add_argument("--hardware", default=None, help="where the speed-up was measured ('auto': this machine)")
@@ -315,18 +318,20 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_card(args) -> int:
-    from .cards import push_to_hub, write_guarantee_card
-    from .risk import RiskControlled
+    from .cards import calibration_directory, push_to_hub, write_guarantee_card
+    from .risk import RISK_CONTROL_FILENAME, RiskControlled
 
     model = Path(args.model)
-    source = args.calibration or (model.parent if model.suffix.lower() == ".md" else model)
-    rc = RiskControlled.from_pretrained(source)
+    model_dir = model.parent if model.suffix.lower() == ".md" else model
+    rc = RiskControlled.from_pretrained(args.calibration or model_dir)
     evaluation = None
     if args.evaluation:
         evaluation = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
     kwargs = dict(test_results=evaluation, plots=args.plots, hardware=args.hardware, calibration_split=args.split)
+    saved = calibration_directory(model_dir, rc.certificate.task) / RISK_CONTROL_FILENAME  # before the card is written
     path = write_guarantee_card(model, rc, model_name=args.model_name, **kwargs)
-    print(f"wrote {path} and {path.parent / 'risk_control.json'} (λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
+    print(f"wrote {path} (section of task {rc.certificate.task!r}) and {saved} "
+          f"(λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(rc, args.push_to_hub, model_name=args.model_name, **kwargs)}")
     return 0
