@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train hf_safe_exit's small default T5 from scratch, offline, reproducibly.
 
-Stages: tokenizer -> self-supervised pretraining (T5 span corruption, lead sentences, cloze
-questions: hf_safe_exit.training.self_supervised) -> multitask CALM fine-tuning (CNN/DM
+Stages: tokenizer -> self-supervised pretraining (BART text infilling, lead sentences, cloze
+questions, T5 span corruption: hf_safe_exit.training) -> multitask CALM fine-tuning (CNN/DM
 summarisation + SQuAD QA, plus a share of the self-supervised batches) -> meta-classifier -> evaluation on held-out pool
 rows (full model and every static exit layer, lead-3 for comparison) -> writes the
 package's ``hf_safe_exit/default_model/`` (fp16 safetensors, config, tokenizer, meta
@@ -12,7 +12,7 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-    python examples/train_default_model.py --threads 2 --max-minutes 110 --pretrain-fraction 0.4 \
+    python examples/train_default_model.py --threads 2 --max-minutes 85 --pretrain-fraction 0.45 \
         --d-model 192 --d-kv 48 --d-ff 512 --enc-layers 6 --dec-layers 6 --max-source-length 160 \
         --max-target-length 48 --summ-prob 0.4                       # the shipped model (CPU)
     python examples/train_default_model.py --card-only                  # re-render its README.md
@@ -40,7 +40,7 @@ from hf_safe_exit.training.data import (default_data_dir, load_cnndm, load_squad
 from hf_safe_exit.training.evaluation import evaluate_qa, evaluate_summarization, lead3, rouge_l, truncated_decoder_model
 from hf_safe_exit.training.meta_classifier import train_meta_classifier
 from hf_safe_exit.training.self_supervised import cloze_question_example, lead_sentences_example
-from hf_safe_exit.training.span_corruption import span_corrupt
+from hf_safe_exit.training.span_corruption import span_corrupt, text_infill
 from hf_safe_exit.training.tokenizer import train_t5_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--d-kv", type=int, default=64)
     p.add_argument("--enc-layers", type=int, default=4)
     p.add_argument("--dec-layers", type=int, default=6)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.0, help="0: a small model trained briefly underfits")
     p.add_argument("--max-source-length", type=int, default=256)
     p.add_argument("--max-target-length", type=int, default=64)
     p.add_argument("--qa-target-length", type=int, default=16)
@@ -77,9 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--summ-prob", type=float, default=0.5, help="share of fine-tuning batches that are CNN/DM")
-    p.add_argument("--pretrain-mix", default="span=0.3,lead=0.35,cloze=0.35",
-                   help="pretraining objectives and their batch shares: T5 span corruption, lead sentences "
-                        "(lead-bias pretraining), cloze questions (span-selection pretraining)")
+    p.add_argument("--pretrain-mix", default="infill=0.4,lead=0.25,cloze=0.25,span=0.1",
+                   help="pretraining objectives and their batch shares: BART text infilling (short chunks), lead "
+                        "sentences (lead-bias pretraining), cloze questions (span-selection pretraining), T5 span "
+                        "corruption")
+    p.add_argument("--infill-length", type=int, default=48, help="tokens per text-infilling chunk")
     p.add_argument("--finetune-self-supervised", type=float, default=0.2,
                    help="share of fine-tuning batches that stay self-supervised (lead/cloze), so that 500 "
                         "CNN/DM rows are not memorised")
@@ -241,9 +243,9 @@ def main(argv=None):
 
     def parse_mix(spec: str) -> dict[str, float]:
         mix = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
-        unknown = set(mix) - {"span", "lead", "cloze"}
+        unknown = set(mix) - {"span", "lead", "cloze", "infill"}
         if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
-            sys.exit(f"--pretrain-mix: expected weights for span/lead/cloze, got {spec!r}")
+            sys.exit(f"--pretrain-mix: expected weights for infill/span/lead/cloze, got {spec!r}")
         return mix
 
     def self_supervised_sources():
@@ -252,6 +254,8 @@ def main(argv=None):
         ids = tok(pre_texts, add_special_tokens=False)["input_ids"]
         chunk = int(args.max_source_length * 0.85) - 2
         chunks = [x[i:i + chunk] for x in ids for i in range(0, len(x), chunk) if len(x[i:i + chunk]) >= 16]
+        n = args.infill_length
+        short = [x[i:i + n] for x in ids for i in range(0, len(x), n) if len(x[i:i + n]) >= 16]
         lead = encode_pairs(tok, [ex for ex in map(lead_sentences_example, pre_texts) if ex is not None],
                             args.max_source_length, args.max_target_length)
         # the cloze sentence must lie inside the truncated context: keep the first words only
@@ -271,6 +275,8 @@ def main(argv=None):
 
         return {"span": lambda: pad_batch([span_corrupt(c, sentinels, rng=rng)
                                            for c in rng.sample(chunks, args.batch_size)]),
+                "infill": lambda: pad_batch([text_infill(c, sentinels[0], rng=rng)
+                                             for c in rng.sample(short, 2 * args.batch_size)]),
                 "lead": lambda: pad_batch(rng.sample(lead, args.batch_size)),
                 "cloze": make_cloze}
 
@@ -477,7 +483,10 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 ## Data (offline copies; fixed project splits)
 - Self-supervised pretraining text: CNN/DailyMail 3.0.0 validation rows 0–499 (articles only), SQuAD v1.1 dev
   articles 0–35 (contexts only), the Lee/Pincombe/Welsh news corpus and a shortened English Wikipedia dump.
-  Three objectives, one per batch (shares {mix}): T5 span corruption (15% noise, mean span 3); *lead sentences*
+  Four objectives, one per batch (shares {mix}): *infill*, BART's text infilling (Lewis et al. 2020: 30% of
+  the tokens of a {getattr(args, 'infill_length', 48)}-token chunk masked in spans of mean length 3, each span one mask
+  token; target = the whole chunk), which teaches copying from the input fastest; *span*, T5 span corruption (15%
+  noise, mean span 3); *lead sentences*
   (`summarize: <text>` → its first sentences, lead-bias pretraining, Zhu et al. 2021); *cloze questions*
   (`question: <a sentence of the text with a name or number replaced by what/how many> context: <text>` → that
   span, span-selection pretraining, Glass et al. 2020). None of them uses a summary or an answer.

@@ -36,3 +36,17 @@ def test_cloze_question_removes_a_name_or_number_that_the_context_contains():
     # candidates: capitalised phrases and numbers not at a sentence start
     assert seen <= {"Tuesday", "Northfield", "12 million", "Elena Ruiz"} and len(seen) >= 3
     assert cloze_question_example("all lower case words and nothing else here at all.", random.Random(0)) is None
+
+
+def test_text_infill_replaces_each_noise_span_by_one_mask_and_targets_the_whole_text():
+    from hf_safe_exit.training.span_corruption import random_spans_noise_mask, text_infill
+
+    ids = list(range(10, 50))
+    for seed in range(5):
+        src, tgt = text_infill(ids, 7, rng=random.Random(seed))
+        mask = random_spans_noise_mask(len(ids), 0.3, 3.0, random.Random(seed))  # the same draw, by hand
+        expected = [t for t, m in zip(ids, mask) if not m]
+        assert tgt == ids + [1] and src[-1] == 1
+        assert [t for t in src[:-1] if t != 7] == expected  # kept tokens, in order
+        spans = sum(1 for m, prev in zip(mask, [False] + mask[:-1]) if m and not prev)
+        assert src.count(7) == spans and sum(mask) == 12  # 30% of 40 tokens, one mask per span
