@@ -12,7 +12,7 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-    python examples/train_default_model.py --threads 2 --max-minutes 85 --pretrain-fraction 0.45 \
+    python examples/train_default_model.py --threads 2 --max-minutes 62 --pretrain-fraction 0.45 \
         --d-model 192 --d-kv 48 --d-ff 512 --enc-layers 6 --dec-layers 6 --max-source-length 160 \
         --max-target-length 48 --summ-prob 0.4                       # the shipped model (CPU)
     python examples/train_default_model.py --card-only                  # re-render its README.md
@@ -74,10 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--max-target-length", type=int, default=64)
     p.add_argument("--qa-target-length", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"],
+                   help="adafactor (T5's: updates scaled by each parameter's RMS, so the unit-scale embeddings "
+                        "learn as fast as the projections) or adamw")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (T5 pretrains with Adafactor at 1e-2)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--summ-prob", type=float, default=0.5, help="share of fine-tuning batches that are CNN/DM")
-    p.add_argument("--pretrain-mix", default="infill=0.4,lead=0.25,cloze=0.25,span=0.1",
+    p.add_argument("--pretrain-mix", default="infill=0.45,lead=0.3,cloze=0.25,span=0",
                    help="pretraining objectives and their batch shares: BART text infilling (short chunks), lead "
                         "sentences (lead-bias pretraining), cloze questions (span-selection pretraining), T5 span "
                         "corruption")
@@ -153,7 +156,12 @@ def save_checkpoint(model, tok, path: Path, state: dict):
 
 def train_loop(name, model, tok, make_batch, *, steps_max, seconds, args, device, ckpt: Path, history: list,
                extra_state: dict):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if getattr(args, "optimizer", "adamw") == "adafactor":
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(model.parameters(), lr=args.lr, scale_parameter=True, relative_step=False, warmup_init=False)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = LinearWarmupCosine(opt, args.lr, args.warmup_steps, seconds)
     model.train()
     t0 = last_ck = time.time()
@@ -283,6 +291,8 @@ def main(argv=None):
     def mixture(makers: dict, weights: dict[str, float], seed: int):
         rng = random.Random(seed)
         names = [k for k in weights if weights[k] > 0]
+        if not names:
+            sys.exit("a batch mixture needs at least one positive share")
         w = [weights[k] for k in names]
         return lambda: makers[rng.choices(names, w)[0]]()
 
@@ -499,7 +509,7 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 
 ## Recipe
 `examples/train_default_model.py` (seed {args.seed}). Loss: CALM's weighted per-layer cross-entropy through the shared
-head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages. AdamW (lr {args.lr}, warm-up
+head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages. {getattr(args, 'optimizer', 'adamw').replace('adafactor', 'Adafactor').replace('adamw', 'AdamW')} (lr {args.lr}, warm-up
 {args.warmup_steps} steps, cosine to 10%), batch {args.batch_size}, sources truncated to {args.max_source_length} tokens,
 summaries to {args.max_target_length}, answers to {args.qa_target_length}. Pretraining {pre.get('steps', '?')} steps
 ({(pre.get('seconds') or 0) / 60:.1f} min), fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min);
