@@ -25,7 +25,7 @@ def test_package_files_and_size():
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "meta_head.safetensors",
               "meta_head_config.json", "README.md", "heldout_eval_ids.json", "training_results.json"):
         assert f in names, f
-    total = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # calibrations and plots included
     assert total <= 25 * 1024 * 1024
     held = json.loads((d / "heldout_eval_ids.json").read_text())
     assert all(500 <= r < 900 for r in held["cnndm_rows"])  # evaluation rows come from the pool only
