@@ -80,11 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (T5 pretrains with Adafactor at 1e-2)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--summ-prob", type=float, default=0.5, help="share of fine-tuning batches that are CNN/DM")
-    p.add_argument("--pretrain-mix", default="infill=0.45,lead=0.3,cloze=0.25,span=0",
+    p.add_argument("--pretrain-mix", default="infill=0.6,lead=0.25,cloze=0.15,span=0",
                    help="pretraining objectives and their batch shares: BART text infilling (short chunks), lead "
                         "sentences (lead-bias pretraining), cloze questions (span-selection pretraining), T5 span "
                         "corruption")
-    p.add_argument("--infill-length", type=int, default=48, help="tokens per text-infilling chunk")
+    p.add_argument("--infill-length", type=int, default=48, help="longest text-infilling chunk (8 tokens and up)")
+    p.add_argument("--lead-source-length", type=int, default=96,
+                   help="source tokens of the lead-sentence examples (the lead is at the start)")
     p.add_argument("--finetune-self-supervised", type=float, default=0.2,
                    help="share of fine-tuning batches that stay self-supervised (lead/cloze), so that 500 "
                         "CNN/DM rows are not memorised")
@@ -262,10 +264,17 @@ def main(argv=None):
         ids = tok(pre_texts, add_special_tokens=False)["input_ids"]
         chunk = int(args.max_source_length * 0.85) - 2
         chunks = [x[i:i + chunk] for x in ids for i in range(0, len(x), chunk) if len(x[i:i + chunk]) >= 16]
-        n = args.infill_length
-        short = [x[i:i + n] for x in ids for i in range(0, len(x), n) if len(x[i:i + n]) >= 16]
+        # infilling chunks of 8..infill_length tokens: on short inputs even uniform cross-attention carries a
+        # strong signal of which tokens to copy, which gets a from-scratch model off the unigram plateau
+        short = []
+        for x in ids:
+            i = 0
+            while len(x) - i >= 8:
+                n = rng.randint(8, args.infill_length)
+                short.append(x[i:i + n])
+                i += n
         lead = encode_pairs(tok, [ex for ex in map(lead_sentences_example, pre_texts) if ex is not None],
-                            args.max_source_length, args.max_target_length)
+                            args.lead_source_length, args.max_target_length)
         # the cloze sentence must lie inside the truncated context: keep the first words only
         words_fit = int(args.max_source_length * 0.55)
         cloze_texts = [" ".join(t.split()[:words_fit]) for t in pre_texts]
@@ -494,7 +503,7 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 - Self-supervised pretraining text: CNN/DailyMail 3.0.0 validation rows 0–499 (articles only), SQuAD v1.1 dev
   articles 0–35 (contexts only), the Lee/Pincombe/Welsh news corpus and a shortened English Wikipedia dump.
   Four objectives, one per batch (shares {mix}): *infill*, BART's text infilling (Lewis et al. 2020: 30% of
-  the tokens of a {getattr(args, 'infill_length', 48)}-token chunk masked in spans of mean length 3, each span one mask
+  the tokens of a chunk of 8–{getattr(args, 'infill_length', 48)} tokens masked in spans of mean length 3, each span one mask
   token; target = the whole chunk), which teaches copying from the input fastest; *span*, T5 span corruption (15%
   noise, mean span 3); *lead sentences*
   (`summarize: <text>` → its first sentences, lead-bias pretraining, Zhu et al. 2021); *cloze questions*
