@@ -91,9 +91,12 @@ def examples(task, n: int, seed: int, data_dir):
     return [pool[int(i)] for i in idx]
 
 
+MAX_INPUT_LENGTH: int | None = None  # --max-input-length; None: the task's
+
+
 def encode(tok, task, rows):
     return tok([task.prompt(r) for r in rows], return_tensors="pt", padding=True, truncation=True,
-               max_length=task.max_input_length)
+               max_length=MAX_INPUT_LENGTH or task.max_input_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,6 +298,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-cnndm", type=int, default=60)
     p.add_argument("--n-grid", type=int, default=32, help="other pool examples whose confidences set the λ grids")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on the task's max_new_tokens (default: the task's)")
+    p.add_argument("--max-input-length", type=int, default=None,
+                   help="truncate inputs (default: the task's); use the length the model was trained with")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eps", default="0.05,0.1,0.2")
     p.add_argument("--eps-focus", type=float, default=0.1)
@@ -312,6 +317,8 @@ def main(argv=None) -> dict:
         sys.exit("--tiny writes meaningless numbers: pass --output explicitly (not the results file).")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global MAX_INPUT_LENGTH
+    MAX_INPUT_LENGTH = args.max_input_length
     output = Path(args.output) if args.output else RESULTS
     model, tok, label = load_model(args)
     log(f"model: {label}; decoder layers {model.config.num_decoder_layers}; threads {torch.get_num_threads()}")
@@ -337,6 +344,7 @@ def write(output, model, label, args, results, start, final=False) -> dict:
         "num_decoder_layers": model.config.num_decoder_layers,
         "poe": PoEConfig().to_dict(), "grid_quantiles": list(GRID_QUANTILES), "n_grid": args.n_grid, "eps": args.eps, "eps_focus": args.eps_focus,
         "repeats": args.repeats, "seed": args.seed, "batch_size": args.batch_size,
+        "max_input_length": args.max_input_length or "the task's",
         "hardware": describe_hardware(), "platform": platform.platform(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "hf_safe_exit": hf_safe_exit.__version__},

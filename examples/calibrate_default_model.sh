@@ -18,7 +18,7 @@ MODEL=${MODEL:-hf_safe_exit/default_model}
 DATA=${DATA:-../shared/data}
 WORK=${WORK:-/tmp/hf_safe_exit_calibration}
 DELTA=${DELTA:-0.1}
-GRID=${GRID:-0,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1}
+GRID=${GRID:-0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1}
 mkdir -p "$WORK"
 
 # task  examples  max_new_tokens  eps
@@ -36,6 +36,6 @@ while read -r task n new_tokens eps; do
   hf-safe-exit card --model "$MODEL" --calibration "$out" --evaluation "$out/evaluation.json" \
       --plots "$WORK"/plots-"$task"/*.png --hardware auto --split pool
 done <<EOF
-cnndm ${N_CNNDM:-400} 64 ${EPS_CNNDM:-0.05}
-squad ${N_SQUAD:-800} 16 ${EPS_SQUAD:-0.05}
+cnndm ${N_CNNDM:-200} 64 ${EPS_CNNDM:-0.05}
+squad ${N_SQUAD:-600} 16 ${EPS_SQUAD:-0.05}
 EOF
