@@ -549,8 +549,10 @@ Per-layer quality (CALM's "marginal monotonicity"): {trend_text}
 
 ## Limitations
 Trained from scratch for {results.get('train_wall_minutes') or 0:.0f} minutes on a shared 2-core CPU, on ~9 k labelled
-examples and ~1.4 M tokens of unlabelled text: it copies and recombines phrases of its input rather than
-understanding it, and it is far from a pretrained T5. Exit-layer scores come from small held-out subsets
+examples and ~1.4 M tokens of unlabelled text. It has only begun to use its input: its summaries are mostly
+ungrammatical, repetitive fragments and its answers are rarely right (see the samples above); it is far from a
+pretrained T5. Its per-layer cross-entropy falls with depth, but its per-layer task scores are too low and too noisy
+to order the middle layers. Exit-layer scores come from small held-out subsets
 ({ev['cnndm_n']} / {ev['squad_n']}) and carry sampling error of a few points. For a real model, run
 `examples/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
 `hf_safe_exit.training.CALMSeq2SeqTrainer`. The size ({results['params'] / 1e6:.1f} M parameters) is at the low end of the
