@@ -91,12 +91,9 @@ def examples(task, n: int, seed: int, data_dir):
     return [pool[int(i)] for i in idx]
 
 
-MAX_INPUT_LENGTH: int | None = None  # --max-input-length; None: the task's
-
-
 def encode(tok, task, rows):
     return tok([task.prompt(r) for r in rows], return_tensors="pt", padding=True, truncation=True,
-               max_length=MAX_INPUT_LENGTH or task.max_input_length)
+               max_length=task.max_input_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,7 +200,9 @@ def decode_grid(model, tok, task, rows, variant: str, grid, batch_size: int, max
 
 
 def run_task(model, tok, task_name: str, n: int, args) -> dict:
-    task = get_task(task_name)
+    task = get_task(task_name)  # a fresh instance: the override below stays in this run
+    if args.max_input_length:
+        task.max_input_length = args.max_input_length  # the length the model was trained with
     all_rows = examples(task, n + args.n_grid, args.seed, args.data_dir)
     rows, grid_rows = all_rows[:n], all_rows[n:]
     max_new = min(args.max_new_tokens or task.max_new_tokens, task.max_new_tokens)
@@ -317,8 +316,6 @@ def main(argv=None) -> dict:
         sys.exit("--tiny writes meaningless numbers: pass --output explicitly (not the results file).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    global MAX_INPUT_LENGTH
-    MAX_INPUT_LENGTH = args.max_input_length
     output = Path(args.output) if args.output else RESULTS
     model, tok, label = load_model(args)
     log(f"model: {label}; decoder layers {model.config.num_decoder_layers}; threads {torch.get_num_threads()}")

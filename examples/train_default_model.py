@@ -12,9 +12,16 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-    python examples/train_default_model.py --threads 2 --max-minutes 62 --pretrain-fraction 0.45 \
-        --d-model 192 --d-kv 48 --d-ff 512 --enc-layers 6 --dec-layers 6 --max-source-length 160 \
-        --max-target-length 48 --summ-prob 0.4                       # the shipped model (CPU)
+The shipped model (CPU, 2 threads; two runs, the second continues the first):
+
+    ARCH="--vocab-size 8000 --d-model 128 --d-kv 32 --num-heads 4 --d-ff 512 --enc-layers 6 --dec-layers 6
+          --max-source-length 160 --max-target-length 48 --qa-target-length 16 --batch-size 16 --summ-prob 0.4"
+    python examples/train_default_model.py --threads 2 --max-minutes 50 --pretrain-fraction 0.5 $ARCH \
+        --work-dir runs/v5 --out runs/v5/package     # (the shipped v5 reused, with --resume, the
+                                                     #  8k tokenizer an earlier run of this script trained)
+    python examples/train_default_model.py --threads 2 --max-minutes 100 --lr 5e-3 --warmup-steps 50 $ARCH \
+        --init-from runs/v5/ckpt_finetune --work-dir runs/v6           # writes hf_safe_exit/default_model
+
     python examples/train_default_model.py --card-only                  # re-render its README.md
     python examples/train_default_model.py --tiny --max-minutes 3 --out /tmp/tiny_model   # smoke test
     python examples/train_default_model.py --device cuda --d-model 384 --dec-layers 8 ...  # larger, on a GPU
@@ -97,6 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--meta-examples", type=int, default=128, help="training examples per task for the meta head")
     p.add_argument("--tiny", action="store_true", help="a very small config for a smoke test")
     p.add_argument("--resume", action="store_true", help="reuse the tokenizer / pretraining checkpoint in --work-dir")
+    p.add_argument("--init-from", default=None,
+                   help="continue training: a finished fine-tuning checkpoint of an earlier run of this script "
+                        "(its tokenizer and weights are reused, pretraining is skipped; the earlier run's "
+                        "train_summary.json next to it is carried into the card)")
     p.add_argument("--skip-train", action="store_true", help="only evaluate + package the latest checkpoint")
     p.add_argument("--card-only", action="store_true",
                    help="only rewrite README.md in --out from its training_results.json (no training, no evaluation)")
@@ -228,7 +239,16 @@ def main(argv=None):
 
     # ---------------- tokenizer (training text only: pretraining text + train targets/questions)
     tok_dir = work / "tokenizer"
-    if args.resume and (tok_dir / "tokenizer.json").is_file():
+    init = Path(args.init_from) if args.init_from else None
+    if init is not None:
+        state = init / "train_state.json"
+        if not (init / "model.safetensors").is_file() or not state.is_file() or \
+                not json.loads(state.read_text()).get("finished"):
+            sys.exit(f"--init-from {init}: expected a finished checkpoint of this script (model.safetensors and "
+                     f"train_state.json with finished=true, e.g. <work-dir>/ckpt_finetune)")
+        tok = AutoTokenizer.from_pretrained(init)
+        tok.save_pretrained(tok_dir)
+    elif args.resume and (tok_dir / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tok_text = pre_texts + [summarization_example(r)[1] for r in cnn_train] + \
@@ -308,7 +328,21 @@ def main(argv=None):
     if args.skip_train:
         model = T5ForConditionalGeneration.from_pretrained(ft_ckpt, dtype=torch.float32).to(device)
     else:
-        if args.resume and (pre_ckpt / "train_state.json").is_file() and \
+        if init is not None:
+            model = T5ForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(device)
+            earlier = init.parent / "train_summary.json"
+            earlier = json.loads(earlier.read_text()) if earlier.is_file() else {}
+            summary["earlier_run"] = {"checkpoint": str(init), "pretrain": earlier.get("pretrain"),
+                                      "finetune": earlier.get("finetune"),
+                                      "train_wall_minutes": earlier.get("train_wall_minutes"),
+                                      "args": earlier.get("args")}
+            summary["pretrain"] = earlier.get("pretrain")
+            c = model.config  # the card describes the architecture from args: take it from the checkpoint
+            args.d_model, args.d_ff, args.num_heads, args.d_kv = c.d_model, c.d_ff, c.num_heads, c.d_kv
+            args.enc_layers, args.dec_layers, args.vocab_size = c.num_layers, c.num_decoder_layers, c.vocab_size
+            log(f"continuing from {init} ({json.loads((init / 'train_state.json').read_text())['step']} "
+                f"fine-tuning steps)")
+        elif args.resume and (pre_ckpt / "train_state.json").is_file() and \
                 json.loads((pre_ckpt / "train_state.json").read_text()).get("finished"):
             model = T5ForConditionalGeneration.from_pretrained(pre_ckpt, dtype=torch.float32).to(device)
             log("resumed pretraining checkpoint")
@@ -343,6 +377,8 @@ def main(argv=None):
         summary["finetune"] = {"steps": steps, "seconds": secs, "batch_size": args.batch_size,
                                "summ_prob": args.summ_prob}
         summary["train_wall_minutes"] = (time.time() - t_start) / 60
+        if "earlier_run" in summary:  # the card reports the whole training, both runs
+            summary["train_wall_minutes"] += summary["earlier_run"].get("train_wall_minutes") or 0
         summary["history"] = summary.get("history", []) + history
         summary["args"] = vars(args)
         state_path.write_text(json.dumps(summary, indent=2))
@@ -400,6 +436,7 @@ def main(argv=None):
         "params": n_params,
         "train_wall_minutes": summary.get("train_wall_minutes"),
         "pretrain": summary.get("pretrain"), "finetune": summary.get("finetune"),
+        "earlier_run": summary.get("earlier_run"),
         "meta_head": {k: v for k, v in meta_stats.items()},
         "eval": {"cnndm_n": len(ev_cnn), "squad_n": len(ev_sq), "lead3_rougeL": lead, "per_exit_layer": per_layer,
                  "full_model": per_layer[-1], "seconds": eval_s},
@@ -452,6 +489,16 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
     rows = "\n".join(f"| {r['exit_layer']} | {r['rougeL']:.2f} | {r['squad_f1']:.2f} | {r['squad_em']:.2f} |"
                      for r in ev["per_exit_layer"])
     pre, ft = results.get("pretrain") or {}, results.get("finetune") or {}
+    earlier = results.get("earlier_run")
+    if earlier:  # trained in two runs of this script: the second continued from the first's checkpoint
+        eft = earlier.get("finetune") or {}
+        ea = earlier.get("args") or {}
+        finetune_text = (f"fine-tuning {eft.get('steps', '?')} steps ({(eft.get('seconds') or 0) / 60:.1f} min, "
+                         f"lr {ea.get('lr', '?')}) in a first run, then {ft.get('steps', '?')} more steps "
+                         f"({(ft.get('seconds') or 0) / 60:.1f} min) in a second run (`--init-from` its fine-tuning "
+                         f"checkpoint, lr {args.lr} with warm-up {args.warmup_steps} steps: a warm restart)")
+    else:
+        finetune_text = f"fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min)"
     pl = ev["per_exit_layer"]
 
     def trend(key):
@@ -521,7 +568,7 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages. {getattr(args, 'optimizer', 'adamw').replace('adafactor', 'Adafactor').replace('adamw', 'AdamW')} (lr {args.lr}, warm-up
 {args.warmup_steps} steps, cosine to 10%), batch {args.batch_size}, sources truncated to {args.max_source_length} tokens,
 summaries to {args.max_target_length}, answers to {args.qa_target_length}. Pretraining {pre.get('steps', '?')} steps
-({(pre.get('seconds') or 0) / 60:.1f} min), fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min);
+({(pre.get('seconds') or 0) / 60:.1f} min), {finetune_text};
 total training wall time {results.get('train_wall_minutes') or 0:.1f} min on {args.device.upper()} with
 {args.threads} threads (a shared 2-core machine). Meta-classifier: backbone frozen, teacher-forced decoder states of
 {results['meta_head']['n_examples']} (position, layer) pairs from training examples, label = "layer's top token equals the

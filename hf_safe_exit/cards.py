@@ -198,7 +198,7 @@ def _pick_evaluation_row(evaluation: Mapping, certificate) -> dict:
                          f"{certificate.risk!r}.")
     r = rows[0]
     return {"test_risk": r["test_risk_mean"], "test_risk_std": r.get("test_risk_std"),
-            "violation_rate": r.get("violation_rate"), "n_test": settings.get("n_test"),
+            "violation_rate": r.get("violation_rate"), "n_test": settings.get("n_test"), "n_cal": settings.get("n_cal"),
             "repeats": settings.get("repeats"), "lambda_hat_mean": r.get("lambda_hat_mean"),
             "task_loss": r.get("task_loss"), "full_task_loss": evaluation.get("full_model", {}).get("task_loss"),
             "mean_exit_layer": r.get("mean_exit_layer"), "layer_fraction": r.get("layer_fraction"),
@@ -206,8 +206,8 @@ def _pick_evaluation_row(evaluation: Mapping, certificate) -> dict:
             "num_decoder_layers": evaluation.get("metadata", {}).get("num_decoder_layers")}
 
 
-_TEST_KEYS = ("test_risk", "test_risk_std", "violation_rate", "n_test", "repeats", "lambda_hat_mean", "task_loss",
-              "full_task_loss", "split")
+_TEST_KEYS = ("test_risk", "test_risk_std", "violation_rate", "n_test", "n_cal", "repeats", "lambda_hat_mean",
+              "task_loss", "full_task_loss", "split")
 _EFF_KEYS = ("mean_exit_layer", "num_decoder_layers", "layer_fraction", "speedup", "hardware", "batch_size",
              "wall_time_full", "wall_time")
 
@@ -322,6 +322,16 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
 
     if test or eff:
         lines += ["### Measured on held-out data", ""]
+        if test.get("repeats"):
+            # repeated splits measure the *procedure* (a fresh λ̂ per split, on fewer examples), not the λ̂ above
+            n_cal = f"n_cal = {test['n_cal']}" if test.get("n_cal") else "part of the"
+            mean_lam = (f" (mean λ̂ {test['lambda_hat_mean']:.3g})" if test.get("lambda_hat_mean") is not None
+                        else "")
+            lines += [f"These numbers measure the calibration procedure: each of {test['repeats']} random splits "
+                      f"calibrates its own threshold on {n_cal} examples{mean_lam} and tests it on the rest. "
+                      f"The threshold λ̂ = {c.lambda_hat:.6g} above was calibrated once, on all n = {c.n}; with more "
+                      "calibration examples the bound is tighter, so it may exit earlier than the split "
+                      "thresholds.", ""]
         if test:
             split = f" ({test['split']})" if test.get("split") else ""
             n_test = f" on {test['n_test']} test examples" if test.get("n_test") else ""

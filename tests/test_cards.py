@@ -186,6 +186,10 @@ def test_card_from_an_evaluation_uses_the_matching_row(calibrated, tmp_path):
     assert ours["early_exit_speedup"].metric_value == row["speedup"]
     assert ours["early_exit_mean_layers"].metric_value == row["mean_exit_layer"]
     assert "over 5 random calibration/test splits" in card.text and "on 100 test examples" in card.text
+    # the repeated splits calibrate on n_cal examples each, the shipped λ̂ on all n: the card says which is which
+    assert (f"each of 5 random splits calibrates its own threshold on n_cal = 200 examples (mean λ̂ "
+            f"{row['lambda_hat_mean']:.3g})") in card.text
+    assert f"λ̂ = {rc.certificate.lambda_hat:.6g} above was calibrated once, on all n = {table.n}" in card.text
     assert f"{100 * row['violation_rate']:.1f}%" in card.text
     assert "p-value" in card.text  # LTT reports its p-value at λ̂
     _yaml_header(path.read_text(encoding="utf-8"))
