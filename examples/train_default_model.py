@@ -329,7 +329,9 @@ def main(argv=None):
         model = T5ForConditionalGeneration.from_pretrained(ft_ckpt, dtype=torch.float32).to(device)
     else:
         if init is not None:
-            model = T5ForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(device)
+            # --dropout applies to the continued run too (500 CNN/DM rows are memorised fast without it)
+            model = T5ForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
+                                                               dropout_rate=args.dropout).to(device)
             earlier = init.parent / "train_summary.json"
             earlier = json.loads(earlier.read_text()) if earlier.is_file() else {}
             summary["earlier_run"] = {"checkpoint": str(init), "pretrain": earlier.get("pretrain"),
@@ -510,6 +512,11 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
             return "rises monotonically with depth"
         return "does not rise monotonically with depth (see the table)"
     trend_text = f"ROUGE-L {trend('rougeL')}; SQuAD F1 {trend('squad_f1')}."
+    if all(trend(k) == "rises monotonically with depth" for k in ("rougeL", "squad_f1")):
+        layer_text = "Its per-layer task scores rise with depth, but the scores themselves are low."
+    else:
+        layer_text = ("Its per-layer task scores are too low and too noisy to order all of its layers (see the "
+                      "table).")
     ex_lines = ""
     for kind, items in (examples or {}).items():
         for src, pred in items:
@@ -518,6 +525,13 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
     mix = ", ".join(f"{k} {v:g}" for k, v in (
         (kv.split("=")[0], float(kv.split("=")[1])) for kv in getattr(args, "pretrain_mix", "span=1").split(",")))
     ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
+    mix_text = (f"{args.summ_prob:.0%} of the supervised batches; {ssl_ft:.0%} of all fine-tuning batches "
+                f"self-supervised; dropout {args.dropout:g}")
+    if earlier and earlier.get("args"):
+        ea = earlier["args"]
+        mix_text = (f"first run: {ea['summ_prob']:.0%} of the supervised batches, "
+                    f"{ea.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, dropout "
+                    f"{ea.get('dropout', 0):g}; second run: " + mix_text)
     gap = ev["lead3_rougeL"] - full["rougeL"]
     versus_lead = (f"{gap:.1f} ROUGE-L points below lead-3" if gap > 0 else f"{-gap:.1f} ROUGE-L points above lead-3")
     text = f"""---
@@ -556,10 +570,9 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
   (`summarize: <text>` → its first sentences, lead-bias pretraining, Zhu et al. 2021); *cloze questions*
   (`question: <a sentence of the text with a name or number replaced by what/how many> context: <text>` → that
   span, span-selection pretraining, Glass et al. 2020). None of them uses a summary or an answer.
-- Fine-tuning (multitask): `summarize: <article>` → highlights (CNN/DM rows 0–499; {args.summ_prob:.0%} of the
-  supervised batches), `question: <q> context: <c>` → first answer (SQuAD dev articles 0–35, 8,123 questions);
-  {ssl_ft:.0%} of the fine-tuning batches stay self-supervised (lead sentences / cloze questions) so that 500
-  CNN/DM rows are not simply memorised.
+- Fine-tuning (multitask): `summarize: <article>` → highlights (CNN/DM rows 0–499; {mix_text}),
+  `question: <q> context: <c>` → first answer (SQuAD dev articles 0–35, 8,123 questions); the self-supervised
+  batches (lead sentences / cloze questions) are there so that 500 CNN/DM rows are not simply memorised.
 - Held out, never trained on: CNN/DM rows 500–899 and SQuAD articles 36–47 (the project's calibration/test pool).
   The rows used for the numbers below are listed in `heldout_eval_ids.json`.
 
@@ -598,8 +611,7 @@ Per-layer quality (CALM's "marginal monotonicity"): {trend_text}
 Trained from scratch for {results.get('train_wall_minutes') or 0:.0f} minutes on a shared 2-core CPU, on ~9 k labelled
 examples and ~1.4 M tokens of unlabelled text. It has only begun to use its input: its summaries are mostly
 ungrammatical, repetitive fragments and its answers are rarely right (see the samples above); it is far from a
-pretrained T5. Its per-layer cross-entropy falls with depth, but its per-layer task scores are too low and too noisy
-to order the middle layers. Exit-layer scores come from small held-out subsets
+pretrained T5. {layer_text} Exit-layer scores come from small held-out subsets
 ({ev['cnndm_n']} / {ev['squad_n']}) and carry sampling error of a few points. For a real model, run
 `examples/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
 `hf_safe_exit.training.CALMSeq2SeqTrainer`. The size ({results['params'] / 1e6:.1f} M parameters) is at the low end of the
