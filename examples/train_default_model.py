@@ -19,7 +19,8 @@ The shipped model (CPU, 2 threads; two runs, the second continues the first):
     python examples/train_default_model.py --threads 2 --max-minutes 50 --pretrain-fraction 0.5 $ARCH \
         --work-dir runs/v5 --out runs/v5/package     # (the shipped v5 reused, with --resume, the
                                                      #  8k tokenizer an earlier run of this script trained)
-    python examples/train_default_model.py --threads 2 --max-minutes 100 --lr 5e-3 --warmup-steps 50 $ARCH \
+    python examples/train_default_model.py --threads 2 --max-minutes 38 --lr 3e-3 --warmup-steps 50 $ARCH \
+        --dropout 0.1 --finetune-self-supervised 0.6 --summ-prob 0.3 \
         --init-from runs/v5/ckpt_finetune --work-dir runs/v6           # writes hf_safe_exit/default_model
 
     python examples/train_default_model.py --card-only                  # re-render its README.md
