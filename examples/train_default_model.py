@@ -242,9 +242,9 @@ def main(argv=None):
     tok_dir = work / "tokenizer"
     init = Path(args.init_from) if args.init_from else None
     if init is not None:
-        state = init / "train_state.json"
-        if not (init / "model.safetensors").is_file() or not state.is_file() or \
-                not json.loads(state.read_text()).get("finished"):
+        state_file = init / "train_state.json"
+        init_state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if not (init / "model.safetensors").is_file() or not init_state.get("finished"):
             sys.exit(f"--init-from {init}: expected a finished checkpoint of this script (model.safetensors and "
                      f"train_state.json with finished=true, e.g. <work-dir>/ckpt_finetune)")
         tok = AutoTokenizer.from_pretrained(init)
@@ -343,8 +343,7 @@ def main(argv=None):
             c = model.config  # the card describes the architecture from args: take it from the checkpoint
             args.d_model, args.d_ff, args.num_heads, args.d_kv = c.d_model, c.d_ff, c.num_heads, c.d_kv
             args.enc_layers, args.dec_layers, args.vocab_size = c.num_layers, c.num_decoder_layers, c.vocab_size
-            log(f"continuing from {init} ({json.loads((init / 'train_state.json').read_text())['step']} "
-                f"fine-tuning steps)")
+            log(f"continuing from {init} ({init_state['step']} fine-tuning steps)")
         elif args.resume and (pre_ckpt / "train_state.json").is_file() and \
                 json.loads((pre_ckpt / "train_state.json").read_text()).get("finished"):
             model = T5ForConditionalGeneration.from_pretrained(pre_ckpt, dtype=torch.float32).to(device)
@@ -492,16 +491,21 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
     rows = "\n".join(f"| {r['exit_layer']} | {r['rougeL']:.2f} | {r['squad_f1']:.2f} | {r['squad_em']:.2f} |"
                      for r in ev["per_exit_layer"])
     pre, ft = results.get("pretrain") or {}, results.get("finetune") or {}
+    ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
+    finetune_text = f"fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min)"
+    mix_text = (f"{args.summ_prob:.0%} of the supervised batches; {ssl_ft:.0%} of all fine-tuning batches "
+                f"self-supervised; dropout {args.dropout:g}")
     earlier = results.get("earlier_run")
     if earlier:  # trained in two runs of this script: the second continued from the first's checkpoint
-        eft = earlier.get("finetune") or {}
-        ea = earlier.get("args") or {}
+        eft, ea = earlier.get("finetune") or {}, earlier.get("args") or {}
         finetune_text = (f"fine-tuning {eft.get('steps', '?')} steps ({(eft.get('seconds') or 0) / 60:.1f} min, "
                          f"lr {ea.get('lr', '?')}) in a first run, then {ft.get('steps', '?')} more steps "
                          f"({(ft.get('seconds') or 0) / 60:.1f} min) in a second run (`--init-from` its fine-tuning "
                          f"checkpoint, lr {args.lr} with warm-up {args.warmup_steps} steps: a warm restart)")
-    else:
-        finetune_text = f"fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min)"
+        if ea:
+            mix_text = (f"first run: {ea['summ_prob']:.0%} of the supervised batches, "
+                        f"{ea.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, dropout "
+                        f"{ea.get('dropout', 0):g}; second run: " + mix_text)
     pl = ev["per_exit_layer"]
 
     def trend(key):
@@ -512,8 +516,9 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
         if mono and vals[-1] > vals[0]:
             return "rises monotonically with depth"
         return "does not rise monotonically with depth (see the table)"
-    trend_text = f"ROUGE-L {trend('rougeL')}; SQuAD F1 {trend('squad_f1')}."
-    if all(trend(k) == "rises monotonically with depth" for k in ("rougeL", "squad_f1")):
+    trends = {key: trend(key) for key in ("rougeL", "squad_f1")}
+    trend_text = f"ROUGE-L {trends['rougeL']}; SQuAD F1 {trends['squad_f1']}."
+    if all(t == "rises monotonically with depth" for t in trends.values()):
         layer_text = "Its per-layer task scores rise with depth, but the scores themselves are low."
     else:
         layer_text = ("Its per-layer task scores are too low and too noisy to order all of its layers (see the "
@@ -525,14 +530,6 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
     w = layer_weights(args.dec_layers, args.weighting).tolist()
     mix = ", ".join(f"{k} {v:g}" for k, v in (
         (kv.split("=")[0], float(kv.split("=")[1])) for kv in getattr(args, "pretrain_mix", "span=1").split(",")))
-    ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
-    mix_text = (f"{args.summ_prob:.0%} of the supervised batches; {ssl_ft:.0%} of all fine-tuning batches "
-                f"self-supervised; dropout {args.dropout:g}")
-    if earlier and earlier.get("args"):
-        ea = earlier["args"]
-        mix_text = (f"first run: {ea['summ_prob']:.0%} of the supervised batches, "
-                    f"{ea.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, dropout "
-                    f"{ea.get('dropout', 0):g}; second run: " + mix_text)
     gap = ev["lead3_rougeL"] - full["rougeL"]
     versus_lead = (f"{gap:.1f} ROUGE-L points below lead-3" if gap > 0 else f"{-gap:.1f} ROUGE-L points above lead-3")
     text = f"""---
