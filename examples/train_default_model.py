@@ -12,7 +12,7 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-The shipped model (CPU, 2 threads; two runs, the second continues the first):
+The shipped model (CPU, 2 threads; three runs, each continues the previous one):
 
     ARCH="--vocab-size 8000 --d-model 128 --d-kv 32 --num-heads 4 --d-ff 512 --enc-layers 6 --dec-layers 6
           --max-source-length 160 --max-target-length 48 --qa-target-length 16 --batch-size 16 --summ-prob 0.4"
@@ -21,7 +21,12 @@ The shipped model (CPU, 2 threads; two runs, the second continues the first):
                                                      #  8k tokenizer an earlier run of this script trained)
     python examples/train_default_model.py --threads 2 --max-minutes 38 --lr 3e-3 --warmup-steps 50 $ARCH \
         --dropout 0.1 --finetune-self-supervised 0.6 --summ-prob 0.3 \
-        --init-from runs/v5/ckpt_finetune --work-dir runs/v6           # writes hf_safe_exit/default_model
+        --init-from runs/v5/ckpt_finetune --work-dir runs/v6 --out runs/v6/package
+                                                     # (v6 predates calm_loss reading every exit out
+                                                     #  through the decoder dropout: only the last was)
+    python examples/train_default_model.py --threads 2 --max-minutes 78 --lr 3e-3 --warmup-steps 50 $ARCH \
+        --dropout 0.1 --finetune-self-supervised 0.6 --summ-prob 0.3 --eval-cnndm 200 --eval-squad 600 \
+        --init-from runs/v6/ckpt_finetune --work-dir runs/v7           # writes hf_safe_exit/default_model
 
     python examples/train_default_model.py --card-only                  # re-render its README.md
     python examples/train_default_model.py --tiny --max-minutes 3 --out /tmp/tiny_model   # smoke test
@@ -45,7 +50,8 @@ import torch
 from hf_safe_exit.training.calm_loss import calm_loss, layer_weights
 from hf_safe_exit.training.data import (default_data_dir, load_cnndm, load_squad, pretraining_texts, qa_example,
                                         summarization_example)
-from hf_safe_exit.training.evaluation import evaluate_qa, evaluate_summarization, lead3, rouge_l, truncated_decoder_model
+from hf_safe_exit.training.evaluation import (evaluate_qa, evaluate_summarization, lead3, rouge_l,
+                                              teacher_forced_layer_scores, truncated_decoder_model)
 from hf_safe_exit.training.meta_classifier import train_meta_classifier
 from hf_safe_exit.training.self_supervised import cloze_question_example, lead_sentences_example
 from hf_safe_exit.training.span_corruption import span_corrupt, text_infill
@@ -118,6 +124,9 @@ def parse_args(argv=None):
         a.enc_layers, a.dec_layers, a.batch_size = 2, 3, 8
         a.max_source_length, a.max_target_length = 128, 32
         a.eval_cnndm, a.eval_squad, a.meta_examples, a.warmup_steps = 8, 16, 16, 10
+    # recorded with the run's arguments: from this version on every exit's read-out passes through the decoder
+    # dropout during training (hf_safe_exit.training.calm_loss), not only the last one's
+    a.exit_readout_dropout = True
     return a
 
 
@@ -338,7 +347,9 @@ def main(argv=None):
             summary["earlier_run"] = {"checkpoint": str(init), "pretrain": earlier.get("pretrain"),
                                       "finetune": earlier.get("finetune"),
                                       "train_wall_minutes": earlier.get("train_wall_minutes"),
-                                      "args": earlier.get("args")}
+                                      "args": earlier.get("args"),
+                                      # a chain of continuations: the earlier run's own earlier run, and so on
+                                      "earlier_run": earlier.get("earlier_run")}
             summary["pretrain"] = earlier.get("pretrain")
             c = model.config  # the card describes the architecture from args: take it from the checkpoint
             args.d_model, args.d_ff, args.num_heads, args.d_kv = c.d_model, c.d_ff, c.num_heads, c.d_kv
@@ -408,14 +419,27 @@ def main(argv=None):
     per_layer = []
     preds = {}
     L = len(model.decoder.block)
+    # read-out accuracy of every layer on the same held-out rows, teacher-forced (one forward pass each)
+    tf_cnn = teacher_forced_layer_scores(model, tok, [summarization_example(r) for r in ev_cnn],
+                                         max_source_length=args.max_source_length,
+                                         max_target_length=args.max_target_length)
+    tf_sq = teacher_forced_layer_scores(model, tok, [qa_example(q) for q in ev_sq],
+                                        max_source_length=args.max_source_length,
+                                        max_target_length=args.qa_target_length)
     for i in range(1, L + 1):
         m = truncated_decoder_model(model, i)
         s = evaluate_summarization(m, tok, ev_cnn, max_source_length=args.max_source_length,
                                    max_new_tokens=args.max_target_length)
         q = evaluate_qa(m, tok, ev_sq, max_source_length=args.max_source_length, max_new_tokens=args.qa_target_length)
-        per_layer.append({"exit_layer": i, "rougeL": s["rougeL"], "squad_f1": q["f1"], "squad_em": q["em"]})
+        per_layer.append({"exit_layer": i, "rougeL": s["rougeL"], "rougeL_se": s["rougeL_se"], "squad_f1": q["f1"],
+                          "squad_f1_se": q["f1_se"], "squad_em": q["em"],
+                          "cnndm_token_accuracy": tf_cnn["token_accuracy"][i - 1],
+                          "cnndm_cross_entropy": tf_cnn["cross_entropy"][i - 1],
+                          "squad_token_accuracy": tf_sq["token_accuracy"][i - 1],
+                          "squad_cross_entropy": tf_sq["cross_entropy"][i - 1]})
         preds[i] = {"cnndm": s["predictions"], "squad": q["predictions"]}
-        log(f"exit layer {i}: ROUGE-L {s['rougeL']:.2f}  SQuAD F1 {q['f1']:.2f} EM {q['em']:.2f}")
+        log(f"exit layer {i}: ROUGE-L {s['rougeL']:.2f}  SQuAD F1 {q['f1']:.2f} EM {q['em']:.2f}  teacher-forced "
+            f"token accuracy CNN/DM {tf_cnn['token_accuracy'][i - 1]:.2f} SQuAD {tf_sq['token_accuracy'][i - 1]:.2f}")
     eval_s = time.time() - t
     log(f"lead-3 ROUGE-L {lead:.2f}; evaluation took {eval_s:.0f}s")
     (work / "eval_predictions.json").write_text(json.dumps(
@@ -441,6 +465,7 @@ def main(argv=None):
         "earlier_run": summary.get("earlier_run"),
         "meta_head": {k: v for k, v in meta_stats.items()},
         "eval": {"cnndm_n": len(ev_cnn), "squad_n": len(ev_sq), "lead3_rougeL": lead, "per_exit_layer": per_layer,
+                 "teacher_forced_tokens": {"cnndm": tf_cnn["n_tokens"], "squad": tf_sq["n_tokens"]},
                  "full_model": per_layer[-1], "seconds": eval_s},
         "save_dtype": str(save_dtype).replace("torch.", ""), "vocab_size": len(tok),
         "device": args.device, "threads": args.threads, "seed": args.seed,
@@ -488,25 +513,48 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
     data = ModelCardData(language="en", license="cc-by-sa-4.0", library_name="transformers",
                          tags=["t5", "early-exit", "calm", "hf_safe_exit"], model_name="hf_safe_exit default model",
                          eval_results=evals, datasets=["cnn_dailymail", "squad"], pipeline_tag="text2text-generation")
-    rows = "\n".join(f"| {r['exit_layer']} | {r['rougeL']:.2f} | {r['squad_f1']:.2f} | {r['squad_em']:.2f} |"
-                     for r in ev["per_exit_layer"])
     pre, ft = results.get("pretrain") or {}, results.get("finetune") or {}
     ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
     finetune_text = f"fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min)"
     mix_text = (f"{args.summ_prob:.0%} of the supervised batches; {ssl_ft:.0%} of all fine-tuning batches "
                 f"self-supervised; dropout {args.dropout:g}")
-    earlier = results.get("earlier_run")
-    if earlier:  # trained in two runs of this script: the second continued from the first's checkpoint
-        eft, ea = earlier.get("finetune") or {}, earlier.get("args") or {}
-        finetune_text = (f"fine-tuning {eft.get('steps', '?')} steps ({(eft.get('seconds') or 0) / 60:.1f} min, "
-                         f"lr {ea.get('lr', '?')}) in a first run, then {ft.get('steps', '?')} more steps "
-                         f"({(ft.get('seconds') or 0) / 60:.1f} min) in a second run (`--init-from` its fine-tuning "
-                         f"checkpoint, lr {args.lr} with warm-up {args.warmup_steps} steps: a warm restart)")
-        if ea:
-            mix_text = (f"first run: {ea['summ_prob']:.0%} of the supervised batches, "
-                        f"{ea.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, dropout "
-                        f"{ea.get('dropout', 0):g}; second run: " + mix_text)
+    # a chain of runs, each continuing the previous one's checkpoint (--init-from): oldest first
+    runs, e = [], results.get("earlier_run")
+    while e:
+        runs.insert(0, e)
+        e = e.get("earlier_run")
+    if runs:
+        runs.append({"finetune": ft, "args": vars(args)})
+        parts = []
+        for k, r in enumerate(runs, 1):
+            rft, ra = r.get("finetune") or {}, r.get("args") or {}
+            restart = f", warm-up {ra.get('warmup_steps', '?')} steps: a warm restart" if k > 1 else ""
+            parts.append(f"run {k}: {rft.get('steps', '?')} steps ({(rft.get('seconds') or 0) / 60:.1f} min, "
+                         f"lr {ra.get('lr', '?')}{restart})")
+        finetune_text = (f"fine-tuning in {len(runs)} runs of the script, each continuing the previous run's "
+                         f"fine-tuning checkpoint (`--init-from`): " + "; ".join(parts))
+        def run_mix(r):
+            ra = r.get("args") or {}
+            text = (f"{ra.get('summ_prob', 0):.0%} of the supervised batches, "
+                    f"{ra.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, "
+                    f"dropout {ra.get('dropout', 0):g}")
+            if ra.get("dropout", 0) > 0 and not ra.get("exit_readout_dropout"):
+                text += " (then on the last exit's read-out only)"
+            return text
+        mix_text = "; ".join(f"run {k}: {run_mix(r)}" for k, r in enumerate(runs, 1))
     pl = ev["per_exit_layer"]
+    has_tf = all("cnndm_token_accuracy" in r for r in pl)  # results of older runs of this script lack them
+
+    def cell(r, key):
+        se = r.get(key + "_se")
+        return f"{r[key]:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    rows = "\n".join(
+        f"| {r['exit_layer']} | {cell(r, 'rougeL')} | {cell(r, 'squad_f1')} | {r['squad_em']:.2f} |"
+        + (f" {r['cnndm_token_accuracy']:.2f} | {r['squad_token_accuracy']:.2f} |" if has_tf else "")
+        for r in pl)
+    header = "| exit layer | ROUGE-L | SQuAD F1 | SQuAD EM |" + (
+        " next-token acc. CNN/DM | next-token acc. SQuAD |" if has_tf else "")
+    header += "\n|" + "---|" * (6 if has_tf else 4)
 
     def trend(key):
         vals = [r[key] for r in pl]
@@ -515,14 +563,29 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
         mono = all(a <= b + 1e-9 for a, b in zip(vals, vals[1:]))
         if mono and vals[-1] > vals[0]:
             return "rises monotonically with depth"
-        return "does not rise monotonically with depth (see the table)"
-    trends = {key: trend(key) for key in ("rougeL", "squad_f1")}
-    trend_text = f"ROUGE-L {trends['rougeL']}; SQuAD F1 {trends['squad_f1']}."
+        dips = [f"layer {r['exit_layer']} {r[key] - p[key]:+.2f}" for p, r in zip(pl, pl[1:]) if r[key] < p[key]]
+        return "does not rise monotonically with depth (" + ", ".join(dips) + ")"
+    keys = {"rougeL": "ROUGE-L", "squad_f1": "SQuAD F1"}
+    if has_tf:
+        keys.update({"cnndm_token_accuracy": "CNN/DM next-token accuracy",
+                     "squad_token_accuracy": "SQuAD next-token accuracy"})
+    trends = {key: trend(key) for key in keys}
+    trend_text = "; ".join(f"{name} {trends[key]}" for key, name in keys.items()) + "."
     if all(t == "rises monotonically with depth" for t in trends.values()):
-        layer_text = "Its per-layer task scores rise with depth, but the scores themselves are low."
+        layer_text = "Its per-layer scores rise with depth, but the scores themselves are low."
+    elif has_tf and all(trends[k] == "rises monotonically with depth" for k in keys if "token_accuracy" in k):
+        layer_text = ("Its exits' next-token accuracy rises with depth, but its generated-text scores are too low "
+                      "and too noisy to order all of its layers (see the table).")
     else:
         layer_text = ("Its per-layer task scores are too low and too noisy to order all of its layers (see the "
                       "table).")
+    tf_note = ""
+    if has_tf:
+        tok_n = ev.get("teacher_forced_tokens", {})
+        tf_note = (f"\nNext-token accuracy: each layer's read-out under teacher forcing on the reference targets "
+                   f"of the same held-out examples ({tok_n.get('cnndm', '?')} / {tok_n.get('squad', '?')} target "
+                   f"tokens), top-1, ×100: the accuracy of each exit, free of the error compounding of generated "
+                   f"text. ± is one standard error over examples.\n")
     ex_lines = ""
     for kind, items in (examples or {}).items():
         for src, pred in items:
@@ -576,7 +639,8 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 
 ## Recipe
 `examples/train_default_model.py` (seed {args.seed}). Loss: CALM's weighted per-layer cross-entropy through the shared
-head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages. {getattr(args, 'optimizer', 'adamw').replace('adafactor', 'Adafactor').replace('adamw', 'AdamW')} (lr {args.lr}, warm-up
+head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages; in training mode every exit is
+read out through the decoder's dropout after the final norm, as HF's last layer is. {getattr(args, 'optimizer', 'adamw').replace('adafactor', 'Adafactor').replace('adamw', 'AdamW')} (lr {args.lr}, warm-up
 {args.warmup_steps} steps, cosine to 10%), batch {args.batch_size}, sources truncated to {args.max_source_length} tokens,
 summaries to {args.max_target_length}, answers to {args.qa_target_length}. Pretraining {pre.get('steps', '?')} steps
 ({(pre.get('seconds') or 0) / 60:.1f} min), {finetune_text};
@@ -596,10 +660,9 @@ ROUGE-L: `rouge_score` rougeL F-measure with stemming, averaged per example, ×1
 
 ### Score per exit layer (every token exits at layer i: decoder truncated to i blocks + shared read-out)
 
-| exit layer | ROUGE-L | SQuAD F1 | SQuAD EM |
-|---|---|---|---|
+{header}
 {rows}
-
+{tf_note}
 Per-layer quality (CALM's "marginal monotonicity"): {trend_text}
 
 ### Sample outputs of the full model (held-out, greedy)

@@ -8,7 +8,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from hf_safe_exit.decoding.readout import intermediate_logits
 from hf_safe_exit.training.data import default_data_dir, load_cnndm, load_squad, pretraining_texts
-from hf_safe_exit.training.evaluation import lead3, squad_em, squad_f1, truncated_decoder_model
+from hf_safe_exit.training.evaluation import (lead3, squad_em, squad_f1, standard_error, teacher_forced_layer_scores,
+                                             truncated_decoder_model)
 from hf_safe_exit.training.span_corruption import random_spans_noise_mask, span_corrupt
 
 SENT = list(range(999, 899, -1))  # <extra_id_k> = 999 - k, as in a 1000-token T5 vocabulary
@@ -78,6 +79,46 @@ def test_truncated_decoder_is_static_exit():
         assert len(model.decoder.block) == 4 and model.config.num_decoder_layers == 4  # original untouched
         assert m.lm_head is model.lm_head
     assert truncated_decoder_model(model, 4) is model
+
+
+def test_teacher_forced_layer_scores_match_hf_loss_of_each_truncated_decoder():
+    """Reference: HF's own loss (labels=...) of the decoder truncated to i blocks, one pair at a time (no
+    padding), token-weighted; accuracy by a loop over the target positions."""
+    from hf_safe_exit import default_model_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3,
+                   num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+                   initializer_factor=4.0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    pairs = [("summarize: the cat sat on the mat.", "a cat sat."),
+             ("question: who? context: Ann met Bob in Paris last year.", "Ann"),
+             ("summarize: prices rose again in May, the bureau said.", "prices rose in May, the bureau said")]
+    got = teacher_forced_layer_scores(model, tok, pairs, max_source_length=32, max_target_length=6, batch_size=2)
+    n_total = 0
+    ce_ref, acc_ref = [0.0] * 3, [0.0] * 3
+    for src, tgt in pairs:
+        enc = tok(src, max_length=32, truncation=True, return_tensors="pt")
+        labels = tok(tgt, max_length=6, truncation=True, return_tensors="pt").input_ids
+        n = labels.shape[1]
+        n_total += n
+        for i in range(1, 4):
+            out = truncated_decoder_model(model, i)(**enc, labels=labels)
+            ce_ref[i - 1] += out.loss.item() * n
+            acc_ref[i - 1] += sum(int(out.logits[0, t].argmax() == labels[0, t]) for t in range(n))
+    assert got["n_tokens"] == n_total
+    assert got["cross_entropy"] == pytest.approx([c / n_total for c in ce_ref], rel=1e-6)  # float32 log-softmax
+    assert got["token_accuracy"] == pytest.approx([100 * a / n_total for a in acc_ref])
+
+
+def test_standard_error_matches_scipy():
+    from scipy import stats
+
+    vals = [0.1, 0.5, 0.2, 0.9, 0.0, 0.3]
+    assert standard_error(vals) == pytest.approx(float(stats.sem(vals)))
+    assert standard_error([0.4]) == 0.0
 
 
 DATA = default_data_dir()

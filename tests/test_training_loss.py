@@ -82,6 +82,39 @@ def test_weighted_loss_equals_hand_computation(tied, weighting):
     torch.testing.assert_close(hand[-1], hf_loss, rtol=1e-9, atol=1e-9)
 
 
+class FixedMask(torch.nn.Module):
+    """A deterministic stand-in for the decoder's dropout module: zero feature 0, double the rest."""
+
+    def forward(self, h):
+        scale = torch.full((h.shape[-1],), 2.0, dtype=h.dtype)
+        scale[0] = 0.0
+        return h * scale
+
+
+def test_every_exit_is_read_out_through_the_decoder_dropout_like_the_last():
+    """In training mode HF's last layer is read out as head(dropout(norm(h))): the intermediate exits must be
+    read out the same way, or only the last exit trains on dropped-out features."""
+    model = tiny_t5(tied=True).train()
+    model.decoder.dropout = FixedMask()
+    batch = tiny_batch()
+    out = calm_loss(model, batch, return_outputs=True)
+    hs, labels, cfg = out.outputs.decoder_hidden_states, batch["labels"], model.config
+    ln, W, valid = model.decoder.final_layer_norm, model.lm_head.weight, batch["labels"] != -100
+    for i in range(1, cfg.num_decoder_layers):
+        h = FixedMask()(rms_norm(hs[i], ln.weight, ln.variance_epsilon)) * cfg.d_model ** -0.5
+        nll = -torch.log_softmax(h @ W.T, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(out.layer_losses[i - 1].double(), nll[valid].sum() / valid.sum(),
+                                   rtol=1e-6, atol=1e-6)
+    # the last exit is HF's own loss, which applies the same module after the final norm
+    hf = model(**{k: v for k, v in batch.items()}).loss
+    torch.testing.assert_close(out.layer_losses[-1].double(), hf, rtol=1e-6, atol=1e-6)
+    # in eval mode nn.Dropout is the identity: the losses are the plain read-outs again
+    model.decoder.dropout = torch.nn.Dropout(0.5)
+    model.eval()
+    torch.testing.assert_close(calm_loss(model, batch).layer_losses.double(), hand_layer_losses(model, batch)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_layer_weights_values():
     assert layer_weights(4).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert layer_weights(4, "uniform").tolist() == pytest.approx([0.25] * 4)

@@ -61,6 +61,11 @@ def per_layer_losses(model, outputs, labels: torch.Tensor, *, ignore_index: int 
     ``outputs`` must come from a forward pass with ``output_hidden_states=True``.
     HF's ``decoder_hidden_states`` has L+1 entries: the embeddings, the raw outputs
     of blocks 1..L-1 and the *already normed* output of the last block.
+
+    In training mode every intermediate read-out also passes through ``decoder.dropout`` after the norm,
+    exactly as HF's last layer does (``final_layer_norm`` -> dropout -> head; also CALM's t5x decoder), so all
+    exits are trained with the same read-out. Without it, with dropout > 0, only the last exit is trained on
+    dropped-out features (in this project's dropout-0.1 run it ended no better than the layer below it).
     """
     hs = outputs.decoder_hidden_states
     if hs is None:
@@ -70,8 +75,9 @@ def per_layer_losses(model, outputs, labels: torch.Tensor, *, ignore_index: int 
     for i in range(1, L + 1):
         if i == L:
             logits = outputs.logits
-        else:
-            logits = intermediate_logits(model, hs[i], normed=False)
+        else:  # the dropout module is the identity in eval mode
+            normed = model.decoder.dropout(model.decoder.final_layer_norm(hs[i]))
+            logits = intermediate_logits(model, normed, normed=True)
         losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                       ignore_index=ignore_index, label_smoothing=label_smoothing))
     return torch.stack(losses)
