@@ -145,6 +145,20 @@ class LinearWarmupCosine:
         return lr
 
 
+# the truncation arguments of the tokenizer's last call, which save_pretrained would write into
+# tokenizer_config.json as if they were its settings (a run continued with --init-from inherits them)
+_CALL_STATE_KEYS = ("max_length", "stride", "truncation_side", "truncation_strategy")
+
+
+def save_tokenizer(tok, directory) -> None:
+    tok.save_pretrained(directory)
+    cfg_path = Path(directory) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in _CALL_STATE_KEYS:
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def pad_batch(pairs, pad_id=0):
     """pairs: list of (input_ids, target_ids) lists -> tensors; labels padded with -100."""
     S = max(len(s) for s, _ in pairs)
@@ -170,7 +184,7 @@ def save_checkpoint(model, tok, path: Path, state: dict):
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    save_tokenizer(tok, tmp)
     (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
     if path.exists():
         shutil.rmtree(path)
@@ -257,7 +271,7 @@ def main(argv=None):
             sys.exit(f"--init-from {init}: expected a finished checkpoint of this script (model.safetensors and "
                      f"train_state.json with finished=true, e.g. <work-dir>/ckpt_finetune)")
         tok = AutoTokenizer.from_pretrained(init)
-        tok.save_pretrained(tok_dir)
+        save_tokenizer(tok, tok_dir)
     elif args.resume and (tok_dir / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
@@ -265,7 +279,7 @@ def main(argv=None):
             [q["question"] + " " + q["answers"][0] for q in sq_train] + ["summarize: question: context:"] * 50
         t = time.time()
         tok = train_t5_tokenizer(tok_text, vocab_size=args.vocab_size)
-        tok.save_pretrained(tok_dir)
+        save_tokenizer(tok, tok_dir)
         log(f"tokenizer: {len(tok)} tokens in {time.time() - t:.0f}s")
     sentinels = tok.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
 
@@ -456,7 +470,7 @@ def main(argv=None):
     save_dtype = torch.float32 if n_params * 4 <= 20e6 else torch.float16  # stay within the 25 MB package budget
     model.to(save_dtype).save_pretrained(out)
     model.to(torch.float32)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     head.cpu().save_pretrained(out)
     results = {
         "params": n_params,
@@ -539,7 +553,7 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
                     f"{ra.get('finetune_self_supervised', 0):.0%} of all batches self-supervised, "
                     f"dropout {ra.get('dropout', 0):g}")
             if ra.get("dropout", 0) > 0 and not ra.get("exit_readout_dropout"):
-                text += " (then on the last exit's read-out only)"
+                text += " (the read-out dropout then on the last exit only)"
             return text
         mix_text = "; ".join(f"run {k}: {run_mix(r)}" for k, r in enumerate(runs, 1))
     pl = ev["per_exit_layer"]
@@ -673,7 +687,7 @@ Trained from scratch for {results.get('train_wall_minutes') or 0:.0f} minutes on
 examples and ~1.4 M tokens of unlabelled text. It has only begun to use its input: its summaries are mostly
 ungrammatical, repetitive fragments and its answers are rarely right (see the samples above); it is far from a
 pretrained T5. {layer_text} Exit-layer scores come from small held-out subsets
-({ev['cnndm_n']} / {ev['squad_n']}) and carry sampling error of a few points. For a real model, run
+({ev['cnndm_n']} / {ev['squad_n']}) and carry the sampling error shown as ± in the table. For a real model, run
 `examples/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
 `hf_safe_exit.training.CALMSeq2SeqTrainer`. The size ({results['params'] / 1e6:.1f} M parameters) is at the low end of the
 10–20 M first planned: on this CPU a larger model would have seen too few tokens in the time available.
