@@ -547,6 +547,7 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
                          f"lr {ra.get('lr', '?')}{restart})")
         finetune_text = (f"fine-tuning in {len(runs)} runs of the script, each continuing the previous run's "
                          f"fine-tuning checkpoint (`--init-from`): " + "; ".join(parts))
+
         def run_mix(r):
             ra = r.get("args") or {}
             text = (f"{ra.get('summ_prob', 0):.0%} of the supervised batches, "
