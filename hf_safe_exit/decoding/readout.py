@@ -8,10 +8,12 @@ through the *shared* output head. For HF T5 that head is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "normed_state", "intermediate_logits"]
+__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "normed_state", "intermediate_logits", "exit_logits"]
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -52,3 +54,22 @@ def intermediate_logits(model: PreTrainedModel, hidden: torch.Tensor, *, normed:
     if model.config.scale_decoder_outputs:
         hidden = hidden * (model.config.d_model**-0.5)
     return model.lm_head(hidden)
+
+
+def exit_logits(model: PreTrainedModel, outputs) -> Iterator[torch.Tensor]:
+    """The logits of every decoder layer's read-out, layer 1 first, from one forward pass.
+
+    ``outputs`` must come from a forward with ``output_hidden_states=True``. HF's
+    ``decoder_hidden_states`` has L+1 entries: the embeddings, the raw outputs of blocks
+    1..L-1 and the *already normed* output of the last block, whose logits are
+    ``outputs.logits``. HF reads the last layer out as ``final_layer_norm`` -> dropout ->
+    head; every intermediate exit goes through the same ``decoder.dropout`` (the identity
+    in eval mode), so in training all exits see the same read-out (also CALM's t5x decoder).
+    """
+    hs = outputs.decoder_hidden_states
+    if hs is None:
+        raise ValueError("forward the model with output_hidden_states=True")
+    for i in range(1, len(hs) - 1):
+        normed = model.decoder.dropout(model.decoder.final_layer_norm(hs[i]))
+        yield intermediate_logits(model, normed, normed=True)
+    yield outputs.logits

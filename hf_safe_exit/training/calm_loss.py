@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Seq2SeqTrainer
 
-from ..decoding.readout import check_supported_model, intermediate_logits
+from ..decoding.readout import check_supported_model, exit_logits
 
 __all__ = ["layer_weights", "per_layer_losses", "calm_loss", "CALMLossOutput", "CALMSeq2SeqTrainer", "WEIGHTINGS"]
 
@@ -58,28 +58,15 @@ def per_layer_losses(model, outputs, labels: torch.Tensor, *, ignore_index: int 
                      label_smoothing: float = 0.0) -> torch.Tensor:
     """Token-mean cross-entropy of every decoder layer's read-out, shape ``(L,)``.
 
-    ``outputs`` must come from a forward pass with ``output_hidden_states=True``.
-    HF's ``decoder_hidden_states`` has L+1 entries: the embeddings, the raw outputs
-    of blocks 1..L-1 and the *already normed* output of the last block.
-
-    In training mode every intermediate read-out also passes through ``decoder.dropout`` after the norm,
-    exactly as HF's last layer does (``final_layer_norm`` -> dropout -> head; also CALM's t5x decoder), so all
-    exits are trained with the same read-out. Without it, with dropout > 0, only the last exit is trained on
-    dropped-out features (in this project's dropout-0.1 run it ended no better than the layer below it).
+    ``outputs`` must come from a forward pass with ``output_hidden_states=True``; the read-out
+    is :func:`~hf_safe_exit.decoding.readout.exit_logits`. In training mode every exit passes
+    through ``decoder.dropout`` after the norm, as HF's last layer does. Without it, with
+    dropout > 0, only the last exit is trained on dropped-out features (in this project's
+    dropout-0.1 run it ended no better than the layer below it).
     """
-    hs = outputs.decoder_hidden_states
-    if hs is None:
-        raise ValueError("forward the model with output_hidden_states=True")
-    L = len(hs) - 1
-    losses = []
-    for i in range(1, L + 1):
-        if i == L:
-            logits = outputs.logits
-        else:  # the dropout module is the identity in eval mode
-            normed = model.decoder.dropout(model.decoder.final_layer_norm(hs[i]))
-            logits = intermediate_logits(model, normed, normed=True)
-        losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                      ignore_index=ignore_index, label_smoothing=label_smoothing))
+    losses = [F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                              ignore_index=ignore_index, label_smoothing=label_smoothing)
+              for logits in exit_logits(model, outputs)]
     return torch.stack(losses)
 
 

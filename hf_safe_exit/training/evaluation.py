@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import re
 import string
 from collections import Counter
@@ -149,11 +148,9 @@ def evaluate_qa(model, tokenizer, questions: list[dict], *, max_source_length: i
 
 def standard_error(values: list[float]) -> float:
     """Standard error of the mean, sample standard deviation (n - 1) over sqrt(n); 0 for n < 2."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    from scipy import stats
+
+    return float(stats.sem(values)) if len(values) >= 2 else 0.0
 
 
 @torch.no_grad()
@@ -166,7 +163,7 @@ def teacher_forced_layer_scores(model, tokenizer, pairs: list[tuple[str, str]], 
     all target tokens (``</s>`` included, padding excluded): ``token_accuracy`` (top-1, ×100) and
     ``cross_entropy`` (nats per token), with ``n_tokens``.
     """
-    from ..decoding.readout import intermediate_logits
+    from ..decoding.readout import exit_logits
 
     model.eval()
     device = next(model.parameters()).device
@@ -183,12 +180,10 @@ def teacher_forced_layer_scores(model, tokenizer, pairs: list[tuple[str, str]], 
         mask = labels != tokenizer.pad_token_id
         out = model(**enc, decoder_input_ids=model._shift_right(labels), output_hidden_states=True,
                     return_dict=True, use_cache=False)
-        hs = out.decoder_hidden_states  # embeddings, raw blocks 1..L-1, normed block L
-        for i in range(1, L + 1):
-            logits = (out.logits if i == L else intermediate_logits(model, hs[i])).float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            nll[i - 1] += -logp[mask].double().sum().cpu()
-            correct[i - 1] += (logits.argmax(-1) == labels)[mask].sum().cpu()
+        for i, logits in enumerate(exit_logits(model, out)):
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            nll[i] += -logp[mask].double().sum().cpu()
+            correct[i] += (logits.argmax(-1) == labels)[mask].sum().cpu()
         n_tokens += int(mask.sum())
     if n_tokens == 0:
         raise ValueError("no target tokens to score")
