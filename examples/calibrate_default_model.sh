@@ -6,7 +6,8 @@
 #   MODEL=/path/to/t5 WORK=/tmp/cal bash examples/calibrate_default_model.sh
 #
 # Per task (CNN/DM: pool rows 500-899; SQuAD: pool articles 36-47; never trained on):
-#   collect   -> every example decoded at every threshold of the grid (losses vs the full model)
+#   collect   -> every example decoded at every threshold of the grid (losses vs the full model);
+#                pool rows listed in the model's selection_eval_ids.json (used to choose it) are left out
 #   calibrate -> λ̂ for ε (UCB-WSR, δ = 0.1) on all collected pool examples -> calibration/<task>/
 #   evaluate  -> repeated random calibration/test splits of the same examples: test risk, speed-up
 #   plot, card -> figures and the guarantee section of the model's README.md
@@ -20,12 +21,15 @@ WORK=${WORK:-/tmp/hf_safe_exit_calibration}
 DELTA=${DELTA:-0.1}
 GRID=${GRID:-0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1}
 mkdir -p "$WORK"
+# pool rows that were used to choose the model (its card's selection_eval_ids.json) never calibrate it
+EXCLUDE=()
+if [[ -f "$MODEL/selection_eval_ids.json" ]]; then EXCLUDE=(--exclude-ids "$MODEL/selection_eval_ids.json"); fi
 
 # task  examples  max_new_tokens  eps
 while read -r task n new_tokens eps; do
   out="$MODEL/calibration/$task"
   mkdir -p "$out"
-  hf-safe-exit collect --model "$MODEL" --task "$task" --data "$DATA" --split pool --n "$n" \
+  hf-safe-exit collect --model "$MODEL" --task "$task" --data "$DATA" --split pool --n "$n" "${EXCLUDE[@]}" \
       --lambdas "$GRID" --max-new-tokens "$new_tokens" --max-input-length 160 --batch-size 8 \
       --output "$WORK/$task.npz" --no-progress
   hf-safe-exit calibrate --results "$WORK/$task.npz" --eps "$eps" --delta "$DELTA" --method ucb \

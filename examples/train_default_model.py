@@ -12,7 +12,8 @@ Data and splits: ../shared/data (see hf_safe_exit.training.data). Training uses 
 CNN/DM rows 0-499, SQuAD articles 0-35 and extra_text; evaluation draws from the pool
 (CNN/DM rows 500-899, SQuAD articles 36-47).
 
-The shipped model (CPU, 2 threads; three runs, each continues the previous one):
+The shipped model (CPU, 2 threads; four runs, each continues the previous one; the fourth keeps only the first
+four decoder layers of the third, whose layers 5-6 did not improve on its exit 4 held out):
 
     ARCH="--vocab-size 8000 --d-model 128 --d-kv 32 --num-heads 4 --d-ff 512 --enc-layers 6 --dec-layers 6
           --max-source-length 160 --max-target-length 48 --qa-target-length 16 --batch-size 16 --summ-prob 0.4"
@@ -26,7 +27,13 @@ The shipped model (CPU, 2 threads; three runs, each continues the previous one):
                                                      #  through the decoder dropout: only the last was)
     python examples/train_default_model.py --threads 2 --max-minutes 78 --lr 3e-3 --warmup-steps 50 $ARCH \
         --dropout 0.1 --finetune-self-supervised 0.6 --summ-prob 0.3 --eval-cnndm 200 --eval-squad 600 \
-        --init-from runs/v6/ckpt_finetune --work-dir runs/v7           # writes hf_safe_exit/default_model
+        --init-from runs/v6/ckpt_finetune --work-dir runs/v7 --out runs/v7/package
+    python examples/train_default_model.py --threads 2 --max-minutes 68 --lr 3e-3 --warmup-steps 50 $ARCH \
+        --dropout 0.1 --finetune-self-supervised 0.6 --summ-prob 0.3 --eval-cnndm 200 --eval-squad 1200 \
+        --init-from runs/v7/ckpt_finetune --keep-decoder-layers 4 \
+        --eval-exclude runs/v7/package/heldout_eval_ids.json --work-dir runs/v8   # writes hf_safe_exit/default_model
+                                                     # (evaluated on pool rows disjoint from the 200/600 that v7's
+                                                     #  per-exit scores, which chose the depth, were measured on)
 
     python examples/train_default_model.py --card-only                  # re-render its README.md
     python examples/train_default_model.py --tiny --max-minutes 3 --out /tmp/tiny_model   # smoke test
@@ -55,6 +62,7 @@ from hf_safe_exit.training.evaluation import (evaluate_qa, evaluate_summarizatio
 from hf_safe_exit.training.meta_classifier import train_meta_classifier
 from hf_safe_exit.training.self_supervised import cloze_question_example, lead_sentences_example
 from hf_safe_exit.training.span_corruption import span_corrupt, text_infill
+from hf_safe_exit.training.surgery import keep_first_decoder_layers
 from hf_safe_exit.training.tokenizer import train_t5_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +116,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-cnndm", type=int, default=100)
     p.add_argument("--eval-squad", type=int, default=300)
+    p.add_argument("--eval-exclude", default=None,
+                   help="a heldout_eval_ids.json whose rows were used to choose this model (e.g. its depth): the "
+                        "evaluation draws only pool rows disjoint from them, and the package lists them in "
+                        "selection_eval_ids.json, which examples/calibrate_default_model.sh leaves out too")
     p.add_argument("--meta-examples", type=int, default=128, help="training examples per task for the meta head")
     p.add_argument("--tiny", action="store_true", help="a very small config for a smoke test")
     p.add_argument("--resume", action="store_true", help="reuse the tokenizer / pretraining checkpoint in --work-dir")
@@ -115,6 +127,9 @@ def parse_args(argv=None):
                    help="continue training: a finished fine-tuning checkpoint of an earlier run of this script "
                         "(its tokenizer and weights are reused, pretraining is skipped; the earlier run's "
                         "train_summary.json next to it is carried into the card)")
+    p.add_argument("--keep-decoder-layers", type=int, default=None,
+                   help="with --init-from: continue with only the first N decoder layers of the checkpoint (a "
+                        "CALM-trained decoder's exit N is a model of its own; see hf_safe_exit.training.surgery)")
     p.add_argument("--skip-train", action="store_true", help="only evaluate + package the latest checkpoint")
     p.add_argument("--card-only", action="store_true",
                    help="only rewrite README.md in --out from its training_results.json (no training, no evaluation)")
@@ -127,6 +142,8 @@ def parse_args(argv=None):
     # recorded with the run's arguments: from this version on every exit's read-out passes through the decoder
     # dropout during training (hf_safe_exit.training.calm_loss), not only the last one's
     a.exit_readout_dropout = True
+    if a.keep_decoder_layers is not None and a.init_from is None:
+        p.error("--keep-decoder-layers needs --init-from (the checkpoint whose first decoder layers are kept)")
     return a
 
 
@@ -365,6 +382,13 @@ def main(argv=None):
                                       # a chain of continuations: the earlier run's own earlier run, and so on
                                       "earlier_run": earlier.get("earlier_run")}
             summary["pretrain"] = earlier.get("pretrain")
+            if args.keep_decoder_layers is not None:
+                summary["earlier_run"]["decoder_layers"] = model.config.num_decoder_layers
+                summary["earlier_run"]["eval_before_cut"] = earlier_evaluation(summary["earlier_run"])
+                keep_first_decoder_layers(model, args.keep_decoder_layers)
+                summary["earlier_run"]["kept_decoder_layers"] = args.keep_decoder_layers
+                log(f"kept the first {args.keep_decoder_layers} of the checkpoint's "
+                    f"{summary['earlier_run']['decoder_layers']} decoder layers")
             c = model.config  # the card describes the architecture from args: take it from the checkpoint
             args.d_model, args.d_ff, args.num_heads, args.d_kv = c.d_model, c.d_ff, c.num_heads, c.d_kv
             args.enc_layers, args.dec_layers, args.vocab_size = c.num_layers, c.num_decoder_layers, c.vocab_size
@@ -411,6 +435,9 @@ def main(argv=None):
         state_path.write_text(json.dumps(summary, indent=2))
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
+    e = summary.get("earlier_run") or {}
+    if e.get("kept_decoder_layers") and not e.get("eval_before_cut"):  # a summary of an older version of this script
+        e["eval_before_cut"] = earlier_evaluation(e)
 
     # ---------------- meta-classifier (train split only, teacher forcing)
     rng = random.Random(args.seed + 3)
@@ -426,8 +453,16 @@ def main(argv=None):
 
     # ---------------- evaluation on held-out pool rows
     rng = random.Random(args.seed + 4)
-    ev_cnn = sorted(rng.sample(cnn_pool, args.eval_cnndm), key=lambda r: r["row"])
-    ev_sq = rng.sample(sq_pool, args.eval_squad)
+    selection = None
+    if args.eval_exclude:
+        # rows at which an earlier model was looked at to choose this one: evaluating on them would be optimistic
+        selection = json.loads(Path(args.eval_exclude).read_text())
+        cnn_pool = [r for r in cnn_pool if r["id"] not in set(selection["cnndm_ids"])]
+        sq_pool = [q for q in sq_pool if q["id"] not in set(selection["squad_ids"])]
+        log(f"evaluation rows disjoint from {args.eval_exclude}: {len(cnn_pool)} CNN/DM rows and "
+            f"{len(sq_pool)} SQuAD questions left in the pool")
+    ev_cnn = sorted(rng.sample(cnn_pool, min(args.eval_cnndm, len(cnn_pool))), key=lambda r: r["row"])
+    ev_sq = rng.sample(sq_pool, min(args.eval_squad, len(sq_pool)))
     t = time.time()
     lead = 100 * sum(rouge_l(lead3(r["article"]), summarization_example(r)[1]) for r in ev_cnn) / len(ev_cnn)
     per_layer = []
@@ -492,6 +527,14 @@ def main(argv=None):
                                  "pretraining": "train CNN/DM articles, train SQuAD contexts, extra_text (Lee corpus, "
                                                 "shortened enwiki dump)"},
                "eval_seed": args.seed + 4}
+    if selection is not None:
+        heldout["disjoint_from"] = "selection_eval_ids.json"
+        results["eval"]["selection_rows"] = {"cnndm": len(selection["cnndm_ids"]),
+                                             "squad": len(selection["squad_ids"])}
+        (out / "selection_eval_ids.json").write_text(json.dumps({
+            "description": "pool rows on which an earlier model's per-exit scores were looked at to choose this "
+                           "model (its decoder depth); this model's card numbers and its calibration use none of them",
+            "cnndm_ids": selection["cnndm_ids"], "squad_ids": selection["squad_ids"]}, indent=1))
     (out / "heldout_eval_ids.json").write_text(json.dumps(heldout, indent=1))
     (out / "training_results.json").write_text(json.dumps(results, indent=2))
     examples = {"CNN/DM": [(summarization_example(r)[0], preds[L]["cnndm"][k]) for k, r in enumerate(ev_cnn[:3])],
@@ -501,6 +544,15 @@ def main(argv=None):
     write_card(out, args, results, examples)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"wrote {out} ({total / 1e6:.1f} MB)")
+
+
+def earlier_evaluation(earlier: dict) -> dict | None:
+    """The per-exit evaluation the earlier run wrote into its package (its ``--out``), if that is still there."""
+    path = Path((earlier.get("args") or {}).get("out") or "/nonexistent") / "training_results.json"
+    if not path.is_file():
+        return None
+    ev = json.loads(path.read_text())["eval"]
+    return {k: ev[k] for k in ("cnndm_n", "squad_n", "per_exit_layer")}
 
 
 def write_card(out: Path, args, results: dict, examples: dict | None = None) -> None:
@@ -544,7 +596,10 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
             rft, ra = r.get("finetune") or {}, r.get("args") or {}
             restart = f", warm-up {ra.get('warmup_steps', '?')} steps: a warm restart" if k > 1 else ""
             parts.append(f"run {k}: {rft.get('steps', '?')} steps ({(rft.get('seconds') or 0) / 60:.1f} min, "
-                         f"lr {ra.get('lr', '?')}{restart})")
+                         f"lr {ra.get('lr', '?')}{restart}, {ra.get('dec_layers', '?')} decoder layers)")
+            if r.get("kept_decoder_layers"):  # the next run kept only the first layers of this one's decoder
+                parts[-1] += (f", then cut to its first {r['kept_decoder_layers']} decoder layers (its exit "
+                              f"{r['kept_decoder_layers']} as a model of its own)")
         finetune_text = (f"fine-tuning in {len(runs)} runs of the script, each continuing the previous run's "
                          f"fine-tuning checkpoint (`--init-from`): " + "; ".join(parts))
 
@@ -557,6 +612,39 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
                 text += " (the read-out dropout then on the last exit only)"
             return text
         mix_text = "; ".join(f"run {k}: {run_mix(r)}" for k, r in enumerate(runs, 1))
+    measures = {"rougeL": "ROUGE-L", "squad_f1": "F1", "cnndm_token_accuracy": "acc. CNN/DM",
+                "squad_token_accuracy": "acc. SQuAD"}
+
+    def steps_above(table, n):
+        return "; ".join(f"{a['exit_layer']}→{b['exit_layer']}: " + ", ".join(
+            f"{name} {b[k] - a[k]:+.2f}" for k, name in measures.items() if k in b)
+            for a, b in zip(table[n - 1:], table[n:]))
+
+    def steps_below(table, n):
+        falls = [f"{name} {a['exit_layer']}→{b['exit_layer']} {b[k] - a[k]:+.2f}" for a, b in zip(table[:n - 1], table[1:n])
+                 for k, name in measures.items() if k in b and b[k] < a[k]]
+        return "no measure fell from one exit to the next" if not falls else "it fell at " + ", ".join(falls)
+
+    cut_text = ""
+    for r in runs:
+        before = r.get("eval_before_cut")
+        if r.get("kept_decoder_layers") and before:
+            n = r["kept_decoder_layers"]
+            cells = "; ".join(f"exit {x['exit_layer']}: {x['rougeL']:.2f} / {x['squad_f1']:.2f}"
+                              + (f" / {x['cnndm_token_accuracy']:.2f} / {x['squad_token_accuracy']:.2f}"
+                                 if "cnndm_token_accuracy" in x else "") for x in before["per_exit_layer"])
+            cut_text = (f"\n- Why {n} decoder layers: before the cut, the {r.get('decoder_layers')}-layer model scored, on "
+                        f"{before['cnndm_n']} CNN/DM rows and {before['squad_n']} SQuAD questions of the pool "
+                        f"(ROUGE-L / SQuAD F1 / next-token accuracy CNN/DM / SQuAD): {cells}. Above exit {n} the "
+                        f"steps were {steps_above(before['per_exit_layer'], n)}; up to it, "
+                        f"{steps_below(before['per_exit_layer'], n)}. So the model kept its first {n} layers and "
+                        f"was trained on with the {n}-layer loss.")
+    selection_text = ""
+    if ev.get("selection_rows"):
+        sel = ev["selection_rows"]
+        selection_text = (f" They are disjoint from the {sel['cnndm']} CNN/DM rows and {sel['squad']} SQuAD questions"
+                          " (`selection_eval_ids.json`) on which the earlier run's per-exit scores were looked at"
+                          " to choose this model's decoder depth, and which its calibration leaves out as well.")
     pl = ev["per_exit_layer"]
     has_tf = all("cnndm_token_accuracy" in r for r in pl)  # results of older runs of this script lack them
 
@@ -649,8 +737,9 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
 - Fine-tuning (multitask): `summarize: <article>` → highlights (CNN/DM rows 0–499; {mix_text}),
   `question: <q> context: <c>` → first answer (SQuAD dev articles 0–35, 8,123 questions); the self-supervised
   batches (lead sentences / cloze questions) are there so that 500 CNN/DM rows are not simply memorised.
+{cut_text}
 - Held out, never trained on: CNN/DM rows 500–899 and SQuAD articles 36–47 (the project's calibration/test pool).
-  The rows used for the numbers below are listed in `heldout_eval_ids.json`.
+  The rows used for the numbers below are listed in `heldout_eval_ids.json`.{selection_text}
 
 ## Recipe
 `examples/train_default_model.py` (seed {args.seed}). Loss: CALM's weighted per-layer cross-entropy through the shared

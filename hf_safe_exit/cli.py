@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="number of examples (a seeded random subset of the split); "
                    "default all")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--exclude-ids", default=None, help="JSON file of example ids to leave out before the subset is "
+                   "drawn: a list, or an object with a '<task>_ids' list (e.g. a model's heldout_eval_ids.json), "
+                   "so that calibration rows stay disjoint from rows that were used to choose the model")
     p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels "
                    "(bild: λ = exp(-rollback) for rollback = inf, 8, 6, ..., 0.1, 0)")
     p.add_argument("--strategy", default="early_exit", choices=("early_exit", "bild"),
@@ -185,6 +188,21 @@ def _subset(dataset, n: int | None, seed: int):
     return dataset.select(index.tolist())
 
 
+def _excluded_ids(path: str, task: str) -> set[str]:
+    """The ids in an ``--exclude-ids`` file: a JSON list, or an object holding a ``"<task>_ids"`` list."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--exclude-ids: no file at '{path}'.")
+    content = json.loads(file.read_text())
+    ids = content.get(f"{task}_ids") if isinstance(content, dict) else content
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f"--exclude-ids '{path}': expected a non-empty JSON list of ids, or an object with a "
+                         f"'{task}_ids' list (like a model's heldout_eval_ids.json).")
+    return {str(i) for i in ids}
+
+
 def _print_collect_summary(table) -> None:
     import numpy as np
 
@@ -227,12 +245,22 @@ def _cmd_collect(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
     data = load_split(task, args.split, path=args.data)
+    excluded = 0
+    if args.exclude_ids:
+        drop = _excluded_ids(args.exclude_ids, task.name)
+        before = len(data)
+        data = data.filter(lambda example: str(example["id"]) not in drop)
+        excluded = before - len(data)
+        if len(data) == 0:
+            raise ValueError(f"--exclude-ids '{args.exclude_ids}' leaves no example of the {args.split} split.")
     data = _subset(data, args.n, args.seed)
     tokenizer, model = _load_model(args.model, args.dtype)
     model.to(state.device)
     source = os.fspath(args.data) if args.data else task.hub_id
     metadata = {"split": args.split, "subset_seed": args.seed, "data_source": source,
                 "model_path": os.fspath(args.model)}
+    if args.exclude_ids:
+        metadata["excluded_ids"] = {"file": os.fspath(args.exclude_ids), "n_excluded": excluded}
     factory = None
     if bild:
         from .decoding.bild import DEFAULT_FALLBACK, DEFAULT_MAX_DRAFT_LEN, bild_policy_factory

@@ -59,6 +59,29 @@ def test_collect_writes_a_table_for_the_model(workdir, capsys):
     assert set(table.metadata["example_ids"]) <= set(pool_ids) and len(set(table.metadata["example_ids"])) == 6
 
 
+def test_collect_exclude_ids_keeps_the_rows_disjoint(workdir, tmp_path, capsys):
+    """Rows named in a heldout_eval_ids.json-like file never enter the collected table; bad files fail clearly."""
+    root, model_dir, results = workdir
+    used = LossTable.load(results).metadata["example_ids"]
+    pool_ids = list(load_split("cnndm", "pool", path=DATA)["id"])
+    keep = pool_ids[:3]  # the exclusion list leaves exactly these three pool rows
+    exclude = tmp_path / "heldout_eval_ids.json"
+    exclude.write_text(json.dumps({"cnndm_ids": [i for i in pool_ids if i not in keep], "squad_ids": ["x"]}))
+    out = tmp_path / "disjoint.npz"
+    argv = ["collect", "--model", model_dir, "--data", str(DATA), "--output", str(out), *COLLECT]
+    assert main([*argv, "--exclude-ids", str(exclude)]) == 0
+    table = LossTable.load(out)
+    assert sorted(table.metadata["example_ids"]) == sorted(keep)  # --n 6 > 3 rows left: all of them
+    assert table.metadata["excluded_ids"]["n_excluded"] == len(pool_ids) - 3
+    exclude.write_text(json.dumps({"cnndm_ids": used}))
+    assert main([*argv, "--exclude-ids", str(exclude), "--fresh"]) == 0
+    assert not set(LossTable.load(out).metadata["example_ids"]) & set(used)
+    exclude.write_text(json.dumps({"squad_ids": ["x"]}))
+    assert "cnndm_ids" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh"])
+    exclude.write_text(json.dumps(pool_ids))
+    assert "leaves no example" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh"])
+
+
 def test_calibrate_then_generate_with_the_saved_policy(workdir, capsys, tmp_path):
     root, model_dir, results = workdir
     out = tmp_path / "rc"

@@ -136,3 +136,25 @@ def test_fixed_splits_are_disjoint():
     pre = set(pretraining_texts())
     assert not pre & {r["article"] for r in pool}
     assert not pre & {q["context"] for q in sq_pool}
+
+
+def test_keep_first_decoder_layers_is_the_old_exit_and_round_trips(tmp_path):
+    """Reference: the full model's own hidden state after block n, read out by hand (final norm, head)."""
+    from hf_safe_exit.training import keep_first_decoder_layers
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=4, num_heads=2,
+                   decoder_start_token_id=0, dropout_rate=0.0, initializer_factor=4.0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    ids = torch.randint(3, 50, (2, 6))
+    dec = torch.randint(3, 50, (2, 5))
+    full = model(input_ids=ids, decoder_input_ids=dec, output_hidden_states=True)
+    ref = intermediate_logits(model, full.decoder_hidden_states[3])
+    with pytest.raises(ValueError, match="1..4"):
+        keep_first_decoder_layers(model, 5)
+    assert keep_first_decoder_layers(model, 3) is model
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=dec).logits, ref)
+    model.save_pretrained(tmp_path)
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert again.config.num_decoder_layers == 3 and len(again.decoder.block) == 3
+    torch.testing.assert_close(again(input_ids=ids, decoder_input_ids=dec).logits, ref)

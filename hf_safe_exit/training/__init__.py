@@ -5,10 +5,12 @@ from .calm_loss import CALMLossOutput, CALMSeq2SeqTrainer, calm_loss, layer_weig
 from .meta_classifier import balanced_class_weights, collect_meta_examples, meta_labels, train_meta_classifier
 from .self_supervised import cloze_question_example, lead_sentences_example, split_sentences
 from .span_corruption import random_spans_noise_mask, span_corrupt
+from .surgery import keep_first_decoder_layers
 from .tokenizer import sentinel_tokens, train_t5_tokenizer
 
 __all__ = [
     "CALMLossOutput", "CALMSeq2SeqTrainer", "calm_loss", "layer_weights", "per_layer_losses",
     "balanced_class_weights", "collect_meta_examples", "meta_labels", "train_meta_classifier",
-    "random_spans_noise_mask", "span_corrupt", "cloze_question_example", "lead_sentences_example", "split_sentences", "sentinel_tokens", "train_t5_tokenizer",
+    "random_spans_noise_mask", "span_corrupt", "keep_first_decoder_layers",
+    "cloze_question_example", "lead_sentences_example", "split_sentences", "sentinel_tokens", "train_t5_tokenizer",
 ]
