@@ -29,6 +29,11 @@ def test_package_files_and_size():
     assert total <= 25 * 1024 * 1024
     held = json.loads((d / "heldout_eval_ids.json").read_text())
     assert all(500 <= r < 900 for r in held["cnndm_rows"])  # evaluation rows come from the pool only
+    selection = d / "selection_eval_ids.json"
+    if selection.is_file():  # rows an earlier model was looked at to choose this one: never in its own numbers
+        chosen_on = json.loads(selection.read_text())
+        assert not set(held["cnndm_ids"]) & set(chosen_on["cnndm_ids"])
+        assert not set(held["squad_ids"]) & set(chosen_on["squad_ids"])
 
 
 def test_loads_offline_and_generates(loaded, monkeypatch):
