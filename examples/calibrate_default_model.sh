@@ -23,7 +23,11 @@ GRID=${GRID:-0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1}
 mkdir -p "$WORK"
 # pool rows that were used to choose the model (its card's selection_eval_ids.json) never calibrate it
 EXCLUDE=()
-if [[ -f "$MODEL/selection_eval_ids.json" ]]; then EXCLUDE=(--exclude-ids "$MODEL/selection_eval_ids.json"); fi
+SPLIT_NAME=pool
+if [[ -f "$MODEL/selection_eval_ids.json" ]]; then
+  EXCLUDE=(--exclude-ids "$MODEL/selection_eval_ids.json")
+  SPLIT_NAME="pool, less the rows in selection_eval_ids.json"
+fi
 
 # task  examples  max_new_tokens  eps
 while read -r task n new_tokens eps; do
@@ -38,7 +42,7 @@ while read -r task n new_tokens eps; do
       --repeats 200 --output "$out/evaluation.json"
   hf-safe-exit plot --evaluation "$out/evaluation.json" --output-dir "$WORK/plots-$task"
   hf-safe-exit card --model "$MODEL" --calibration "$out" --evaluation "$out/evaluation.json" \
-      --plots "$WORK"/plots-"$task"/*.png --hardware auto --split pool
+      --plots "$WORK"/plots-"$task"/*.png --hardware auto --split "$SPLIT_NAME"
 done <<EOF
 cnndm ${N_CNNDM:-200} 64 ${EPS_CNNDM:-0.05}
 squad ${N_SQUAD:-600} 16 ${EPS_SQUAD:-0.05}
