@@ -460,8 +460,9 @@ def main(argv=None):
     if args.eval_exclude:
         # rows at which an earlier model was looked at to choose this one: evaluating on them would be optimistic
         selection = json.loads(Path(args.eval_exclude).read_text())
-        cnn_pool = [r for r in cnn_pool if r["id"] not in set(selection["cnndm_ids"])]
-        sq_pool = [q for q in sq_pool if q["id"] not in set(selection["squad_ids"])]
+        chosen_cnn, chosen_sq = set(selection["cnndm_ids"]), set(selection["squad_ids"])
+        cnn_pool = [r for r in cnn_pool if r["id"] not in chosen_cnn]
+        sq_pool = [q for q in sq_pool if q["id"] not in chosen_sq]
         log(f"evaluation rows disjoint from {args.eval_exclude}: {len(cnn_pool)} CNN/DM rows and "
             f"{len(sq_pool)} SQuAD questions left in the pool")
     ev_cnn = sorted(rng.sample(cnn_pool, min(args.eval_cnndm, len(cnn_pool))), key=lambda r: r["row"])
@@ -629,8 +630,8 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
             for a, b in zip(table[n - 1:], table[n:]))
 
     def steps_below(table, n):
-        falls = [f"{name} {a['exit_layer']}→{b['exit_layer']} {b[k] - a[k]:+.2f}" for a, b in zip(table[:n - 1], table[1:n])
-                 for k, name in measures.items() if k in b and b[k] < a[k]]
+        falls = [f"{name} {a['exit_layer']}→{b['exit_layer']} {b[k] - a[k]:+.2f}"
+                 for a, b in zip(table[:n - 1], table[1:n]) for k, name in measures.items() if k in b and b[k] < a[k]]
         return "no measure fell from one exit to the next" if not falls else "it fell at " + ", ".join(falls)
 
     cut_text = ""
@@ -641,13 +642,14 @@ def write_card(out: Path, args, results: dict, examples: dict | None = None) -> 
             cells = "; ".join(f"exit {x['exit_layer']}: {x['rougeL']:.2f} / {x['squad_f1']:.2f}"
                               + (f" / {x['cnndm_token_accuracy']:.2f} / {x['squad_token_accuracy']:.2f}"
                                  if "cnndm_token_accuracy" in x else "") for x in before["per_exit_layer"])
-            cut_text = (f"- Why {n} decoder layers: before the cut, the {r.get('decoder_layers')}-layer model scored, on "
-                        f"{before['cnndm_n']} CNN/DM rows and {before['squad_n']} SQuAD questions of the pool "
-                        f"(ROUGE-L / SQuAD F1 / next-token accuracy CNN/DM / SQuAD): {cells}. Above exit {n} the "
+            trained_on = (after.get("finetune") or {}).get("steps")
+            cut_text = (f"- Why {n} decoder layers: before the cut, the {r.get('decoder_layers')}-layer model "
+                        f"scored, on {before['cnndm_n']} CNN/DM rows and {before['squad_n']} SQuAD questions of the "
+                        f"pool (ROUGE-L / SQuAD F1 / next-token accuracy CNN/DM / SQuAD): {cells}. Above exit {n} the "
                         f"steps were {steps_above(before['per_exit_layer'], n)}; up to it, "
                         f"{steps_below(before['per_exit_layer'], n)}. So the model kept its first {n} layers"
-                        + (f" and was trained on with the {n}-layer loss." if (after.get("finetune") or {}).get("steps") else
-                           " and was not trained further: it is that model's exits 1–" + f"{n}, as they were.") + "\n")
+                        + (f" and was trained on with the {n}-layer loss.\n" if trained_on else
+                           f" and was not trained further: it is that model's exits 1–{n}, as they were.\n"))
     selection_text = ""
     if ev.get("selection_rows"):
         sel = ev["selection_rows"]

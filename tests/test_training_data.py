@@ -63,14 +63,19 @@ def test_lead3():
     assert lead3(art) == "First sentence here. Second one follows! Third?"
 
 
-def test_truncated_decoder_is_static_exit():
+def _four_layer_decoder_and_its_forward():
+    """A tiny T5 with 4 decoder layers, inputs, and its forward with every hidden state (the reference)."""
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=4, num_heads=2,
                    decoder_start_token_id=0, dropout_rate=0.0, initializer_factor=4.0)
     model = T5ForConditionalGeneration(cfg).double().eval()
     ids = torch.randint(3, 50, (2, 6))
     dec = torch.randint(3, 50, (2, 5))
-    full = model(input_ids=ids, decoder_input_ids=dec, output_hidden_states=True)
+    return model, ids, dec, model(input_ids=ids, decoder_input_ids=dec, output_hidden_states=True)
+
+
+def test_truncated_decoder_is_static_exit():
+    model, ids, dec, full = _four_layer_decoder_and_its_forward()
     for i in (1, 2, 3):
         m = truncated_decoder_model(model, i)
         got = m(input_ids=ids, decoder_input_ids=dec).logits
@@ -142,13 +147,7 @@ def test_keep_first_decoder_layers_is_the_old_exit_and_round_trips(tmp_path):
     """Reference: the full model's own hidden state after block n, read out by hand (final norm, head)."""
     from hf_safe_exit.training import keep_first_decoder_layers
 
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=4, num_heads=2,
-                   decoder_start_token_id=0, dropout_rate=0.0, initializer_factor=4.0)
-    model = T5ForConditionalGeneration(cfg).double().eval()
-    ids = torch.randint(3, 50, (2, 6))
-    dec = torch.randint(3, 50, (2, 5))
-    full = model(input_ids=ids, decoder_input_ids=dec, output_hidden_states=True)
+    model, ids, dec, full = _four_layer_decoder_and_its_forward()
     ref = intermediate_logits(model, full.decoder_hidden_states[3])
     with pytest.raises(ValueError, match="1..4"):
         keep_first_decoder_layers(model, 5)

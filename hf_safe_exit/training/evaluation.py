@@ -21,7 +21,8 @@ import string
 from collections import Counter
 
 import torch
-from torch import nn
+
+from .surgery import keep_first_decoder_layers
 
 __all__ = ["rouge_l", "squad_f1", "squad_em", "lead3", "truncated_decoder_model", "greedy_generate",
            "evaluate_summarization", "evaluate_qa", "teacher_forced_layer_scores", "standard_error"]
@@ -83,18 +84,16 @@ def truncated_decoder_model(model, num_layers: int):
         raise ValueError(f"num_layers must be in 1..{L}")
     if num_layers == L:
         return model
-    # shallow copies that share every parameter; the module dicts are copied so the original is untouched
+    # shallow copies that share every parameter; the module dicts and configs are copied so that
+    # keep_first_decoder_layers cuts the copy and leaves the original untouched
     dec = copy.copy(model.decoder)
     dec._modules = dict(model.decoder._modules)
-    dec.block = nn.ModuleList(list(model.decoder.block[:num_layers]))
     dec.config = copy.deepcopy(model.decoder.config)
-    dec.config.num_layers = num_layers
     m = copy.copy(model)
     m._modules = dict(model._modules)
     m.decoder = dec
     m.config = copy.deepcopy(model.config)
-    m.config.num_decoder_layers = num_layers
-    return m
+    return keep_first_decoder_layers(m, num_layers)
 
 
 @torch.no_grad()
