@@ -47,6 +47,7 @@ import torch
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, LossTable, model_fingerprint
 from hf_safe_exit.calibration.evaluate import evaluate_table
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding import new_decoder_cache
 from hf_safe_exit.decoding.poe import PoEConfig, poe_log_probs
 from hf_safe_exit.decoding.readout import intermediate_logits
@@ -133,7 +134,7 @@ def confidence_grids(model, tok, task, rows, batch_size: int, max_new: int) -> d
     for i in range(0, len(rows), batch_size):
         enc = encode(tok, task, rows[i: i + batch_size])
         seqs = type(model).generate(model, **enc, max_new_tokens=max_new, do_sample=False, num_beams=1,
-                                    past_key_values=new_decoder_cache(model))
+                                    **cache_kwargs(new_decoder_cache(model)))
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=seqs[:, :-1],
                     output_hidden_states=True, use_cache=False)
         hs = out.decoder_hidden_states
@@ -259,7 +260,7 @@ def run_task(model, tok, task_name: str, n: int, args) -> dict:
         chunk = rows[i: i + args.batch_size]
         enc = encode(tok, task, chunk)
         seqs = type(model).generate(model, **enc, max_new_tokens=max_new, do_sample=False, num_beams=1,
-                                    past_key_values=new_decoder_cache(model))  # decoder-sized cache (depths differ)
+                                    **cache_kwargs(new_decoder_cache(model)))  # decoder-sized cache (depths differ)
         full_seqs += tok.batch_decode(seqs, skip_special_tokens=True)
         p, h = final_token_probs(model, enc, seqs, tok.eos_token_id)
         for k in probs:

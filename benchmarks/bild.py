@@ -47,6 +47,7 @@ import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding.bild import BiLD, rollback_to_lambda
 
 
@@ -65,7 +66,7 @@ def _random_pair(small_layers: int, seed: int = 0):
 def _hf_generate(model, **kwargs):
     # stock generate, with a decoder cache sized by the decoder depth (transformers 5.x sizes it by the encoder's)
     cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
-    return model.generate(past_key_values=cache, **kwargs)
+    return model.generate(**cache_kwargs(cache), **kwargs)
 
 
 class _CallCounter:

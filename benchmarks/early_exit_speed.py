@@ -44,6 +44,7 @@ def main(argv=None):
     import hf_safe_exit
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+    from hf_safe_exit.compat import cache_kwargs
     from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
     from hf_safe_exit.models import default_model_path
     from hf_safe_exit.training.data import load_cnndm, load_squad, qa_example, summarization_example
@@ -85,7 +86,7 @@ def main(argv=None):
             with torch.no_grad():
                 if threshold is None:  # stock HF generate, full model
                     seq = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
-                                         past_key_values=new_decoder_cache(model))
+                                         **cache_kwargs(new_decoder_cache(model)))
                 else:
                     out = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                          early_exit=hf_safe_exit.EarlyExit(threshold=threshold, measure=args.measure),

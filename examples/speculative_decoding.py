@@ -26,6 +26,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding import new_decoder_cache
 from hf_safe_exit.decoding.bild import BiLD, rollback_to_lambda
 
@@ -97,7 +98,7 @@ def main(argv=None):
         start = time.perf_counter()
         # the large model alone (HF generate); transformers 5.x sizes the default decoder cache by the
         # encoder depth, so hand it one sized by the decoder
-        full = model.generate(**batch, max_new_tokens=args.max_new_tokens, past_key_values=new_decoder_cache(large))
+        full = model.generate(**batch, max_new_tokens=args.max_new_tokens, **cache_kwargs(new_decoder_cache(large)))
         t_full = time.perf_counter() - start
         start = time.perf_counter()
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, early_exit=bild,

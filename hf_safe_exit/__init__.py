@@ -5,7 +5,7 @@
 >>> model.generate(**inputs, early_exit=hf_safe_exit.EarlyExit(threshold=0.9))
 """
 
-from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate
+from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate, install_error_hook
 from .decoding.poe import PoEConfig
 from .cards import write_guarantee_card
 from .demo import run_demo
@@ -18,6 +18,9 @@ from .calibration import collect
 from .tasks import get_task, load_split
 
 __version__ = "0.1.0"
+
+# generate(early_exit=...) on a model that was not switched on gets an error naming the fix, not HF's silence
+install_error_hook()
 
 __all__ = [
     "BiLD",

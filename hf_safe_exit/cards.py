@@ -22,9 +22,7 @@ writes (or updates) ``my-model/README.md`` through :class:`huggingface_hub.Model
   risk, mean exit layer, layer fraction and speed-up. They replace only this library's earlier
   results for the same task and dataset; other tasks' and other sources' results are kept;
 * the calibration (``risk_control.json``, ``save_calibration=True``) where the card's snippet and
-  ``hf-safe-exit demo`` find it: ``<dir>/calibration/<task>/`` when the model keeps per-task
-  calibrations (or the root's ``risk_control.json`` is another task's), else next to the card
-  (:func:`calibration_directory` has the rule).
+  ``hf-safe-exit demo`` find it: ``<dir>/calibration/<task>/`` (:mod:`hf_safe_exit.risk.store`).
 
 :func:`push_to_hub` does the same for a Hub repo (it updates an existing README rather than
 replacing it).
@@ -41,6 +39,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .decoding.enable import write_custom_generate
+from .risk.store import CALIBRATION_SUBDIR, check_task_name
+from .risk.store import calibration_dir as store_calibration_dir
+
 __all__ = ["write_guarantee_card", "render_guarantee_section", "guarantee_statement", "to_model_card",
            "push_to_hub", "describe_hardware", "section_markers", "calibration_directory", "METRIC_TYPES",
            "SECTION_START", "SECTION_END", "CALIBRATION_SUBDIR"]
@@ -50,9 +52,6 @@ SECTION_START = "<!-- hf_safe_exit:guarantee:start -->"
 SECTION_END = "<!-- hf_safe_exit:guarantee:end -->"
 _MARKER = "<!-- hf_safe_exit:guarantee:{}{} -->"
 _ANY_SECTION_END = re.compile(r"<!-- hf_safe_exit:guarantee:(?:[^\s:>]+:)?end -->")
-# task names that fit an HTML comment and a directory name: no spaces, ':', '--', '/', leading or doubled dots
-_TASK_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
-CALIBRATION_SUBDIR = "calibration"  # <model>/calibration/<task>/: per-task calibrations (hf_safe_exit.demo)
 # model-index metric types this library writes (and replaces when it updates a card); others are kept
 METRIC_TYPES = ("early_exit_threshold", "early_exit_calibration_risk", "early_exit_risk_bound", "early_exit_test_risk",
                 "early_exit_mean_layers", "early_exit_layer_fraction", "early_exit_speedup")
@@ -82,11 +81,7 @@ def _task_info(task: str | None) -> tuple[str, str, str | None, str]:
     return ("task score", "text2text-generation", task, task or "unknown task")
 
 
-def _check_task_name(task: str) -> str:
-    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
-        raise ValueError(f"task {task!r} cannot name a model-card section or a calibration directory: use letters, "
-                         "digits, '_', and single '.' or '-' between them (e.g. 'cnndm').")
-    return task
+_check_task_name = check_task_name
 
 
 def section_markers(task: str | None) -> tuple[str, str]:
@@ -247,20 +242,38 @@ def _check_fitted(controlled) -> None:
                          "RiskControlled.from_pretrained) before writing its card.")
 
 
-def _use_it(where: str | None, calibration_subfolder: str | None) -> list[str]:
-    """The section's code snippet; it loads the calibration from where it is stored (root or a subfolder)."""
-    target = where or "<this repo or directory>"
-    if not calibration_subfolder:
-        load = f'hf_safe_exit.RiskControlled.from_pretrained("{target}")  # reads risk_control.json'
-    elif where:  # a Hub repo id: hf_hub_download's subfolder
-        load = (f'hf_safe_exit.RiskControlled.from_pretrained("{where}", subfolder="{calibration_subfolder}")'
-                f"  # reads {calibration_subfolder}/risk_control.json")
-    else:
-        load = f'hf_safe_exit.RiskControlled.from_pretrained("<this directory>/{calibration_subfolder}")'
+_EXAMPLE_INPUT = {"cnndm": "summarize: The council voted on Tuesday to turn the old railway depot into a library.",
+                  "squad": "question: What will the depot become? context: The council voted on Tuesday to turn the "
+                           "old railway depot into a library."}
+
+
+def _use_it(controlled, where: str | None, calibration_subfolder: str | None) -> list[str]:
+    """The section's code snippet: load the model with its ``custom_generate/`` and decode under this guarantee.
+
+    ``RiskControlled(<the calibrated request>, task=...)`` finds the stored calibration by itself
+    (:mod:`hf_safe_exit.risk.store`); the lengths are the ones the losses were decoded with.
+    """
+    params = controlled.get_params()
+    args = [f"eps={params['eps']:g}"] + [f"{k}={params[k]!r}" for k in ("delta", "method") if params[k] is not None]
+    args += [f"{k}={params[k]!r}" for k, default in (("bound", "wsr"), ("risk", "performance_gap"), ("monotonize", None))
+             if params[k] != default and (k != "bound" or params["method"] == "ucb")]
+    task = controlled.certificate.task
+    if task is not None and calibration_subfolder:
+        args.append(f"task={task!r}")
+    lengths = getattr(controlled, "generation_settings", {}) or {}
+    text = _EXAMPLE_INPUT.get(task, "<your input, formatted as for calibration>")
+    truncate = (f", truncation=True, max_length={lengths['max_input_length']}" if "max_input_length" in lengths else "")
+    new_tokens = f", max_new_tokens={lengths['max_new_tokens']}" if "max_new_tokens" in lengths else ""
     return ["### Use it", "", "```python", "import hf_safe_exit",
             "from transformers import AutoTokenizer, T5ForConditionalGeneration", "",
-            f'model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained("{target}"))',
-            f"early_exit = {load}", "outputs = model.generate(**inputs, early_exit=early_exit)", "```", ""]
+            f'path = "{where or "<this repo or directory>"}"',
+            "# trust_remote_code runs custom_generate/generate.py, which adds early_exit= to generate",
+            "model = T5ForConditionalGeneration.from_pretrained(path, trust_remote_code=True)",
+            "tokenizer = AutoTokenizer.from_pretrained(path)",
+            f'inputs = tokenizer([{text!r}], return_tensors="pt"{truncate})',
+            f"early_exit = hf_safe_exit.RiskControlled({', '.join(args)})",
+            f"outputs = model.generate(**inputs, early_exit=early_exit{new_tokens})",
+            "print(tokenizer.batch_decode(outputs, skip_special_tokens=True))", "```", ""]
 
 
 def render_guarantee_section(controlled, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
@@ -365,7 +378,7 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
             lines.append(f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})")
         lines.append("")
 
-    lines += _use_it(repo_id, calibration_subfolder) + [end]
+    lines += _use_it(controlled, repo_id, calibration_subfolder) + [end]
     return "\n".join(lines) + "\n"
 
 
@@ -533,48 +546,18 @@ def to_model_card(controlled, card=None, *, test_results: Mapping | None = None,
     return card
 
 
-def _stored_task(path: Path) -> tuple[bool, str | None]:
-    """(True, its task) for a readable risk_control.json at ``path``; (False, None) if absent or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return True, (data.get("certificate") or {}).get("task")
-    except (OSError, ValueError, AttributeError):
-        return False, None
-
-
 def calibration_directory(model_dir, task: str | None) -> Path:
     """Where :func:`write_guarantee_card` (``save_calibration=True``) saves ``task``'s calibration for ``model_dir``.
 
-    The first that applies:
-
-    1. ``<model_dir>/calibration/<task>/`` when that directory exists: where ``hf-safe-exit demo``
-       (:func:`hf_safe_exit.demo.find_task_calibration`) looks first, and where per-task calibrations are made
-       (``hf-safe-exit calibrate --output <model>/calibration/<task>``);
-    2. ``model_dir`` when its ``risk_control.json`` is a calibration of ``task`` (updated in place, as before
-       per-task calibrations: ``RiskControlled.from_pretrained(model_dir)`` and the demo read it);
-    3. ``<model_dir>/calibration/<task>/`` (created) when ``<model_dir>/calibration/`` exists (the model keeps its
-       calibrations per task) or ``<model_dir>/risk_control.json`` holds another task's calibration (or one
-       without a task, or is unreadable): that file is never overwritten with another task's;
-    4. else ``model_dir`` (backwards compatible: ``risk_control.json`` next to the card).
-
-    A certificate without a task (``task=None``) always goes to ``model_dir``. The card's snippet loads from the
-    directory chosen here: ``RiskControlled.from_pretrained("<model_dir>/calibration/<task>")``, or from a Hub
-    repo ``RiskControlled.from_pretrained(repo_id, subfolder="calibration/<task>")``.
+    ``<model_dir>/calibration/<task>/``: the one layout of :mod:`hf_safe_exit.risk.store`, which
+    ``RiskControlled(eps, task=...)``, ``hf-safe-exit demo`` and the examples read. A certificate without a task
+    (fitted on a raw loss matrix) can only go to ``model_dir`` itself. The card's snippet loads from the directory
+    chosen here: ``RiskControlled.from_pretrained("<model_dir>/calibration/<task>")``, or from a Hub repo
+    ``RiskControlled.from_pretrained(repo_id, subfolder="calibration/<task>")``.
     """
-    from .risk import RISK_CONTROL_FILENAME
-
-    model_dir = Path(model_dir)
     if task is None:
-        return model_dir
-    per_task = model_dir / CALIBRATION_SUBDIR / _check_task_name(task)
-    root = model_dir / RISK_CONTROL_FILENAME
-    if per_task.is_dir():
-        return per_task
-    if root.exists():
-        return model_dir if _stored_task(root) == (True, task) else per_task
-    if per_task.parent.is_dir():
-        return per_task
-    return model_dir
+        return Path(model_dir)
+    return store_calibration_dir(model_dir, task)
 
 
 def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Mapping | None = None,
@@ -603,11 +586,10 @@ def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Ma
         calibration_split, dataset_name: how the card names the calibration data (e.g. ``"pool"``).
         repo_id: the Hub repo id used in the card's code snippet.
         anytime: a description of anytime predictions (e.g. ``"Product-of-Experts"``) if the policy used them.
-        save_calibration: also write ``risk_control.json`` (default True) into
-            :func:`calibration_directory` of the card's directory: ``<dir>/calibration/<task>/`` when the model keeps
-            per-task calibrations (``<dir>/calibration/`` exists) unless ``<dir>/risk_control.json`` already is
-            this task's, also when that file is another task's; else ``<dir>`` itself (as before). The card's
-            snippet loads it from there.
+        save_calibration: also write ``custom_generate/`` (the snippet loads the model with it) and
+            ``risk_control.json`` (default True) into
+            :func:`calibration_directory` of the card's directory, ``<dir>/calibration/<task>/``, where the
+            snippet's ``RiskControlled(..., task=...)`` finds it.
 
     Returns the path of the card.
     """
@@ -629,6 +611,7 @@ def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Ma
     card.save(path)
     if save_calibration:
         controlled.save_pretrained(cal_dir)
+        write_custom_generate(path.parent)  # the card's snippet loads the model with it
     return path
 
 
@@ -681,7 +664,7 @@ def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         fetched_root = _mirror_hub_repo(api, repo_id, task, tmp_dir, revision, token)
-        per_task = calibration_directory(tmp_dir, task) != tmp_dir
+        per_task = task is not None
         write_guarantee_card(tmp_dir, controlled, test_results=test_results, efficiency=efficiency, plots=plots,
                              hardware=hardware, model_name=model_name or repo_id.split("/")[-1],
                              calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,

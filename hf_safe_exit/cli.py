@@ -104,10 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="performance_gap (default), performance_gap_bounded or consistency")
     p.add_argument("--monotonize", default=None, choices=("per_example",))
     p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
-                   "default output directory")
-    p.add_argument("--output", default=None, help="directory for risk_control.json (default: --model)")
-    p.add_argument("--store-in-model", action="store_true", help="also copy the results into the model directory "
-                   "(early_exit_calibration.npz), so that RiskControlled(eps=...) works there without fitting")
+                   "without --output, the calibration is stored in it (as with --store-in-model)")
+    p.add_argument("--output", default=None, help="also write risk_control.json into this directory")
+    p.add_argument("--store-in-model", action="store_true", help="store risk_control.json and the loss table "
+                   "(early_exit_calibration.npz) in the model directory under calibration/<task>/, where "
+                   "RiskControlled(eps=..., task=...) fits any ε from it and the demo and model card find it")
+    p.add_argument("--task", default=None, help="the task to store the calibration under (default: the one the "
+                   "results were collected on)")
+    p.add_argument("--primary", action="store_true", help="make this task the one a bare RiskControlled(eps) uses "
+                   "(the first task stored is primary by default)")
 
     p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up")
     p.add_argument("--results", required=True, help="result file written by `collect` (on the pool)")
@@ -285,12 +290,13 @@ def _cmd_collect(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from .calibration.runner import check_model_matches
-    from .risk import CALIBRATION_FILENAME, RiskControlled
+    from .risk import RiskControlled, store_calibration
 
     table = _load_table(args.results)
-    output = args.output or args.model
-    if output is None:
-        raise UsageError("say where to write risk_control.json: pass --output DIR or --model DIR.")
+    store = args.store_in_model or (args.output is None and args.model is not None)
+    if args.output is None and args.model is None:
+        raise UsageError("say where to write the calibration: pass --model DIR (stored under DIR/calibration/<task>/) "
+                         "or --output DIR.")
     if args.store_in_model and args.model is None:
         raise UsageError("--store-in-model needs --model DIR.")
     if args.model is not None:
@@ -303,13 +309,15 @@ def _cmd_calibrate(args) -> int:
         rc.fit_table(table)
     for w in caught:
         print(f"hf-safe-exit calibrate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
-    path = rc.save_pretrained(output)
     cert = rc.certificate
     print(f"λ̂ = {rc.lambda_:.6g} ({args.method}, {args.risk}, n = {cert.n}); empirical risk {cert.empirical_risk:+.4f}, "
           f"bound {cert.risk_bound:+.4f}; guarantee: {cert.guarantee}")
-    print(f"wrote {path}")
-    if args.store_in_model:
-        print(f"wrote {table.save(Path(args.model) / CALIBRATION_FILENAME)}")
+    if args.output is not None:
+        print(f"wrote {rc.save_pretrained(args.output)}")
+    if store:
+        for path in store_calibration(args.model, table=table, controlled=rc, task=args.task,
+                                      primary=True if args.primary else None):
+            print(f"wrote {path}")
     return 0
 
 

@@ -8,10 +8,9 @@ It summarises an article and answers a question about it, and for each prints
 * the measured speed-up against the full model (stock HF ``generate``) on that input, and the
   full model's output for comparison.
 
-Calibrations are looked up per task next to the model, first match wins:
-``<model>/calibration/<task>/risk_control.json``, ``<model>/calibration/<task>/early_exit_calibration.npz``,
-``<model>/risk_control.json`` and ``<model>/early_exit_calibration.npz`` (the last two only when
-their task is ``<task>``). A stored loss table is fitted with ``eps``/``delta``/``method``. Without a
+Calibrations are looked up per task in the model's folder (:mod:`hf_safe_exit.risk.store`):
+``<model>/calibration/<task>/risk_control.json`` (the λ̂ it ships), else that folder's loss table
+``early_exit_calibration.npz`` fitted with ``eps``/``delta``/``method``. Without a
 calibration the demo stops with :class:`DemoError` saying what is missing and how to make it; it
 never calibrates on the fly (a guarantee needs held-out data).
 
@@ -82,39 +81,25 @@ class DemoResult:
 
 def find_task_calibration(model_dir, task: str, *, eps: float = 0.1, delta: float | None = 0.1,
                           method: str = "ucb"):
-    """The fitted ``RiskControlled`` for ``task`` next to ``model_dir`` and where it came from (see module doc)."""
-    from .risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, RiskControlled
+    """The fitted ``RiskControlled`` for ``task`` stored with the model in ``model_dir``, and where it came from.
 
-    model_dir = Path(model_dir)
-    per_task = model_dir / "calibration" / task
-    tried = []
-    candidates = [(per_task / RISK_CONTROL_FILENAME, "json", False), (per_task / CALIBRATION_FILENAME, "table", False),
-                  (model_dir / RISK_CONTROL_FILENAME, "json", True), (model_dir / CALIBRATION_FILENAME, "table", True)]
-    for path, kind, check_task in candidates:
-        if not path.is_file():
-            tried.append(f"{path} (absent)")
-            continue
-        if kind == "json":
-            rc = RiskControlled.from_pretrained(path)
-            stored = rc.certificate.task
-        else:
-            table = LossTable.load(path)
-            stored = table.metadata.get("task")
-        if (check_task and stored != task) or (stored is not None and stored != task):
-            tried.append(f"{path} (calibrated for task {stored!r})")
-            continue
-        if kind == "table":
-            import warnings
+    The stored ``risk_control.json`` (λ̂ at the calibrated ε) when there is one; else the stored loss table fitted
+    with ``eps``/``delta``/``method``. The layout is :mod:`hf_safe_exit.risk.store`'s.
+    """
+    import warnings
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rc = RiskControlled(eps, delta=delta if method in ("ucb", "ltt") else None, method=method).fit_table(table)
-        return rc, str(path)
-    raise DemoError(
-        f"no calibration for task {task!r} next to the model in {model_dir}: tried " + "; ".join(tried) + ". "
-        f"Make one on held-out data, e.g. `hf-safe-exit collect --model {model_dir} --task {task} --split pool "
-        f"--output {task}.npz` then `hf-safe-exit calibrate --results {task}.npz --eps 0.1 --delta 0.1 --method ucb "
-        f"--model {model_dir} --output {per_task}`.")
+    from .risk import MissingCalibrationError, RiskControlled, find_stored
+
+    try:
+        stored = find_stored(model_dir, task)
+    except MissingCalibrationError as err:
+        raise DemoError(f"no calibration for task {task!r} with the model in {model_dir}: {err}") from None
+    if stored.controlled_json is not None:
+        return RiskControlled.from_dict(stored.controlled_json), str(stored.controlled_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = RiskControlled(eps, delta=delta if method in ("ucb", "ltt") else None, method=method).fit_table(stored.table)
+    return rc, str(stored.table_path)
 
 
 def _load(model_dir):
@@ -201,6 +186,7 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
     import torch
 
     from .cards import guarantee_statement
+    from .compat import cache_kwargs
     from .decoding.early_exit_loop import new_decoder_cache
     from .tasks import get_task
 
@@ -214,7 +200,7 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
     early_exit = rc.bind(model)  # checks that the calibration belongs to this model (fingerprint)
     with torch.inference_mode():
         def run_full(**over):
-            return type(model).generate(model, **enc, **{**gen, **over}, past_key_values=new_decoder_cache(model))
+            return type(model).generate(model, **enc, **{**gen, **over}, **cache_kwargs(new_decoder_cache(model)))
 
         def run_early(**over):
             return model.generate(**enc, **{**gen, **over}, early_exit=early_exit, return_dict_in_generate=True)

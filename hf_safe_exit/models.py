@@ -26,11 +26,15 @@ def load_default_model(*, device: str | torch.device = "cpu", dtype: torch.dtype
                        with_meta_head: bool = True):
     """Load the shipped default T5 and its tokenizer offline: ``(model, tokenizer)``.
 
-    The model is a plain ``T5ForConditionalGeneration`` in eval mode (also loadable with
-    ``T5ForConditionalGeneration.from_pretrained(hf_safe_exit.models.default_model_path())``);
-    its trained meta-classifier head is attached as ``model.meta_head`` so that
-    ``measure="meta"`` works out of the box.
+    The model is a ``T5ForConditionalGeneration`` in eval mode with early exit switched on
+    (:func:`hf_safe_exit.enable`), so ``model.generate(**inputs, early_exit=RiskControlled(eps=0.05))``
+    runs under the calibration it ships (``calibration/<task>/``; summarization (``cnndm``) is its primary
+    task, ``task="squad"`` picks the other). Also loadable with
+    ``T5ForConditionalGeneration.from_pretrained(hf_safe_exit.models.default_model_path())``. Its trained
+    meta-classifier head is attached as ``model.meta_head`` so that ``measure="meta"`` works out of the box.
     """
+    from .decoding import enable
+
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     if not default_model_available():
@@ -46,4 +50,4 @@ def load_default_model(*, device: str | torch.device = "cpu", dtype: torch.dtype
 
         if os.path.isfile(os.path.join(path, META_WEIGHTS_NAME)):
             model.meta_head = MetaClassifierHead.from_pretrained(path).to(device=device, dtype=dtype)
-    return model, tokenizer
+    return enable(model), tokenizer

@@ -83,6 +83,8 @@ class EarlyExit:
             :class:`~hf_safe_exit.decoding.poe.PoEConfig`: Product-of-Experts anytime predictions
             (Jazbec et al. 2023), the normalised product of the ReLU'd logits of layers 1..l, used as the
             prediction and/or as the logits the confidence measure sees. Stored resolved (a PoEConfig).
+        certificate: the :class:`~hf_safe_exit.risk.RiskCertificate` of the threshold, set by
+            ``RiskControlled.bind``; ``None`` for a threshold chosen by hand.
     """
 
     threshold: float = 0.9
@@ -91,6 +93,8 @@ class EarlyExit:
     decay_tau: float = 4.0
     min_exit_layer: int = 1
     anytime: str | PoEConfig | None = None
+    # the guarantee this threshold carries, when a RiskControlled bound it (read back from generate's output)
+    certificate: object | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (

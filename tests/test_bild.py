@@ -10,6 +10,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from hf_safe_exit.compat import cache_kwargs, find_cache
 from hf_safe_exit.decoding.bild import (
     BiLD,
     BiLDOutput,
@@ -46,7 +47,7 @@ def _small_from(large: T5ForConditionalGeneration, noise: float, seed: int) -> T
 def _hf_generate(model, **kwargs):
     """HF's stock generate, with a decoder cache sized by the decoder depth (5.x sizes it by the encoder's)."""
     cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
-    return model.generate(past_key_values=cache, **kwargs)
+    return model.generate(**cache_kwargs(cache), **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,8 +226,9 @@ def test_logits_processors_applied_as_hf(pair, batch):
 def _fresh_self_kv(model, enc_ids, tokens):
     cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
     with torch.no_grad():
-        out = model(input_ids=enc_ids, decoder_input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
-    return [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.self_attention_cache.layers]
+        out = model(input_ids=enc_ids, decoder_input_ids=torch.tensor([tokens]), **cache_kwargs(cache, model),
+                    use_cache=True)
+    return [(layer.keys[0], layer.values[0]) for layer in find_cache(out).self_attention_cache.layers]
 
 
 def test_cache_after_rollback_equals_fresh_forward(pair, batch):

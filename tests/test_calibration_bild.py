@@ -20,6 +20,7 @@ import hf_safe_exit
 from hf_safe_exit.calibration import StateMismatchError, collect, default_bild_lambdas
 from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer, save_tiny_t5
 from hf_safe_exit.cli import main
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding.bild import BiLD, bild_policy_factory, lambda_to_rollback
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable, RiskControlled
@@ -73,7 +74,7 @@ def stock_greedy(model, tokenizer, prompt):
     enc = tokenizer([prompt], return_tensors="pt", truncation=True, max_length=MAX_IN)
     cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, past_key_values=cache)
+        out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, **cache_kwargs(cache))
     return tokenizer.decode(out[0], skip_special_tokens=True).strip(), out.shape[1] - 1
 
 

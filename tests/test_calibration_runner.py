@@ -8,6 +8,7 @@ import torch
 
 from hf_safe_exit.calibration import StateMismatchError, collect, default_lambdas
 from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
@@ -50,7 +51,7 @@ def stock_greedy_text(model, tokenizer, prompt, max_new_tokens, max_length):
     # stock generate sizes the cache from the encoder depth; this model's decoder is deeper
     cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, past_key_values=cache)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **cache_kwargs(cache))
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 

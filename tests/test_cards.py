@@ -251,8 +251,10 @@ def test_risk_controlled_methods_are_the_card_functions(calibrated, tmp_path):
     assert guarantee_statement(rc.certificate) in card.text
     path = rc.write_card(tmp_path, model_name="m", calibration_split="pool")
     written = ModelCard.load(path)
-    assert written.text.strip().endswith(card.text.strip().split("\n\n", 1)[1].strip())  # same section
-    assert RiskControlled.from_pretrained(tmp_path).certificate == rc.certificate
+    assert RiskControlled.from_pretrained(tmp_path, task="cnndm").certificate == rc.certificate
+    # the same section, except that the written one names the task folder it stored (calibration/<task>/)
+    assert _section(written.text, CNNDM_START, CNNDM_END).replace(", task='cnndm'", "") == \
+        _section(card.text, CNNDM_START, CNNDM_END)
 
 
 # ---------------------------------------------------------------- one guarantee section per calibration task
@@ -399,26 +401,21 @@ def test_calibration_is_saved_where_the_demo_finds_it(calibrated, squad_table, t
         found, source = find_task_calibration(model_dir, task)
         assert found.certificate == rc.certificate and source.endswith(f"calibration/{task}/risk_control.json")
     text = ModelCard.load(path).text
-    assert 'from_pretrained("<this directory>/calibration/cnndm")' in _section(text, CNNDM_START, CNNDM_END)
-    assert 'from_pretrained("<this directory>/calibration/squad")' in _section(text, SQUAD_START, SQUAD_END)
+    assert "task='cnndm'" in _section(text, CNNDM_START, CNNDM_END)
+    assert "task='squad'" in _section(text, SQUAD_START, SQUAD_END)
 
-    # no per-task directories: the first task goes to the root as before; another task never overwrites it
+    # a model folder without calibration/ yet: every task still goes to calibration/<task>/ (the one layout),
+    # and a bare RiskControlled.from_pretrained(model folder) reads the primary (first stored) task's
     flat = tmp_path / "flat"
     write_guarantee_card(flat, cnndm)
-    assert RiskControlled.from_pretrained(flat).certificate == cnndm.certificate
-    write_guarantee_card(flat, cnndm)  # the same task again: still the root
-    assert not (flat / "calibration").exists()
-    text = ModelCard.load(flat / "README.md").text
-    assert 'from_pretrained("<this repo or directory>")  # reads risk_control.json' in text
+    assert not (flat / "risk_control.json").exists()
+    assert RiskControlled.from_pretrained(flat / "calibration" / "cnndm").certificate == cnndm.certificate
     write_guarantee_card(flat, squad)
-    assert RiskControlled.from_pretrained(flat).certificate == cnndm.certificate
-    assert RiskControlled.from_pretrained(flat / "calibration" / "squad").certificate == squad.certificate
     for task, rc in (("cnndm", cnndm), ("squad", squad)):
+        assert RiskControlled.from_pretrained(flat, task=task).certificate == rc.certificate
         assert find_task_calibration(flat, task)[0].certificate == rc.certificate
     cnndm2 = RiskControlled(eps=0.2, delta=0.1, method="ucb").fit_table(table)
-    write_guarantee_card(flat, cnndm2)  # the root is cnndm's: updated in place, no stale copy left there
-    assert RiskControlled.from_pretrained(flat).certificate == cnndm2.certificate
-    assert not (flat / "calibration" / "cnndm").exists()
+    write_guarantee_card(flat, cnndm2)  # the same task again: updated in place
     assert find_task_calibration(flat, "cnndm")[0].certificate == cnndm2.certificate
 
     # a model with calibration/ for one task: a new task joins it there rather than the root
@@ -525,21 +522,22 @@ def test_push_to_hub_keeps_other_tasks(calibrated, squad_table, tmp_path, monkey
     local = tmp_path / "local"
     write_guarantee_card(local, cnndm, model_name="m", repo_id="me/m")
     hub = _FakeHub({p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()})
-    assert set(hub.files) == {"README.md", "risk_control.json"}  # a repo with cnndm's calibration in its root
+    generate_files = {"custom_generate/generate.py", "custom_generate/requirements.txt"}
+    assert set(hub.files) == {"README.md", "calibration/cnndm/risk_control.json"} | generate_files
     monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.download(tmp_path))
 
     push_to_hub(squad, "me/m")
-    assert set(hub.uploaded) == {"README.md", "calibration/squad/risk_control.json"}  # root left as it was
-    assert json.loads(hub.files["risk_control.json"])["certificate"]["task"] == "cnndm"
+    assert set(hub.uploaded) == {"README.md", "calibration/squad/risk_control.json"} | generate_files
+    assert json.loads(hub.files["calibration/cnndm/risk_control.json"])["certificate"]["task"] == "cnndm"
     assert json.loads(hub.files["calibration/squad/risk_control.json"])["certificate"]["task"] == "squad"
     readme = hub.files["README.md"].decode("utf-8")
     _check_numbers(_section(readme, CNNDM_START, CNNDM_END), cnndm)
     squad_section = _section(readme, SQUAD_START, SQUAD_END)
     _check_numbers(squad_section, squad)
-    assert 'from_pretrained("me/m", subfolder="calibration/squad")' in squad_section
+    assert 'path = "me/m"' in squad_section and "task='squad'" in squad_section
 
-    push_to_hub(cnndm, "me/m")  # the root holds cnndm's: updated there
-    assert set(hub.uploaded) == {"README.md", "risk_control.json"}
+    push_to_hub(cnndm, "me/m")  # cnndm's: updated in its own folder
+    assert set(hub.uploaded) == {"README.md", "calibration/cnndm/risk_control.json"} | generate_files
     assert hub.files["calibration/squad/risk_control.json"]  # still there
     assert ModelCard(hub.files["README.md"].decode("utf-8")).text.count(SQUAD_START) == 1

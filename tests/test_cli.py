@@ -113,7 +113,10 @@ def test_calibrate_store_in_model_enables_the_unfitted_one_liner(workdir, tmp_pa
     shutil.copytree(model_dir, local)
     assert main(["calibrate", "--results", str(results), "--eps", "0.4", "--model", str(local),
                  "--store-in-model"]) == 0
-    assert (local / "risk_control.json").is_file() and (local / "early_exit_calibration.npz").is_file()
+    stored = local / "calibration" / "cnndm"  # the one layout (hf_safe_exit.risk.store)
+    assert (stored / "risk_control.json").is_file() and (stored / "early_exit_calibration.npz").is_file()
+    assert json.loads((local / "calibration" / "config.json").read_text()) == {"primary_task": "cnndm"}
+    assert not (local / "risk_control.json").exists()
     clear_cache()
     model = hf_safe_exit.enable(AutoModelForSeq2SeqLM.from_pretrained(local))
     ids = torch.tensor([[5, 6, 7, 1]])

@@ -8,6 +8,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.confidence import ConfidenceMeasure
 from hf_safe_exit.decoding import new_decoder_cache
 from no_cache_reference import reference_exit_logits
@@ -50,7 +51,7 @@ def padded_batch(seed: int = 1):
 
 def hf_generate(model, **kwargs):
     # Stock generate needs a decoder-sized cache when encoder and decoder depths differ.
-    return type(model).generate(model, past_key_values=new_decoder_cache(model), **kwargs)
+    return type(model).generate(model, **cache_kwargs(new_decoder_cache(model)), **kwargs)
 
 
 class Ones(ConfidenceMeasure):

@@ -12,6 +12,7 @@ import torch
 
 from hf_safe_exit import EarlyExit, LossTable, RiskControlled, enable, model_fingerprint
 from hf_safe_exit.calibration.tiny import save_tiny_t5
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding import new_decoder_cache
 from hf_safe_exit.demo import DEMO_ARTICLE, DEMO_QUESTION, DemoError, find_task_calibration, main, run_demo
 from hf_safe_exit.models import default_model_available, default_model_path
@@ -64,7 +65,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_dir):
         assert r.text == tok.decode(ref.sequences[0, 1:][real], skip_special_tokens=True)
         assert "".join(r.pieces) == r.text
         assert len(set(r.exit_layers)) > 1, "the threshold must make tokens exit at different layers"
-        full = model.generate(**enc, max_new_tokens=12, past_key_values=new_decoder_cache(model))  # 2+4 layers
+        full = model.generate(**enc, max_new_tokens=12, **cache_kwargs(new_decoder_cache(model)))  # 2+4 layers
         assert r.full_text == tok.decode(full[0], skip_special_tokens=True)
         assert r.speedup == pytest.approx(r.time_full / r.time_early)
         # the plain rendering writes each token's exit layer after it

@@ -11,6 +11,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 import hf_safe_exit
 from hf_safe_exit import EarlyExit
 from hf_safe_exit.confidence import softmax_margin
+from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 from no_cache_reference import reference_layer_logits
 from hf_safe_exit.decoding.poe import PoEConfig, PoEState, poe_distribution, poe_log_probs, poe_weights
@@ -211,7 +212,7 @@ def test_at_threshold_one_default_poe_is_exactly_the_full_model_and_final_poe_is
     model = make_model()
     ids, mask = batch()
     hf = type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=10,
-                              past_key_values=new_decoder_cache(model))
+                              **cache_kwargs(new_decoder_cache(model)))
     default = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
                              early_exit=EarlyExit(threshold=1.0, anytime="poe"))
     assert torch.equal(default, hf)

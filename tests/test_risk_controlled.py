@@ -170,8 +170,8 @@ def test_from_pretrained_missing_wraps_hub_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="Hub"):
         RiskControlled.from_pretrained("someone/model")
     assert calls == [("someone/model", RISK_CONTROL_FILENAME)]
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        RiskControlled.from_pretrained(tmp_path)  # a directory without the file
+    with pytest.raises(FileNotFoundError, match="hf-safe-exit calibrate"):
+        RiskControlled.from_pretrained(tmp_path)  # a directory without the file, and no calibration/ either
 
 
 def test_loss_table_round_trip_and_subset(tmp_path):
@@ -281,26 +281,36 @@ def test_unfitted_without_calibration_explains_how_to_calibrate():
 def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
     import huggingface_hub
 
+    from hf_safe_exit.risk import store_calibration
+
     model = _tiny_t5()
-    stored = _table(fingerprint=model_fingerprint(model)).save(tmp_path / CALIBRATION_FILENAME)
+    table = _table(fingerprint=model_fingerprint(model))
+    table.metadata["task"] = "cnndm"
+    store_calibration(tmp_path, table=table)  # the repo's files, in the layout the library writes
     calls = []
 
-    def fake_download(repo_id, filename, **kw):
+    def fake_download(repo_id, filename, **kw):  # a Hub repo holding exactly the files under tmp_path
         calls.append((repo_id, filename))
-        return stored
+        path = tmp_path / filename
+        if not path.is_file():
+            raise FileNotFoundError(filename)
+        return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     model.config._name_or_path = "someone/t5-early-exit"
     model.name_or_path = "someone/t5-early-exit"
     bound = RiskControlled(0.05).bind(model)
-    assert calls == [("someone/t5-early-exit", CALIBRATION_FILENAME)]
-    assert bound.threshold == RiskControlled(0.05).fit_table(LossTable.load(stored)).lambda_
+    assert ("someone/t5-early-exit", "calibration/config.json") in calls
+    assert ("someone/t5-early-exit", f"calibration/cnndm/{CALIBRATION_FILENAME}") in calls
+    assert bound.threshold == RiskControlled(0.05).fit_table(table).lambda_
+    assert bound.certificate.task == "cnndm"
+    n_calls = len(calls)
     RiskControlled(0.05).bind(model)
-    assert len(calls) == 1  # the downloaded table is cached for the process
+    assert len(calls) == n_calls  # downloaded files are cached for the process
 
 
 def test_generate_one_liner_with_risk_controlled():
-    enable = pytest.importorskip("hf_safe_exit.decoding.generate").enable  # the core issue's entry point
+    enable = pytest.importorskip("hf_safe_exit.decoding").enable  # the core issue's entry point
     model = enable(_tiny_t5())
     model.early_exit_calibration = _table(fingerprint=model_fingerprint(model))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 1], [9, 3, 2, 1]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
@@ -331,7 +341,7 @@ def test_loss_table_validation():
 def test_poe_calibration_binds_decodes_and_round_trips_with_poe(tmp_path):
     from hf_safe_exit import PoEConfig
 
-    enable = pytest.importorskip("hf_safe_exit.decoding.generate").enable
+    enable = pytest.importorskip("hf_safe_exit.decoding").enable
     model = enable(_tiny_t5())
     poe = PoEConfig(activation="softplus")
     table = _table(fingerprint=model_fingerprint(model), anytime=poe.to_dict())

@@ -80,6 +80,7 @@ from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
+from ..compat import cache_kwargs, find_cache
 from .readout import check_supported_model
 
 __all__ = [
@@ -107,6 +108,7 @@ _REJECTED_KWARGS = {
     "streamer": "streaming is not supported by BiLD decoding; decode without a streamer",
     "custom_generate": "BiLD supplies its own decoding loop; drop custom_generate",
     "past_key_values": "BiLD builds its own caches for both models; drop past_key_values",
+    "cache": "BiLD builds its own caches for both models; drop cache",
     "inputs_embeds": "BiLD runs the small model's encoder on token ids; pass input_ids instead of inputs_embeds",
     "decoder_input_ids": "BiLD starts from the decoder start token; decoder prompts are not supported",
 }
@@ -352,7 +354,7 @@ class _Decoder:
             attention_mask=self.encoder_mask,
             decoder_input_ids=block,
             decoder_attention_mask=None if bool(mask.all()) else mask,
-            past_key_values=self.cache,
+            **cache_kwargs(self.cache, self.model),  # `cache` on transformers >= 5.24, `past_key_values` before
             use_cache=True,
             return_dict=True,
         )
@@ -459,7 +461,7 @@ class BiLD:
         if generate_kwargs.get("synced_gpus"):
             raise ValueError("synced_gpus is not supported with BiLD: run on a single device.")
         step_callback: Callable | None = generate_kwargs.pop("bild_step_callback", None)
-        for name in ("use_cache", "past_key_values", "custom_generate", "assistant_model", "streamer"):
+        for name in ("use_cache", "past_key_values", "cache", "custom_generate", "assistant_model", "streamer"):
             generate_kwargs.pop(name, None)
 
         stats = BiLDStats()
@@ -473,7 +475,7 @@ class BiLD:
         # builds logits processors and stopping criteria, then hands over to ``loop``.
         large_cache = EncoderDecoderCache(DynamicCache(config=large_model.decoder.config),
                                           DynamicCache(config=large_model.decoder.config))
-        return GenerationMixin.generate(large_model, inputs, custom_generate=loop, past_key_values=large_cache,
+        return GenerationMixin.generate(large_model, inputs, custom_generate=loop, **cache_kwargs(large_cache),
                                         **generate_kwargs)
 
     def _loop(self, large, input_ids, logits_processor, stopping_criteria, gen_cfg, inputs_tensor, model_kwargs,
@@ -496,7 +498,7 @@ class BiLD:
         small_hidden = small.get_encoder()(input_ids=small_inputs, attention_mask=enc_mask, return_dict=True)
         pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
         large_dec = _Decoder(large, model_kwargs["encoder_outputs"].last_hidden_state, enc_mask, pad_id)
-        cache = model_kwargs.get("past_key_values")
+        cache = find_cache(model_kwargs)
         if isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0:
             large_dec.cache = cache
         small_dec = _Decoder(small, small_hidden.last_hidden_state, enc_mask, pad_id)

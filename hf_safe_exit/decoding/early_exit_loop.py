@@ -25,11 +25,17 @@ Without it the loop is unchanged.
 Block 0 owns T5's relative position bias; it is computed once per step (as block 0
 would) and handed to every block, exactly as ``T5Stack`` does. With a threshold that
 never triggers, the arithmetic is the same as HF's incremental forward.
+
+A decoder prompt (``decoder_input_ids`` longer than the start token) is *prefilled*: every
+prompt token but the last goes once through HF's own full decoder forward, which fills the
+self-attention cache of every layer and the cross-attention cache; the loop then starts from
+the last prompt token. Prompt tokens are never early-exited and are not counted as generated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -41,7 +47,16 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 from ..confidence import LayerView
 from .poe import PoEConfig, PoEState
 
-__all__ = ["EarlyExitGenerateOutput", "early_exit_decode", "new_decoder_cache"]
+__all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
+
+# transformers 5.24 renamed the cache keyword `past_key_values` -> `cache` (model forwards, generate's
+# model_kwargs and output dataclasses), with FutureWarning shims until 5.40 / 6.0. Ask the code, not the version.
+_OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in fields(GenerateEncoderDecoderOutput)}
+                       else "past_key_values")
+
+
+class UnsupportedDecoderPromptError(ValueError):
+    """Raised for decoder prompts early-exit decoding cannot continue exactly (rows of different lengths)."""
 
 
 @dataclass
@@ -56,6 +71,9 @@ class EarlyExitGenerateOutput(GenerateEncoderDecoderOutput):
         mean_exit_layer: ``(batch,)`` mean exit layer over each sequence's real (non-padding) tokens.
         layer_fraction: ``(batch,)`` decoder blocks run in full / (num_decoder_layers × real tokens).
         num_decoder_layers: depth of the decoder.
+        early_exit: the bound policy that decoded (``early_exit.threshold`` is the λ that ran).
+        certificate: that threshold's :class:`~hf_safe_exit.risk.RiskCertificate` when ``RiskControlled`` chose
+            it (ε, δ, method, n, λ̂, the bound at λ̂, the model fingerprint and task); ``None`` for a hand-set λ.
     """
 
     exit_layers: torch.LongTensor | None = None
@@ -63,11 +81,37 @@ class EarlyExitGenerateOutput(GenerateEncoderDecoderOutput):
     mean_exit_layer: torch.FloatTensor | None = None
     layer_fraction: torch.FloatTensor | None = None
     num_decoder_layers: int | None = None
+    # set by hf_safe_exit.generate: the bound policy that ran (its threshold is λ̂) and, for a
+    # RiskControlled, the certificate of that threshold
+    early_exit: object | None = None
+    certificate: object | None = None
 
 
 def new_decoder_cache(model) -> EncoderDecoderCache:
     """An empty cache sized by the *decoder* depth (stock ``generate`` sizes it by the encoder's)."""
     return EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+
+
+def _cache_keyword(module) -> str:
+    """The name ``module.forward`` takes the cache under: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _cache_from_model_kwargs(model_kwargs: dict):
+    # HF's generate hands the prepared cache over as `cache` from 5.24 on, as `past_key_values` before.
+    cache = model_kwargs.get("cache")
+    return cache if cache is not None else model_kwargs.get("past_key_values")
+
+
+def _check_decoder_prompt(model_kwargs: dict) -> None:
+    # The loop keeps one cache length and one relative-position offset for the whole batch, so a padded
+    # decoder prompt (rows of different lengths) would attend to / count its padding: refuse it.
+    mask = model_kwargs.get("decoder_attention_mask")
+    if mask is not None and bool((mask == 0).any()):
+        raise UnsupportedDecoderPromptError(
+            "early_exit supports decoder prompts (decoder_input_ids) of equal length without padding, but "
+            "decoder_attention_mask has zeros: decode such rows in separate calls, grouped by prompt length."
+        )
 
 
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
@@ -95,6 +139,7 @@ class _StepDecoder:
         self.num_layers = len(self.blocks)
         self.cache = cache
         self.encoder_hidden = encoder_hidden
+        self.encoder_mask = encoder_mask
         config = model.decoder.config
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         self.head_dim = config.d_kv
@@ -127,6 +172,26 @@ class _StepDecoder:
         if rows is not None:
             keys, values = keys[rows], values[rows]
         return keys, values
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """Put the decoder prompt ``tokens`` ``(batch, p)`` into the cache through HF's full decoder forward.
+
+        Afterwards every layer's self-attention cache holds ``p`` positions computed exactly as
+        ``model.decoder`` computes them (all layers, no exits), and the cross-attention K/V of every layer
+        are cached with ``is_updated`` set, which :meth:`_cross_kv` then reuses. :meth:`step` reads the
+        cache length for its relative-position offset, so the next token is decoded at position ``p``.
+        """
+        if tokens.shape[1] == 0:
+            return
+        if self.cache.get_seq_length() != 0:
+            raise RuntimeError("prefill needs an empty cache")
+        self.decoder(input_ids=tokens, encoder_hidden_states=self.encoder_hidden,
+                     encoder_attention_mask=self.encoder_mask, use_cache=True,
+                     **{_cache_keyword(self.decoder): self.cache})
+        lengths = {self.cache.self_attention_cache.get_seq_length(i) for i in range(self.num_layers)}
+        if lengths != {tokens.shape[1]} or not all(self.cache.is_updated.get(i, False)
+                                                   for i in range(self.num_layers)):
+            raise RuntimeError(f"decoder prefill left the cache inconsistent (self-attention lengths {lengths})")
 
     def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
              done: torch.Tensor, poe: PoEConfig | None = None):
@@ -272,11 +337,22 @@ def early_exit_decode(
     ``GenerationMixin._sample`` (logits processors on float32 logits, argmax or
     multinomial, EOS → pad for finished rows, stopping criteria), with the model
     forward replaced by :class:`_StepDecoder`.
+
+    Decoder prompts: ``input_ids`` is the decoder prompt HF prepared (start token first). All its
+    tokens but the last are prefilled through the full decoder (:meth:`_StepDecoder.prefill`), so at
+    threshold 1 the output equals HF's ``generate`` with the same ``decoder_input_ids``. As in HF,
+    ``max_new_tokens`` counts tokens after the prompt; ``exit_layers`` / ``confidences`` have one
+    column per new token. Prompts must have equal lengths: a ``decoder_attention_mask`` with zeros
+    raises :class:`UnsupportedDecoderPromptError`. The cache is taken from ``model_kwargs["cache"]``
+    (transformers >= 5.24) or ``model_kwargs["past_key_values"]`` (older).
     """
     if early_exit_policy is None:
         raise ValueError("early_exit_decode needs early_exit_policy (a bound EarlyExit policy).")
     if synced_gpus:
         raise NotImplementedError("early exit does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP) generation yet.")
+    _check_decoder_prompt(model_kwargs)
+    # HF's generate puts the prompt into the streamers it knows before decoding; it never saw ours.
+    put_prompt = early_exit_streamer is not None
     streamer = early_exit_streamer if early_exit_streamer is not None else streamer
     policy = early_exit_policy
     measure = policy.measure
@@ -292,14 +368,17 @@ def early_exit_decode(
     max_new_tokens = max(int(generation_config.max_length) - input_ids.shape[1], 1)
 
     encoder_outputs = model_kwargs["encoder_outputs"]
-    cache = model_kwargs.get("past_key_values")
+    cache = _cache_from_model_kwargs(model_kwargs)
     if not isinstance(cache, EncoderDecoderCache) or cache.get_seq_length() != 0 or (
         len(cache.self_attention_cache.layers) not in (0, model.config.num_decoder_layers)
     ):
         cache = new_decoder_cache(model)
     decoder = _StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
+    decoder.prefill(input_ids[:, :-1])  # the step loop below feeds the last prompt token
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
+    if streamer is not None and put_prompt:
+        streamer.put(input_ids.cpu())
 
     batch = input_ids.shape[0]
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
@@ -346,7 +425,7 @@ def early_exit_decode(
         scores=scores if output_scores else None,
         logits=raw_logits if output_logits else None,
         encoder_hidden_states=encoder_hidden_states,
-        past_key_values=cache,
+        **{_OUTPUT_CACHE_FIELD: cache},
         exit_layers=exit_layers_t,
         confidences=torch.stack(confidences, dim=1),
         mean_exit_layer=mean_exit,

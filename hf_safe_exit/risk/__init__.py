@@ -10,10 +10,12 @@ from .controlled import (RISK_CONTROL_FILENAME, MissingCalibrationError, RiskCer
                          find_calibration)
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .selection import (BOUNDS, METHODS, Selection, select, select_crc, select_ltt, select_naive, select_ucb)
+from .store import CALIBRATION_SUBDIR, calibration_dir, find_stored, primary_task, store_calibration, stored_tasks
 
 __all__ = [
     "RiskControlled", "RiskCertificate", "LossTable", "MissingCalibrationError", "find_calibration", "clear_cache",
     "CALIBRATION_FILENAME", "RISK_CONTROL_FILENAME", "RISKS", "DEFAULT_LOSS_BOUNDS", "METHODS", "BOUNDS",
     "Selection", "select", "select_naive", "select_crc", "select_ucb", "select_ltt",
+    "CALIBRATION_SUBDIR", "calibration_dir", "find_stored", "primary_task", "store_calibration", "stored_tasks",
     "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "binomial_count",
 ]

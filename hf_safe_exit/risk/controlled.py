@@ -31,34 +31,26 @@ from ..decoding.poe import resolve_anytime
 from ..fingerprint import model_fingerprint
 from ..policy import SCHEDULES, EarlyExit
 from .bounds import _check_level, hoeffding_bentkus_ucb
-from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
+from .loss_table import DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .selection import BOUNDS, MONOTONIZE, check_method_and_delta, select
+from .store import (HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, StoredCalibration,
+                    check_task_name, clear_store_cache, find_stored)
 
 __all__ = ["RiskControlled", "RiskCertificate", "MissingCalibrationError", "find_calibration",
            "RISK_CONTROL_FILENAME", "clear_cache"]
 
-RISK_CONTROL_FILENAME = "risk_control.json"
 _FORMAT_VERSION = 1
 _FIT_CACHE: "OrderedDict[tuple, RiskControlled]" = OrderedDict()
-_TABLE_CACHE: "OrderedDict[tuple, LossTable]" = OrderedDict()
 _CACHE_SIZE = 64
-
-_HOW_TO_CALIBRATE = (
-    "Calibrate it once: `hf-safe-exit collect --model <model> --task <task> ... && hf-safe-exit calibrate ...` "
-    "(writes {fname} next to the weights), or build the loss table yourself and use "
-    "`RiskControlled(eps=...).fit_table(LossTable.load(path))`, or attach one with "
-    "`model.early_exit_calibration = LossTable.load(path)`."
-).format(fname=CALIBRATION_FILENAME)
-
-
-class MissingCalibrationError(FileNotFoundError):
-    """No stored calibration loss table was found for the model."""
+_HOW_TO_CALIBRATE = HOW_TO_CALIBRATE
+# what a stored risk_control.json must have been fitted with to serve a request that has no loss table
+_FIT_PARAMS = ("eps", "delta", "method", "bound", "risk", "monotonize")
 
 
 def clear_cache() -> None:
-    """Forget cached fits and loaded tables (tests; after rewriting a table in place)."""
+    """Forget cached fits, loaded tables and downloaded files (tests; after rewriting a table in place)."""
     _FIT_CACHE.clear()
-    _TABLE_CACHE.clear()
+    clear_store_cache()
 
 
 def _cache_put(cache: OrderedDict, key, value) -> None:
@@ -134,6 +126,9 @@ class RiskControlled:
             computed with Product-of-Experts anytime predictions (Jazbec et al. 2023). ``None``
             takes the table's setting (plain early exit if it has none); a value that contradicts
             the table raises, since λ̂ holds only for the decoder it was calibrated with.
+        task: which of the model's stored calibrations an unfitted policy uses (``calibration/<task>/``, see
+            :mod:`hf_safe_exit.risk.store`); ``None`` takes the model's primary task. For a fitted policy, a
+            task that contradicts the table's raises.
         small_model: the small (draft) model, for a BiLD calibration (a table whose metadata says
             ``strategy: "bild"``); it must be the model the table was collected with (same
             fingerprint). It can also be passed to :meth:`bild` later. Not saved by ``save_pretrained``.
@@ -149,7 +144,7 @@ class RiskControlled:
                  risk: str = "performance_gap", monotonize: str | None = None,
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
                  min_exit_layer: int | None = None, decay_tau: float | None = None, anytime=None,
-                 small_model=None):
+                 task: str | None = None, small_model=None):
         self.eps = _check_level(eps, "eps")
         delta = check_method_and_delta(method, delta)
         if bound not in BOUNDS:
@@ -170,6 +165,7 @@ class RiskControlled:
         self.delta, self.method, self.bound, self.risk, self.monotonize = delta, method, bound, risk, monotonize
         self.measure, self.schedule, self.min_exit_layer, self.decay_tau = measure, schedule, min_exit_layer, decay_tau
         self.anytime = resolve_anytime(anytime)
+        self.task = None if task is None else check_task_name(task)
         self.small_model = small_model
         self.lambda_: float | None = None
         self.certificate: RiskCertificate | None = None
@@ -179,7 +175,8 @@ class RiskControlled:
     def get_params(self) -> dict:
         return {"eps": self.eps, "delta": self.delta, "method": self.method, "bound": self.bound, "risk": self.risk,
                 "monotonize": self.monotonize, "measure": self.measure, "schedule": self.schedule,
-                "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau, "anytime": self.anytime}
+                "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau, "anytime": self.anytime,
+                "task": self.task}
 
     @property
     def is_fitted(self) -> bool:
@@ -231,6 +228,10 @@ class RiskControlled:
         return out
 
     def _fit(self, lambdas, losses, loss_bounds, metadata: dict) -> "RiskControlled":
+        if self.task is not None and metadata.get("task") not in (None, self.task):
+            raise ValueError(f"task={self.task!r} but these losses were collected on task {metadata['task']!r}: a "
+                             "threshold calibrated on one task carries no guarantee on another. Drop task= or use "
+                             f"{self.task!r}'s table.")
         strategy = metadata.get("strategy")
         if strategy not in (None, "early_exit", "bild"):
             raise ValueError(f"This loss table calibrates a {strategy!r} decoding threshold, which RiskControlled "
@@ -375,22 +376,48 @@ class RiskControlled:
                              "they were computed with, e.g. RiskControlled(..., measure='softmax').")
         return EarlyExit(threshold=float(self.lambda_), measure=measure, schedule=cal["schedule"],
                          decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"]),
-                         anytime=resolve_anytime(cal.get("anytime"))).bind(model)
+                         anytime=resolve_anytime(cal.get("anytime")), certificate=self.certificate).bind(model)
 
     def _fit_from_stored(self, model, fingerprint: str) -> "RiskControlled":
-        table, source = find_calibration(model)
-        stored = table.metadata.get("model_fingerprint")
-        if stored is not None and stored != fingerprint:
-            raise ValueError(f"The calibration at {source} was made for another model (fingerprint {stored}, this "
-                             f"model is {fingerprint}): recalibrate for this model. " + _HOW_TO_CALIBRATE)
-        params = self.get_params()
-        key = (fingerprint, table.digest(), *((k, params[k] if not isinstance(params[k], ConfidenceMeasure)
-                                               else ("instance", id(params[k]))) for k in sorted(params)))
-        hit = _FIT_CACHE.get(key)
-        if hit is None:
-            hit = RiskControlled(**params).fit_table(table)
-            _cache_put(_FIT_CACHE, key, hit)
-        return hit
+        """This request fitted on the calibration ``model`` stores for ``self.task`` (cached per model and table).
+
+        With the task's loss table any (ε, δ, method, ...) is fitted; with only its ``risk_control.json``, the
+        request must be the one that file was fitted for (else: the table is needed, and the error says so).
+        """
+        stored = find_stored(model, self.task)
+        source = stored.table_path or stored.controlled_path
+        if stored.table is not None:
+            table_fp = stored.table.metadata.get("model_fingerprint")
+            if table_fp is not None and table_fp != fingerprint:
+                raise ValueError(f"The calibration at {source} was made for another model (fingerprint {table_fp}, "
+                                 f"this model is {fingerprint}): recalibrate for this model. " + _HOW_TO_CALIBRATE)
+            params = self.get_params()
+            key = (fingerprint, stored.table.digest(), *(
+                (k, params[k] if not isinstance(params[k], ConfidenceMeasure) else ("instance", id(params[k])))
+                for k in sorted(params)))
+            hit = _FIT_CACHE.get(key)
+            if hit is None:
+                params["task"] = stored.task if self.task is None else self.task
+                hit = RiskControlled(**params).fit_table(stored.table)
+                _cache_put(_FIT_CACHE, key, hit)
+            return hit
+        return self._stored_fit(stored)
+
+    def _stored_fit(self, stored: StoredCalibration) -> "RiskControlled":
+        fitted = RiskControlled.from_dict(stored.controlled_json)
+        asked, has = self.get_params(), fitted.get_params()
+        differ = [k for k in _FIT_PARAMS if asked[k] != has[k]]
+        differ += [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
+                   if asked[k] is not None and asked[k] != fitted._calibration.get(k)]
+        if differ:
+            want = ", ".join(f"{k}={asked[k]!r}" for k in differ)
+            have = ", ".join(f"{k}={has.get(k, fitted._calibration.get(k))!r}" for k in differ)
+            raise MissingCalibrationError(
+                f"{stored.controlled_path} holds λ̂ fitted with {have}, and this request asks for {want}; fitting "
+                f"another request needs the task's loss table ({stored.task!r}: calibration/{stored.task}/"
+                "early_exit_calibration.npz), which this model does not store. Ask for the stored setting, or "
+                + _HOW_TO_CALIBRATE[0].lower() + _HOW_TO_CALIBRATE[1:])
+        return fitted
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -446,14 +473,20 @@ class RiskControlled:
         return obj
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, **hub_kwargs) -> "RiskControlled":
-        """Load from a directory (or the JSON file itself), else from a Hub repo's ``risk_control.json``."""
+    def from_pretrained(cls, path_or_repo_id, task: str | None = None, **hub_kwargs) -> "RiskControlled":
+        """Load a fitted calibration: a directory holding ``risk_control.json`` (or the file itself), a model folder
+        (its ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task, see
+        :mod:`hf_safe_exit.risk.store`), else a Hub repo's ``risk_control.json`` (``subfolder=`` as in HF)."""
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, RISK_CONTROL_FILENAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r}: save one with "
-                                        "RiskControlled(...).fit_table(table).save_pretrained(directory).")
+            if task is not None or not os.path.isfile(path):
+                stored = find_stored(os.fspath(path_or_repo_id), task)
+                if stored.controlled_json is None:
+                    raise MissingCalibrationError(
+                        f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r} for task {stored.task!r} (only its loss "
+                        "table): fit one with RiskControlled(eps, ...).fit_table(LossTable.load(...)).")
+                return cls.from_dict(stored.controlled_json)
         elif not os.path.isfile(path):
             try:
                 from huggingface_hub import hf_hub_download
@@ -468,54 +501,14 @@ class RiskControlled:
             return cls.from_dict(json.load(fh))
 
 
-def _load_cached(path: str) -> LossTable:
-    stat = os.stat(path)
-    key = ("file", os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        table = LossTable.load(path)
-        _cache_put(_TABLE_CACHE, key, table)
-    return table
+def find_calibration(model, task: str | None = None) -> tuple[LossTable, str]:
+    """The stored loss table of ``model`` for ``task`` (default: its primary task) and where it came from.
 
-
-def find_calibration(model) -> tuple[LossTable, str]:
-    """The stored calibration table for ``model`` and where it came from.
-
-    Looks, in order, at ``model.early_exit_calibration`` (a :class:`LossTable` or a path),
-    ``<model.name_or_path>/early_exit_calibration.npz`` for a local checkpoint directory,
-    and the file of that name in the Hub repo ``model.name_or_path``. Raises
-    :class:`MissingCalibrationError` explaining how to calibrate when none is found.
+    See :func:`hf_safe_exit.risk.store.find_stored` for where it looks; raises
+    :class:`MissingCalibrationError` naming the fix (or the tasks stored) when there is none.
     """
-    attached = getattr(model, "early_exit_calibration", None)
-    if isinstance(attached, LossTable):
-        return attached, "model.early_exit_calibration"
-    if isinstance(attached, (str, os.PathLike)):
-        return _load_cached(os.path.join(attached, CALIBRATION_FILENAME) if os.path.isdir(attached)
-                            else os.fspath(attached)), os.fspath(attached)
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    name = os.fspath(name)
-    tried = []
-    if name and os.path.isdir(name):
-        path = os.path.join(name, CALIBRATION_FILENAME)
-        if os.path.isfile(path):
-            return _load_cached(path), path
-        tried.append(f"no {CALIBRATION_FILENAME} in the checkpoint directory {name!r}")
-    elif name:
-        key = ("hub", name)
-        if key in _TABLE_CACHE:
-            return _TABLE_CACHE[key], f"hub:{name}"
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(repo_id=name, filename=CALIBRATION_FILENAME)
-        except Exception as err:  # offline, no such repo or file, not a valid repo id
-            tried.append(f"could not get {CALIBRATION_FILENAME} from the Hub repo {name!r} ({type(err).__name__})")
-        else:
-            table = LossTable.load(path)
-            _cache_put(_TABLE_CACHE, key, table)
-            return table, f"hub:{name}"
-    else:
-        tried.append("the model has no name_or_path (built in memory) and no early_exit_calibration attached")
-    raise MissingCalibrationError(
-        "RiskControlled(eps=...) without fit() needs the model's stored calibration losses, and none was found: "
-        + "; ".join(tried) + ". " + _HOW_TO_CALIBRATE)
+    stored = find_stored(model, task)
+    if stored.table is None:
+        raise MissingCalibrationError(f"{stored.controlled_path} stores λ̂ for task {stored.task!r} but not its loss "
+                                      "table, which is needed to fit another ε. " + HOW_TO_CALIBRATE)
+    return stored.table, stored.table_path

@@ -102,6 +102,8 @@ def greedy_generate(model, tokenizer, sources: list[str], *, max_source_length: 
     """Greedy decoding (with a decoder-sized cache, so truncated decoders work with stock ``generate``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+    from ..compat import cache_kwargs
+
     model.eval()
     device = next(model.parameters()).device
     outs: list[str] = []
@@ -113,7 +115,7 @@ def greedy_generate(model, tokenizer, sources: list[str], *, max_source_length: 
                         padding=True, return_tensors="pt").to(device)
         cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             past_key_values=cache)
+                             **cache_kwargs(cache))
         for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
             res[i] = text.strip()
     outs = [res[i] for i in range(len(sources))]

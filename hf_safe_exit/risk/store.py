@@ -1,0 +1,275 @@
+"""Where a model keeps its calibrations: the one layout, read and written here.
+
+::
+
+    <model>/calibration/config.json                        {"primary_task": "cnndm"}
+    <model>/calibration/<task>/early_exit_calibration.npz  the LossTable: RiskControlled(eps) fits any ε from it
+    <model>/calibration/<task>/risk_control.json           λ̂ fitted at the calibrated (ε, δ, method)
+    <model>/calibration/<task>/evaluation.json             repeated-split evaluation (optional; the card's numbers)
+
+``hf-safe-exit calibrate --store-in-model``, ``hf-safe-exit card`` and ``push_to_hub`` write it;
+``RiskControlled(eps)`` (unfitted), the demo and the examples read it. A model may keep one
+calibration per task; ``RiskControlled(eps, task=...)`` picks one, and without ``task=`` the
+model's primary task (``calibration/config.json``, or the only task stored) is used.
+
+Checkpoints written before this layout kept one calibration at the model's root
+(``<model>/early_exit_calibration.npz``, ``<model>/risk_control.json``); they are still read, as the
+calibration of the task their metadata names, when the model has no ``calibration/`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .loss_table import CALIBRATION_FILENAME, LossTable
+
+__all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "MissingCalibrationError",
+           "calibration_dir", "check_task_name", "stored_tasks", "primary_task", "set_primary_task",
+           "StoredCalibration", "find_stored", "store_calibration", "clear_store_cache"]
+
+CALIBRATION_SUBDIR = "calibration"
+RISK_CONTROL_FILENAME = "risk_control.json"
+STORE_CONFIG = "config.json"  # calibration/config.json: which task a bare RiskControlled(eps) uses
+# task names that fit an HTML comment and a directory name: no spaces, ':', '--', '/', leading or doubled dots
+_TASK_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
+
+HOW_TO_CALIBRATE = (
+    "Calibrate it once: `hf-safe-exit collect --model <model> --task <task> --output <task>.npz && "
+    "hf-safe-exit calibrate --results <task>.npz --eps ... --model <model> --store-in-model` (writes "
+    f"<model>/{CALIBRATION_SUBDIR}/<task>/{CALIBRATION_FILENAME}), or build the loss table yourself and use "
+    "`RiskControlled(eps=...).fit_table(LossTable.load(path))`, or attach one with "
+    "`model.early_exit_calibration = LossTable.load(path)`."
+)
+
+
+class MissingCalibrationError(FileNotFoundError):
+    """No stored calibration was found for the model (or for the task asked for)."""
+
+
+def check_task_name(task: str) -> str:
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"task {task!r} cannot name a model-card section or a calibration directory: use letters, "
+                         "digits, '_', and single '.' or '-' between them (e.g. 'cnndm').")
+    return task
+
+
+def calibration_dir(model_dir, task: str) -> Path:
+    """``<model_dir>/calibration/<task>``: where ``task``'s calibration of that model lives."""
+    return Path(model_dir) / CALIBRATION_SUBDIR / check_task_name(task)
+
+
+_HUB_FILES: dict[tuple[str, str], str | None] = {}
+_TABLES: dict[tuple, LossTable] = {}
+
+
+def clear_store_cache() -> None:
+    """Forget downloaded Hub files and loaded tables (tests; after rewriting a table in place)."""
+    _HUB_FILES.clear()
+    _TABLES.clear()
+
+
+def _load_table(path: str) -> LossTable:
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = LossTable.load(path)
+    return _TABLES[key]
+
+
+class _Source:
+    """A model's files: a local directory or a Hub repo (downloaded on demand)."""
+
+    def __init__(self, root: str, local: bool):
+        self.root, self.local = root, local
+
+    def __str__(self) -> str:
+        return self.root if self.local else f"hub:{self.root}"
+
+    def get(self, relpath: str) -> str | None:
+        """A local path to ``relpath``, or None when the model has no such file (or the Hub is unreachable)."""
+        if self.local:
+            path = os.path.join(self.root, relpath)
+            return path if os.path.isfile(path) else None
+        key = (self.root, relpath)
+        if key not in _HUB_FILES:  # once per process: generate() binds the policy at every call
+            try:
+                from huggingface_hub import hf_hub_download
+
+                _HUB_FILES[key] = hf_hub_download(repo_id=self.root, filename=relpath)
+            except Exception:  # offline, no such repo or file, not a valid repo id: all mean "not there"
+                _HUB_FILES[key] = None
+        return _HUB_FILES[key]
+
+    def tasks(self) -> list[str]:
+        if self.local:
+            base = Path(self.root) / CALIBRATION_SUBDIR
+            return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        try:
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(self.root)
+        except Exception:  # offline: only the primary task (from calibration/config.json) can be found
+            return []
+        return sorted({f.split("/")[1] for f in files if f.startswith(CALIBRATION_SUBDIR + "/") and f.count("/") >= 2})
+
+
+def _source_of(model) -> _Source | None:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = os.fspath(name)
+    if not name:
+        return None
+    return _Source(name, local=os.path.isdir(name))
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def primary_task(source) -> str | None:
+    """The task ``calibration/config.json`` names, else the only task stored, else None."""
+    src = source if isinstance(source, _Source) else _Source(os.fspath(source), local=True)
+    path = src.get(f"{CALIBRATION_SUBDIR}/{STORE_CONFIG}")
+    if path is not None:
+        task = _read_json(path).get("primary_task")
+        if task is not None:
+            return check_task_name(task)
+    tasks = src.tasks()
+    return tasks[0] if len(tasks) == 1 else None
+
+
+def stored_tasks(model_dir) -> list[str]:
+    """The tasks with a calibration folder under ``<model_dir>/calibration/``."""
+    return _Source(os.fspath(model_dir), local=True).tasks()
+
+
+def set_primary_task(model_dir, task: str) -> Path:
+    """Record ``task`` as the one a bare ``RiskControlled(eps)`` uses for this model."""
+    path = Path(model_dir) / CALIBRATION_SUBDIR / STORE_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"primary_task": check_task_name(task)}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def store_calibration(model_dir, *, table: LossTable | None = None, controlled=None, task: str | None = None,
+                      primary: bool | None = None) -> list[Path]:
+    """Write a loss table and/or a fitted ``RiskControlled`` into ``<model_dir>/calibration/<task>/``.
+
+    ``task`` defaults to the table's (or certificate's) task; one of them must name it. The first task stored
+    becomes the primary task unless ``primary=False``; ``primary=True`` makes this one primary.
+    """
+    if table is None and controlled is None:
+        raise ValueError("store_calibration needs a loss table, a fitted RiskControlled, or both.")
+    named = {t for t in ((table.metadata.get("task") if table is not None else None),
+                         (controlled.certificate.task if controlled is not None else None)) if t is not None}
+    if task is None and len(named) == 1:
+        task = named.pop()
+    elif task is None:
+        raise ValueError("the calibration does not say which task it is for: pass task=... (the CLI: --task), "
+                         f"so that it is stored under {CALIBRATION_SUBDIR}/<task>/.")
+    elif named - {task}:
+        raise ValueError(f"task={task!r} contradicts the calibration's own task {sorted(named)}: store it under "
+                         "its own task.")
+    out = calibration_dir(model_dir, task)
+    first = not stored_tasks(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if table is not None:
+        written.append(Path(table.save(out / CALIBRATION_FILENAME)))
+    if controlled is not None:
+        written.append(Path(controlled.save_pretrained(out)))
+    if primary or (primary is None and first and not (Path(model_dir) / CALIBRATION_SUBDIR / STORE_CONFIG).is_file()):
+        written.append(set_primary_task(model_dir, task))
+    return written
+
+
+@dataclass
+class StoredCalibration:
+    """What a model stores for one task: its loss table and/or its fitted calibration, and where each lies."""
+
+    task: str | None
+    table: LossTable | None = None
+    table_path: str | None = None
+    controlled_json: dict | None = None
+    controlled_path: str | None = None
+
+
+def _from_attached(model, task: str | None) -> StoredCalibration | None:
+    attached = getattr(model, "early_exit_calibration", None)
+    if attached is None:
+        return None
+    if isinstance(attached, LossTable):
+        table, where = attached, "model.early_exit_calibration"
+    elif isinstance(attached, (str, os.PathLike)):
+        where = os.fspath(attached)
+        table = _load_table(os.path.join(where, CALIBRATION_FILENAME) if os.path.isdir(where) else where)
+    else:
+        raise TypeError(f"model.early_exit_calibration must be a LossTable or a path to one, got "
+                        f"{type(attached).__name__}.")
+    stored = table.metadata.get("task")
+    if task is not None and stored is not None and stored != task:
+        raise MissingCalibrationError(f"the loss table attached as model.early_exit_calibration is for task "
+                                      f"{stored!r}, not {task!r}: attach {task!r}'s table or drop task=.")
+    return StoredCalibration(stored if stored is not None else task, table, where)
+
+
+def find_stored(model, task: str | None = None) -> StoredCalibration:
+    """The calibration ``model`` stores for ``task`` (default: its primary task); raises with the fix if none.
+
+    ``model``: a loaded model, or the path of a model folder (or a Hub repo id). Looks at ``model.early_exit_calibration`` (a :class:`LossTable` or a path), then at the folder or Hub repo
+    ``model.name_or_path`` in the layout of this module. Raises :class:`MissingCalibrationError` naming the tasks
+    that are stored when ``task`` is missing or cannot be chosen.
+    """
+    if task is not None:
+        check_task_name(task)
+    if isinstance(model, (str, os.PathLike)):  # a model folder or Hub repo id rather than a loaded model
+        src = _Source(os.fspath(model), local=os.path.isdir(model))
+    else:
+        attached = _from_attached(model, task)
+        if attached is not None:
+            return attached
+        src = _source_of(model)
+    if src is None:
+        raise MissingCalibrationError(
+            "RiskControlled(eps=...) without fit() needs the model's stored calibration, and this model has none: it "
+            "has no name_or_path (built in memory) and no early_exit_calibration attached. " + HOW_TO_CALIBRATE)
+    chosen = task if task is not None else primary_task(src)
+    tasks = src.tasks() if chosen is None or src.local else None  # listing a Hub repo only when it must be
+    if chosen is None and tasks:
+        raise MissingCalibrationError(
+            f"{src} stores calibrations for several tasks ({', '.join(tasks)}) and names no primary one: choose with "
+            f"RiskControlled(eps, task=...), e.g. task={tasks[0]!r}.")
+    if chosen is not None:
+        sub = f"{CALIBRATION_SUBDIR}/{chosen}"
+        table_path, json_path = src.get(f"{sub}/{CALIBRATION_FILENAME}"), src.get(f"{sub}/{RISK_CONTROL_FILENAME}")
+        if table_path is not None or json_path is not None:
+            return StoredCalibration(chosen, _load_table(table_path) if table_path else None, table_path,
+                                     _read_json(json_path) if json_path else None, json_path)
+        tasks = src.tasks() if tasks is None else tasks
+        if tasks or task is not None and src.local and (Path(src.root) / CALIBRATION_SUBDIR).is_dir():
+            raise MissingCalibrationError(
+                f"{src} has no calibration for task {chosen!r}"
+                + (f"; it has calibrations for: {', '.join(tasks)} (choose one with task=...)" if tasks else "")
+                + ". " + HOW_TO_CALIBRATE)
+    # checkpoints written before the per-task layout: one calibration at the root, for the task it names
+    table_path, json_path = src.get(CALIBRATION_FILENAME), src.get(RISK_CONTROL_FILENAME)
+    legacy = StoredCalibration(None, _load_table(table_path) if table_path else None, table_path,
+                               _read_json(json_path) if json_path else None, json_path)
+    if legacy.table is not None or legacy.controlled_json is not None:
+        stored_task = (legacy.table.metadata.get("task") if legacy.table is not None
+                       else (legacy.controlled_json.get("certificate") or {}).get("task"))
+        if task is None or stored_task in (None, task):
+            legacy.task = stored_task if stored_task is not None else task
+            return legacy
+        raise MissingCalibrationError(f"{src} stores one calibration, for task {stored_task!r}, not {task!r}: drop "
+                                      f"task= or calibrate for {task!r}. " + HOW_TO_CALIBRATE)
+    raise MissingCalibrationError(
+        f"RiskControlled(eps=...) without fit() needs the model's stored calibration, and {src} has none "
+        f"(no {CALIBRATION_SUBDIR}/<task>/{CALIBRATION_FILENAME}"
+        + (f" for task {task!r}" if task else "") + "). " + HOW_TO_CALIBRATE)
