@@ -9,6 +9,7 @@
 #   collect   -> every example decoded at every threshold of the grid (losses vs the full model);
 #                pool rows listed in the model's selection_eval_ids.json (used to choose it) are left out
 #   calibrate -> λ̂ for ε (UCB-WSR, δ = 0.1) on all collected pool examples -> calibration/<task>/
+#                (risk_control.json and the loss table, from which RiskControlled(eps, task=...) fits any ε)
 #   evaluate  -> repeated random calibration/test splits of the same examples: test risk, speed-up
 #   plot, card -> figures and the guarantee section of the model's README.md
 # Lengths are the ones the default model was trained with (160 input tokens); the guarantee
@@ -37,7 +38,7 @@ while read -r task n new_tokens eps; do
       --lambdas "$GRID" --max-new-tokens "$new_tokens" --max-input-length 160 --batch-size 8 \
       --output "$WORK/$task.npz" --no-progress
   hf-safe-exit calibrate --results "$WORK/$task.npz" --eps "$eps" --delta "$DELTA" --method ucb \
-      --model "$MODEL" --output "$out"
+      --model "$MODEL" --store-in-model
   hf-safe-exit evaluate --results "$WORK/$task.npz" --eps "0.02,0.05,0.1,0.15,0.2" --delta "$DELTA" \
       --repeats 200 --output "$out/evaluation.json"
   hf-safe-exit plot --evaluation "$out/evaluation.json" --output-dir "$WORK/plots-$task"

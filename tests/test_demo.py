@@ -67,11 +67,13 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_dir):
         assert len(set(r.exit_layers)) > 1, "the threshold must make tokens exit at different layers"
         full = model.generate(**enc, max_new_tokens=12, **cache_kwargs(new_decoder_cache(model)))  # 2+4 layers
         assert r.full_text == tok.decode(full[0], skip_special_tokens=True)
-        assert r.speedup == pytest.approx(r.time_full / r.time_early)
+        # like for like: time per generated token, each output's own token count (they may differ in length)
+        assert r.new_tokens_early == int(real.sum()) and r.new_tokens_full == int((full[0, 1:] != 0).sum())
+        assert r.speedup == pytest.approx((r.time_full / r.new_tokens_full) / (r.time_early / r.new_tokens_early))
         # the plain rendering writes each token's exit layer after it
         marked = "".join(f"{p}⟨{l}⟩" if p.strip() else p for p, l in zip(r.pieces, r.exit_layers))
         assert marked in printed
-    assert len(re.findall(r"speed-up \d+\.\d\d× on this input", printed)) == 2
+    assert len(re.findall(r"per-token speed-up \d+\.\d\d× on this input", printed)) == 2
 
 
 def test_demo_colours_with_rich_or_ansi(tiny_dir):
