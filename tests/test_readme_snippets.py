@@ -92,3 +92,22 @@ def test_model_card_snippet_runs_as_written(tmp_path):
     out, inputs = namespace["outputs"], namespace["inputs"]
     ref = hf_safe_exit.generate(model, **inputs, early_exit=hf_safe_exit.EarlyExit(rc.lambda_), max_new_tokens=8)
     assert torch.equal(out, ref)  # the snippet decodes with the card's λ̂ on this model
+
+
+@pytest.mark.skipif(not default_model_available(), reason="the shipped default model is not installed")
+def test_default_model_card_snippets_run_as_written(capsys):
+    from hf_safe_exit.models import default_model_path
+
+    path = default_model_path()
+    blocks = _blocks((path / "README.md").read_text(encoding="utf-8"), "python")
+    assert len(blocks) == 3  # loading the model, then one guarantee section per task
+    for i, block in enumerate(blocks):
+        code = block.replace("<this repo or directory>", str(path))
+        namespace: dict = {}
+        exec(compile(code, f"default model card python block {i + 1}", "exec"), namespace)
+        if "early_exit" in namespace:  # a guarantee section: it decoded with the λ̂ its section states
+            rc = namespace["early_exit"]
+            bound = rc.bind(namespace["model"])
+            stored = RiskControlled.from_pretrained(path, task=rc.task)
+            assert bound.threshold == stored.lambda_ and bound.certificate == stored.certificate
+    assert capsys.readouterr().out.count("[") >= 2
