@@ -365,7 +365,7 @@ def render_guarantee_section(controlled, *, test_results: Mapping | None = None,
                          + (f" of {total}" if total else "")
                          + (f" ({100 * frac:.1f}% of the decoder layers run)" if frac is not None else "") + ".")
         if eff.get("speedup") is not None:
-            lines.append(f"* Speed-up of generation against the full model: **{eff['speedup']:.2f}×**"
+            lines.append(f"* Speed-up per generated token against the full model: **{eff['speedup']:.2f}×**"
                          + (f" (batch size {eff['batch_size']})" if eff.get("batch_size") else "")
                          + (f" on {eff['hardware']}" if eff.get("hardware") else "") + ".")
         elif eff.get("hardware"):

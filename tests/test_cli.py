@@ -145,7 +145,10 @@ def test_evaluate_and_plot(workdir, tmp_path, capsys):
     # naive at eps = 0.99 takes the smallest λ (every mean gap is ≤ 1 − 1/n... < 0.99): exits at layer 1
     naive = rows[("naive", 0.99)]
     assert naive["lambda_hat_mean"] == 0.0 and naive["mean_exit_layer"] == 1.0
-    assert naive["speedup"] == pytest.approx(wall[3] / wall[0])
+    tokens = table.extras["num_tokens"].sum(axis=1)  # like for like: seconds per generated token at each λ
+    assert naive["speedup"] == pytest.approx((wall[3] / tokens[3]) / (wall[0] / tokens[0]))
+    assert result["speedup_basis"] == "per generated token"
+    assert result["full_model"]["generated_tokens"] == tokens[3]
     assert naive["layer_fraction"] == pytest.approx(1 / 3)
 
     figures = tmp_path / "fig"

@@ -5,8 +5,10 @@ calibration/test pool) are split at random into a calibration part of ``n_cal`` 
 and a test part (the rest), ``repeats`` times. On each split and for each method and ε, λ̂
 is chosen on the calibration part (:func:`hf_safe_exit.risk.select`) and measured on the test
 part: test risk (mean loss of the chosen risk at λ̂), mean exit layer, fraction of decoder
-layers executed, task loss, and the speed-up ``wall_time[λ=1] / wall_time[λ̂]`` (wall times
-of the whole pool at each λ, measured in the same collect run). Reported per (method, ε):
+layers executed, task loss, and the speed-up per generated token,
+``(wall_time[λ=1] / tokens[λ=1]) / (wall_time[λ̂] / tokens[λ̂])`` (wall times and generated tokens of the
+whole pool at each λ, measured in the same collect run; outputs of different lengths are compared per
+token, never call for call). Reported per (method, ε):
 means and standard deviations over the splits, the rate of splits whose test risk exceeds
 ε (violations), the mean λ̂ and the rate of splits with no early exit (λ̂ = 1).
 
@@ -65,6 +67,11 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
     bounds = table.bounds[risk]
     task_loss, wall = table.extras["task_loss"], np.asarray(table.extras["wall_time"], dtype=np.float64)
     full = int(np.argmin(np.abs(lam - 1.0)))
+    # seconds per generated token at each λ: early exit can change the output length, so whole-pool times
+    # of two thresholds are only comparable per token (tables without token counts: per call, as recorded)
+    tokens = (np.asarray(table.extras["num_tokens"], dtype=np.float64).sum(axis=1) if "num_tokens" in table.extras
+              else np.ones_like(wall))
+    per_token = np.divide(wall, tokens, out=np.full_like(wall, np.nan), where=tokens > 0)
     rng = np.random.default_rng(seed)
     splits = [rng.permutation(n) for _ in range(repeats)]
 
@@ -83,7 +90,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 for key in costs:
                     rec[key].append(table.extras[key][k, test].mean())
                 rec["task_loss"].append(task_loss[k, test].mean())
-                rec["speedup"].append(wall[full] / wall[k] if wall[k] > 0 else float("nan"))
+                rec["speedup"].append(per_token[full] / per_token[k] if per_token[k] > 0 else float("nan"))
             arr = {k: np.asarray(v, dtype=np.float64) for k, v in rec.items()}
             first = costs[0]
             cost_stats = {first: float(arr[first].mean()), f"{first}_std": float(arr[first].std()),
@@ -108,7 +115,9 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                      "monotonize": monotonize, "loss_bounds": list(bounds)},
         "metadata": {k: meta.get(k) for k in meta_keys},
         "full_model": {costs[0]: float(table.extras[costs[0]][full].mean()),
-                       "task_loss": float(task_loss[full].mean()), "wall_time": float(wall[full])},
+                       "task_loss": float(task_loss[full].mean()), "wall_time": float(wall[full]),
+                       "generated_tokens": float(tokens[full]) if "num_tokens" in table.extras else None},
+        "speedup_basis": "per generated token" if "num_tokens" in table.extras else "per call (no token counts)",
         "results": rows,
     }
 
