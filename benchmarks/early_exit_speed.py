@@ -3,9 +3,11 @@
 
 For each task (CNN/DM summarisation, SQuAD QA; held-out pool examples listed in the
 model's ``heldout_eval_ids.json``), each batch size and each fixed softmax threshold,
-one run records: wall time of ``generate`` over all examples, mean decoder layers per
-generated token, the fraction of decoder blocks run, and the task score (ROUGE-L or
-SQuAD F1) -- next to stock HF ``generate`` (the full model) on the same inputs.
+one run records: wall time of ``generate`` over all examples, the tokens it generated, the time
+per generated token, mean decoder layers per generated token, the fraction of decoder blocks
+run, and the task score (ROUGE-L or SQuAD F1) -- next to stock HF ``generate`` (the full model)
+on the same inputs. Speed-ups are per generated token (outputs of different lengths are never
+compared call for call).
 
     python benchmarks/early_exit_speed.py          # writes benchmarks/results/early_exit_speed.json
 
@@ -87,6 +89,7 @@ def main(argv=None):
                 if threshold is None:  # stock HF generate, full model
                     seq = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                          **cache_kwargs(new_decoder_cache(model)))
+                    n_tok += int((seq[:, 1:] != tok.pad_token_id).sum())  # up to and including EOS, as below
                 else:
                     out = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                          early_exit=hf_safe_exit.EarlyExit(threshold=threshold, measure=args.measure),
@@ -97,25 +100,31 @@ def main(argv=None):
                     n_tok += int(real.sum())
             preds.extend(t.strip() for t in tok.batch_decode(seq, skip_special_tokens=True))
         wall = time.perf_counter() - t0
-        return preds, wall, (layers_tok / n_tok if n_tok else float(L))
+        return preds, wall, (layers_tok / n_tok if threshold is not None and n_tok else float(L)), n_tok
 
     for name, (src, ref, max_new, score_fn, metric) in tasks.items():
         for bs in args.batch_sizes:
-            run(src[:bs], max_new, bs, 0.9)  # warm-up
-            base_preds, base_wall, _ = run(src, max_new, bs, None)
+            run(src[:bs], max_new, bs, 0.9), run(src[:bs], max_new, bs, None)  # warm-up, both paths
+            base_preds, base_wall, _, base_tok = run(src, max_new, bs, None)
+            base_per_tok = base_wall / base_tok
             base_score = sum(score_fn(p, r) for p, r in zip(base_preds, ref)) / len(ref)
             results["runs"].append({"task": name, "batch_size": bs, "threshold": None, "system": "hf_generate_full",
-                                    "wall_s": base_wall, "mean_layers": float(L), metric: base_score, "n": len(src)})
-            print(f"{name} bs={bs} HF full: {base_wall:.2f}s {metric} {base_score:.2f}", flush=True)
+                                    "wall_s": base_wall, "tokens": base_tok, "ms_per_token": 1e3 * base_per_tok,
+                                    "mean_layers": float(L), metric: base_score, "n": len(src)})
+            print(f"{name} bs={bs} HF full: {base_wall:.2f}s, {base_tok} tokens, {1e3 * base_per_tok:.1f} ms/token "
+                  f"{metric} {base_score:.2f}", flush=True)
             for t in args.thresholds:
-                preds, wall, mean_layers = run(src, max_new, bs, t)
+                preds, wall, mean_layers, n_tok = run(src, max_new, bs, t)
+                speedup = base_per_tok / (wall / n_tok)
                 score = sum(score_fn(p, r) for p, r in zip(preds, ref)) / len(ref)
                 agree = sum(p == b for p, b in zip(preds, base_preds)) / len(preds)
                 results["runs"].append({"task": name, "batch_size": bs, "threshold": t, "system": "early_exit",
-                                        "wall_s": wall, "speedup_vs_hf_full": base_wall / wall,
+                                        "wall_s": wall, "tokens": n_tok, "ms_per_token": 1e3 * wall / n_tok,
+                                        "per_token_speedup_vs_hf_full": speedup,
                                         "mean_layers": mean_layers, "layer_fraction": mean_layers / L, metric: score,
                                         "same_output_as_full": agree, "n": len(src)})
-                print(f"{name} bs={bs} λ={t}: {wall:.2f}s (x{base_wall / wall:.2f}) layers {mean_layers:.2f}/{L} "
+                print(f"{name} bs={bs} λ={t}: {wall:.2f}s, {n_tok} tokens, per token x{speedup:.2f}, "
+                      f"layers {mean_layers:.2f}/{L} "
                       f"{metric} {score:.2f} same-as-full {agree:.2f}", flush=True)
     results["load_average_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
