@@ -31,12 +31,13 @@ floor(k) = encoder + k_max * cross_kv + N * (k * block + (L - k) * kv_fill + pro
 the cross K/V term, which both loops pay and which dominates at 512 input tokens. Rows with per-token tables use
 k = their mean exit layer (exact for batch 1; for mixed batches only an estimate).
 
-    python benchmarks/speed_shapes.py --quick --out /tmp/q.json --plot /tmp/q.png      # ~1 min smoke run
-    python benchmarks/speed_shapes.py                                                    # full run, idle machine
+    python benchmarks/speed_shapes.py --quick  # smoke run, ~30 s: results/speed_shapes_quick.{json,png}
+    python benchmarks/speed_shapes.py          # full run on an idle machine: results/speed_shapes.{json,png}
 
 The full default run (small, base, large; 4 measures; batch 1 and 8; 128 and 512 input tokens; N = 24;
-3 repeats; 1 thread) takes roughly 10-14 hours on one idle core, most of it flan-t5-large at batch 8
-(``--stride 2`` halves the large sweep). Results go to ``--out`` after every row (JSON) and to ``--plot``.
+3 repeats; 1 thread) takes roughly 15 hours on one idle core (extrapolated from the t5-small shape; about
+20 min small, 2 h base, 12 h large); ``--stride 2`` halves the large sweep. Every row is written to ``--out``
+as soon as it is measured, so a long run can be inspected; the plot is drawn at the end.
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ def parse_args(argv):
     p.add_argument("--end-to-end", action="store_true", help="time generate(input_ids), subtract the encoder")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: small only, batch 1, input 128, 4 tokens, softmax, layers 1 and L, 1 repeat")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "speed_shapes.json"))
-    p.add_argument("--plot", default=os.path.join(HERE, "results", "speed_shapes.png"))
+    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/speed_shapes[_quick].json)")
+    p.add_argument("--plot", default=None, help="PNG (default next to --out); '' for none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-seconds", type=float, default=0.05, help=argparse.SUPPRESS)  # per floor sample
     p.add_argument("--shape-override", default=None, help=argparse.SUPPRESS)  # JSON {name: T5Config kwargs}
@@ -230,6 +231,10 @@ def parse_args(argv):
         args.shapes, args.batch_sizes, args.input_lengths, args.new_tokens = ["small"], [1], [128], 4
         args.measures, args.exit_layers, args.repeats, args.mixed_lengths, args.rc_shape = \
             args.measures[:1], ["1", "last"], 1, [], None
+    # a smoke run never overwrites the real results
+    name = "speed_shapes_quick.json" if args.quick else "speed_shapes.json"
+    args.out = args.out or os.path.join(HERE, "results", name)
+    args.plot = os.path.splitext(args.out)[0] + ".png" if args.plot is None else args.plot
     return args
 
 
@@ -345,11 +350,13 @@ class Context:
         k_mean = float(expected.float().mean())
         floor_tok, floor_total = floor_ms(self.parts, L, k_mean, int(expected.max()), self.n_new)
         r = {"experiment": experiment, "shape": self.shape, "batch": self.batch, "input_length": self.n_in,
-             "new_tokens": self.n_new, "generated_tokens_hf": generated["hf"], "generated_tokens_ours": generated["ours"],
+             "new_tokens": self.n_new, "generated_tokens_hf": generated["hf"],
+             "generated_tokens_ours": generated["ours"],
              "measure": measure, "exit_layer": exit_layer if isinstance(exit_layer, int) else "table",
              "mean_exit_layer": k_mean, "num_decoder_layers": L,
              "same_tokens_as_hf": bool(torch.equal(out.sequences, self.reference)),
-             "ms_per_token_hf": hf_ms, "ms_per_token_ours": ours_ms, "ratio": ours_ms / hf_ms, "speedup": hf_ms / ours_ms,
+             "ms_per_token_hf": hf_ms, "ms_per_token_ours": ours_ms,
+             "ratio": ours_ms / hf_ms, "speedup": hf_ms / ours_ms,
              "floor_ms_per_token": floor_tok, "ratio_to_floor": ours_ms / floor_tok,
              "encoder_ms": 1000 * self.parts["encoder"], "floor_total_ms": floor_total,
              "ratio_total_to_floor": (1000 * self.parts["encoder"] + ours_ms * self.n_new) / floor_total,
@@ -368,6 +375,7 @@ def plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows if r["experiment"] == "sweep"))
     fig, axes = plt.subplots(1, max(len(shapes), 1), figsize=(5 * max(len(shapes), 1), 4), squeeze=False)
@@ -384,10 +392,12 @@ def plot(rows: list, path: str) -> None:
                         if r["measure"] == "forced"})
         ax.plot(*zip(*floor), ls="--", color="grey", label="floor (HF / floor)")
         for r in rows:
-            if r["experiment"] == "lambda1" and r["shape"] == shape and r["batch"] == batch and r["input_length"] == n_in:
+            if (r["experiment"], r["shape"], r["batch"], r["input_length"]) == ("lambda1", shape, batch, n_in):
                 ax.scatter([r["num_decoder_layers"]], [r["speedup"]], marker="x", color="red", label="λ = 1", zorder=3)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set(title=f"{shape}: batch {batch}, input {n_in}", xlabel="exit layer k", ylabel="speed-up (HF ms/token ÷ ours)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set(title=f"{shape}: batch {batch}, input {n_in}", xlabel="exit layer k",
+               ylabel="speed-up (HF ms/token ÷ ours)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -151,3 +151,14 @@ def test_assistant_model_is_refused_with_bild_as_the_fix():
     model = hf_safe_exit.enable(_tiny())
     with pytest.raises(UnsupportedGenerationModeError, match="BiLD"):
         model.generate(**X, early_exit=EarlyExit(0.5), assistant_model=_tiny(1), max_new_tokens=3)
+
+
+def test_policy_on_a_generation_config_is_honoured_when_switched_on():
+    model = hf_safe_exit.enable(_tiny())
+    config = GenerationConfig(early_exit=EarlyExit(0.3), max_new_tokens=6, decoder_start_token_id=0, eos_token_id=1,
+                              pad_token_id=0)
+    assert torch.equal(model.generate(**X, generation_config=config), _ref(model, EarlyExit(0.3)))
+    model.generation_config.early_exit = ForcedExit(1)
+    assert torch.equal(model.generate(**X, max_new_tokens=6), _ref(model, ForcedExit(1)))
+    # an explicit early_exit= wins over the stored one
+    assert torch.equal(model.generate(**X, early_exit=EarlyExit(0.3), max_new_tokens=6), _ref(model, EarlyExit(0.3)))

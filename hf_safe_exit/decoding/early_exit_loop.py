@@ -128,6 +128,41 @@ def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
+# Cost model for covering a gap of rows that are not deciding by one attention call instead of starting a new
+# call after the gap: a row costs its K/V bytes read (memory-bound single-query attention), a call costs a
+# fixed dispatch overhead, expressed here in bytes of K/V it is worth on each device type (CPU: ~tens of µs of
+# Python / dispatcher per call at a few GB/s; GPU: a kernel launch is worth megabytes at its bandwidth).
+_CALL_COST_BYTES = {"cpu": 256 * 1024}
+_CALL_COST_BYTES_DEFAULT = 64 * 1024 * 1024
+
+
+class _RowPlan:
+    """How attention runs for a strict subset of deciding rows without copying the cache.
+
+    ``rows`` (sorted batch indices) is split into maximal runs of consecutive indices; two runs are merged
+    into one segment when the rows in the gap between them cost less to attend (wasted compute) than an
+    extra call (see ``_CALL_COST_BYTES``). Each segment is ``(lo, hi, start, stop, keep)``: the batch slice
+    ``[lo, hi)`` of the cache it attends with, the slice ``[start, stop)`` of the deciding rows it serves,
+    and ``keep`` (None when every row in ``[lo, hi)`` decides) the positions of those rows inside the slice.
+    """
+
+    def __init__(self, rows: list[int], row_bytes: int, call_bytes: int, device: torch.device):
+        max_gap = call_bytes // max(row_bytes, 1)
+        groups: list[list[int]] = [[rows[0]]]
+        for r in rows[1:]:
+            if r - groups[-1][-1] - 1 <= max_gap:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        self.segments = []
+        start = 0
+        for g in groups:
+            lo, hi = g[0], g[-1] + 1
+            keep = None if hi - lo == len(g) else torch.tensor([r - lo for r in g], device=device)
+            self.segments.append((lo, hi, start, start + len(g), keep))
+            start += len(g)
+
+
 class _StepDecoder:
     """Runs the decoder blocks of one T5 model for one new token, with per-row exits."""
 
@@ -160,7 +195,8 @@ class _StepDecoder:
             normed = normed * self.scale
         return self.model.lm_head(normed)
 
-    def _cross_kv(self, layer: int, rows: torch.Tensor | None):
+    def _cross_kv(self, layer: int):
+        """The cross-attention K/V of ``layer`` for the whole batch (computed once, then cached)."""
         cross = self.cache.cross_attention_cache
         if not self.cache.is_updated.get(layer, False):
             att = self.blocks[layer].layer[1].EncDecAttention
@@ -168,10 +204,36 @@ class _StepDecoder:
             v = _split_heads(att.v(self.encoder_hidden), self.head_dim)
             cross.update(k, v, layer)
             self.cache.is_updated[layer] = True
-        keys, values = cross.layers[layer].keys, cross.layers[layer].values
-        if rows is not None:
-            keys, values = keys[rows], values[rows]
-        return keys, values
+        return cross.layers[layer].keys, cross.layers[layer].values
+
+    def _attend(self, module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None, bias: torch.Tensor, plan: "_RowPlan | None") -> torch.Tensor:
+        """Attention of the deciding rows' ``query`` ``(n, heads, 1, d_kv)`` over the batch's cached ``keys`` /
+        ``values``; returns ``(n, 1, heads * d_kv)``.
+
+        ``plan`` None: every row decides, one call over the whole batch. Otherwise the call runs per
+        :class:`_RowPlan` segment on *views* ``keys[lo:hi]`` of the cache (slices of the batch dimension, no
+        copy); a segment that also covers rows not deciding gets a zero query there and those outputs are
+        dropped. Every (row, head) is an independent attention, so a row's result does not depend on which
+        other rows share the call.
+        """
+        if plan is None:
+            attn, _ = self.attention(module, query, keys, values, mask, dropout=0.0, scaling=module.scaling,
+                                     position_bias=bias)
+            return attn.reshape(query.shape[0], 1, -1)
+        outs = []
+        for lo, hi, start, stop, keep in plan.segments:
+            q = query[start:stop]
+            if keep is not None:  # the segment spans rows that are not deciding: pad their queries with zeros
+                padded = query.new_zeros((hi - lo, *query.shape[1:]))
+                padded[keep] = q
+                q = padded
+            seg_mask = None if mask is None else mask[lo:hi]
+            attn, _ = self.attention(module, q, keys[lo:hi], values[lo:hi], seg_mask, dropout=0.0,
+                                     scaling=module.scaling, position_bias=bias)
+            outs.append(attn if keep is None else attn[keep])
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return attn.reshape(query.shape[0], 1, -1)
 
     def prefill(self, tokens: torch.Tensor) -> None:
         """Put the decoder prompt ``tokens`` ``(batch, p)`` into the cache through HF's full decoder forward.
@@ -223,9 +285,15 @@ class _StepDecoder:
         exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
         confidence = torch.full((batch,), float("nan"), device=device)
         out_logits: torch.Tensor | None = None
+        # Exits whose logits the measure did not already compute are read out together after the last block:
+        # one projection onto the vocabulary per step, not one per exit layer (batch indices, final-normed states).
+        pending_rows: list[torch.Tensor | None] = []
+        pending_normed: list[torch.Tensor] = []
         deciding = ~done
         # `rows` is None while every row is still deciding: the common case runs without gathers.
         rows: torch.Tensor | None = None if bool(deciding.all()) else deciding.nonzero().squeeze(1)
+        plans: tuple[_RowPlan, _RowPlan] | None = None  # self- and cross-attention plans for the current `rows`
+        call_bytes = _CALL_COST_BYTES.get(device.type, _CALL_COST_BYTES_DEFAULT)
         may_exit = threshold < 1.0
         poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
         poe_state: PoEState | None = None
@@ -241,31 +309,31 @@ class _StepDecoder:
             )
             if rows is not None and rows.numel() == 0:
                 continue  # every row exited: only fill the remaining layers' K/V (state propagation)
+            ckeys, cvalues = self._cross_kv(idx)
             if rows is None:
                 h, normed = x, normed_all
+                self_plan = cross_plan = None
             else:
+                # Only the deciding rows' states are gathered (b x d_model); the caches are never copied:
+                # attention runs on batch slices of them (see _attend / _RowPlan).
                 h, normed = x[rows], normed_all[rows]
-                keys, values = keys[rows], values[rows]
+                if plans is None:
+                    row_list = rows.tolist()
+                    plans = (_RowPlan(row_list, 2 * keys[0].numel() * keys.element_size(), call_bytes, device),
+                             _RowPlan(row_list, 2 * ckeys[0].numel() * ckeys.element_size(), call_bytes, device))
+                self_plan, cross_plan = plans
             # Self-attention of the deciding rows.
             query = _split_heads(att.q(normed), self.head_dim)
-            attn, _ = self.attention(att, query, keys, values, None, dropout=0.0, scaling=att.scaling,
-                                     position_bias=position_bias)
-            h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn.reshape(h.shape[0], 1, -1))))
+            attn = self._attend(att, query, keys, values, None, position_bias, self_plan)
+            h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn)))
             # Cross-attention over the cached encoder K/V.
             catt = cross_layer.EncDecAttention
-            ckeys, cvalues = self._cross_kv(idx, rows)
-            cmask = self.cross_mask if (self.cross_mask is None or rows is None) else self.cross_mask[rows]
             query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
-            attn, _ = self.attention(catt, query, ckeys, cvalues, cmask, dropout=0.0, scaling=catt.scaling,
-                                     position_bias=self.cross_bias)
-            h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn.reshape(h.shape[0], 1, -1))))
+            attn = self._attend(catt, query, ckeys, cvalues, self.cross_mask, self.cross_bias, cross_plan)
+            h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
             h = _clamp_fp16(ff_layer(h))
             prev = x if rows is None else x[rows]
-            if rows is None:
-                x = h
-            else:
-                x = x.clone()
-                x[rows] = h
+            x = h if rows is None else x.index_copy(0, rows, h)
             row_ids = torch.arange(batch, device=device) if rows is None else rows
             poe_logp = raw_logits = None
             if poe_state is not None and (layer < self.num_layers or poe_last):
@@ -273,8 +341,9 @@ class _StepDecoder:
                 raw_logits = self.logits(poe_normed)
                 poe_logp = poe_state.update(layer, rows, raw_logits)
 
+            final_normed = None
             if layer == self.num_layers:
-                exiting = torch.ones(row_ids.shape[0], dtype=torch.bool, device=device)
+                exiting = None  # every deciding row exits
                 conf = None
             elif may_exit and layer >= min_exit_layer:
                 cached: dict[str, torch.Tensor] = {}
@@ -298,21 +367,39 @@ class _StepDecoder:
             else:
                 continue
 
-            # Read out the exiting rows through the shared head.
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if exiting is None else t[exiting]
+
+            # Read out the exiting rows through the shared head (now when their logits exist, else after the loop).
+            row_logits = None
             if poe_logp is not None:
-                row_logits = (poe_logp if poe.prediction else raw_logits)[exiting]
+                row_logits = pick(poe_logp if poe.prediction else raw_logits)
             elif conf is not None and "logits" in cached:
-                row_logits = cached["logits"][exiting]
+                row_logits = pick(cached["logits"])
+            exit_rows = pick(row_ids)
+            if row_logits is not None:
+                if out_logits is None:
+                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
+                out_logits[exit_rows] = row_logits.to(self.logits_dtype)
             else:
-                row_logits = self.logits(self.decoder.final_layer_norm(h[exiting, 0]))
-            if out_logits is None:
-                out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
-            exit_rows = row_ids[exiting]
-            out_logits[exit_rows] = row_logits.to(self.logits_dtype)
+                pending_rows.append(None if rows is None and exiting is None else exit_rows)
+                pending_normed.append(self.decoder.final_layer_norm(h[:, 0]) if final_normed is None
+                                      else pick(final_normed))
             exit_layer[exit_rows] = layer
             if conf is not None:
                 confidence[exit_rows] = conf[exiting]
-            rows = row_ids[~exiting]
+            if exiting is not None:
+                rows, plans = row_ids[~exiting], None
+        if pending_rows:
+            normed = pending_normed[0] if len(pending_normed) == 1 else torch.cat(pending_normed)
+            row_logits = self.logits(normed).to(self.logits_dtype)
+            if out_logits is None and len(pending_rows) == 1 and pending_rows[0] is None:
+                out_logits = row_logits  # the whole batch reached the last layer together (e.g. λ = 1)
+            else:
+                if out_logits is None:
+                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
+                index = [torch.arange(batch, device=device) if r is None else r for r in pending_rows]
+                out_logits[index[0] if len(index) == 1 else torch.cat(index)] = row_logits
         if out_logits is None:  # every row was already done: nothing to read out
             out_logits = torch.zeros((batch, self.model.config.vocab_size), dtype=self.logits_dtype, device=device)
         return out_logits, exit_layer, confidence

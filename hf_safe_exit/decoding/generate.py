@@ -22,7 +22,7 @@ import contextvars
 
 from transformers import GenerationMixin
 
-from ..compat import cache_kwarg
+from ..compat import CACHE_NAMES, cache_kwarg, find_cache
 from ..policy import EarlyExitPolicy
 from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_decoder_cache
 from .modes import check_generation_mode
@@ -98,9 +98,12 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         return generate(model, inputs, early_exit=policy, **kwargs)
     check_generation_mode(model, kwargs.get("generation_config"), kwargs)
     streamer = kwargs.pop("streamer", None)
-    # Stock generate sizes the decoder cache by the encoder depth; hand it one sized by the decoder.
-    if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-        kwargs[cache_kwarg()] = new_decoder_cache(model)
+    # Stock generate sizes the decoder cache by the encoder depth; hand it one sized by the decoder, under the
+    # keyword this transformers release takes (a user's cache passed under the old name is moved, not warned about).
+    cache = find_cache(kwargs)
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    kwargs[cache_kwarg()] = cache if cache is not None else new_decoder_cache(model)
     with inside_early_exit():
         out = GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
                                        early_exit_streamer=streamer, **kwargs)
