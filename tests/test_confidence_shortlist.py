@@ -29,15 +29,7 @@ from hf_safe_exit.confidence import (MEASURES, ConfidenceMeasure, InvalidNumCand
 from hf_safe_exit.decoding import new_decoder_cache
 from no_cache_reference import block_outputs
 
-VOCAB = 97
-CONFIGS = {
-    # T5 v1.0: tied head, decoder output scaled by d_model**-0.5 before the head.
-    "v1.0-tied-3+3": dict(num_layers=3, num_decoder_layers=3, tie_word_embeddings=True, feed_forward_proj="relu",
-                          seed=2),
-    # T5 v1.1 / flan: untied head, no scaling, gated-GELU, decoder deeper than the encoder.
-    "v1.1-untied-2+4": dict(num_layers=2, num_decoder_layers=4, tie_word_embeddings=False,
-                            feed_forward_proj="gated-gelu", seed=1),
-}
+from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -27,16 +27,7 @@ from no_cache_reference import reference_exit_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 97
-CONFIGS = {
-    # T5 v1.0 style: tied embeddings (decoder output scaled by d_model**-0.5), ReLU FF, equal depths.
-    "v1.0-tied-3+3": dict(num_layers=3, num_decoder_layers=3, tie_word_embeddings=True, feed_forward_proj="relu",
-                          seed=2),
-    # T5 v1.1 / flan style: untied head, gated-GELU FF, shallower encoder than decoder (stock generate needs a
-    # decoder-sized cache for it).
-    "v1.1-untied-2+4": dict(num_layers=2, num_decoder_layers=4, tie_word_embeddings=False,
-                            feed_forward_proj="gated-gelu", seed=1),
-}
+from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
 # transformers 5.24 renamed the cache keyword past_key_values -> cache (FutureWarning shim); use the live name.
 CACHE_KW = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else "past_key_values"
 PROMPTS = {

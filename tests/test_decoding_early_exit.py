@@ -13,16 +13,7 @@ from hf_safe_exit.confidence import ConfidenceMeasure
 from hf_safe_exit.decoding import new_decoder_cache
 from no_cache_reference import reference_exit_logits
 
-VOCAB = 97
-
-CONFIGS = {
-    # T5 v1.0 style: tied embeddings (decoder output scaled by d_model**-0.5), ReLU FF, equal depths.
-    "v1.0-tied-3+3": dict(num_layers=3, num_decoder_layers=3, tie_word_embeddings=True, feed_forward_proj="relu",
-                          seed=2),
-    # T5 v1.1 / flan style: untied head, gated-GELU FF, shallower encoder than decoder.
-    "v1.1-untied-2+4": dict(num_layers=2, num_decoder_layers=4, tie_word_embeddings=False,
-                            feed_forward_proj="gated-gelu", seed=1),
-}
+from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
 
 
 def make_model(kind: str, dtype=torch.float32, init: float = 1.0, attn: str = "sdpa"):
