@@ -12,9 +12,15 @@ One new token per step, one decoder block at a time, over HF's
   Sec. 4.2): the skipped layer's K/V come from the exit state through that layer's
   own pre-attention layer norm and k/v projections;
 * only the rows still deciding run the rest of the block (query, attention,
-  cross-attention, feed-forward) — the batch never waits for its slowest row;
+  cross-attention, feed-forward) — the batch never waits for its slowest row. Their
+  attention reads the self- and cross-attention caches through slices of the batch
+  dimension (:class:`_RowPlan`), never through copies of the deciding rows, so a mixed
+  batch costs no O(length) copy per layer;
 * after block i >= ``min_exit_layer`` a confidence c_i is computed for the rows
   still deciding and a row exits when ``c_i > λ_t`` (strict: λ = 1 never exits).
+  Exiting rows whose logits the measure did not compute are read out together after
+  the last block: one projection onto the vocabulary per step, whatever the number of
+  distinct exit layers (the rows' logits equal the per-layer read-out up to rounding).
 
 With ``EarlyExit(anytime="poe")`` (:mod:`hf_safe_exit.decoding.poe`, Jazbec et al. 2023) every
 layer's logits are also read out for the deciding rows and folded into a running
@@ -129,10 +135,11 @@ def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 # Cost model for covering a gap of rows that are not deciding by one attention call instead of starting a new
-# call after the gap: a row costs its K/V bytes read (memory-bound single-query attention), a call costs a
-# fixed dispatch overhead, expressed here in bytes of K/V it is worth on each device type (CPU: ~tens of µs of
-# Python / dispatcher per call at a few GB/s; GPU: a kernel launch is worth megabytes at its bandwidth).
-_CALL_COST_BYTES = {"cpu": 256 * 1024}
+# call after the gap: a row costs reading its K/V (single-query attention is memory-bound), a call costs a fixed
+# overhead, expressed here as the bytes of K/V it is worth on each device type. CPU, one thread (t5-small heads):
+# HF's sdpa wrapper costs ~45 µs per call and ~70 µs per row at 1 MiB of K/V per row, i.e. a call is worth
+# ~0.5 MiB. On a GPU a call (several kernel launches) is worth far more than any gap: segments always merge.
+_CALL_COST_BYTES = {"cpu": 512 * 1024}
 _CALL_COST_BYTES_DEFAULT = 64 * 1024 * 1024
 
 
@@ -294,6 +301,7 @@ class _StepDecoder:
         rows: torch.Tensor | None = None if bool(deciding.all()) else deciding.nonzero().squeeze(1)
         plans: tuple[_RowPlan, _RowPlan] | None = None  # self- and cross-attention plans for the current `rows`
         call_bytes = _CALL_COST_BYTES.get(device.type, _CALL_COST_BYTES_DEFAULT)
+        all_rows: torch.Tensor | None = None  # arange(batch), made once when first needed
         may_exit = threshold < 1.0
         poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
         poe_state: PoEState | None = None
@@ -334,7 +342,12 @@ class _StepDecoder:
             h = _clamp_fp16(ff_layer(h))
             prev = x if rows is None else x[rows]
             x = h if rows is None else x.index_copy(0, rows, h)
-            row_ids = torch.arange(batch, device=device) if rows is None else rows
+            if rows is None:
+                if all_rows is None:
+                    all_rows = torch.arange(batch, device=device)
+                row_ids = all_rows
+            else:
+                row_ids = rows
             poe_logp = raw_logits = None
             if poe_state is not None and (layer < self.num_layers or poe_last):
                 poe_normed = self.decoder.final_layer_norm(h[:, 0])
@@ -367,8 +380,11 @@ class _StepDecoder:
             else:
                 continue
 
+            # positions (within the deciding rows) of the exiting ones, found once for every read below
+            exit_pos = None if exiting is None else exiting.nonzero().squeeze(1)
+
             def pick(t: torch.Tensor) -> torch.Tensor:
-                return t if exiting is None else t[exiting]
+                return t if exit_pos is None else t.index_select(0, exit_pos)
 
             # Read out the exiting rows through the shared head (now when their logits exist, else after the loop).
             row_logits = None
@@ -387,7 +403,7 @@ class _StepDecoder:
                                       else pick(final_normed))
             exit_layer[exit_rows] = layer
             if conf is not None:
-                confidence[exit_rows] = conf[exiting]
+                confidence[exit_rows] = pick(conf)
             if exiting is not None:
                 rows, plans = row_ids[~exiting], None
         if pending_rows:
