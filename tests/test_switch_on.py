@@ -162,3 +162,56 @@ def test_policy_on_a_generation_config_is_honoured_when_switched_on():
     assert torch.equal(model.generate(**X, max_new_tokens=6), _ref(model, ForcedExit(1)))
     # an explicit early_exit= wins over the stored one
     assert torch.equal(model.generate(**X, early_exit=EarlyExit(0.3), max_new_tokens=6), _ref(model, EarlyExit(0.3)))
+
+
+def test_stored_policy_applies_when_the_call_passes_its_own_generation_config():
+    model = hf_safe_exit.enable(_tiny())
+    model.generation_config.early_exit = ForcedExit(1)
+    out = model.generate(**X, generation_config=GenerationConfig(max_new_tokens=6, decoder_start_token_id=0,
+                                                                 eos_token_id=1, pad_token_id=0))
+    assert torch.equal(out, _ref(model, ForcedExit(1)))
+
+
+def test_model_defaults_count_when_checking_the_mode():
+    model = hf_safe_exit.enable(_tiny())
+    model.generation_config.num_beams = 4  # a checkpoint's default; HF merges it into the call's config
+    with pytest.raises(UnsupportedGenerationModeError, match="beam search"):
+        model.generate(**X, generation_config=GenerationConfig(max_new_tokens=3, decoder_start_token_id=0),
+                       early_exit=EarlyExit(0.5))
+
+
+def test_resaving_a_model_loaded_with_remote_code_keeps_custom_generate_and_policy(tmp_path):
+    model = hf_safe_exit.enable(_tiny())
+    model.save_pretrained(tmp_path / "a")
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "a", trust_remote_code=True).eval()
+    loaded.generation_config.early_exit = EarlyExit(0.3)
+    loaded.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "custom_generate" / "generate.py").is_file()
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text())["early_exit"]["threshold"] == 0.3
+    plain = _tiny()
+    plain.save_pretrained(tmp_path / "c")  # a model that is not switched on saves as HF does
+    assert not (tmp_path / "c" / "custom_generate").exists()
+
+
+def test_a_fitted_policy_is_stored_with_its_own_task(tmp_path):
+    import numpy as np
+
+    from hf_safe_exit import RiskControlled
+    from hf_safe_exit.decoding.stored_policy import policy_from_dict, policy_to_dict
+    from hf_safe_exit.fingerprint import model_fingerprint
+    from hf_safe_exit.risk import LossTable, store_calibration
+
+    model = _tiny()
+    lam = np.linspace(0, 1, 6)
+    for task, level in (("cnndm", 0.0), ("squad", 0.3)):  # cnndm is the primary task; squad is fitted
+        loss = np.clip(0.5 + level * (1 - lam)[:, None] * np.linspace(0, 1, 50)[None, :], 0, 1)
+        table = LossTable.from_task_losses(lam, loss, metadata={"model_fingerprint": model_fingerprint(model),
+                                                                "task": task, "measure": "softmax"})
+        store_calibration(tmp_path, table=table)
+    fitted = RiskControlled(0.05).fit_table(table)
+    spec = policy_to_dict(fitted)
+    assert spec["task"] == "squad"
+    model.save_pretrained(tmp_path)
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    bound = policy_from_dict(spec).bind(reloaded)
+    assert bound.certificate.task == "squad" and bound.threshold == fitted.lambda_

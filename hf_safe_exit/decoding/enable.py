@@ -13,14 +13,16 @@ when ``from_pretrained(path, trust_remote_code=True)`` loads a folder holding ``
   ``model.generate(**x, custom_generate=saved, trust_remote_code=True, early_exit=...)``.
 
 Why a partial of a module-level function and not a closure: it survives ``copy.deepcopy`` (the copy's
-``generate`` decodes with the copy) and pickling (the function is pickled by name), and
-``save_pretrained`` is wrapped the same way. A policy stored on ``generation_config.early_exit`` is saved
-as a JSON spec (:mod:`hf_safe_exit.decoding.stored_policy`) and honoured after reloading.
+``generate`` decodes with the copy) and pickling (the function is pickled by name). A policy stored on
+``generation_config.early_exit`` is saved as a JSON spec (:mod:`hf_safe_exit.decoding.stored_policy`) and
+honoured after reloading.
 
-On a model that was not switched on, ``generate(early_exit=...)`` (or a policy stored on its generation
-config) would reach HF's ``generate``, which rejects or silently ignores it. Importing ``hf_safe_exit``
-installs one narrow hook (:func:`install_error_hook`) that turns exactly those calls into
-:class:`EarlyExitNotEnabledError` naming the fix; every other call is untouched.
+Importing ``hf_safe_exit`` installs two narrow hooks (:func:`install_error_hook`), both inert for models
+that are not switched on and calls without a policy: HF's ``generate`` on a model that was not switched on
+refuses ``early_exit=`` (or a policy stored on its generation config), which it would otherwise reject
+unhelpfully or silently ignore, with :class:`EarlyExitNotEnabledError` naming the fix; and
+``save_pretrained`` of a switched-on model, however it was switched on (``enable`` or
+``trust_remote_code``), also writes ``custom_generate/`` and the stored policy's spec.
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ def is_enabled(model) -> bool:
     return isinstance(current, functools.partial) and current.func is model_generate
 
 
-def _save_pretrained(save_directory, *args, model, **kwargs):
-    return save_early_exit_model(model, save_directory, *args, **kwargs)
+_HF_SAVE_PRETRAINED = None  # PreTrainedModel.save_pretrained as transformers defines it (set by the hook)
 
 
 def enable(model):
@@ -73,10 +74,9 @@ def enable(model):
     ``copy.deepcopy`` and pickling. Idempotent. Raises ``TypeError`` for unsupported models.
     """
     check_supported_model(model)
+    install_error_hook()  # (already done by `import hf_safe_exit`)
     if not is_enabled(model):
         model.generate = functools.partial(model_generate, model=model)
-    if not isinstance(model.__dict__.get("save_pretrained"), functools.partial):
-        model.save_pretrained = functools.partial(_save_pretrained, model=model)
     return model
 
 
@@ -92,7 +92,13 @@ def write_custom_generate(save_directory) -> Path:
 
 
 def save_early_exit_model(model, save_directory, *args, **kwargs):
-    """HF's ``save_pretrained`` plus ``custom_generate/``, with a stored policy written as its JSON spec."""
+    """HF's ``save_pretrained`` plus ``custom_generate/``, with a stored policy written as its JSON spec.
+
+    ``custom_generate/`` is written first, so that ``save_pretrained(..., push_to_hub=True)`` uploads it too.
+    """
+    install_error_hook()
+    if kwargs.get("is_main_process", True):
+        write_custom_generate(save_directory)
     config = model.generation_config
     stored = getattr(config, POLICY_ATTRIBUTE, None)
     from_model_config = getattr(config, "_from_model_config", None)
@@ -101,14 +107,11 @@ def save_early_exit_model(model, save_directory, *args, **kwargs):
         # HF drops every non-standard key of a generation config marked as derived from the model config
         config._from_model_config = False
     try:
-        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        return _HF_SAVE_PRETRAINED(model, save_directory, *args, **kwargs)
     finally:
         if stored is not None:
             setattr(config, POLICY_ATTRIBUTE, stored)
             config._from_model_config = from_model_config
-    if kwargs.get("is_main_process", True):
-        write_custom_generate(save_directory)
-    return result
 
 
 def _not_enabled(model) -> EarlyExitNotEnabledError:
@@ -122,17 +125,29 @@ def _not_enabled(model) -> EarlyExitNotEnabledError:
 
 
 def install_error_hook() -> None:
-    """Make HF's ``generate`` on a model that is not switched on refuse early-exit policies with the fix.
+    """Install, once per process, the two hooks of this module (see its docstring).
 
-    Wraps ``GenerationMixin._prepare_generation_config`` once per process. The wrapper only raises when the
-    call carries ``early_exit`` (as a keyword or on the generation config) and did not come through
-    hf_safe_exit, i.e. exactly when HF would have raised an unhelpful error or silently ignored the policy.
+    ``GenerationMixin._prepare_generation_config`` is wrapped to raise only when the call carries ``early_exit``
+    (as a keyword or on the generation config) and did not come through hf_safe_exit, i.e. exactly when HF would
+    have raised an unhelpful error or silently ignored the policy. ``PreTrainedModel.save_pretrained`` is wrapped
+    to call :func:`save_early_exit_model` for switched-on models only.
     """
-    from transformers import GenerationMixin
+    global _HF_SAVE_PRETRAINED
+    from transformers import GenerationMixin, PreTrainedModel
 
     original = GenerationMixin._prepare_generation_config
     if getattr(original, "_hf_safe_exit_hook", False):
         return
+    hf_save = PreTrainedModel.save_pretrained
+    _HF_SAVE_PRETRAINED = hf_save
+
+    @functools.wraps(hf_save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if is_enabled(self):
+            return save_early_exit_model(self, save_directory, *args, **kwargs)
+        return hf_save(self, save_directory, *args, **kwargs)
+
+    PreTrainedModel.save_pretrained = save_pretrained
 
     @functools.wraps(original)
     def _prepare_generation_config(self, *args, **kwargs):

@@ -58,8 +58,11 @@ def model_generate(*args, model, early_exit=None, **kwargs):
     ``False`` runs HF's own ``generate`` even when a policy is stored. ``model`` is keyword-only so that this
     function works both as ``functools.partial(model_generate, model=m)`` and as HF's ``custom_generate``.
     """
-    if early_exit is None:
-        early_exit = policy_from_config(kwargs.get("generation_config") or model.generation_config)
+    if early_exit is None:  # the call's generation config first; HF merges the model's custom entries into it too
+        call_config = kwargs.get("generation_config")
+        early_exit = policy_from_config(call_config) if call_config is not None else None
+        if early_exit is None:
+            early_exit = policy_from_config(model.generation_config)
     if early_exit is None or early_exit is False:
         with inside_early_exit():  # a stored policy switched off with early_exit=False is not an error
             return type(model).generate(model, *args, **kwargs)

@@ -40,6 +40,10 @@ def check_generation_mode(model, generation_config, kwargs: dict) -> str:
     if kwargs.get("synced_gpus"):
         raise _refuse("synced_gpus=True (DeepSpeed ZeRO-3 / FSDP)", "generate on one process per model copy")
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    if generation_config is not None:  # HF fills what the call's config leaves unset from the model's (e.g. num_beams)
+        for key, value in model.generation_config.to_dict().items():
+            if value is not None and hasattr(config, key) and getattr(config, key) is None:
+                setattr(config, key, value)
     for key, value in kwargs.items():  # setattr, not update(): HF validates (and warns) again when it runs
         if hasattr(config, key):
             setattr(config, key, value)

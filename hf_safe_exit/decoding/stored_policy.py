@@ -28,6 +28,8 @@ def policy_to_dict(policy) -> dict:
     from ..policy import EarlyExit
     from ..risk import RiskControlled
 
+    if policy is False:  # stored "off" switch
+        return False
     if isinstance(policy, dict):
         policy_from_dict(policy)  # validate
         return dict(policy)
@@ -47,6 +49,13 @@ def policy_to_dict(policy) -> dict:
             raise InvalidStoredPolicyError("a RiskControlled with a measure instance cannot be saved on "
                                            "generation_config: use measure='<name>'.")
         params["anytime"] = None if policy.anytime is None else policy.anytime.to_dict()
+        if policy.is_fitted and params["task"] is None:  # refit on the task it was fitted for, never the primary one
+            params["task"] = policy.certificate.task
+            if params["task"] is None:
+                raise InvalidStoredPolicyError(
+                    "a RiskControlled fitted on losses without a task cannot be saved on generation_config: it would "
+                    "be refitted on whatever the folder stores. Store its table with hf_safe_exit.risk."
+                    "store_calibration(folder, table=..., task=...) and save RiskControlled(eps, task=...).")
         return {"type": "RiskControlled", **params}
     raise InvalidStoredPolicyError(
         f"generation_config.early_exit holds a {type(policy).__name__}, which cannot be saved: store an "

@@ -406,12 +406,17 @@ class RiskControlled:
     def _stored_fit(self, stored: StoredCalibration) -> "RiskControlled":
         fitted = RiskControlled.from_dict(stored.controlled_json)
         asked, has = self.get_params(), fitted.get_params()
+        # the early-exit settings as the file records them: measure names and PoE settings as dicts
+        asked.update(measure=None if self.measure is None else measure_name(self.measure),
+                     anytime=None if self.anytime is None else self.anytime.to_dict())
+        has.update({k: fitted._calibration.get(k) for k in ("measure", "schedule", "min_exit_layer", "decay_tau",
+                                                             "anytime")})
         differ = [k for k in _FIT_PARAMS if asked[k] != has[k]]
         differ += [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
-                   if asked[k] is not None and asked[k] != fitted._calibration.get(k)]
+                   if asked[k] is not None and asked[k] != has[k]]
         if differ:
             want = ", ".join(f"{k}={asked[k]!r}" for k in differ)
-            have = ", ".join(f"{k}={has.get(k, fitted._calibration.get(k))!r}" for k in differ)
+            have = ", ".join(f"{k}={has[k]!r}" for k in differ)
             raise MissingCalibrationError(
                 f"{stored.controlled_path} holds λ̂ fitted with {have}, and this request asks for {want}; fitting "
                 f"another request needs the task's loss table ({stored.task!r}: calibration/{stored.task}/"

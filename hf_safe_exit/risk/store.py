@@ -166,6 +166,9 @@ def store_calibration(model_dir, *, table: LossTable | None = None, controlled=N
     """
     if table is None and controlled is None:
         raise ValueError("store_calibration needs a loss table, a fitted RiskControlled, or both.")
+    if controlled is not None and not getattr(controlled, "is_fitted", False):
+        raise ValueError("store_calibration got an unfitted RiskControlled: fit it first (fit_table(table)), or store "
+                         "only the table, from which RiskControlled(eps, task=...) fits any ε.")
     named = {t for t in ((table.metadata.get("task") if table is not None else None),
                          (controlled.certificate.task if controlled is not None else None)) if t is not None}
     if task is None and len(named) == 1:
