@@ -97,13 +97,14 @@ def save_early_exit_model(model, save_directory, *args, **kwargs):
     ``custom_generate/`` is written first, so that ``save_pretrained(..., push_to_hub=True)`` uploads it too.
     """
     install_error_hook()
-    if kwargs.get("is_main_process", True):
-        write_custom_generate(save_directory)
     config = model.generation_config
     stored = getattr(config, POLICY_ATTRIBUTE, None)
     from_model_config = getattr(config, "_from_model_config", None)
+    spec = None if stored is None else policy_to_dict(stored)  # raises before anything is written
+    if kwargs.get("is_main_process", True):
+        write_custom_generate(save_directory)
     if stored is not None:
-        setattr(config, POLICY_ATTRIBUTE, policy_to_dict(stored))  # raises before anything is written
+        setattr(config, POLICY_ATTRIBUTE, spec)
         # HF drops every non-standard key of a generation config marked as derived from the model config
         config._from_model_config = False
     try:
