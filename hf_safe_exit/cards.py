@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .decoding.enable import write_custom_generate
-from .risk.store import CALIBRATION_SUBDIR, check_task_name
+from .risk.store import CALIBRATION_SUBDIR, check_task_name  # noqa: F401 - CALIBRATION_SUBDIR re-exported
 from .risk.store import calibration_dir as store_calibration_dir
 
 __all__ = ["write_guarantee_card", "render_guarantee_section", "guarantee_statement", "to_model_card",
@@ -81,14 +81,11 @@ def _task_info(task: str | None) -> tuple[str, str, str | None, str]:
     return ("task score", "text2text-generation", task, task or "unknown task")
 
 
-_check_task_name = check_task_name
-
-
 def section_markers(task: str | None) -> tuple[str, str]:
     """The start and end markers of the guarantee section for ``task``: the generic ones for None."""
     if task is None:
         return SECTION_START, SECTION_END
-    _check_task_name(task)
+    check_task_name(task)
     return _MARKER.format(task + ":", "start"), _MARKER.format(task + ":", "end")
 
 
@@ -615,28 +612,18 @@ def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results: Ma
     return path
 
 
-def _mirror_hub_repo(api, repo_id: str, task: str | None, directory: Path, revision: str | None,
-                     token: str | None) -> bool:
-    """Copy into ``directory`` what :func:`write_guarantee_card` reads there from the Hub repo: its README.md, its
-    root ``risk_control.json`` and an (empty) ``calibration/`` when the repo has files under it.
+def _fetch_hub_card(repo_id: str, directory: Path, revision: str | None, token: str | None) -> None:
+    """Copy the Hub repo's README.md into ``directory`` (the only file :func:`write_guarantee_card` reads there).
 
-    Returns whether the root ``risk_control.json`` was fetched. A repo or revision without files fetches nothing.
+    A repo, revision or file that does not exist fetches nothing.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from .risk import RISK_CONTROL_FILENAME
-
     try:
-        files = set(api.list_repo_files(repo_id, revision=revision))
+        shutil.copyfile(hf_hub_download(repo_id, "README.md", revision=revision, token=token), directory / "README.md")
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
-        return False
-    for name in ("README.md", RISK_CONTROL_FILENAME):
-        if name in files:
-            shutil.copyfile(hf_hub_download(repo_id, name, revision=revision, token=token), directory / name)
-    if any(f.startswith(f"{CALIBRATION_SUBDIR}/") for f in files):
-        (directory / CALIBRATION_SUBDIR).mkdir()
-    return RISK_CONTROL_FILENAME in files
+        pass
 
 
 def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None, efficiency: Mapping | None = None,
@@ -647,29 +634,23 @@ def push_to_hub(controlled, repo_id: str, *, test_results: Mapping | None = None
     """Upload ``risk_control.json``, the plots and an updated README.md to the Hub repo ``repo_id`` in one commit.
 
     An existing README of the repo is downloaded and updated (only this task's guarantee section and this library's
-    eval results for its dataset change). The calibration goes where :func:`calibration_directory` puts it for the
-    repo's files (``calibration/<task>/`` when the repo has a ``calibration/`` folder or its root
-    ``risk_control.json`` is another task's; else the root). Returns the commit URL.
+    eval results for its dataset change). The calibration goes to ``calibration/<task>/`` (:func:`calibration_directory`),
+    with ``custom_generate/``; other files of the repo are left as they are. Returns the commit URL.
     """
     from huggingface_hub import HfApi
-
-    from .risk import RISK_CONTROL_FILENAME
 
     _check_fitted(controlled)
     task = controlled.certificate.task
     if task is not None:
-        _check_task_name(task)
+        check_task_name(task)
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        fetched_root = _mirror_hub_repo(api, repo_id, task, tmp_dir, revision, token)
-        per_task = task is not None
+        _fetch_hub_card(repo_id, tmp_dir, revision, token)
         write_guarantee_card(tmp_dir, controlled, test_results=test_results, efficiency=efficiency, plots=plots,
                              hardware=hardware, model_name=model_name or repo_id.split("/")[-1],
                              calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
                              anytime=anytime, save_calibration=True)
-        if fetched_root and per_task:  # the repo's root calibration (another task's) is left as it is
-            (tmp_dir / RISK_CONTROL_FILENAME).unlink()
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
     return str(info)

@@ -28,8 +28,7 @@ from hf_safe_exit.confidence import (MEASURES, ConfidenceMeasure, InvalidNumCand
                                      SoftmaxShortlistConfidence, get_measure)
 from hf_safe_exit.decoding import new_decoder_cache
 from no_cache_reference import block_outputs
-
-from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
+from tiny_t5 import CONFIGS, VOCAB
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ where the prompt positions run through every layer.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
@@ -17,19 +16,14 @@ from transformers import GenerationMixin, T5Config, T5ForConditionalGeneration
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
 from hf_safe_exit.decoding import new_decoder_cache
-from hf_safe_exit.decoding.early_exit_loop import (
-    _OUTPUT_CACHE_FIELD,
-    UnsupportedDecoderPromptError,
-    _cache_from_model_kwargs,
-    early_exit_decode,
-)
+from hf_safe_exit.compat import cache_field, cache_kwargs, find_cache
+from hf_safe_exit.decoding.early_exit_loop import (EarlyExitGenerateOutput, UnsupportedDecoderPromptError,
+                                                  early_exit_decode)
 from no_cache_reference import reference_exit_logits
+from tiny_t5 import CONFIGS, VOCAB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
-# transformers 5.24 renamed the cache keyword past_key_values -> cache (FutureWarning shim); use the live name.
-CACHE_KW = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else "past_key_values"
 PROMPTS = {
     "start-only": [0],            # just the decoder start token: no prefill at all
     "start+3": [0, 5, 17, 33],    # a real prompt
@@ -63,7 +57,7 @@ def prompt_ids(name: str, batch: int) -> torch.LongTensor:
 
 
 def hf_generate(model, **kwargs):
-    return type(model).generate(model, **{CACHE_KW: new_decoder_cache(model)}, **kwargs)
+    return type(model).generate(model, **cache_kwargs(new_decoder_cache(model)), **kwargs)
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -210,9 +204,9 @@ def test_unpadded_decoder_attention_mask_is_accepted():
 # ---------------------------------------------------------------------------------------------------------------
 def test_cache_is_found_under_either_key():
     cache = object()
-    assert _cache_from_model_kwargs({"cache": cache}) is cache
-    assert _cache_from_model_kwargs({"past_key_values": cache}) is cache
-    assert _cache_from_model_kwargs({}) is None
+    assert find_cache({"cache": cache}) is cache  # what early_exit_decode reads its model_kwargs with
+    assert find_cache({"past_key_values": cache}) is cache
+    assert find_cache({}) is None
 
 
 def test_loop_uses_the_handed_cache_and_warns_nothing():
@@ -225,8 +219,8 @@ def test_loop_uses_the_handed_cache_and_warns_nothing():
         out = GenerationMixin.generate(model, input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
                                        max_new_tokens=5, eos_token_id=None, custom_generate=early_exit_decode,
                                        early_exit_policy=EarlyExit(threshold=1.0).bind(model),
-                                       return_dict_in_generate=True, **{CACHE_KW: cache})
-    assert getattr(out, _OUTPUT_CACHE_FIELD) is cache
+                                       return_dict_in_generate=True, **cache_kwargs(cache))
+    assert getattr(out, cache_field(EarlyExitGenerateOutput)) is cache
     # prompt (4) + 5 new tokens, the last of which was never fed back
     for layer in range(model.config.num_decoder_layers):
         assert cache.self_attention_cache.get_seq_length(layer) == 4 + 5 - 1

@@ -12,8 +12,7 @@ from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.confidence import ConfidenceMeasure
 from hf_safe_exit.decoding import new_decoder_cache
 from no_cache_reference import reference_exit_logits
-
-from tiny_t5 import CONFIGS, VOCAB  # noqa: E402
+from tiny_t5 import CONFIGS, VOCAB
 
 
 def make_model(kind: str, dtype=torch.float32, init: float = 1.0, attn: str = "sdpa"):

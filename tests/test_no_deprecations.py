@@ -116,12 +116,7 @@ def assert_no_deprecations(fn, *args, **kwargs):
     return result
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_t5(num_decoder_layers: int, seed: int = 0) -> T5ForConditionalGeneration:

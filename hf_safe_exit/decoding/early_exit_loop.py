@@ -40,8 +40,7 @@ the last prompt token. Prompt tokens are never early-exited and are not counted 
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -50,16 +49,11 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import eager_attention_forward
 
+from ..compat import cache_field, cache_kwargs, find_cache
 from ..confidence import LayerView
 from .poe import PoEConfig, PoEState
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
-
-# transformers 5.24 renamed the cache keyword `past_key_values` -> `cache` (model forwards, generate's
-# model_kwargs and output dataclasses), with FutureWarning shims until 5.40 / 6.0. Ask the code, not the version.
-_OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in fields(GenerateEncoderDecoderOutput)}
-                       else "past_key_values")
-
 
 class UnsupportedDecoderPromptError(ValueError):
     """Raised for decoder prompts early-exit decoding cannot continue exactly (rows of different lengths)."""
@@ -96,17 +90,6 @@ class EarlyExitGenerateOutput(GenerateEncoderDecoderOutput):
 def new_decoder_cache(model) -> EncoderDecoderCache:
     """An empty cache sized by the *decoder* depth (stock ``generate`` sizes it by the encoder's)."""
     return EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
-
-
-def _cache_keyword(module) -> str:
-    """The name ``module.forward`` takes the cache under: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def _cache_from_model_kwargs(model_kwargs: dict):
-    # HF's generate hands the prepared cache over as `cache` from 5.24 on, as `past_key_values` before.
-    cache = model_kwargs.get("cache")
-    return cache if cache is not None else model_kwargs.get("past_key_values")
 
 
 def _check_decoder_prompt(model_kwargs: dict) -> None:
@@ -256,7 +239,7 @@ class _StepDecoder:
             raise RuntimeError("prefill needs an empty cache")
         self.decoder(input_ids=tokens, encoder_hidden_states=self.encoder_hidden,
                      encoder_attention_mask=self.encoder_mask, use_cache=True,
-                     **{_cache_keyword(self.decoder): self.cache})
+                     **cache_kwargs(self.cache, self.decoder))
         lengths = {self.cache.self_attention_cache.get_seq_length(i) for i in range(self.num_layers)}
         if lengths != {tokens.shape[1]} or not all(self.cache.is_updated.get(i, False)
                                                    for i in range(self.num_layers)):
@@ -471,7 +454,7 @@ def early_exit_decode(
     max_new_tokens = max(int(generation_config.max_length) - input_ids.shape[1], 1)
 
     encoder_outputs = model_kwargs["encoder_outputs"]
-    cache = _cache_from_model_kwargs(model_kwargs)
+    cache = find_cache(model_kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
     if not isinstance(cache, EncoderDecoderCache) or cache.get_seq_length() != 0 or (
         len(cache.self_attention_cache.layers) not in (0, model.config.num_decoder_layers)
     ):
@@ -528,7 +511,7 @@ def early_exit_decode(
         scores=scores if output_scores else None,
         logits=raw_logits if output_logits else None,
         encoder_hidden_states=encoder_hidden_states,
-        **{_OUTPUT_CACHE_FIELD: cache},
+        **{cache_field(EarlyExitGenerateOutput): cache},
         exit_layers=exit_layers_t,
         confidences=torch.stack(confidences, dim=1),
         mean_exit_layer=mean_exit,
