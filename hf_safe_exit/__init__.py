@@ -10,6 +10,8 @@ from .decoding.poe import PoEConfig
 from .cards import write_guarantee_card
 from .demo import run_demo
 from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
+from .errors import (CalibrationFileError, CorruptFileError, InconsistentCalibrationError, MissingFingerprintError,
+                     ModelMismatchError)
 from .fingerprint import model_fingerprint
 from .models import default_model_path, load_default_model
 from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
@@ -24,6 +26,8 @@ install_error_hook()
 
 __all__ = [
     "BiLD",
+    "CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
+    "ModelMismatchError",
     "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
     "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
     "collect", "get_task", "load_split", "default_model_path", "load_default_model",

@@ -61,6 +61,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import ModelMismatchError, StateMismatchError
+
 __all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]
 
 
@@ -74,14 +76,6 @@ def default_lambdas() -> np.ndarray:
     low = np.round(np.arange(0.0, 0.95, 0.1), 10)
     high = np.array([0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0])
     return np.concatenate([low, high])
-
-
-class StateMismatchError(ValueError):
-    """The partial state directory was written with other settings than this run's."""
-
-
-class ModelMismatchError(ValueError):
-    """A results file or calibration belongs to another model than the one given."""
 
 
 def check_model_matches(table_or_metadata, model) -> None:

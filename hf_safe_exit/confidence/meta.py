@@ -16,14 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import MissingMetaHeadError
 from .base import ConfidenceMeasure, LayerView
 
 META_WEIGHTS_NAME = "meta_head.safetensors"
 META_CONFIG_NAME = "meta_head_config.json"
-
-
-class MissingMetaHeadError(ValueError):
-    """The meta measure was requested for a model without a trained meta-classifier head."""
 
 
 @dataclass

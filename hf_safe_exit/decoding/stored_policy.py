@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from ..errors import InvalidStoredPolicyError
+
 __all__ = ["POLICY_ATTRIBUTE", "InvalidStoredPolicyError", "policy_from_config", "policy_to_dict"]
 
 POLICY_ATTRIBUTE = "early_exit"
-
-
-class InvalidStoredPolicyError(ValueError):
-    """``generation_config.early_exit`` holds something that is not an early-exit policy or a spec of one."""
 
 
 def policy_to_dict(policy) -> dict:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MissingCalibrationError
 from .loss_table import CALIBRATION_FILENAME, LossTable
 
 __all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "MissingCalibrationError",
@@ -44,10 +45,6 @@ HOW_TO_CALIBRATE = (
     "`RiskControlled(eps=...).fit_table(LossTable.load(path))`, or attach one with "
     "`model.early_exit_calibration = LossTable.load(path)`."
 )
-
-
-class MissingCalibrationError(FileNotFoundError):
-    """No stored calibration was found for the model (or for the task asked for)."""
 
 
 def check_task_name(task: str) -> str:
