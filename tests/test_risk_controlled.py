@@ -84,9 +84,14 @@ def test_fit_table_records_metadata_and_chooses_risk():
 
 def test_infeasible_warns_and_returns_one():
     table = _table().subset(np.arange(15))  # CRC needs eps ≥ 1/(n+1) = 0.0625
-    with pytest.warns(UserWarning, match="never exit early"):
+    with pytest.warns(UserWarning, match=r"n=15 calibration examples are too few.* 0\.0625 > ε = 0\.05.*"
+                      r"decodes at λ = 1.*never exits early") as caught:
         rc = RiskControlled(0.05).fit_table(table)
     assert rc.lambda_ == 1.0 and rc.certificate.feasible is False
+    assert "fails the test" not in str(caught[0].message)
+    # enough examples, but every λ < 1 harms too much: the message says so instead
+    with pytest.warns(UserWarning, match=r"no λ < 1 passes the test with n=400.*at the largest, λ = 0\.9"):
+        assert RiskControlled(0.003).fit_table(_table()).lambda_ == 1.0
 
 
 def test_unrestricted_gap_more_efficient_than_zero_bounded_via_api():
@@ -226,11 +231,12 @@ def test_bind_on_another_model_raises():
 
 def test_fitted_from_raw_matrix_needs_measure_to_bind():
     lam, task = _task_losses()
-    rc = RiskControlled(0.1).fit(lam, task - task[-1])
+    # a raw matrix records no model: binding it needs the explicit opt-out (tests/test_file_integrity.py)
+    rc = RiskControlled(0.1, allow_missing_fingerprint=True).fit(lam, task - task[-1])
     with pytest.raises(ValueError, match="measure"):
         rc.bind(_tiny_t5())
-    assert RiskControlled(0.1, measure="saturation").fit(lam, task - task[-1]).bind(_tiny_t5()).measure.name == \
-        "saturation"
+    rc = RiskControlled(0.1, measure="saturation", allow_missing_fingerprint=True).fit(lam, task - task[-1])
+    assert rc.bind(_tiny_t5()).measure.name == "saturation"
 
 
 def test_unfitted_one_liner_with_attached_table(monkeypatch):

@@ -19,32 +19,36 @@ Guarantees (Jazbec, Timans et al. 2024, "Fast yet Safe", Sec. 3), for the chosen
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-
 
 from ..confidence import ConfidenceMeasure, get_measure, measure_name
 from ..decoding.poe import resolve_anytime
+from ..errors import CorruptFileError, MissingFingerprintError, ModelMismatchError
 from ..fingerprint import model_fingerprint
 from ..policy import SCHEDULES, EarlyExit
 from .bounds import _check_level, hoeffding_bentkus_ucb
-from .loss_table import DEFAULT_LOSS_BOUNDS, RISKS, LossTable
+from .certificate import RiskCertificate, guarantee_text
+from .integrity import FORMAT_VERSION, check_calibration_dict
+from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .selection import BOUNDS, MONOTONIZE, check_method_and_delta, select
 from .store import (HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, StoredCalibration,
-                    check_task_name, clear_store_cache, find_stored)
+                    check_task_name, clear_store_cache, find_stored, read_calibration_json)
 
 __all__ = ["RiskControlled", "RiskCertificate", "MissingCalibrationError", "find_calibration",
            "RISK_CONTROL_FILENAME", "clear_cache"]
 
-_FORMAT_VERSION = 1
 _FIT_CACHE: "OrderedDict[tuple, RiskControlled]" = OrderedDict()
 _CACHE_SIZE = 64
 _HOW_TO_CALIBRATE = HOW_TO_CALIBRATE
 # what a stored risk_control.json must have been fitted with to serve a request that has no loss table
 _FIT_PARAMS = ("eps", "delta", "method", "bound", "risk", "monotonize")
+_NO_FINGERPRINT_FIX = (
+    "Use a loss table from `hf-safe-exit collect` (it records the model), add "
+    "metadata={'model_fingerprint': hf_safe_exit.model_fingerprint(model)} to a table you build, or, if you are "
+    "sure these losses were collected on this model, opt out with RiskControlled(..., allow_missing_fingerprint=True) "
+    "(CLI: --allow-missing-fingerprint)")
 
 
 def clear_cache() -> None:
@@ -60,52 +64,41 @@ def _cache_put(cache: OrderedDict, key, value) -> None:
         cache.popitem(last=False)
 
 
-@dataclass(frozen=True)
-class RiskCertificate:
-    """What was guaranteed, for which model and data. Grid lists are in ascending λ order.
+def _infeasible_message(rc: "RiskControlled", sel, bounds) -> str:
+    """Why no λ < 1 passed, in terms of the test that was run, and what λ̂ = 1 means for decoding."""
+    delta = "" if rc.delta is None else f", delta={rc.delta:g}"
+    compared = "its p-value" if rc.method == "ltt" else "its risk bound"
+    limit = f"δ = {rc.delta:g}" if rc.method == "ltt" else f"ε = {rc.eps:g}"
+    if not sel.passed[0]:  # the largest threshold, λ = 1 (the full model), already fails
+        why = (f"n={sel.n} calibration examples are too few for this test: even at λ = 1, the full model, where the "
+               f"empirical risk is {sel.empirical_risk[0]:.3g}, {compared} is {sel.statistic[0]:.3g} > {limit}; "
+               "so no λ < 1 can pass either")
+    else:
+        why = (f"no λ < 1 passes the test with n={sel.n} calibration examples: at the largest, λ = "
+               f"{sel.lambdas[1]:g}, the empirical risk is {sel.empirical_risk[1]:.3g} and {compared} "
+               f"{sel.statistic[1]:.3g} > {limit}")
+    crc = f" (CRC needs eps ≥ B/(n+1) = {bounds[1] / (sel.n + 1):.3g})" if rc.method == "crc" else ""
+    return (f"RiskControlled({rc.method}, eps={rc.eps:g}{delta}): {why}. So λ̂ = 1: the model decodes at λ = 1, "
+            "running every decoder layer for every token (it never exits early: the full model's output, no "
+            "speed-up). Raise eps (or "
+            f"delta), or calibrate on more examples{crc}.")
 
-    ``risk_bound`` is the quantity compared with ε at λ̂: R̂ (naive), n/(n+1)·R̂ + B/(n+1)
-    (crc), the UCB (ucb), or the Hoeffding–Bentkus UCB at level δ (ltt, whose test itself
-    uses ``p_value`` ≤ δ). ``feasible`` is False when no λ < 1 qualified (then λ̂ = 1).
+
+def _check_recorded(recorded: str | None, actual: str, allow_missing: bool, what: str, role: str = "model") -> None:
+    """Raise unless ``recorded`` (the fingerprint a calibration records) is ``actual``'s.
+
+    A missing record raises :class:`MissingFingerprintError` unless ``allow_missing``; another model's always
+    raises :class:`ModelMismatchError`. ``what`` names the calibration in the message.
     """
-
-    eps: float
-    delta: float | None
-    method: str
-    bound: str | None
-    risk: str
-    monotonize: str | None
-    n: int
-    lambda_hat: float
-    empirical_risk: float
-    risk_bound: float
-    p_value: float | None
-    feasible: bool
-    guarantee: str
-    loss_bounds: tuple[float, float]
-    grid: list[float] = field(default_factory=list)
-    grid_empirical_risk: list[float] = field(default_factory=list)
-    grid_statistic: list[float] = field(default_factory=list)
-    model_fingerprint: str | None = None
-    task: str | None = None
-    measure: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RiskCertificate":
-        data = dict(data)
-        data["loss_bounds"] = tuple(data["loss_bounds"])
-        return cls(**data)
-
-
-def _guarantee(method: str, eps: float, delta: float | None, risk: str) -> str:
-    if method == "crc":
-        return f"E[{risk}(λ̂) on a new example] ≤ {eps:g}"
-    if method in ("ucb", "ltt"):
-        return f"P({risk} risk at λ̂ ≤ {eps:g}) ≥ {1 - delta:g}"
-    return "none (naive empirical risk, for comparison only)"
+    if recorded is None:
+        if not allow_missing:
+            raise MissingFingerprintError(
+                f"{what} does not record which {role} it was calibrated for (no model_fingerprint), so nothing shows "
+                f"that its guarantee holds for this {role} (fingerprint {actual}). " + _NO_FINGERPRINT_FIX + ".")
+    elif recorded != actual:
+        raise ModelMismatchError(f"{what} was calibrated for another {role} (fingerprint {recorded}, this {role} is "
+                                 f"{actual}): its guarantee does not transfer. Recalibrate on this {role}. "
+                                 + _HOW_TO_CALIBRATE)
 
 
 class RiskControlled:
@@ -132,6 +125,10 @@ class RiskControlled:
         small_model: the small (draft) model, for a BiLD calibration (a table whose metadata says
             ``strategy: "bild"``); it must be the model the table was collected with (same
             fingerprint). It can also be passed to :meth:`bild` later. Not saved by ``save_pretrained``.
+        allow_missing_fingerprint: a calibration or loss table that does not record the model it was made for
+            (no ``model_fingerprint``) is refused when bound to a model, since nothing shows that its guarantee
+            belongs to that model; ``True`` accepts it (your responsibility). A recorded fingerprint of another
+            model is refused always. Not saved by ``save_pretrained``.
 
     A BiLD calibration's λ̂ is a rollback threshold: :meth:`bild` (or ``bind(large_model)``) returns
     ``BiLD.from_lambda(small_model, λ̂, fallback=..., max_draft_len=...)`` with the table's fallback and
@@ -144,8 +141,10 @@ class RiskControlled:
                  risk: str = "performance_gap", monotonize: str | None = None,
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
                  min_exit_layer: int | None = None, decay_tau: float | None = None, anytime=None,
-                 task: str | None = None, small_model=None):
+                 task: str | None = None, small_model=None, allow_missing_fingerprint: bool = False):
         self.eps = _check_level(eps, "eps")
+        if not isinstance(allow_missing_fingerprint, bool):
+            raise ValueError(f"allow_missing_fingerprint={allow_missing_fingerprint!r} must be True or False.")
         delta = check_method_and_delta(method, delta)
         if bound not in BOUNDS:
             raise ValueError(f"bound={bound!r} is unknown: use one of {BOUNDS}.")
@@ -167,6 +166,7 @@ class RiskControlled:
         self.anytime = resolve_anytime(anytime)
         self.task = None if task is None else check_task_name(task)
         self.small_model = small_model
+        self.allow_missing_fingerprint = allow_missing_fingerprint
         self.lambda_: float | None = None
         self.certificate: RiskCertificate | None = None
         self._calibration: dict = {}
@@ -176,14 +176,14 @@ class RiskControlled:
         return {"eps": self.eps, "delta": self.delta, "method": self.method, "bound": self.bound, "risk": self.risk,
                 "monotonize": self.monotonize, "measure": self.measure, "schedule": self.schedule,
                 "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau, "anytime": self.anytime,
-                "task": self.task}
+                "task": self.task, "allow_missing_fingerprint": self.allow_missing_fingerprint}
 
     @property
     def is_fitted(self) -> bool:
         return self.lambda_ is not None
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None and v is not False)
         fitted = f", lambda_={self.lambda_:.4g}" if self.is_fitted else ""
         return f"RiskControlled({params}{fitted})"
 
@@ -246,6 +246,8 @@ class RiskControlled:
         else:
             settings = self._settings(metadata)
         bounds = tuple(loss_bounds) if loss_bounds is not None else DEFAULT_LOSS_BOUNDS[self.risk]
+        # the lengths the losses were decoded with: the guarantee is for outputs made the same way
+        lengths = {k: int(metadata[k]) for k in ("max_new_tokens", "max_input_length") if metadata.get(k) is not None}
         sel = select(self.method, lambdas, losses, self.eps, self.delta, bound=self.bound, loss_bounds=bounds,
                      monotonize=self.monotonize)
         pos = sel.position
@@ -261,24 +263,15 @@ class RiskControlled:
             eps=self.eps, delta=self.delta, method=self.method, bound=bound_name, risk=self.risk,
             monotonize=self.monotonize, n=sel.n, lambda_hat=sel.lambda_hat, empirical_risk=emp,
             risk_bound=risk_bound, p_value=p_value, feasible=sel.feasible,
-            guarantee=_guarantee(self.method, self.eps, self.delta, self.risk), loss_bounds=bounds,
+            guarantee=guarantee_text(self.method, self.eps, self.delta, self.risk), loss_bounds=bounds,
             grid=sel.lambdas[asc].tolist(), grid_empirical_risk=sel.empirical_risk[asc].tolist(),
             grid_statistic=sel.statistic[asc].tolist(), model_fingerprint=metadata.get("model_fingerprint"),
-            task=metadata.get("task"), measure=settings["measure"])
+            task=metadata.get("task"), measure=settings["measure"], **lengths)
         self.lambda_ = sel.lambda_hat
         self._calibration = {**settings, "model_fingerprint": metadata.get("model_fingerprint"),
-                             "task": metadata.get("task")}
-        # the lengths the losses were decoded with: the guarantee is for outputs made the same way
-        self._calibration.update({k: int(metadata[k]) for k in ("max_new_tokens", "max_input_length")
-                                  if metadata.get(k) is not None})
+                             "task": metadata.get("task"), **lengths}
         if not sel.feasible:
-            why = ("even λ = 1 fails the test" if not sel.passed[0] else "no threshold below 1 passes")
-            warnings.warn(
-                f"RiskControlled({self.method}, eps={self.eps:g}{'' if self.delta is None else f', delta={self.delta:g}'})"
-                f": {why} with n={sel.n} calibration examples, so λ̂ = 1 (never exit early; no speed-up). "
-                "Raise eps (or delta), or calibrate on more examples"
-                + (f" (CRC needs eps ≥ B/(n+1) = {bounds[1] / (sel.n + 1):.3g})." if self.method == "crc" else "."),
-                UserWarning, stacklevel=3)
+            warnings.warn(_infeasible_message(self, sel, bounds), UserWarning, stacklevel=3)
         return self
 
     # ------------------------------------------------------------------ the early_exit= protocol
@@ -337,11 +330,8 @@ class RiskControlled:
             raise ValueError(f"This is a BiLD calibration: it needs the small (draft) model it was collected with "
                              f"(fingerprint {expected}): pass RiskControlled(..., small_model=small) or "
                              "rc.bild(small).")
-        actual = model_fingerprint(small)
-        if expected is not None and actual != expected:
-            raise ValueError(f"The BiLD calibration was collected with another small model (fingerprint {expected}, "
-                             f"this one is {actual}): its guarantee does not transfer. Pass that small model, or "
-                             "recollect with `hf-safe-exit collect --strategy bild --small-model ...`.")
+        _check_recorded(expected, model_fingerprint(small), self.allow_missing_fingerprint, "The BiLD calibration",
+                        role="small model")
         return BiLD.from_lambda(small, float(self.lambda_), fallback=float(policy["fallback"]),
                                 max_draft_len=int(policy["max_draft_len"]), small_tokenizer=small_tokenizer)
 
@@ -361,11 +351,9 @@ class RiskControlled:
         return decode
 
     def _check_fingerprint(self, fingerprint: str) -> None:
-        expected = self._calibration.get("model_fingerprint")
-        if expected is not None and expected != fingerprint:
-            raise ValueError(f"This RiskControlled was calibrated for another model (fingerprint {expected}, this model "
-                             f"is {fingerprint}): its guarantee does not transfer. Recalibrate on this model. "
-                             + _HOW_TO_CALIBRATE)
+        """Raise unless the calibration was made for the model with ``fingerprint`` (or the user opted out)."""
+        _check_recorded(self._calibration.get("model_fingerprint"), fingerprint, self.allow_missing_fingerprint,
+                        "This RiskControlled")
 
     def _bind_fitted(self, model, fingerprint: str) -> EarlyExit:
         self._check_fingerprint(fingerprint)
@@ -387,10 +375,8 @@ class RiskControlled:
         stored = find_stored(model, self.task)
         source = stored.table_path or stored.controlled_path
         if stored.table is not None:
-            table_fp = stored.table.metadata.get("model_fingerprint")
-            if table_fp is not None and table_fp != fingerprint:
-                raise ValueError(f"The calibration at {source} was made for another model (fingerprint {table_fp}, "
-                                 f"this model is {fingerprint}): recalibrate for this model. " + _HOW_TO_CALIBRATE)
+            _check_recorded(stored.table.metadata.get("model_fingerprint"), fingerprint,
+                            self.allow_missing_fingerprint, f"The loss table at {source}")
             params = self.get_params()
             key = (fingerprint, stored.table.digest(), *(
                 (k, params[k] if not isinstance(params[k], ConfidenceMeasure) else ("instance", id(params[k])))
@@ -404,7 +390,8 @@ class RiskControlled:
         return self._stored_fit(stored)
 
     def _stored_fit(self, stored: StoredCalibration) -> "RiskControlled":
-        fitted = RiskControlled.from_dict(stored.controlled_json)
+        fitted = RiskControlled.from_dict(stored.controlled_json, stored.controlled_path,
+                                          allow_missing_fingerprint=self.allow_missing_fingerprint)
         asked, has = self.get_params(), fitted.get_params()
         # the early-exit settings as the file records them: measure names and PoE settings as dicts
         asked.update(measure=None if self.measure is None else measure_name(self.measure),
@@ -431,8 +418,9 @@ class RiskControlled:
         params = self.get_params()
         params["measure"] = None if self.measure is None else measure_name(self.measure)
         params["anytime"] = None if self.anytime is None else self.anytime.to_dict()
+        params.pop("allow_missing_fingerprint")  # a choice of whoever loads it, not part of the calibration
         from .. import __version__
-        return {"format_version": _FORMAT_VERSION, "hf_safe_exit_version": __version__, "params": params,
+        return {"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__, "params": params,
                 "lambda_": self.lambda_, "calibration": dict(self._calibration),
                 "certificate": self.certificate.to_dict()}
 
@@ -444,66 +432,63 @@ class RiskControlled:
             json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
         return path
 
-    # ------------------------------------------------------------------ model cards (hf_safe_exit.cards)
-    def to_model_card(self, card=None, **kwargs):
-        """A ``huggingface_hub.ModelCard`` stating this guarantee; see :func:`hf_safe_exit.cards.to_model_card`."""
-        from ..cards import to_model_card
-
-        return to_model_card(self, card, **kwargs)
-
-    def write_card(self, model_dir_or_card_path, **kwargs):
-        """Write/update README.md (and risk_control.json) there; see :func:`hf_safe_exit.cards.write_guarantee_card`."""
-        from ..cards import write_guarantee_card
-
-        return write_guarantee_card(model_dir_or_card_path, self, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload risk_control.json and an updated model card; see :func:`hf_safe_exit.cards.push_to_hub`."""
-        from ..cards import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     @classmethod
-    def from_dict(cls, data: dict) -> "RiskControlled":
-        if data.get("format_version", 0) > _FORMAT_VERSION:
-            raise ValueError(f"risk_control.json format {data['format_version']} is newer than this hf_safe_exit "
-                             "understands: upgrade hf_safe_exit.")
-        obj = cls(**data["params"])
-        lam = float(data["lambda_"])
-        if not 0.0 <= lam <= 1.0 or math.isnan(lam):
-            raise ValueError(f"Corrupt risk_control.json: lambda_={lam!r} is outside [0, 1].")
-        obj.lambda_ = lam
-        obj.certificate = RiskCertificate.from_dict(data["certificate"])
+    def from_dict(cls, data: dict, path=None, *, allow_missing_fingerprint: bool = False) -> "RiskControlled":
+        """The fitted policy a ``risk_control.json`` (``data``, read from ``path``) describes, after checking it.
+
+        Raises :class:`~hf_safe_exit.errors.CorruptFileError` for an incomplete or malformed calibration and
+        :class:`~hf_safe_exit.errors.InconsistentCalibrationError` for one that contradicts itself (λ̂ other than
+        its certificate's; see :mod:`hf_safe_exit.risk.integrity`), naming ``path``.
+        """
+        certificate = check_calibration_dict(data, path)
+        try:
+            obj = cls(**{**data["params"], "allow_missing_fingerprint": allow_missing_fingerprint})
+        except (TypeError, ValueError) as err:
+            raise CorruptFileError.about(path if path is not None else RISK_CONTROL_FILENAME,
+                                         f"its params are not those of a RiskControlled ({err})",
+                                         "Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained"
+                                         ) from None
+        obj.lambda_ = float(data["lambda_"])
+        obj.certificate = certificate
         obj._calibration = dict(data["calibration"])
         return obj
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, task: str | None = None, **hub_kwargs) -> "RiskControlled":
+    def from_pretrained(cls, path_or_repo_id, task: str | None = None, *, allow_missing_fingerprint: bool = False,
+                        **hub_kwargs) -> "RiskControlled":
         """Load a fitted calibration: a directory holding ``risk_control.json`` (or the file itself), a model folder
         (its ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task, see
-        :mod:`hf_safe_exit.risk.store`), else a Hub repo's ``risk_control.json`` (``subfolder=`` as in HF)."""
+        :mod:`hf_safe_exit.risk.store`), else a Hub repo's ``risk_control.json`` (``subfolder=`` as in HF).
+
+        The file is checked (:meth:`from_dict`); where the loss table is stored beside it
+        (``early_exit_calibration.npz``), refitting that table must give the file's λ̂, else
+        :class:`~hf_safe_exit.errors.InconsistentCalibrationError`. ``allow_missing_fingerprint``: see the class.
+        """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, RISK_CONTROL_FILENAME)
             if task is not None or not os.path.isfile(path):
-                stored = find_stored(os.fspath(path_or_repo_id), task)
+                stored = find_stored(os.fspath(path_or_repo_id), task)  # checks the file and its table
                 if stored.controlled_json is None:
                     raise MissingCalibrationError(
                         f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r} for task {stored.task!r} (only its loss "
                         "table): fit one with RiskControlled(eps, ...).fit_table(LossTable.load(...)).")
-                return cls.from_dict(stored.controlled_json)
+                return cls.from_dict(stored.controlled_json, stored.controlled_path,
+                                     allow_missing_fingerprint=allow_missing_fingerprint)
         elif not os.path.isfile(path):
             try:
                 from huggingface_hub import hf_hub_download
 
                 path = hf_hub_download(repo_id=path, filename=RISK_CONTROL_FILENAME, **hub_kwargs)
             except Exception as err:  # network, missing repo or file, invalid id: all mean "not found"
-                raise FileNotFoundError(
+                raise MissingCalibrationError(
                     f"Could not load a risk control from {path_or_repo_id!r}: it is not a local directory or file, "
                     f"and downloading {RISK_CONTROL_FILENAME} from the Hub repo failed ({type(err).__name__}: {err}). "
                     "Pass the directory you gave save_pretrained(), or a Hub repo id that holds the file.") from err
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+        table = LossTable.load(beside) if os.path.isfile(beside) else None
+        data = read_calibration_json(path, table, beside if table is not None else None)
+        return cls.from_dict(data, path, allow_missing_fingerprint=allow_missing_fingerprint)
 
 
 def find_calibration(model, task: str | None = None) -> tuple[LossTable, str]:

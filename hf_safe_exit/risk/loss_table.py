@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CalibrationFileError, CorruptFileError, MissingCalibrationError
 from .selection import prepare_losses
 
 __all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME"]
@@ -160,16 +162,72 @@ class LossTable:
 
     @classmethod
     def load(cls, path) -> "LossTable":
-        """Read a table written by :meth:`save` (a file, or a directory holding :data:`CALIBRATION_FILENAME`)."""
+        """Read a table written by :meth:`save` (a file, or a directory holding :data:`CALIBRATION_FILENAME`).
+
+        Never unpickles. A file that is missing, empty, truncated, not a loss table, or whose arrays or
+        header are missing or malformed raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming it.
+        """
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, CALIBRATION_FILENAME)
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header_json"]))
-            if header.get("format_version", 0) > _FORMAT_VERSION:
-                raise ValueError(f"{path} was written by a newer hf_safe_exit (format {header['format_version']}): "
-                                 "upgrade hf_safe_exit to read it.")
-            losses = {k[len("loss__"):]: data[k] for k in data.files if k.startswith("loss__")}
-            extras = {k[len("extra__"):]: data[k] for k in data.files if k.startswith("extra__")}
-            bounds = {k: tuple(v) for k, v in header["bounds"].items()}
-            return cls(data["lambdas"], losses, bounds, extras, header.get("metadata", {}))
+        if not os.path.isfile(path):
+            raise MissingCalibrationError.about(path, "no loss table there", _LOAD_FIX)
+        arrays, header = _read_npz(path)
+        version = header.get("format_version", 0)
+        if not isinstance(version, int) or version > _FORMAT_VERSION:
+            raise CorruptFileError.about(path, f"written by a newer hf_safe_exit (format {version!r}, this one reads "
+                                         f"{_FORMAT_VERSION})", "Upgrade hf_safe_exit to read it")
+        losses = {k[len("loss__"):]: v for k, v in arrays.items() if k.startswith("loss__")}
+        extras = {k[len("extra__"):]: v for k, v in arrays.items() if k.startswith("extra__")}
+        if "lambdas" not in arrays or not losses:
+            missing = "'lambdas'" if "lambdas" not in arrays else "a 'loss__<risk>' array"
+            raise CorruptFileError.about(path, f"not a complete loss table: it has no {missing}", _LOAD_FIX)
+        for name, arr in {"lambdas": arrays["lambdas"], **{f"loss__{k}": v for k, v in losses.items()}}.items():
+            if arr.dtype.kind not in "fiu":
+                raise CorruptFileError.about(path, f"array {name!r} holds {arr.dtype} values, not numbers", _LOAD_FIX)
+        bounds, metadata = header.get("bounds", {}), header.get("metadata", {})
+        if not isinstance(bounds, dict) or not isinstance(metadata, dict) or not all(
+                isinstance(v, list) and len(v) == 2 for v in bounds.values()):
+            raise CorruptFileError.about(path, "its header's 'bounds' or 'metadata' is malformed (bounds: "
+                                         "{risk: [lower, upper]}, metadata: an object)", _LOAD_FIX)
+        try:
+            return cls(arrays["lambdas"], losses, {k: tuple(v) for k, v in bounds.items()}, extras, metadata)
+        except (ValueError, TypeError) as err:  # the constructor's checks: shapes, grid, bounds, risk names
+            raise CorruptFileError.about(path, f"its arrays do not form a loss table ({err})", _LOAD_FIX) from None
+
+
+_LOAD_FIX = ("Pass a loss table written by `hf-safe-exit collect --output` (or LossTable.save), or recollect it with "
+             "`hf-safe-exit collect ... --output <file>.npz`")
+
+
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and JSON header of a ``.npz`` loss table, without unpickling; numpy's errors named by kind."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise CorruptFileError.about(path, "not a loss table: it is a single .npy array, not an .npz archive",
+                                         _LOAD_FIX)
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except CalibrationFileError:
+        raise
+    except EOFError:
+        raise CorruptFileError.about(path, "the file is empty, not a loss table", _LOAD_FIX) from None
+    except zipfile.BadZipFile:
+        raise CorruptFileError.about(path, "truncated or damaged .npz archive (incomplete download or copy?)",
+                                     _LOAD_FIX) from None
+    except (ValueError, OSError, KeyError) as err:
+        # numpy reports any other content as "pickled data" or "object arrays": neither is ever loaded here
+        problem = ("it holds Python objects, which a loss table never does" if "allow_pickle" in str(err) and
+                   zipfile.is_zipfile(path) else "not a loss table (not an .npz archive of numeric arrays)")
+        raise CorruptFileError.about(path, problem, _LOAD_FIX) from None
+    if "header_json" not in arrays:
+        raise CorruptFileError.about(path, "not a loss table written by hf_safe_exit: the .npz has no 'header_json' "
+                                     f"(it holds {sorted(arrays)[:5]})", _LOAD_FIX)
+    try:
+        header = json.loads(str(arrays.pop("header_json")))
+    except (json.JSONDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise CorruptFileError.about(path, "its 'header_json' is not a JSON object", _LOAD_FIX)
+    return arrays, header

@@ -25,11 +25,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MissingCalibrationError
+from ..errors import CorruptFileError, MissingCalibrationError, read_json_object
+from .integrity import check_calibration_dict, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable
 
 __all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "MissingCalibrationError",
-           "calibration_dir", "check_task_name", "stored_tasks", "primary_task", "set_primary_task",
+           "calibration_dir", "check_task_name", "read_calibration_json", "stored_tasks", "primary_task", "set_primary_task",
            "StoredCalibration", "find_stored", "store_calibration", "clear_store_cache"]
 
 CALIBRATION_SUBDIR = "calibration"
@@ -61,12 +62,14 @@ def calibration_dir(model_dir, task: str) -> Path:
 
 _HUB_FILES: dict[tuple[str, str], str | None] = {}
 _TABLES: dict[tuple, LossTable] = {}
+_CHECKED: set[tuple] = set()  # (risk_control.json as read, the table beside it) pairs whose refit was checked
 
 
 def clear_store_cache() -> None:
-    """Forget downloaded Hub files and loaded tables (tests; after rewriting a table in place)."""
+    """Forget downloaded Hub files, loaded tables and integrity checks (tests; after rewriting a file in place)."""
     _HUB_FILES.clear()
     _TABLES.clear()
+    _CHECKED.clear()
 
 
 def _load_table(path: str) -> LossTable:
@@ -124,9 +127,23 @@ def _source_of(model) -> _Source | None:
     return _Source(name, local=os.path.isdir(name))
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+def read_calibration_json(path, table: LossTable | None = None, table_path=None) -> dict:
+    """The content of the ``risk_control.json`` at ``path``, checked (see :mod:`hf_safe_exit.risk.integrity`).
+
+    With ``table`` (the loss table stored beside it, at ``table_path``) it must also be what refitting the table
+    gives. Raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming the file otherwise.
+    """
+    data = read_json_object(path, what=f"a calibration ({RISK_CONTROL_FILENAME})",
+                            fix="Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained")
+    check_calibration_dict(data, path)
+    if table is not None:
+        key = (json.dumps(data, sort_keys=True), table.digest(), table.metadata.get("model_fingerprint"))
+        if key not in _CHECKED:
+            check_refit(data, path, table, table_path)
+            if len(_CHECKED) > 64:
+                _CHECKED.clear()
+            _CHECKED.add(key)
+    return data
 
 
 def primary_task(source) -> str | None:
@@ -134,9 +151,14 @@ def primary_task(source) -> str | None:
     src = source if isinstance(source, _Source) else _Source(os.fspath(source), local=True)
     path = src.get(f"{CALIBRATION_SUBDIR}/{STORE_CONFIG}")
     if path is not None:
-        task = _read_json(path).get("primary_task")
+        fix = (f"Rewrite it as {{\"primary_task\": \"<task>\"}} (one of the folders beside it), e.g. with "
+               "hf_safe_exit.risk.store.set_primary_task(model_dir, task), or delete it")
+        task = read_json_object(path, what="a calibration config ({\"primary_task\": ...})", fix=fix).get("primary_task")
         if task is not None:
-            return check_task_name(task)
+            try:
+                return check_task_name(task)
+            except ValueError as err:
+                raise CorruptFileError.about(path, f"its primary_task is not a task name ({err})", fix) from None
     tasks = src.tasks()
     return tasks[0] if len(tasks) == 1 else None
 
@@ -249,8 +271,10 @@ def find_stored(model, task: str | None = None) -> StoredCalibration:
         sub = f"{CALIBRATION_SUBDIR}/{chosen}"
         table_path, json_path = src.get(f"{sub}/{CALIBRATION_FILENAME}"), src.get(f"{sub}/{RISK_CONTROL_FILENAME}")
         if table_path is not None or json_path is not None:
-            return StoredCalibration(chosen, _load_table(table_path) if table_path else None, table_path,
-                                     _read_json(json_path) if json_path else None, json_path)
+            table = _load_table(table_path) if table_path else None
+            return StoredCalibration(chosen, table, table_path,
+                                     read_calibration_json(json_path, table, table_path) if json_path else None,
+                                     json_path)
         tasks = src.tasks() if tasks is None else tasks
         if tasks or task is not None and src.local and (Path(src.root) / CALIBRATION_SUBDIR).is_dir():
             raise MissingCalibrationError(
@@ -259,8 +283,9 @@ def find_stored(model, task: str | None = None) -> StoredCalibration:
                 + ". " + HOW_TO_CALIBRATE)
     # checkpoints written before the per-task layout: one calibration at the root, for the task it names
     table_path, json_path = src.get(CALIBRATION_FILENAME), src.get(RISK_CONTROL_FILENAME)
-    legacy = StoredCalibration(None, _load_table(table_path) if table_path else None, table_path,
-                               _read_json(json_path) if json_path else None, json_path)
+    table = _load_table(table_path) if table_path else None
+    legacy = StoredCalibration(None, table, table_path,
+                               read_calibration_json(json_path, table, table_path) if json_path else None, json_path)
     if legacy.table is not None or legacy.controlled_json is not None:
         stored_task = (legacy.table.metadata.get("task") if legacy.table is not None
                        else (legacy.controlled_json.get("certificate") or {}).get("task"))

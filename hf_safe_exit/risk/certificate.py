@@ -1,0 +1,62 @@
+"""``RiskCertificate``: what a fitted ``RiskControlled`` guarantees, for which model, data and decoding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["RiskCertificate", "guarantee_text"]
+
+
+@dataclass(frozen=True)
+class RiskCertificate:
+    """What was guaranteed, for which model and data. Grid lists are in ascending λ order.
+
+    ``risk_bound`` is the quantity compared with ε at λ̂: R̂ (naive), n/(n+1)·R̂ + B/(n+1)
+    (crc), the UCB (ucb), or the Hoeffding–Bentkus UCB at level δ (ltt, whose test itself
+    uses ``p_value`` ≤ δ). ``feasible`` is False when no λ < 1 qualified (then λ̂ = 1).
+
+    ``max_new_tokens`` / ``max_input_length``: the lengths the calibration decoded with (None if its
+    losses did not record them). The guarantee is for outputs made the same way, so ``generate`` uses
+    them by default and warns when a call departs from them.
+    """
+
+    eps: float
+    delta: float | None
+    method: str
+    bound: str | None
+    risk: str
+    monotonize: str | None
+    n: int
+    lambda_hat: float
+    empirical_risk: float
+    risk_bound: float
+    p_value: float | None
+    feasible: bool
+    guarantee: str
+    loss_bounds: tuple[float, float]
+    grid: list[float] = field(default_factory=list)
+    grid_empirical_risk: list[float] = field(default_factory=list)
+    grid_statistic: list[float] = field(default_factory=list)
+    model_fingerprint: str | None = None
+    task: str | None = None
+    measure: str | None = None
+    max_new_tokens: int | None = None
+    max_input_length: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RiskCertificate":
+        data = dict(data)
+        data["loss_bounds"] = tuple(data["loss_bounds"])
+        return cls(**data)
+
+
+def guarantee_text(method: str, eps: float, delta: float | None, risk: str) -> str:
+    """The guarantee of ``method`` at (ε, δ) in words, as a certificate states it."""
+    if method == "crc":
+        return f"E[{risk}(λ̂) on a new example] ≤ {eps:g}"
+    if method in ("ucb", "ltt"):
+        return f"P({risk} risk at λ̂ ≤ {eps:g}) ≥ {1 - delta:g}"
+    return "none (naive empirical risk, for comparison only)"

@@ -1,0 +1,158 @@
+"""Integrity of a stored calibration (``risk_control.json``): complete, self-consistent, and reproducible.
+
+A calibration is only as trustworthy as its file. Before one is used it must
+
+* be complete: the fields ``RiskControlled.to_dict`` writes, of the right types
+  (:class:`~hf_safe_exit.errors.CorruptFileError` otherwise);
+* agree with itself: λ̂ (``lambda_``) equals its certificate's ``lambda_hat`` and is a point of the
+  certificate's grid, the certificate was fitted with the file's (ε, δ, method, risk, monotonize) and
+  for the file's model, task, measure and lengths, and ``feasible`` says whether λ̂ < 1;
+* where the loss table is stored beside it (``early_exit_calibration.npz`` in the same folder): be what
+  refitting that table gives (same λ̂, n and model).
+
+A file that fails the last two was edited by hand or mixed up with another calibration:
+:class:`~hf_safe_exit.errors.InconsistentCalibrationError`, naming the file and both values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from ..errors import CorruptFileError, InconsistentCalibrationError
+from ..policy import SCHEDULES
+from .certificate import RiskCertificate
+from .loss_table import LossTable
+from .selection import select
+
+__all__ = ["FORMAT_VERSION", "RECALIBRATE", "check_calibration_dict", "check_refit"]
+
+FORMAT_VERSION = 1
+RECALIBRATE = ("Recalibrate: `hf-safe-exit calibrate --results <table>.npz --eps ... --model <model> --store-in-model` "
+               "(or RiskControlled(...).fit_table(table).save_pretrained(dir)); never edit risk_control.json by hand")
+_CORRUPT_FIX = ("Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained, or delete it (a model "
+                "folder's calibration/<task>/early_exit_calibration.npz alone is enough for RiskControlled(eps))")
+_TOLERANCE = 1e-12
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _close(a, b) -> bool:
+    return a == b or (_number(a) and _number(b) and math.isclose(a, b, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE))
+
+
+def _check_settings(calibration: dict, path) -> None:
+    """The early-exit (or BiLD) settings that ``bind`` needs are there and typed."""
+    if calibration.get("strategy") == "bild":
+        policy = calibration.get("policy")
+        if not isinstance(policy, dict) or not _number(policy.get("fallback")) or not _number(
+                policy.get("max_draft_len")):
+            raise CorruptFileError.about(path, "a BiLD calibration whose 'calibration.policy' lacks a numeric "
+                                         "'fallback' or 'max_draft_len'", _CORRUPT_FIX)
+        return
+    problems = []
+    if calibration.get("schedule") not in SCHEDULES:
+        problems.append(f"'schedule' is {calibration.get('schedule')!r}, not one of {SCHEDULES}")
+    layer = calibration.get("min_exit_layer")
+    if not (isinstance(layer, int) and not isinstance(layer, bool) and layer >= 1):
+        problems.append(f"'min_exit_layer' is {layer!r}, not a positive integer")
+    if not (_number(calibration.get("decay_tau")) and calibration["decay_tau"] > 0):
+        problems.append(f"'decay_tau' is {calibration.get('decay_tau')!r}, not a positive number")
+    if not isinstance(calibration.get("measure", None), (str, type(None))):
+        problems.append(f"'measure' is {calibration['measure']!r}, not a measure name")
+    if not isinstance(calibration.get("anytime"), (dict, type(None))):
+        problems.append(f"'anytime' is {calibration['anytime']!r}, not a PoE setting or null")
+    if problems:
+        raise CorruptFileError.about(path, "its early-exit settings are incomplete: " + "; ".join(problems),
+                                     _CORRUPT_FIX)
+
+
+def check_calibration_dict(data, path=None) -> RiskCertificate:
+    """Check the content of a ``risk_control.json`` (see the module docstring); returns its certificate.
+
+    The certificate's ``max_new_tokens``/``max_input_length`` are taken from ``calibration`` when the
+    certificate predates those fields. Raises ``CorruptFileError`` or ``InconsistentCalibrationError``
+    naming ``path`` (or "risk_control.json" when the dict came from elsewhere).
+    """
+    where = path if path is not None else "risk_control.json"
+    if not isinstance(data, dict):
+        raise CorruptFileError.about(where, f"a calibration must be a JSON object, got {type(data).__name__}",
+                                     _CORRUPT_FIX)
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CorruptFileError.about(where, f"format {version!r} is newer than this hf_safe_exit reads "
+                                     f"({FORMAT_VERSION})", "Upgrade hf_safe_exit to read it")
+    missing = [k for k in ("params", "lambda_", "calibration", "certificate") if k not in data]
+    if missing:
+        raise CorruptFileError.about(where, f"not a complete calibration: no {', '.join(map(repr, missing))}",
+                                     _CORRUPT_FIX)
+    params, calibration, lam = data["params"], data["calibration"], data["lambda_"]
+    if not isinstance(params, dict) or not isinstance(calibration, dict) or not isinstance(data["certificate"], dict):
+        raise CorruptFileError.about(where, "'params', 'calibration' and 'certificate' must be JSON objects",
+                                     _CORRUPT_FIX)
+    if not _number(lam) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
+        raise CorruptFileError.about(where, f"lambda_={lam!r} is not a threshold in [0, 1]", _CORRUPT_FIX)
+    _check_settings(calibration, where)
+    try:
+        cert = RiskCertificate.from_dict(data["certificate"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise CorruptFileError.about(where, f"its certificate is incomplete or malformed ({err})", _CORRUPT_FIX) from None
+    lengths = {k: calibration[k] for k in ("max_new_tokens", "max_input_length")
+               if getattr(cert, k) is None and calibration.get(k) is not None}
+    if lengths:  # a certificate written before it recorded the lengths: they live in "calibration"
+        cert = RiskCertificate.from_dict({**cert.to_dict(), **lengths})
+
+    def inconsistent(what: str, stored, certified):
+        return InconsistentCalibrationError.about(
+            where, f"{what} is {stored!r} but its certificate says {certified!r}: the file was edited or mixed up "
+            "with another calibration", RECALIBRATE)
+
+    if not _close(lam, cert.lambda_hat):
+        raise inconsistent("lambda_ (λ̂)", lam, cert.lambda_hat)
+    if cert.grid and not any(_close(lam, g) for g in cert.grid):
+        raise InconsistentCalibrationError.about(where, f"lambda_ = {lam!r} is not a threshold of its certificate's "
+                                                 f"grid ({len(cert.grid)} thresholds): the file was edited", RECALIBRATE)
+    if cert.feasible != (lam < 1.0):
+        raise inconsistent("feasible (λ̂ < 1)", lam < 1.0, cert.feasible)
+    for key in ("eps", "delta", "method", "risk", "monotonize"):
+        if key in params and not _close(params[key], getattr(cert, key)):
+            raise inconsistent(f"params.{key}", params[key], getattr(cert, key))
+    if cert.method == "ucb" and "bound" in params and params["bound"] != cert.bound:
+        raise inconsistent("params.bound", params["bound"], cert.bound)
+    for key in ("model_fingerprint", "task", "measure", "max_new_tokens", "max_input_length"):
+        if calibration.get(key) is not None and getattr(cert, key) is not None and calibration[key] != getattr(cert, key):
+            raise inconsistent(f"calibration.{key}", calibration[key], getattr(cert, key))
+    return cert
+
+
+def check_refit(data: dict, path, table: LossTable, table_path) -> None:
+    """Raise ``InconsistentCalibrationError`` unless refitting ``table`` (stored beside ``path``) gives ``data``'s λ̂.
+
+    ``data`` must have passed :func:`check_calibration_dict`. Compares λ̂, the number of examples and the
+    model fingerprint.
+    """
+    params, cert = data["params"], data["certificate"]
+    risk = params.get("risk", "performance_gap")
+
+    def differs(what: str, refit, stored):
+        return InconsistentCalibrationError.about(
+            path, f"{what} is {stored!r}, but refitting the loss table stored beside it ('{table_path}') with its own "
+            f"settings gives {refit!r}: one of the two files was edited or replaced", RECALIBRATE)
+
+    if risk not in table.losses:
+        raise differs("its risk", f"no {risk!r} losses (only {sorted(table.losses)})", risk)
+    table_fp, stored_fp = table.metadata.get("model_fingerprint"), data["calibration"].get("model_fingerprint")
+    if table_fp != stored_fp:
+        raise differs("its model fingerprint", table_fp, stored_fp)
+    if table.n != cert.get("n"):
+        raise differs("its number of calibration examples n", table.n, cert.get("n"))
+    try:
+        sel = select(params["method"], table.lambdas, table.losses[risk], params["eps"], params.get("delta"),
+                     bound=params.get("bound", "wsr"), loss_bounds=table.bounds[risk],
+                     monotonize=params.get("monotonize"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError.about(path, f"its params cannot be refitted ({err})", _CORRUPT_FIX) from None
+    if not _close(sel.lambda_hat, data["lambda_"]):
+        raise differs("λ̂ (lambda_)", sel.lambda_hat, data["lambda_"])
