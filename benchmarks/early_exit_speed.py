@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--n-squad", type=int, default=48)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.05, 0.0])
-    p.add_argument("--measure", default="softmax")
+    p.add_argument("--measure", default="auto")
     p.add_argument("--max-source-length", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "early_exit_speed.json"))

@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=None, help="article to summarise (default: a held-out CNN/DM article)")
     parser.add_argument("--threshold", type=float, nargs="+", default=[0.9, 0.7, 0.5])
-    parser.add_argument("--measure", default="softmax", choices=["softmax", "saturation", "meta"])
+    parser.add_argument("--measure", default="auto",
+                        choices=["auto", "softmax", "softmax_shortlist", "saturation", "meta"])
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args(argv)

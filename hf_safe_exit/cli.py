@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", type=float, default=None, help="bild: fallback threshold (default 0.6)")
     p.add_argument("--max-draft-len", type=int, default=None, help="bild: tokens drafted per verification "
                    "(default 10)")
-    p.add_argument("--measure", default="softmax", help="softmax, saturation or meta (default softmax)")
+    p.add_argument("--measure", default="auto", help="auto (default: meta if the model has a trained meta head, "
+                   "else softmax_shortlist; chosen by benchmarks/measure_choice.py), softmax, softmax_shortlist, "
+                   "saturation or meta")
     p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
     p.add_argument("--min-exit-layer", type=int, default=1)
     p.add_argument("--anytime", default=None, choices=("poe",),

@@ -65,9 +65,9 @@ class DemoResult:
     guarantee: str
     calibration_source: str
     time_early: float
-    time_full: float
+    time_full: float  # the full model made to generate exactly new_tokens_early tokens (like for like)
     new_tokens_early: int
-    new_tokens_full: int
+    new_tokens_full: int  # the full model's own output length (its text is full_text)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -76,11 +76,11 @@ class DemoResult:
 
     @property
     def speedup(self) -> float:
-        """Per-token speed-up: the full model's time per generated token over early exit's (outputs may differ in
-        length, so whole-call times are not comparable)."""
-        if self.time_early <= 0 or not self.new_tokens_early or not self.new_tokens_full:
+        """The full model's time over early exit's for the same number of generated tokens (``new_tokens_early``:
+        the full model is timed with ``min_new_tokens = max_new_tokens`` = that count), encoder included."""
+        if self.time_early <= 0 or self.time_full <= 0:
             return float("nan")
-        return (self.time_full / self.new_tokens_full) / (self.time_early / self.new_tokens_early)
+        return self.time_full / self.time_early
 
 
 def find_task_calibration(model_dir, task: str, *, eps: float = 0.1, delta: float | None = 0.1,
@@ -176,13 +176,10 @@ def _legend(num_layers: int, color: bool, use_rich: bool):
                                     for l in range(1, num_layers + 1)) + f"  ({num_layers} = full depth)"
 
 
-def _time_generate(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, *, max_new_tokens: int | None,
@@ -209,12 +206,18 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
         def run_early(**over):
             return model.generate(**enc, **{**gen, **over}, early_exit=early_exit, return_dict_in_generate=True)
 
-        run_full(max_new_tokens=2), run_early(max_new_tokens=2)  # short warm-up (first-call allocations), untimed
-        t_full, full = _time_generate(run_full, repeats)
-        t_early, out = _time_generate(run_early, repeats)
+        full = run_full()  # the full model's own output, shown beside early exit's; also the warm-up
+        out = run_early()  # (first-call allocations): neither is timed
+        real = out.exit_layers[0] > 0
+        n = max(int(real.sum()), 1)
+        # like for like: the full model timed on exactly as many tokens as early exit made, interleaved, best of
+        # `repeats` each (outputs of different lengths would make a per-call ratio meaningless)
+        t_early, t_full = float("inf"), float("inf")
+        for _ in range(repeats):
+            t_early = min(t_early, _timed(run_early)[0])
+            t_full = min(t_full, _timed(lambda: run_full(max_new_tokens=n, min_new_tokens=n))[0])
     seq = out.sequences[0, 1:]
     layers = out.exit_layers[0]
-    real = layers > 0
     ids = seq[real].tolist()
     full_ids = full[0, 1:].tolist()
     num_layers = int(out.num_decoder_layers)
@@ -248,11 +251,11 @@ def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> No
     same = "identical to" if r.text == r.full_text else "differs from"
     emit(f"Mean exit layer {r.mean_exit_layer:.2f} of {r.num_layers} "
          f"({100 * r.mean_exit_layer / r.num_layers:.0f}% of the decoder); output {same} the full model's.")
-    per_early = r.time_early * 1000 / max(r.new_tokens_early, 1)
-    per_full = r.time_full * 1000 / max(r.new_tokens_full, 1)
-    emit(f"Time per generated token: {per_early:.1f} ms with early exit ({r.new_tokens_early} tokens), "
-         f"{per_full:.1f} ms with the full model (HF generate, {r.new_tokens_full} tokens) → per-token speed-up "
-         f"{r.speedup:.2f}× on this input (encoder included; this tiny model's vocabulary projection is cheap).")
+    n = max(r.new_tokens_early, 1)
+    emit(f"Time for the same {n} generated tokens (encoder included): {r.time_early * 1000:.1f} ms with early "
+         f"exit, {r.time_full * 1000:.1f} ms with the full model (HF generate made to emit {n} tokens) → "
+         f"speed-up {r.speedup:.2f}× on this input, this tiny model ({r.time_early * 1000 / n:.1f} vs "
+         f"{r.time_full * 1000 / n:.1f} ms/token; real T5 shapes: README \"Speed on real T5 shapes\").")
     emit(f"Guarantee: {r.guarantee}")
     emit(f"  (It is a statement about inputs drawn like the calibration data, {_DATA.get(r.task, r.task)}; "
          "a text of another kind is outside it.)")
@@ -326,7 +329,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--question", default=None, help="a question about the article (built-in one by default)")
     p.add_argument("--model", default=None, help="a T5 checkpoint directory with its calibration "
                                                  "(default: the shipped default model)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per answer (default: the "
+                   "calibration's max_new_tokens, else the task's, at most 64); another value than the "
+                   "calibration's warns, since the guarantee is for the calibrated length")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per model, the fastest counts (default 1)")
     p.add_argument("--no-color", action="store_true", help="plain text: exit layers as ⟨n⟩ after each token")
     return p

@@ -23,7 +23,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .confidence import ConfidenceMeasure, LayerView, get_measure, measure_name
+from .confidence import DEFAULT_MEASURE, ConfidenceMeasure, LayerView, check_measure, get_measure, measure_name
 from .decoding.poe import PoEConfig, resolve_anytime
 
 __all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "SCHEDULES"]
@@ -75,7 +75,9 @@ class EarlyExit:
 
     Args:
         threshold: λ in [0, 1]. 1 never exits (the full model); 0 exits wherever confidence > 0.
-        measure: ``"softmax"``, ``"saturation"``, ``"meta"`` or a ``ConfidenceMeasure`` instance.
+        measure: ``"auto"`` (default: ``"meta"`` if the model has a trained meta head, else
+            ``confidence.HEAD_FREE_DEFAULT``; chosen by measurement, see :mod:`hf_safe_exit.confidence`),
+            ``"softmax"``, ``"softmax_shortlist"``, ``"saturation"``, ``"meta"`` or a ``ConfidenceMeasure``.
         schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
         decay_tau: τ of the decaying schedule (CALM uses 4).
         min_exit_layer: first 1-based decoder layer allowed to exit.
@@ -88,7 +90,7 @@ class EarlyExit:
     """
 
     threshold: float = 0.9
-    measure: str | ConfidenceMeasure = "softmax"
+    measure: str | ConfidenceMeasure = DEFAULT_MEASURE
     schedule: str = "constant"
     decay_tau: float = 4.0
     min_exit_layer: int = 1
@@ -106,7 +108,7 @@ class EarlyExit:
             raise ValueError(f"schedule={self.schedule!r} is unknown: use one of {SCHEDULES}.")
         if not self.decay_tau > 0:
             raise ValueError(f"decay_tau={self.decay_tau!r} must be > 0.")
-        get_measure(self.measure)  # raises on an unknown name
+        check_measure(self.measure)  # raises on an unknown name
         object.__setattr__(self, "anytime", resolve_anytime(self.anytime))
 
     @property
@@ -117,7 +119,7 @@ class EarlyExit:
         _check_min_exit_layer(self.min_exit_layer, model)
         if self.anytime is not None:
             self.anytime.layer_weights(model.config.num_decoder_layers)  # raises on a wrong number of weights
-        return replace(self, measure=get_measure(self.measure).bind(model))
+        return replace(self, measure=get_measure(self.measure, model).bind(model))
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:
         if self.schedule == "decaying":

@@ -28,7 +28,7 @@ def example_parser(description: str, default_output: str) -> argparse.ArgumentPa
     p.add_argument("--eps", type=float, default=0.05, help="target risk ε")
     p.add_argument("--method", default="crc", help="crc, ucb or ltt")
     p.add_argument("--delta", type=float, default=None, help="δ for ucb / ltt (e.g. 0.1)")
-    p.add_argument("--measure", default="softmax")
+    p.add_argument("--measure", default="auto", help="confidence measure (default auto: see EarlyExit)")
     p.add_argument("--lambdas", default=None, help="comma-separated grid incl. 1 (default: 20 levels)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)

@@ -144,7 +144,7 @@ def collect(
     examples: Iterable[Mapping[str, Any]],
     *,
     lambdas: Sequence[float] | None = None,
-    measure: str = "softmax",
+    measure: str = "auto",
     schedule: str = "constant",
     min_exit_layer: int = 1,
     decay_tau: float = 4.0,
@@ -204,6 +204,7 @@ def collect(
 
     import hf_safe_exit
 
+    from ..confidence import resolve_measure
     from ..fingerprint import model_fingerprint
     from ..risk.loss_table import LossTable
     from ..tasks import get_task
@@ -214,8 +215,9 @@ def collect(
     if not rows:
         raise ValueError("collect needs at least one example: check the data split and --n.")
     if policy_factory is None:
-        strategy = EarlyExitStrategy(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer,
-                                     decay_tau=decay_tau, anytime=anytime)
+        # "auto" is resolved here, so that the table records the measure the losses were computed with
+        strategy = EarlyExitStrategy(measure=resolve_measure(measure, model), schedule=schedule,
+                                     min_exit_layer=min_exit_layer, decay_tau=decay_tau, anytime=anytime)
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)
     if lambdas is None:

@@ -73,7 +73,7 @@ class EarlyExitStrategy:
 
     name = "early_exit"
 
-    def __init__(self, measure: str = "softmax", schedule: str = "constant", min_exit_layer: int = 1,
+    def __init__(self, measure: str, schedule: str = "constant", min_exit_layer: int = 1,
                  decay_tau: float = 4.0, anytime=None):
         import hf_safe_exit
         from ..decoding.poe import resolve_anytime

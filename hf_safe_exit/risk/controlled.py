@@ -23,7 +23,7 @@ import os
 import warnings
 from collections import OrderedDict
 
-from ..confidence import ConfidenceMeasure, get_measure, measure_name
+from ..confidence import AUTO, ConfidenceMeasure, get_measure, measure_name
 from ..decoding.poe import resolve_anytime
 from ..errors import CorruptFileError, MissingFingerprintError, ModelMismatchError
 from ..fingerprint import model_fingerprint
@@ -152,6 +152,8 @@ class RiskControlled:
             raise ValueError(f"risk={risk!r} is unknown: use one of {RISKS}.")
         if monotonize not in MONOTONIZE:
             raise ValueError(f"monotonize={monotonize!r} is unknown: use None or 'per_example'.")
+        if isinstance(measure, str) and measure == AUTO:
+            measure = None  # a calibration records the measure "auto" resolved to: "auto" asks for that one
         if measure is not None:
             get_measure(measure)
         if schedule is not None and schedule not in SCHEDULES:
