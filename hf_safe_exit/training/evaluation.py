@@ -100,9 +100,8 @@ def truncated_decoder_model(model, num_layers: int):
 def greedy_generate(model, tokenizer, sources: list[str], *, max_source_length: int, max_new_tokens: int,
                     batch_size: int = 16) -> list[str]:
     """Greedy decoding (with a decoder-sized cache, so truncated decoders work with stock ``generate``)."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
     from ..compat import cache_kwargs
+    from ..decoding.early_exit_loop import new_decoder_cache
 
     model.eval()
     device = next(model.parameters()).device
@@ -113,9 +112,8 @@ def greedy_generate(model, tokenizer, sources: list[str], *, max_source_length: 
         idx = order[s:s + batch_size]
         enc = tokenizer([sources[i] for i in idx], max_length=max_source_length, truncation=True,
                         padding=True, return_tensors="pt").to(device)
-        cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             **cache_kwargs(cache))
+                             **cache_kwargs(new_decoder_cache(model)))
         for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
             res[i] = text.strip()
     outs = [res[i] for i in range(len(sources))]

@@ -1,0 +1,98 @@
+"""The model card of a CALM fine-tune (:func:`hf_safe_exit.training.finetune.finetune_calm`).
+
+What was trained, on which rows, with which settings, then the guarantee section that
+:func:`hf_safe_exit.cards.write_guarantee_card` writes (test risk, mean exit layer and the speed-up per
+generated token, from the repeated-split evaluation of the calibration pool).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["render_finetune_card", "write_finetune_card"]
+
+# the rows of the task's validation data each split holds (hf_safe_exit.tasks.data, the project's fixed splits)
+_SPLITS = {"cnndm": ("CNN/DailyMail 3.0.0 validation rows 0–499", "validation rows 500–899"),
+           "squad": ("SQuAD v1.1 validation (dev) articles 0–35", "validation articles 36–47")}
+
+
+def _hub_id(model: str) -> str | None:
+    """``model`` when it names a Hub repo (``owner/name``) rather than a local folder; the card's ``base_model``."""
+    parts = model.split("/")
+    return model if len(parts) == 2 and all(parts) and not os.path.exists(model) else None
+
+
+def render_finetune_card(results: dict) -> str:
+    """The card's text before its guarantee section: YAML metadata, what was trained and how to reproduce it.
+
+    ``results`` is the dict :func:`~hf_safe_exit.training.finetune.finetune_calm` writes to ``finetune_results.json``.
+    """
+    from huggingface_hub import ModelCardData
+
+    from ..tasks import get_task
+    from .calm_loss import layer_weights
+
+    cfg, train, meta, cal = results["config"], results["training"], results["meta_head"], results["calibration"]
+    task = get_task(cfg["task"])
+    base = _hub_id(cfg["model"])
+    data = ModelCardData(library_name="transformers", language="en", tags=["t5", "early-exit", "calm"],
+                         datasets=[task.hub_id], base_model=base, model_name=Path(cfg["output"]).name)
+    train_rows, pool_rows = _SPLITS.get(task.name, ("the train split", "the pool split"))
+    weights = ", ".join(f"{w:.3f}" for w in layer_weights(results["num_decoder_layers"], cfg["weighting"]).tolist())
+    precision = "bf16 mixed precision" if cfg["bf16"] else "fp16 mixed precision" if cfg["fp16"] else "float32"
+    command = " ".join(["python examples/finetune_calm.py", f"--model {cfg['model']}", f"--task {cfg['task']}"]
+                       + ([f"--data {cfg['data']}"] if cfg["data"] else [])
+                       + [f"--max-steps {cfg['max_steps']}", f"--n-calibration {cfg['n_calibration']}",
+                          f"--learning-rate {cfg['learning_rate']:g}", f"--batch-size {cfg['batch_size']}",
+                          f"--seed {cfg['seed']}", "--output <folder>"])
+    return f"""---
+{data.to_yaml()}
+---
+
+# {data.model_name}
+
+`{cfg['model']}` fine-tuned for **{task.name}** with CALM's per-layer loss (Schuster et al. 2022), so that
+every decoder layer can be read out through the shared head, and calibrated for token-level early exit with a
+risk guarantee (the `hf_safe_exit` library). It is an ordinary `T5ForConditionalGeneration`; loaded with
+`trust_remote_code=True`, its `generate` also takes `early_exit=RiskControlled(eps=...)` (see *Use it* below).
+
+## Training
+- Data: {train_rows} (the train split; prompts as `hf_safe_exit.tasks.get_task({task.name!r}).prompt`),
+  sources truncated to {cfg['max_input_length'] or task.max_input_length} tokens, targets to
+  {cfg['max_new_tokens'] or task.max_new_tokens}.
+- Loss: weighted cross-entropy of every decoder layer's read-out, weights {cfg['weighting']} ({weights}).
+- {train['steps']} steps (`CALMSeq2SeqTrainer`, AdamW, lr {cfg['learning_rate']:g}, warm-up {cfg['warmup_steps']}
+  steps, linear decay), batch {cfg['batch_size']} × {cfg['gradient_accumulation_steps']} accumulation,
+  {precision}, on {train['device'].upper()} in {train['seconds'] / 60:.1f} min; mean weighted training loss
+  {train['train_loss']:.4f}.
+- Meta-classifier head (`meta_head.safetensors`, for `measure="meta"`): backbone frozen, decoder states of
+  {meta['n_examples']} (position, layer) pairs of train examples, label "the layer's top token equals the last
+  layer's" (positive rate {meta['positive_rate']:.3f}), class-balanced cross-entropy; training balanced accuracy
+  {meta['train_balanced_accuracy']:.3f}.
+- Calibration: {cal['n']} examples of the calibration/test pool ({pool_rows}; never trained on), decoded at
+  every threshold with the `{cal['measure']}` confidence measure; their ids are in
+  `calibration/{task.name}/early_exit_calibration.npz`.
+
+Reproduce: `{command}`.
+"""
+
+
+def write_finetune_card(out, results: dict, controlled, evaluation: dict, *, plots: bool = True) -> Path:
+    """Write ``out/README.md``: :func:`render_finetune_card`, then the guarantee section of ``controlled`` with the
+    held-out numbers of ``evaluation`` (and its plots, copied into ``out/hf_safe_exit_plots/<task>/``)."""
+    from huggingface_hub import ModelCard
+
+    from ..cards import write_guarantee_card
+
+    out = Path(out)
+    ModelCard(render_finetune_card(results)).save(out / "README.md")
+    with tempfile.TemporaryDirectory(prefix="hf_safe_exit_plots_") as scratch:
+        figures = []
+        if plots:
+            from ..plotting import plot_evaluation
+
+            figures = plot_evaluation(evaluation, scratch)
+        return write_guarantee_card(out, controlled, test_results=evaluation, plots=figures, hardware="auto",
+                                    calibration_split="pool", save_calibration=False)
