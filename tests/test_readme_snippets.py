@@ -2,13 +2,16 @@
 
 README's ```python blocks run in order in one namespace (as a reader pasting them into one session would); every
 ``hf-safe-exit ...`` line of its ```bash blocks is parsed by the CLI's own parser (running them all means decoding
-the calibration pools, which the CLI tests do on small data). A model card written for a tiny calibrated model has
-its ```python block run with the card's placeholder replaced by that model's folder.
+the calibration pools, which the CLI tests do on small data). Its ``python examples/finetune_calm.py`` lines are
+parsed by the example's parser, and the offline one runs as written but for the model: a tiny T5 with the
+default model's tokenizer stands in for the default model (which takes 1-1.5 minutes here). A model card written
+for a tiny calibrated model has its ```python block run with the card's placeholder replaced by that model's folder.
 """
 
 from __future__ import annotations
 
 import re
+import runpy
 import shlex
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 import hf_safe_exit
+from hf_safe_exit.cards import write_guarantee_card
 from hf_safe_exit.cli import build_parser
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.models import default_model_available
@@ -83,7 +87,7 @@ def test_model_card_snippet_runs_as_written(tmp_path):
         "max_new_tokens": 8, "max_input_length": 32})
     rc = RiskControlled(eps=0.2, delta=0.2, method="ucb").fit_table(table)
     store_calibration(tmp_path, table=table)
-    card = rc.write_card(tmp_path, model_name="tiny")
+    card = write_guarantee_card(tmp_path, rc, model_name="tiny")
     blocks = _blocks(card.read_text(encoding="utf-8"), "python")
     assert len(blocks) == 1
     code = blocks[0].replace("<this repo or directory>", str(tmp_path))
@@ -111,3 +115,45 @@ def test_default_model_card_snippets_run_as_written(capsys):
             stored = RiskControlled.from_pretrained(path, task=rc.task)
             assert bound.threshold == stored.lambda_ and bound.certificate == stored.certificate
     assert capsys.readouterr().out.count("[") >= 2
+
+
+def _finetune_commands() -> list[list[str]]:
+    lines = [line.split("#", 1)[0].strip() for block in _blocks((ROOT / "README.md").read_text(encoding="utf-8"),
+                                                                 "bash") for line in block.splitlines()]
+    return [shlex.split(line)[2:] for line in lines if line.startswith("python examples/finetune_calm.py ")]
+
+
+@pytest.mark.skipif(not default_model_available(), reason="the shipped default model is not installed")
+def test_readme_finetune_command_runs_as_written(tmp_path, monkeypatch, one_thread):
+    from transformers import AutoTokenizer, HfArgumentParser
+
+    from hf_safe_exit.calibration.tiny import build_tiny_t5
+    from hf_safe_exit.models import default_model_path
+    from hf_safe_exit.tasks import shared_data_dir
+    from hf_safe_exit.training.finetune import FinetuneConfig
+
+    commands = _finetune_commands()
+    assert len(commands) == 2  # the Hub one and the offline one
+    parser = HfArgumentParser(FinetuneConfig)
+    configs = [parser.parse_args_into_dataclasses(args=argv)[0] for argv in commands]
+    offline = [(argv, c) for argv, c in zip(commands, configs) if c.data is not None]
+    assert len(offline) == 1
+    argv, config = offline[0]
+    if shared_data_dir() is None:
+        pytest.skip("the offline data (../shared/data) is not available")
+    monkeypatch.chdir(ROOT)  # the command's relative paths are the repository's
+    assert Path(config.model).resolve() == default_model_path().resolve()
+    tiny = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    build_tiny_t5(len(tokenizer), num_layers=2, num_decoder_layers=2).save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    out = tmp_path / "out"
+    swap = {"--model": str(tiny), "--output": str(out)}
+    argv = [swap.get(prev, arg) for prev, arg in zip([None] + argv[:-1], argv)]
+    main = runpy.run_path(str(ROOT / "examples" / "finetune_calm.py"), run_name="finetune_calm")["main"]
+    results = main(argv)
+    assert results["training"]["steps"] == config.max_steps
+    assert results["calibration"]["n"] == config.n_calibration
+    for name in ("risk_control.json", "early_exit_calibration.npz", "evaluation.json"):
+        assert (out / "calibration" / config.task / name).is_file()
+    assert (out / "custom_generate" / "generate.py").is_file() and (out / "README.md").is_file()
