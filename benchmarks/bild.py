@@ -7,8 +7,9 @@ For every input, and interleaved so that drifts in machine load hit all variants
 * ``bild_rb=<α>``: :class:`hf_safe_exit.decoding.bild.BiLD` at each rollback threshold α of ``--rollbacks``
   (λ = exp(-α) is reported too), with ``--fallback`` and ``--max-draft-len``.
 
-For each variant it reports the summed wall time (median over ``--reps``) and ``speedup`` =
-time(large) / time(variant). It also reports large- and small-decoder forward calls per generated
+For each variant it reports the summed wall time (median over ``--reps``), the time per generated token and
+``speedup`` = time per token of the large model / of the variant (real checkpoints stop at EOS, so whole-call
+times of outputs of different lengths are not compared). It also reports large- and small-decoder forward calls per generated
 token, counted by forward hooks on the decoders (the same count for HF generate and BiLD), and
 agreement with the large model's output: the fraction of token positions that match, and of
 exactly equal sequences. With ``--task`` it adds the task score (ROUGE-L for cnndm, F1 for squad)
@@ -45,10 +46,11 @@ import time
 import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from hf_safe_exit.cards import describe_hardware
 from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding.bild import BiLD, rollback_to_lambda
+from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 
 
 def _random_pair(small_layers: int, seed: int = 0):
@@ -65,8 +67,7 @@ def _random_pair(small_layers: int, seed: int = 0):
 
 def _hf_generate(model, **kwargs):
     # stock generate, with a decoder cache sized by the decoder depth (transformers 5.x sizes it by the encoder's)
-    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
-    return model.generate(**cache_kwargs(cache), **kwargs)
+    return model.generate(**cache_kwargs(new_decoder_cache(model)), **kwargs)
 
 
 class _CallCounter:
@@ -145,6 +146,7 @@ def main(argv=None) -> dict:
         variants[f"bild_rb={rb:g}"] = BiLD(small, fallback=args.fallback, rollback=rb, max_draft_len=args.max_draft_len)
 
     large_calls, small_calls = _CallCounter(large.decoder), _CallCounter(small.decoder)
+    load_start = os.getloadavg()
     times = {name: [0.0] * args.reps for name in variants}
     outputs: dict[str, list] = {name: [None] * len(inputs) for name in variants}
     calls = {name: {"large": 0, "small": 0} for name in variants}
@@ -182,6 +184,8 @@ def main(argv=None) -> dict:
 
     reference = outputs["large"]
     t_large = statistics.median(times["large"])
+    # real checkpoints stop at EOS, so variants may emit different numbers of tokens: compare time per token
+    per_token_large = t_large / sum(len(o) - 1 for o in reference)
     results = {}
     for name in variants:
         outs = outputs[name]
@@ -190,8 +194,9 @@ def main(argv=None) -> dict:
         t = statistics.median(times[name])
         entry = {
             "wall_time_s": t,
-            "speedup_vs_large": t_large / t,
-            "time_ratio_vs_large": t / t_large,
+            "ms_per_token": 1000 * t / new_tokens,
+            "speedup_vs_large": per_token_large / (t / new_tokens),
+            "time_ratio_vs_large": (t / new_tokens) / per_token_large,
             "new_tokens": new_tokens,
             "large_calls_per_token": calls[name]["large"] / new_tokens,
             "small_calls_per_token": calls[name]["small"] / new_tokens,
@@ -225,7 +230,10 @@ def main(argv=None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "machine": platform.machine(),
-        "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "hardware": describe_hardware(),
+        "speedup_basis": "per generated token (time per token of the large model / of the variant)",
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -29,6 +29,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
+from hf_safe_exit.cards import describe_hardware
 
 
 def t5_small_shaped() -> T5Config:
@@ -68,6 +69,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
+    load_start = os.getloadavg()
     outputs = {name: timed(fn)[1] for name, fn in variants.items()}  # warm-up
     assert torch.equal(outputs["hf"], outputs["ours_full"]), "λ = 1 must reproduce HF's tokens"
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -93,6 +95,9 @@ def main(argv=None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "hf_safe_exit": hf_safe_exit.__version__, "python": platform.python_version()},
         "machine": platform.platform(),
+        "hardware": describe_hardware(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
     }
     print(f"{'variant':<20}{'median s':>10}{'ms/token':>10}{'vs HF':>8}")
     for name in variants:
