@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "collect calibration losses, calibrate a threshold, evaluate and plot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("collect", help="decode examples at every threshold of a grid and store per-example losses")
+    p = sub.add_parser("collect", help="decode examples at every threshold of a grid and store per-example losses",
+                       description="Decode the examples at every threshold λ of a grid with early exit and store "
+                       "their losses (the loss table, .npz) that `calibrate` and `evaluate` read. The work is cut into "
+                       "cells, one batch of examples decoded at one λ (the progress bar counts them, batch×λ); each "
+                       "finished cell is kept in OUTPUT.partial/, so an interrupted run resumes where it stopped. "
+                       "OUTPUT.partial/ is removed once the result file is written.")
     p.add_argument("--model", required=True, help="local model directory (or Hub id) of a T5-family model")
     p.add_argument("--task", required=True, help="cnndm or squad")
     p.add_argument("--data", default=None, help="local data file or folder (e.g. ../shared/data); "
@@ -83,28 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "else softmax_shortlist; chosen by benchmarks/measure_choice.py), softmax, softmax_shortlist, "
                    "saturation or meta")
     p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
-    p.add_argument("--min-exit-layer", type=int, default=1)
+    p.add_argument("--min-exit-layer", type=int, default=1, help="first decoder layer (1-based) at which a token "
+                   "may exit (default 1)")
     p.add_argument("--anytime", default=None, choices=("poe",),
                    help="poe: Product-of-Experts anytime predictions and confidences (Jazbec et al. 2023); "
                    "the calibration then holds for that decoder, and RiskControlled decodes with it")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8); a cell of "
+                   "the progress bar is one batch at one threshold")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--max-input-length", type=int, default=None, help="default: the task's")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default float32); the calibration holds for that dtype")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("calibrate", help="choose the threshold λ̂ for a target risk and save risk_control.json")
+    p = sub.add_parser("calibrate", help="choose the threshold λ̂ for a target risk and save risk_control.json",
+                       description="Choose the exit threshold λ̂ from a loss table for a target risk ε with a "
+                       "distribution-free guarantee (crc: in expectation; ucb, ltt: with probability 1 - δ) and "
+                       "save it as risk_control.json, in the model folder (calibration/<task>/) or --output.")
     p.add_argument("--results", required=True, help="result file written by `collect`")
     p.add_argument("--eps", type=float, required=True, help="target risk ε in (0, 1)")
     p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt)")
-    p.add_argument("--method", default="crc", help="crc (default), ucb, ltt or naive")
-    p.add_argument("--bound", default="wsr", help="UCB bound: wsr (default), hoeffding, hoeffding_bentkus")
+    p.add_argument("--method", default="crc", help="selection method: crc (default; in expectation), ucb, ltt (with "
+                   "probability 1 - δ) or naive (no guarantee)")
+    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
+                   "hoeffding_bentkus")
     p.add_argument("--risk", default="performance_gap",
                    help="performance_gap (default), performance_gap_bounded or consistency")
-    p.add_argument("--monotonize", default=None, choices=("per_example",))
+    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
+                   "loss non-increasing in λ before testing (default: none)")
     p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
                    "without --output, the calibration is stored in it (as with --store-in-model)")
     p.add_argument("--output", default=None, help="also write risk_control.json into this directory")
@@ -115,18 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "results were collected on)")
     p.add_argument("--primary", action="store_true", help="make this task the one a bare RiskControlled(eps) uses "
                    "(the first task stored is primary by default)")
+    p.add_argument("--allow-missing-fingerprint", action="store_true", help="accept results that do not record the "
+                   "model they were collected on (no model_fingerprint) for --model: only if you know they were")
 
-    p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up")
+    p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up",
+                       description="Split the examples of a loss table at random into calibration and test parts, "
+                       "--repeats times; on each split fit λ̂ per method and ε on the calibration part and measure "
+                       "test risk, violations, exit layer and speed-up per token on the test part.")
     p.add_argument("--results", required=True, help="result file written by `collect` (on the pool)")
     p.add_argument("--eps", type=_floats, default=None, help="comma-separated ε (default 0.01,0.02,0.05,0.1,0.15,0.2)")
-    p.add_argument("--methods", type=_names, default=None, help="comma-separated (default crc,ucb,ltt)")
+    p.add_argument("--methods", type=_names, default=None, help="comma-separated selection methods, from: crc, ucb, "
+                   "ltt, naive (default crc,ucb,ltt)")
     p.add_argument("--delta", type=float, default=0.1, help="δ for ucb and ltt (default 0.1)")
-    p.add_argument("--bound", default="wsr")
-    p.add_argument("--risk", default="performance_gap")
-    p.add_argument("--monotonize", default=None, choices=("per_example",))
+    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
+                   "hoeffding_bentkus")
+    p.add_argument("--risk", default="performance_gap",
+                   help="performance_gap (default), performance_gap_bounded or consistency")
+    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
+                   "loss non-increasing in λ before testing (default: none)")
     p.add_argument("--n-cal", type=int, default=None, help="calibration examples per split (default half)")
     p.add_argument("--repeats", type=int, default=100, help="random splits (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
     p.add_argument("--output", required=True, help="JSON file for the results")
 
     p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε")
@@ -147,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo import build_parser as _demo_parser
 
-    _demo_parser(sub.add_parser("demo", help="summarise an article and answer a question with risk-controlled "
-                                "early exit on the shipped default model, tokens coloured by exit layer"))
+    demo_help = ("summarise an article and answer a question with risk-controlled early exit on the shipped default "
+                 "model, tokens coloured by exit layer")
+    _demo_parser(sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ", with the "
+                                "full model's output and time per token beside it (offline)."))
     return parser
 
 
@@ -178,10 +203,7 @@ def _load_table(path: str):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no results file at '{path}': write one with `hf-safe-exit collect ... --output {path}`.")
-    try:
-        return LossTable.load(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"'{path}' is not a results file written by `hf-safe-exit collect` ({exc}).") from None
+    return LossTable.load(path)  # a CalibrationFileError naming the file and the fix when it is not a loss table
 
 
 def _subset(dataset, n: int | None, seed: int):
@@ -303,7 +325,7 @@ def _cmd_calibrate(args) -> int:
         raise UsageError("--store-in-model needs --model DIR.")
     if args.model is not None:
         _, model = _load_model(args.model)
-        check_model_matches(table, model)
+        check_model_matches(table, model, allow_missing=args.allow_missing_fingerprint)
     rc = RiskControlled(args.eps, delta=args.delta, method=args.method, bound=args.bound, risk=args.risk,
                         monotonize=args.monotonize)
     with warnings.catch_warnings(record=True) as caught:

@@ -103,26 +103,79 @@ def test_result_file_shapes_and_full_model_row(cnndm, tmp_path):
 def test_resume_after_interruption_gives_the_same_file(cnndm, tmp_path):
     rows, tokenizer, model = cnndm
     reference = collect(model, tokenizer, "cnndm", rows, output=tmp_path / "a.npz", **COMMON)
+    assert not (tmp_path / "a.npz.partial").exists()  # the default state folder goes once the result is written
 
     out = tmp_path / "b.npz"
     with pytest.raises(KeyboardInterrupt):
         collect(model, tokenizer, "cnndm", rows, output=out, stop_after_cells=5, **COMMON)
-    assert not out.exists()
-    state = tmp_path / "b.npz.partial"
-    lines = lambda: sum(len(f.read_text().splitlines()) for f in state.glob("cells-*.jsonl"))  # noqa: E731
-    assert lines() == 5
+    assert not out.exists() and (tmp_path / "b.npz.partial").is_dir()
     resumed = collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
+    assert_same_results(reference, resumed, timing=False)
+    assert not (tmp_path / "b.npz.partial").exists()
+
+    # a state folder the caller names is kept: count the cells decoded by each run
+    state = tmp_path / "state"
+    out = tmp_path / "c.npz"
+    lines = lambda: sum(len(f.read_text().splitlines()) for f in state.glob("cells-*.jsonl"))  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=5, **COMMON)
+    assert lines() == 5
+    resumed = collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     assert lines() == len(LAMBDAS) * 3  # 3 batches of ≤ 2 examples: only the 7 missing cells were decoded
     assert_same_results(reference, LossTable.load(out), timing=False)
     # a rerun with everything done decodes nothing and writes the identical file, timings included
-    again = collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
+    again = collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     assert lines() == len(LAMBDAS) * 3
     assert_same_results(resumed, again, timing=True)
     assert_same_results(resumed, LossTable.load(out), timing=True)
     # other settings on the same state are refused
     with pytest.raises(StateMismatchError, match="--fresh"):
-        collect(model, tokenizer, "cnndm", rows, output=out, **{**COMMON, "lambdas": [0.3, 1.0]})
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **{**COMMON, "lambdas": [0.3, 1.0]})
     assert json.loads((state / "config.json").read_text())["lambdas"] == LAMBDAS
+
+
+def test_torn_last_line_is_dropped_on_resume(cnndm, tmp_path):
+    """A run killed mid-write leaves a fragment; the next run must not glue its first cell onto it."""
+    rows, tokenizer, model = cnndm
+    reference = collect(model, tokenizer, "cnndm", rows, output=tmp_path / "a.npz", **COMMON)
+    state, out = tmp_path / "state", tmp_path / "b.npz"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=3, **COMMON)
+    (cells_file,) = state.glob("cells-*.jsonl")
+    complete = cells_file.read_text().splitlines()
+    cells_file.write_text("\n".join(complete) + "\n" + '{"k": 2, "lambda": 0.9, "batch": 1, "ids": ["')  # torn
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=2, **COMMON)
+    # every line is a whole cell: the fragment was dropped before the two new cells were appended
+    lines = cells_file.read_text().splitlines()
+    assert cells_file.read_text().endswith("\n") and lines[:3] == complete and len(lines) == 5
+    assert [sorted(json.loads(line)) for line in lines] == [sorted(json.loads(complete[0]))] * 5
+    # and a later resume needs only the cells that are really missing
+    collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    assert len(cells_file.read_text().splitlines()) == len(LAMBDAS) * 3
+    assert_same_results(reference, LossTable.load(out), timing=False)
+
+
+def test_state_files_that_are_not_collects_are_refused_with_the_fix(cnndm, tmp_path):
+    from hf_safe_exit.errors import CalibrationFileError, CorruptFileError
+
+    rows, tokenizer, model = cnndm
+    state, out = tmp_path / "state", tmp_path / "b.npz"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=2, **COMMON)
+    (cells_file,) = state.glob("cells-*.jsonl")
+    good = cells_file.read_text()
+    for bad in ("garbage\n" + good, good + "[1, 2]\n" + good, good + '{"k": 0}\n'):  # garbage, foreign, incomplete
+        cells_file.write_text(bad)
+        with pytest.raises(CorruptFileError, match=r"cells-000-of-001\.jsonl.*line \d+ is not a finished cell.*--fresh"):
+            collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    cells_file.write_text(good)
+    for bad in ("", "{not json", "[1, 2]"):  # empty, truncated and foreign settings files
+        (state / "config.json").write_text(bad)
+        with pytest.raises(CalibrationFileError, match=r"config\.json'.*settings of a partial collect run.*--fresh"):
+            collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    # --fresh gets past all of it
+    collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, fresh=True, **COMMON)
 
 
 def test_squad_losses_are_one_minus_f1(tmp_path):

@@ -213,8 +213,7 @@ def test_two_processes_under_accelerate_give_the_same_file(workdir, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = LossTable.load(results), LossTable.load(out)
-    assert sorted(p.name for p in (tmp_path / "two.npz.partial").glob("cells-*")) == [
-        "cells-000-of-002.jsonl", "cells-001-of-002.jsonl"]
+    assert not (tmp_path / "two.npz.partial").exists()  # removed by the main process once the file is written
     for name in one.losses:
         np.testing.assert_array_equal(one.losses[name], two.losses[name])
     for name in one.extras:

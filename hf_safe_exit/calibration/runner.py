@@ -40,8 +40,9 @@ whatever the number of processes, one process and several give the same losses.
 **Resumable.** Every finished cell is appended to a JSON-lines file in the state directory
 (default: ``<output>.partial/``, one file per process). A rerun with the same settings reads
 all of them and only decodes the missing cells, so an interrupted run continues where it
-stopped and yields the same result file (the state directory is kept as the cache; pass
-``fresh=True`` / ``--fresh`` to discard it). Settings that change the results (model
+stopped and yields the same result file; pass ``fresh=True`` / ``--fresh`` to discard it. A run
+killed while writing leaves a torn last line, which the next run drops before appending. Once the
+result file is written, the default state directory is removed (see :mod:`hf_safe_exit.calibration.state`). Settings that change the results (model
 fingerprint, task, grid, measure, schedule, batch size, lengths, examples) are checked
 against the state's ``config.json``; a mismatch raises :class:`StateMismatchError`.
 
@@ -61,7 +62,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ModelMismatchError, StateMismatchError
+from ..errors import MissingFingerprintError, ModelMismatchError, StateMismatchError
+from .state import CELL_KEYS, open_state
 
 __all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]
 
@@ -78,17 +80,24 @@ def default_lambdas() -> np.ndarray:
     return np.concatenate([low, high])
 
 
-def check_model_matches(table_or_metadata, model) -> None:
-    """Raise :class:`ModelMismatchError` unless the table was collected on ``model`` (same fingerprint)."""
+def check_model_matches(table_or_metadata, model, *, allow_missing: bool = False) -> None:
+    """Raise unless the table was collected on ``model`` (same fingerprint).
+
+    Another model's fingerprint: :class:`ModelMismatchError`. None recorded: :class:`MissingFingerprintError`,
+    unless ``allow_missing`` (the user vouches for the table).
+    """
     from ..fingerprint import model_fingerprint
 
     meta = getattr(table_or_metadata, "metadata", table_or_metadata)
     stored = meta.get("model_fingerprint")
     actual = model_fingerprint(model)
     if stored is None:
-        raise ModelMismatchError("the results file has no model_fingerprint in its metadata: recollect it with "
-                                 "`hf-safe-exit collect` on this model.")
-    if stored != actual:
+        if not allow_missing:
+            raise MissingFingerprintError("the results file has no model_fingerprint in its metadata, so nothing shows "
+                                          f"it was collected on this model (fingerprint {actual}): recollect it with "
+                                          "`hf-safe-exit collect` on this model, or, if you know it was collected on "
+                                          "it, pass --allow-missing-fingerprint (allow_missing=True).")
+    elif stored != actual:
         raise ModelMismatchError(f"the results file was collected on another model (fingerprint {stored}, this model "
                                  f"is {actual}): run `hf-safe-exit collect` on this model, or pass the model it was "
                                  "collected on.")
@@ -113,21 +122,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_cells(state_dir: Path) -> dict[tuple[int, int], dict]:
-    """All finished cells in the state directory (any process count); a torn last line is ignored."""
-    cells: dict[tuple[int, int], dict] = {}
-    for file in sorted(state_dir.glob("cells-*.jsonl")):
-        with open(file, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    cell = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                cells.setdefault((int(cell["k"]), int(cell["batch"])), cell)
-    return cells
-
-
-_CELL_KEYS = ("k", "lambda", "batch", "ids", "predictions", "seconds")
 
 
 def _sync(device) -> None:
@@ -177,8 +171,8 @@ def collect(
         batch_size: examples per ``generate`` call.
         max_new_tokens / max_input_length: default to the task's.
         output: where to write the result file (``.npz``); ``None`` keeps it in memory only.
-        state_dir: where finished cells are kept for resuming; default ``<output>.partial``
-            (no resuming when both are ``None``).
+        state_dir: where finished cells are kept for resuming; default ``<output>.partial``, removed once the
+            result file is written (a ``state_dir`` you pass is kept; no resuming when both are ``None``).
         fresh: discard an existing state directory first.
         progress: show a tqdm bar (main process only).
         metadata: extra JSON-able entries for the table's metadata.
@@ -254,29 +248,13 @@ def collect(
     }
 
     # ---- state directory (resuming) -------------------------------------------------------------
-    if state_dir is None and output is not None:
+    state_dir_is_default = state_dir is None and output is not None
+    if state_dir_is_default:
         state_dir = Path(output).with_name(Path(output).name + ".partial")
     state_path = Path(state_dir) if state_dir is not None else None
     done: dict[tuple[int, int], dict] = {}
     if state_path is not None:
-        if state.is_main_process:
-            if fresh and state_path.exists():
-                shutil.rmtree(state_path)
-            state_path.mkdir(parents=True, exist_ok=True)
-        state.wait_for_everyone()
-        # every process checks (and raises) alike, so that none is left waiting at a barrier
-        config_file = state_path / "config.json"
-        if config_file.exists():
-            stored = json.loads(config_file.read_text())
-            diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            if diff:
-                raise StateMismatchError(
-                    f"the partial results in '{state_path}' were collected with other settings ({', '.join(diff)}): "
-                    "rerun with --fresh (fresh=True) to discard them, or choose another --output.")
-        state.wait_for_everyone()
-        if state.is_main_process and not config_file.exists():
-            config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
-        done = _read_cells(state_path)
+        done = open_state(state_path, config, state, fresh)
 
     # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
     # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
@@ -309,7 +287,9 @@ def collect(
 
     if todo:
         decode(*todo[0])  # warm-up, not timed: the first call pays one-time costs
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"collect {task.name}", unit="cell",
+    # one step of the bar is a cell: one batch decoded at one threshold λ
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="batch×λ",
+               desc=f"collect {task.name} ({len(batches)} batches of ≤{batch_size} × {lam.size} thresholds)",
                disable=not (progress and state.is_main_process), dynamic_ncols=True)
     computed = 0
     try:
@@ -350,7 +330,7 @@ def collect(
     # per-example costs: every cell key that is not bookkeeping (early exit: mean_exit_layer, layer_fraction,
     # num_tokens; BiLD: large_calls_per_token, num_tokens); int64 when all values are ints
     some = next(iter(cells.values()))
-    cost_names = [key for key in some if key not in _CELL_KEYS]
+    cost_names = [key for key in some if key not in CELL_KEYS]
     costs = {name: np.zeros((K, n), dtype=np.int64 if all(isinstance(v, int) for c in cells.values() for v in c[name])
                             else np.float64) for name in cost_names}
     example_time = np.zeros((K, n))
@@ -384,4 +364,6 @@ def collect(
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         table.save(output)
+        if state_dir_is_default and state_path.is_dir():
+            shutil.rmtree(state_path)  # the result file holds everything now; the partial state was only for resuming
     return table

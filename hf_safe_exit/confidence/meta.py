@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import MissingMetaHeadError
+from ..errors import CorruptFileError, MissingMetaHeadError, read_json_object
 from .base import ConfidenceMeasure, LayerView
 
 META_WEIGHTS_NAME = "meta_head.safetensors"
@@ -63,17 +63,45 @@ class MetaClassifierHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "MetaClassifierHead":
+        """The head saved in ``directory`` by :meth:`save_pretrained`.
+
+        Neither file there: :class:`~hf_safe_exit.errors.MissingMetaHeadError`. One of them missing, or either
+        unreadable, empty, truncated or of another head or model: :class:`~hf_safe_exit.errors.CorruptFileError`
+        naming the file (never a silent fall-back to another measure).
+        """
         weights = os.path.join(directory, META_WEIGHTS_NAME)
         config_path = os.path.join(directory, META_CONFIG_NAME)
-        if not (os.path.isfile(weights) and os.path.isfile(config_path)):
+        present = [p for p in (weights, config_path) if os.path.isfile(p)]
+        if not present:
             raise MissingMetaHeadError(
                 f"No meta-classifier head in {directory!s} (expected {META_WEIGHTS_NAME} and {META_CONFIG_NAME}). "
                 "Train one with hf_safe_exit.training.train_meta_classifier(model, ...) and save it next to the model."
             )
-        with open(config_path) as f:
-            head = cls(MetaHeadConfig(**json.load(f)))
-        head.load_state_dict(load_file(weights))
+        if len(present) == 1:
+            missing = config_path if present[0] == weights else weights
+            raise CorruptFileError.about(missing, f"missing, while {os.path.basename(present[0])} is there: half a "
+                                         "meta-classifier head", _HEAD_FIX)
+        raw = read_json_object(config_path, what="a meta-head config", fix=_HEAD_FIX)
+        try:
+            head = cls(MetaHeadConfig(**raw))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise CorruptFileError.about(config_path, f"not a meta-head config ({type(err).__name__}: {err})",
+                                         _HEAD_FIX) from None
+        try:
+            state = load_file(weights)
+        except Exception as err:  # safetensors raises its own error type for empty, truncated or foreign files
+            raise CorruptFileError.about(weights, f"not readable as safetensors weights ({err})", _HEAD_FIX) from None
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise CorruptFileError.about(weights, f"these weights are not those of the head {raw} describes ({first})",
+                                         _HEAD_FIX) from None
         return head.eval()
+
+
+_HEAD_FIX = ("Save the head again with MetaClassifierHead.save_pretrained(dir) (train one with "
+             "hf_safe_exit.training.train_meta_classifier), or remove both meta_head files and use another measure")
 
 
 def find_meta_head(model) -> MetaClassifierHead:

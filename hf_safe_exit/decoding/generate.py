@@ -24,6 +24,7 @@ from transformers import GenerationMixin
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
 from ..policy import EarlyExitPolicy
+from .calibrated_lengths import apply_calibrated_lengths
 from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_decoder_cache
 from .modes import check_generation_mode
 from .readout import check_supported_model
@@ -81,12 +82,17 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     or, with ``return_dict_in_generate=True``, an :class:`EarlyExitGenerateOutput` that also carries exit
     layers, confidences, the bound policy that ran (``early_exit``: its ``threshold`` is λ̂) and its
     ``certificate`` (a :class:`~hf_safe_exit.risk.RiskCertificate` when a ``RiskControlled`` chose λ̂).
+
+    A policy calibrated with recorded lengths decodes with the calibration's ``max_new_tokens`` unless the call
+    sets a length, and warns when the call departs from them (see :mod:`hf_safe_exit.decoding.calibrated_lengths`).
     """
     check_supported_model(model)
     decode = getattr(early_exit, "decode", None)
     if callable(decode):
         if inputs is not None:
             kwargs["input_ids"] = inputs
+        # a calibrated strategy (RiskControlled fitted on a BiLD table) decodes with the calibration's lengths
+        apply_calibrated_lengths(model, getattr(early_exit, "certificate", None), None, kwargs)
         check_generation_mode(model, kwargs.get("generation_config"), {**kwargs, "assistant_model": None})
         with inside_early_exit():
             return decode(model, **kwargs)
@@ -100,6 +106,7 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         # e.g. a RiskControlled fitted on a BiLD loss table binds to a calibrated BiLD strategy
         return generate(model, inputs, early_exit=policy, **kwargs)
     check_generation_mode(model, kwargs.get("generation_config"), kwargs)
+    apply_calibrated_lengths(model, getattr(policy, "certificate", None), inputs, kwargs)
     streamer = kwargs.pop("streamer", None)
     # Stock generate sizes the decoder cache by the encoder depth; hand it one sized by the decoder, under the
     # keyword this transformers release takes (a user's cache passed under the old name is moved, not warned about).
