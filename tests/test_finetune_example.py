@@ -9,14 +9,17 @@ References: HF's own ``generate`` on the saved weights (λ̂ = 1 must decode exa
 from __future__ import annotations
 
 import json
+import re
 import runpy
+import shlex
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers import AutoTokenizer, HfArgumentParser, T5ForConditionalGeneration
 
 import hf_safe_exit
 from hf_safe_exit.calibration.tiny import save_tiny_t5
@@ -110,7 +113,7 @@ def test_calibrated_on_pool_rows_only_with_hf_outputs_at_lambda_one(finetuned):
 def test_card_parses_and_states_the_guarantee_and_per_token_speed(finetuned):
     from huggingface_hub import ModelCard
 
-    _, out, _, _ = finetuned
+    _, out, results, _ = finetuned
     card = ModelCard.load(out / "README.md")
     stored = json.loads((out / "calibration/cnndm/risk_control.json").read_text())
     by_type = {r.metric_type: r.metric_value for r in card.data.eval_results}
@@ -120,6 +123,11 @@ def test_card_parses_and_states_the_guarantee_and_per_token_speed(finetuned):
     assert "per generated token" in card.text.lower() and "guarantee" in card.text.lower()
     assert "## Training" in card.text and "3 steps" in card.text
     assert "hf_safe_exit_plots/cnndm/risk_vs_eps.png" in card.text
+    # the card's command reproduces the run's settings
+    command = re.search(r"Reproduce: `python examples/finetune_calm.py (.*?)`", card.text).group(1)
+    parser = HfArgumentParser(FinetuneConfig)
+    (again,) = parser.parse_args_into_dataclasses(args=shlex.split(command.replace("<folder>", "elsewhere")))
+    assert {**asdict(again), "output": None} == {**results["config"], "output": None}
 
 
 def test_one_liner_on_a_plain_from_pretrained_of_the_folder(finetuned):

@@ -75,12 +75,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from ..compat import cache_kwargs, find_cache
+from .early_exit_loop import new_decoder_cache
 from .readout import check_supported_model
 
 __all__ = [
@@ -265,8 +266,7 @@ class _Decoder:
         self.encoder_hidden = encoder_hidden
         self.encoder_mask = encoder_mask
         self.pad_id = pad_id
-        dec_cfg = model.decoder.config
-        self.cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
+        self.cache = new_decoder_cache(model)
         self.tokens: list[list[int]] = [[] for _ in range(encoder_hidden.shape[0])]
         self.width = 0
         self.calls = 0
@@ -473,9 +473,8 @@ class BiLD:
 
         # Call the unpatched HF generate: it merges the GenerationConfig, runs the large encoder and
         # builds logits processors and stopping criteria, then hands over to ``loop``.
-        large_cache = EncoderDecoderCache(DynamicCache(config=large_model.decoder.config),
-                                          DynamicCache(config=large_model.decoder.config))
-        return GenerationMixin.generate(large_model, inputs, custom_generate=loop, **cache_kwargs(large_cache),
+        return GenerationMixin.generate(large_model, inputs, custom_generate=loop,
+                                        **cache_kwargs(new_decoder_cache(large_model)),
                                         **generate_kwargs)
 
     def _loop(self, large, input_ids, logits_processor, stopping_criteria, gen_cfg, inputs_tensor, model_kwargs,

@@ -42,9 +42,10 @@ def render_card(args, results: dict, examples: dict | None = None):
                    f"36-47 ({ev['squad_n']} held-out questions)", dataset_split="validation", metric_type="exact_match",
                    metric_name="EM", metric_value=round(full["squad_em"], 2)),
     ]
+    # no pipeline_tag: transformers 5 removed the text2text-generation pipeline, which the tag would promise
     data = ModelCardData(language="en", license="cc-by-sa-4.0", library_name="transformers",
                          tags=["t5", "early-exit", "calm", "hf_safe_exit"], model_name="hf_safe_exit default model",
-                         eval_results=evals, datasets=["cnn_dailymail", "squad"], pipeline_tag="text2text-generation")
+                         eval_results=evals, datasets=["cnn_dailymail", "squad"])
     pre, ft = results.get("pretrain") or {}, results.get("finetune") or {}
     ssl_ft = getattr(args, "finetune_self_supervised", 0.0)
     finetune_text = f"fine-tuning {ft.get('steps', '?')} steps ({(ft.get('seconds') or 0) / 60:.1f} min)"

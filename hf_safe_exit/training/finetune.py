@@ -239,8 +239,9 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     out.mkdir(parents=True, exist_ok=True)
     hf_safe_exit.enable(model).save_pretrained(out)  # writes custom_generate/ too
     tokenizer.save_pretrained(out)
-    head.save_pretrained(out)
-    model.meta_head = head  # a "meta" measure finds it here in this process, next to the weights after loading
+    head.cpu().save_pretrained(out)
+    # a "meta" measure finds the head here in this process, and next to the weights after loading
+    model.meta_head = head.to(next(model.parameters()).device)
 
     index = np.sort(np.random.default_rng(config.seed).choice(len(pool), size=config.n_calibration, replace=False))
     start = time.time()

@@ -24,6 +24,24 @@ def _hub_id(model: str) -> str | None:
     return model if len(parts) == 2 and all(parts) and not os.path.exists(model) else None
 
 
+def _options(cfg: dict) -> list[str]:
+    """The command-line options that give ``cfg`` (the model, the task and every setting off its default)."""
+    from dataclasses import MISSING, fields
+
+    from .finetune import FinetuneConfig
+
+    out = []
+    for f in fields(FinetuneConfig):
+        value, flag = cfg[f.name], "--" + f.name.replace("_", "-")
+        if f.name in ("output", "overwrite") or (f.default is not MISSING and value == f.default):
+            continue
+        if isinstance(value, bool):  # a flag: --bf16, or --no-plots for a default that is True
+            out.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            out.append(f"{flag} {value}")
+    return out
+
+
 def render_finetune_card(results: dict) -> str:
     """The card's text before its guarantee section: YAML metadata, what was trained and how to reproduce it.
 
@@ -42,11 +60,7 @@ def render_finetune_card(results: dict) -> str:
     train_rows, pool_rows = _SPLITS.get(task.name, ("the train split", "the pool split"))
     weights = ", ".join(f"{w:.3f}" for w in layer_weights(results["num_decoder_layers"], cfg["weighting"]).tolist())
     precision = "bf16 mixed precision" if cfg["bf16"] else "fp16 mixed precision" if cfg["fp16"] else "float32"
-    command = " ".join(["python examples/finetune_calm.py", f"--model {cfg['model']}", f"--task {cfg['task']}"]
-                       + ([f"--data {cfg['data']}"] if cfg["data"] else [])
-                       + [f"--max-steps {cfg['max_steps']}", f"--n-calibration {cfg['n_calibration']}",
-                          f"--learning-rate {cfg['learning_rate']:g}", f"--batch-size {cfg['batch_size']}",
-                          f"--seed {cfg['seed']}", "--output <folder>"])
+    command = " ".join(["python examples/finetune_calm.py", *_options(cfg), "--output <folder>"])
     return f"""---
 {data.to_yaml()}
 ---
@@ -59,21 +73,21 @@ risk guarantee (the `hf_safe_exit` library). It is an ordinary `T5ForConditional
 `trust_remote_code=True`, its `generate` also takes `early_exit=RiskControlled(eps=...)` (see *Use it* below).
 
 ## Training
-- Data: {train_rows} (the train split; prompts as `hf_safe_exit.tasks.get_task({task.name!r}).prompt`),
-  sources truncated to {cfg['max_input_length'] or task.max_input_length} tokens, targets to
-  {cfg['max_new_tokens'] or task.max_new_tokens}.
-- Loss: weighted cross-entropy of every decoder layer's read-out, weights {cfg['weighting']} ({weights}).
-- {train['steps']} steps (`CALMSeq2SeqTrainer`, AdamW, lr {cfg['learning_rate']:g}, warm-up {cfg['warmup_steps']}
-  steps, linear decay), batch {cfg['batch_size']} × {cfg['gradient_accumulation_steps']} accumulation,
-  {precision}, on {train['device'].upper()} in {train['seconds'] / 60:.1f} min; mean weighted training loss
-  {train['train_loss']:.4f}.
-- Meta-classifier head (`meta_head.safetensors`, for `measure="meta"`): backbone frozen, decoder states of
-  {meta['n_examples']} (position, layer) pairs of train examples, label "the layer's top token equals the last
-  layer's" (positive rate {meta['positive_rate']:.3f}), class-balanced cross-entropy; training balanced accuracy
-  {meta['train_balanced_accuracy']:.3f}.
-- Calibration: {cal['n']} examples of the calibration/test pool ({pool_rows}; never trained on), decoded at
-  every threshold with the `{cal['measure']}` confidence measure; their ids are in
-  `calibration/{task.name}/early_exit_calibration.npz`.
+- Data: {train_rows} (the train split; inputs as `hf_safe_exit.tasks.get_task({task.name!r}).prompt` makes
+  them), sources truncated to {cfg['max_input_length'] or task.max_input_length} tokens, targets to \
+{cfg['max_new_tokens'] or task.max_new_tokens}.
+- Loss: the weighted cross-entropy of every decoder layer's read-out, weights {cfg['weighting']} ({weights}).
+- {train['steps']} steps of `CALMSeq2SeqTrainer` (AdamW, lr {cfg['learning_rate']:g}, {cfg['warmup_steps']} \
+warm-up steps, linear decay), batch {cfg['batch_size']} × {cfg['gradient_accumulation_steps']} accumulation, \
+{precision}, on {train['device'].upper()} in {train['seconds'] / 60:.1f} min; mean weighted training loss \
+{train['train_loss']:.4f}.
+- Meta-classifier head (`meta_head.safetensors`, for `measure="meta"`): backbone frozen, decoder states of \
+{meta['n_examples']} (position, layer) pairs of train examples, label "the layer's top token equals the last \
+layer's" (positive rate {meta['positive_rate']:.3f}), class-balanced cross-entropy; training balanced accuracy \
+{meta['train_balanced_accuracy']:.3f}.
+- Calibration: {cal['n']} examples of the calibration/test pool ({pool_rows}; never trained on), decoded at \
+every threshold with the `{cal['measure']}` confidence measure; their ids are in \
+`calibration/{task.name}/early_exit_calibration.npz`.
 
 Reproduce: `{command}`.
 """
