@@ -152,21 +152,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
     p.add_argument("--output", required=True, help="JSON file for the results")
 
-    p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε")
+    p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε",
+                       description="Three PNG figures of the repeated-split procedure in an evaluation: test risk, "
+                       "mean exit layer (BiLD: large-model calls per token) and speed-up against the target risk ε, "
+                       "one line per method, with n_cal, n_test and the number of splits on each figure.")
     p.add_argument("--evaluation", required=True, help="JSON written by `evaluate`")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="folder for risk_vs_eps.png, exit_layer_vs_eps.png (or "
+                   "large_calls_vs_eps.png) and speedup_vs_eps.png (created if missing; files there are replaced)")
 
-    p = sub.add_parser("card", help="write or update the model card (README.md) with the risk guarantee")
+    p = sub.add_parser("card", help="write or update the model card (README.md) with the risk guarantee",
+                       description="Write the guarantee of one calibration into the model card: one section per "
+                       "task, model-index results on the dataset's real split, the calibration, evaluation and plots "
+                       "beside it. An existing calibration, evaluation or plot of other content is only replaced "
+                       "with --overwrite.")
     p.add_argument("--model", required=True, help="model directory (its README.md is written) or a .md file")
     p.add_argument("--calibration", default=None, help="risk_control.json or its directory (default: the model's); "
                    "run once per task (e.g. DIR/calibration/cnndm, then DIR/calibration/squad): each task gets its "
                    "own section")
-    p.add_argument("--evaluation", default=None, help="JSON written by `evaluate`: test risk, exit layers, speed-up")
+    p.add_argument("--evaluation", default=None, help="JSON written by `evaluate` on the calibration's loss table: "
+                   "the repeated-split procedure (test risk, violations, exit layers, speed-up per token)")
+    p.add_argument("--results", default=None, help="the loss table (.npz from `collect`) the calibration was fitted "
+                   "on, for what the shipped λ̂ does against the full model on its examples (default: "
+                   "early_exit_calibration.npz beside the calibration, if there)")
     p.add_argument("--plots", nargs="*", default=[], help="images to show in the card (e.g. from `plot`)")
-    p.add_argument("--hardware", default=None, help="where the speed-up was measured ('auto': this machine)")
-    p.add_argument("--split", default=None, help="name of the calibration split shown in the card (e.g. pool)")
+    p.add_argument("--hardware", default=None, help="where the times were measured ('auto': this machine)")
+    p.add_argument("--split", default=None, help="which rows calibrated it, in words, for the card's text (default: "
+                   "from the loss table, e.g. 'validation rows 500–899 (the calibration/test pool)'); the "
+                   "model-index split is always the dataset's own (validation)")
     p.add_argument("--model-name", default=None, help="name in the model-index metadata (default: the card's)")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload card + calibration there")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration, evaluation or plot of "
+                   "other content (without it the card refuses, naming the file)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload card + calibration there "
+                   "(the same --overwrite rule applies to the repo's files)")
 
     from .demo import build_parser as _demo_parser
 
@@ -378,20 +395,29 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_card(args) -> int:
-    from .cards import calibration_directory, push_to_hub, write_guarantee_card
-    from .risk import RISK_CONTROL_FILENAME, RiskControlled
+    from .cards import calibration_directory, push_to_hub
+    from .cards.write import write_card
+    from .risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, RiskControlled
 
     model = Path(args.model)
     model_dir = model.parent if model.suffix.lower() == ".md" else model
-    rc = RiskControlled.from_pretrained(args.calibration or model_dir)
-    evaluation = None
-    if args.evaluation:
-        evaluation = json.loads(Path(args.evaluation).read_text(encoding="utf-8"))
-    kwargs = dict(test_results=evaluation, plots=args.plots, hardware=args.hardware, calibration_split=args.split)
-    saved = calibration_directory(model_dir, rc.certificate.task) / RISK_CONTROL_FILENAME  # before the card is written
-    path = write_guarantee_card(model, rc, model_name=args.model_name, **kwargs)
-    print(f"wrote {path} (section of task {rc.certificate.task!r}) and {saved} "
-          f"(λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
+    source = Path(args.calibration or model_dir)
+    rc = RiskControlled.from_pretrained(source)
+    table = args.results
+    beside = (source if source.is_dir() else source.parent) / CALIBRATION_FILENAME
+    if table is None and args.calibration and beside.is_file():
+        table = beside
+    kwargs = dict(test_results=args.evaluation, table=table, plots=args.plots, hardware=args.hardware,
+                  calibration_split=args.split, overwrite=args.overwrite)
+    path, plan = write_card(model, rc, model_name=args.model_name, **kwargs)
+    print(f"wrote {path} (section of task {rc.certificate.task!r}; λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
+    saved = calibration_directory(path.parent, rc.certificate.task) / RISK_CONTROL_FILENAME
+    if saved not in plan.writes:
+        print(f"kept {saved} (it holds this calibration)")
+    for written in plan.writes:
+        print(f"wrote {written}")
+    for removed in plan.removals:
+        print(f"removed {removed} (it described the calibration that was replaced)")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(rc, args.push_to_hub, model_name=args.model_name, **kwargs)}")
     return 0

@@ -1,0 +1,155 @@
+"""A model card with the guarantee: built in memory (:func:`to_model_card`) or written to a folder
+(:func:`write_guarantee_card`, with the calibration, evaluation and plots beside it; see :mod:`.files`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..decoding.enable import write_custom_generate
+from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
+from .files import FilePlan, calibration_directory, plan_files
+from .measurements import gather, table_mismatch
+from .model_index import eval_results, update_metadata
+from .render import check_fitted, render_section, replace_section
+
+__all__ = ["render_guarantee_section", "to_model_card", "write_guarantee_card"]
+
+
+def render_guarantee_section(controlled, *, test_results=None, efficiency: Mapping | None = None,
+                             table: LossTable | None = None, plots: Sequence[str] = (), hardware: str | None = None,
+                             calibration_split: str | None = None, dataset_name: str | None = None,
+                             repo_id: str | None = None, anytime: str | None = None,
+                             calibration_subfolder: str | None = None) -> str:
+    """The Markdown of the guarantee section (see :func:`write_guarantee_card` for the arguments)."""
+    check_fitted(controlled)
+    measured = gather(controlled, test_results=test_results, efficiency=efficiency, table=table, hardware=hardware,
+                      rows=calibration_split)
+    return render_section(controlled, measured, plots=plots, rows=calibration_split, dataset_name=dataset_name,
+                          repo_id=repo_id, anytime=anytime, calibration_subfolder=calibration_subfolder)
+
+
+def _card(controlled, card, measured, *, plots, model_name, calibration_split, dataset_name, repo_id, anytime,
+          calibration_subfolder):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    section = render_section(controlled, measured, plots=plots, rows=calibration_split, dataset_name=dataset_name,
+                             repo_id=repo_id, anytime=anytime, calibration_subfolder=calibration_subfolder)
+    name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
+        or (repo_id.split("/")[-1] if repo_id else "model")
+    if card is None:
+        card = ModelCard(f"---\n{ModelCardData(model_name=name, library_name='transformers').to_yaml()}\n---\n\n"
+                         f"# {name}\n\n")
+    ours = eval_results(controlled, measured, rows=calibration_split, dataset_name=dataset_name)
+    update_metadata(card.data, ours, name)
+    card.text = replace_section(card.text, section, controlled.certificate.task)
+    ModelCard(card.content)  # round-trip the YAML once, so that an invalid combination fails here, not on the Hub
+    return card
+
+
+def to_model_card(controlled, card=None, *, test_results=None, efficiency: Mapping | None = None,
+                  table: LossTable | None = None, plots: Sequence[str] = (), hardware: str | None = None,
+                  model_name: str | None = None, calibration_split: str | None = None,
+                  dataset_name: str | None = None, repo_id: str | None = None, anytime: str | None = None,
+                  calibration_subfolder: str | None = None):
+    """A :class:`huggingface_hub.ModelCard` with the guarantee section of the certificate's task and its results.
+
+    ``card`` is an existing ``ModelCard`` to update: only this task's section (or a generic one) and this library's
+    ``model-index`` results for this task's dataset change; the rest is kept. None: a new card. ``plots`` go into
+    the card as given (relative paths). Writes nothing.
+    """
+    check_fitted(controlled)
+    measured = gather(controlled, test_results=test_results, efficiency=efficiency, table=table, hardware=hardware,
+                      rows=calibration_split)
+    return _card(controlled, card, measured, plots=plots, model_name=model_name, calibration_split=calibration_split,
+                 dataset_name=dataset_name, repo_id=repo_id, anytime=anytime,
+                 calibration_subfolder=calibration_subfolder)
+
+
+def _card_path(model_dir_or_card_path) -> Path:
+    path = Path(model_dir_or_card_path)
+    return path if path.suffix.lower() == ".md" else path / "README.md"
+
+
+def _stored_table(cal_dir: Path, controlled) -> LossTable | None:
+    """The loss table stored in ``cal_dir`` when it is the one ``controlled`` was fitted on, else None."""
+    path = cal_dir / CALIBRATION_FILENAME
+    if not path.is_file():
+        return None
+    table = LossTable.load(path)
+    return table if table_mismatch(table, controlled) is None else None
+
+
+def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficiency=None, table=None, plots=(),
+               hardware=None, model_name=None, calibration_split=None, dataset_name=None, repo_id=None, anytime=None,
+               save_calibration=True, overwrite=False) -> tuple[Path, FilePlan]:
+    """:func:`write_guarantee_card`, also returning what it did to the other files (for the Hub push)."""
+    from huggingface_hub import ModelCard
+
+    check_fitted(controlled)
+    path = _card_path(model_dir_or_card_path)
+    task = controlled.certificate.task
+    cal_dir = calibration_directory(path.parent, task)  # also checks the task name, before anything is written
+    table_path = None
+    if table is not None and not isinstance(table, LossTable):
+        table_path = os.fspath(table)
+        table = LossTable.load(table_path)
+    given = table  # written beside the calibration; a table found there already is only read
+    if table is None:
+        table = _stored_table(cal_dir, controlled)
+    measured = gather(controlled, test_results=test_results, efficiency=efficiency, table=table, table_path=table_path,
+                      hardware=hardware, rows=calibration_split)
+    plan = plan_files(path.parent, controlled, evaluation=measured.evaluation, table=given, plots=plots,
+                      save_calibration=save_calibration, overwrite=overwrite)
+    card = ModelCard.load(path) if path.is_file() else None  # a file path: never goes to the Hub
+    name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
+        or path.parent.resolve().name
+    subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
+    card = _card(controlled, card, measured, plots=plan.plots, model_name=name, calibration_split=calibration_split,
+                 dataset_name=dataset_name, repo_id=repo_id, anytime=anytime, calibration_subfolder=subfolder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.apply()
+    card.save(path)
+    if save_calibration:
+        write_custom_generate(path.parent)  # the card's snippet loads the model with it
+    return path, plan
+
+
+def write_guarantee_card(model_dir_or_card_path, controlled, *, test_results=None, efficiency: Mapping | None = None,
+                         table=None, plots: Sequence[str] = (), hardware: str | None = None,
+                         model_name: str | None = None, calibration_split: str | None = None,
+                         dataset_name: str | None = None, repo_id: str | None = None, anytime: str | None = None,
+                         save_calibration: bool = True, overwrite: bool = False) -> Path:
+    """Write or update the model card ``README.md`` with the guarantee of ``controlled`` (a fitted ``RiskControlled``).
+
+    The card gets (or updates) the section of the certificate's task and that task's ``model-index`` results; other
+    tasks' sections and results stay, so one card states one guarantee per calibration task.
+
+    Args:
+        model_dir_or_card_path: the model directory (its ``README.md`` is written) or a ``.md`` path.
+        controlled: a fitted :class:`~hf_safe_exit.risk.RiskControlled`.
+        test_results: the evaluation written by ``hf-safe-exit evaluate`` (dict or path: the repeated-split
+            procedure, stated as such), or a dict of the shipped λ̂ on held-out examples (``test_risk`` and
+            optionally ``test_risk_std``, ``n_test``, ``split``, ``task_loss``, ``full_task_loss``).
+        efficiency: the shipped λ̂'s ``mean_exit_layer``, ``num_decoder_layers``, ``layer_fraction``, ``speedup``
+            (per generated token), ``batch_size`` on held-out examples.
+        table: the loss table (or its path) ``controlled`` was fitted on: the card states what λ̂ does on its
+            examples against the full model. Default: the table stored in ``calibration/<task>/`` if it is that one.
+        plots: image files; files outside the card's directory are copied into ``hf_safe_exit_plots/<task>/``.
+        hardware: where the times were measured (``"auto"`` describes this machine).
+        model_name: the name in ``model-index`` (default: the card's, else the directory name).
+        calibration_split: which rows calibrated it, in words (default: from the loss table); the ``model-index``
+            split is always the dataset's own (``validation`` for cnndm and squad).
+        dataset_name, repo_id, anytime: the dataset's display name, the Hub repo of the snippet, anytime predictions.
+        save_calibration: also write ``risk_control.json`` (and the evaluation, and ``table`` when given) into
+            ``<dir>/calibration/<task>/`` and ``custom_generate/`` (the snippet loads the model with it).
+        overwrite: replace a calibration, evaluation or plot of other content (else
+            :class:`~hf_safe_exit.cards.WouldOverwriteError`, before anything is written).
+
+    Returns the path of the card.
+    """
+    return write_card(model_dir_or_card_path, controlled, test_results=test_results, efficiency=efficiency,
+                      table=table, plots=plots, hardware=hardware, model_name=model_name,
+                      calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
+                      anytime=anytime, save_calibration=save_calibration, overwrite=overwrite)[0]
