@@ -53,6 +53,16 @@ def _names(text: str) -> list[str]:
     return [v for v in text.replace(" ", "").split(",") if v]
 
 
+def _selection_options(p) -> None:
+    """--bound, --risk and --monotonize: how λ̂ is selected, shared by calibrate and evaluate."""
+    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
+                   "hoeffding_bentkus")
+    p.add_argument("--risk", default="performance_gap",
+                   help="performance_gap (default), performance_gap_bounded or consistency")
+    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
+                   "loss non-increasing in λ before testing (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-safe-exit", description="Risk-controlled early-exit decoding for HuggingFace T5: "
                      "collect calibration losses, calibrate a threshold, evaluate and plot.")
@@ -113,12 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt)")
     p.add_argument("--method", default="crc", help="selection method: crc (default; in expectation), ucb, ltt (with "
                    "probability 1 - δ) or naive (no guarantee)")
-    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
-                   "hoeffding_bentkus")
-    p.add_argument("--risk", default="performance_gap",
-                   help="performance_gap (default), performance_gap_bounded or consistency")
-    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
-                   "loss non-increasing in λ before testing (default: none)")
+    _selection_options(p)
     p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
                    "without --output, the calibration is stored in it (as with --store-in-model)")
     p.add_argument("--output", default=None, help="also write risk_control.json into this directory")
@@ -141,12 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=None, help="comma-separated selection methods, from: crc, ucb, "
                    "ltt, naive (default crc,ucb,ltt)")
     p.add_argument("--delta", type=float, default=0.1, help="δ for ucb and ltt (default 0.1)")
-    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
-                   "hoeffding_bentkus")
-    p.add_argument("--risk", default="performance_gap",
-                   help="performance_gap (default), performance_gap_bounded or consistency")
-    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
-                   "loss non-increasing in λ before testing (default: none)")
+    _selection_options(p)
     p.add_argument("--n-cal", type=int, default=None, help="calibration examples per split (default half)")
     p.add_argument("--repeats", type=int, default=100, help="random splits (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")

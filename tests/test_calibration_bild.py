@@ -26,6 +26,8 @@ from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
+from cli_lines import one_error_line
+
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
                                                      "is absent"),
@@ -64,9 +66,14 @@ def table_run(setup, tmp_path_factory):
     """One BiLD collect (fallback 0: the small model drafts until rolled back) with its state directory."""
     task, rows, tokenizer, large, small = setup
     path = tmp_path_factory.mktemp("bild") / "bild.npz"
-    table = collect(large, tokenizer, task, rows, output=path, metadata={"note": "test"},
+    table = collect(large, tokenizer, task, rows, output=path, state_dir=_state_dir(path), metadata={"note": "test"},
                     policy_factory=bild_policy_factory(small, fallback=0.0), **COMMON)
     return table, path
+
+
+def _state_dir(path):
+    """A state directory named by the caller, which collect keeps (its default one goes once the file is written)."""
+    return path.parent / (path.name + ".cells")
 
 
 def stock_greedy(model, tokenizer, prompt):
@@ -81,7 +88,7 @@ def stock_greedy(model, tokenizer, prompt):
 def cell_predictions(path, k):
     """The runner's decoded texts at lambdas[k], by example id, from its state directory."""
     preds = {}
-    for file in (path.parent / (path.name + ".partial")).glob("cells-*.jsonl"):
+    for file in _state_dir(path).glob("cells-*.jsonl"):
         for line in file.read_text().splitlines():
             cell = json.loads(line)
             if cell["k"] == k:
@@ -253,18 +260,18 @@ def test_resume_checks_the_bild_settings(setup, tmp_path):
     kwargs = dict(lambdas=[0.0, 0.5, 1.0], batch_size=2, max_new_tokens=4, max_input_length=MAX_IN, progress=False)
     out = tmp_path / "r.npz"
     with pytest.raises(KeyboardInterrupt):
-        collect(large, tokenizer, task, rows, output=out, stop_after_cells=2,
+        collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out), stop_after_cells=2,
                 policy_factory=bild_policy_factory(small, fallback=0.3), **kwargs)
-    resumed = collect(large, tokenizer, task, rows, output=out, policy_factory=bild_policy_factory(small, fallback=0.3),
-                      **kwargs)
+    resumed = collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out),
+                      policy_factory=bild_policy_factory(small, fallback=0.3), **kwargs)
     fresh = collect(large, tokenizer, task, rows, policy_factory=bild_policy_factory(small, fallback=0.3), **kwargs)
     for name in resumed.losses:
         np.testing.assert_array_equal(resumed.losses[name], fresh.losses[name])
     for name in ("large_calls_per_token", "num_tokens", "task_loss"):
         np.testing.assert_array_equal(resumed.extras[name], fresh.extras[name])
     with pytest.raises(StateMismatchError, match="policy"):
-        collect(large, tokenizer, task, rows, output=out, policy_factory=bild_policy_factory(small, fallback=0.6),
-                **kwargs)
+        collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out),
+                policy_factory=bild_policy_factory(small, fallback=0.6), **kwargs)
     with pytest.raises(ValueError, match="policy_description"):
         collect(large, tokenizer, task, rows, policy_factory=lambda lam: hf_safe_exit.EarlyExit(threshold=lam),
                 **kwargs)
@@ -288,15 +295,6 @@ def model_dirs(tmp_path_factory):
 
 CLI = ["--task", "cnndm", "--n", "3", "--lambdas", "0,0.5,1", "--batch-size", "3", "--max-new-tokens", "5",
        "--max-input-length", "40", "--no-progress"]
-
-
-def one_error_line(capsys, argv):
-    capsys.readouterr()
-    status = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_cli_collect_strategy_bild_then_calibrate(model_dirs, capsys, tmp_path):

@@ -16,6 +16,8 @@ from hf_safe_exit.risk import RiskControlled, clear_cache
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
+from cli_lines import one_error_line
+
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
                                                      "is absent"),
@@ -37,15 +39,6 @@ def workdir(tmp_path_factory):
     results = root / "results.npz"
     assert main(["collect", "--model", model_dir, "--data", str(DATA), "--output", str(results), *COLLECT]) == 0
     return root, model_dir, results
-
-
-def one_error_line(capsys, argv):
-    capsys.readouterr()  # drop what fixtures printed
-    status = main(argv)
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_collect_writes_a_table_for_the_model(workdir, capsys):

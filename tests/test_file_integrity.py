@@ -22,6 +22,8 @@ from hf_safe_exit.policy import EarlyExit
 from hf_safe_exit.risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, RiskControlled, clear_cache
 from hf_safe_exit.risk.store import store_calibration
 
+from cli_lines import one_error_line
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -53,15 +55,6 @@ def _fresh_cache(monkeypatch):
     monkeypatch.setattr(calibrated_lengths, "_WARNED", set())  # "once per process" starts afresh in each test
     yield
     clear_cache()
-
-
-def _one_line(capsys, argv) -> str:
-    capsys.readouterr()
-    status = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- loss tables (.npz)
@@ -126,7 +119,7 @@ def test_cli_reports_a_bad_table_in_one_line(kind, tmp_path, capsys):
     _write_bad_npz(kind, path)
     for argv in (["calibrate", "--results", str(path), "--eps", "0.1", "--output", str(tmp_path / "rc")],
                  ["evaluate", "--results", str(path), "--output", str(tmp_path / "eval.json")]):
-        line = _one_line(capsys, argv)
+        line = one_error_line(capsys, argv)
         assert str(path) in line and "allow_pickle" not in line and "collect" in line, line
 
 
@@ -271,7 +264,7 @@ def test_cli_calibrate_refuses_a_table_without_fingerprint_unless_told(tmp_path,
     _table().save(results)
     argv = ["calibrate", "--results", str(results), "--eps", "0.1", "--model", model_dir, "--output",
             str(tmp_path / "rc")]
-    line = _one_line(capsys, argv)
+    line = one_error_line(capsys, argv)
     assert "no model_fingerprint" in line and "--allow-missing-fingerprint" in line
     assert main([*argv, "--allow-missing-fingerprint"]) == 0
     assert (tmp_path / "rc" / RISK_CONTROL_FILENAME).is_file()
