@@ -62,7 +62,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MissingFingerprintError, ModelMismatchError, StateMismatchError
+from ..errors import ModelMismatchError, StateMismatchError
 from .state import CELL_KEYS, open_state
 
 __all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]
@@ -81,26 +81,19 @@ def default_lambdas() -> np.ndarray:
 
 
 def check_model_matches(table_or_metadata, model, *, allow_missing: bool = False) -> None:
-    """Raise unless the table was collected on ``model`` (same fingerprint).
+    """Raise unless the table was collected on ``model`` (same fingerprint; see :mod:`hf_safe_exit.risk.provenance`).
 
     Another model's fingerprint: :class:`ModelMismatchError`. None recorded: :class:`MissingFingerprintError`,
     unless ``allow_missing`` (the user vouches for the table).
     """
     from ..fingerprint import model_fingerprint
+    from ..risk.provenance import check_fingerprint
 
     meta = getattr(table_or_metadata, "metadata", table_or_metadata)
-    stored = meta.get("model_fingerprint")
-    actual = model_fingerprint(model)
-    if stored is None:
-        if not allow_missing:
-            raise MissingFingerprintError("the results file has no model_fingerprint in its metadata, so nothing shows "
-                                          f"it was collected on this model (fingerprint {actual}): recollect it with "
-                                          "`hf-safe-exit collect` on this model, or, if you know it was collected on "
-                                          "it, pass --allow-missing-fingerprint (allow_missing=True).")
-    elif stored != actual:
-        raise ModelMismatchError(f"the results file was collected on another model (fingerprint {stored}, this model "
-                                 f"is {actual}): run `hf-safe-exit collect` on this model, or pass the model it was "
-                                 "collected on.")
+    check_fingerprint(meta.get("model_fingerprint"), model_fingerprint(model), allow_missing, "The results file",
+                      missing_fix="Recollect it with `hf-safe-exit collect` on this model, or, if you know it was "
+                      "collected on it, pass --allow-missing-fingerprint (allow_missing=True)",
+                      other_fix="Run `hf-safe-exit collect` on this model, or pass the model it was collected on")
 
 
 def _versions() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["RiskCertificate", "guarantee_text"]
+__all__ = ["RiskCertificate", "guarantee_text", "infeasible_message"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,22 @@ def guarantee_text(method: str, eps: float, delta: float | None, risk: str) -> s
     if method in ("ucb", "ltt"):
         return f"P({risk} risk at λ̂ ≤ {eps:g}) ≥ {1 - delta:g}"
     return "none (naive empirical risk, for comparison only)"
+
+
+def infeasible_message(method: str, eps: float, delta: float | None, sel, upper: float) -> str:
+    """Why no λ < 1 passed the test of ``sel`` (a :class:`~hf_safe_exit.risk.selection.Selection`), and what λ̂ = 1
+    means for decoding. ``upper``: the upper bound B of the losses (CRC's minimum ε is B/(n+1))."""
+    compared = "its p-value" if method == "ltt" else "its risk bound"
+    limit = f"δ = {delta:g}" if method == "ltt" else f"ε = {eps:g}"
+    if not sel.passed[0]:  # the largest threshold, λ = 1 (the full model), already fails
+        why = (f"n={sel.n} calibration examples are too few for this test: even at λ = 1, the full model, where the "
+               f"empirical risk is {sel.empirical_risk[0]:.3g}, {compared} is {sel.statistic[0]:.3g} > {limit}; "
+               "so no λ < 1 can pass either")
+    else:
+        why = (f"no λ < 1 passes the test with n={sel.n} calibration examples: at the largest, λ = "
+               f"{sel.lambdas[1]:g}, the empirical risk is {sel.empirical_risk[1]:.3g} and {compared} "
+               f"{sel.statistic[1]:.3g} > {limit}")
+    crc = f" (CRC needs eps ≥ B/(n+1) = {upper / (sel.n + 1):.3g})" if method == "crc" else ""
+    return (f"RiskControlled({method}, eps={eps:g}{'' if delta is None else f', delta={delta:g}'}): {why}. So "
+            "λ̂ = 1: the model decodes at λ = 1, running every decoder layer for every token (it never exits early: "
+            f"the full model's output, no speed-up). Raise eps (or delta), or calibrate on more examples{crc}.")

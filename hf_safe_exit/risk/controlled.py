@@ -21,84 +21,26 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections import OrderedDict
 
 from ..confidence import AUTO, ConfidenceMeasure, get_measure, measure_name
 from ..decoding.poe import resolve_anytime
-from ..errors import CorruptFileError, MissingFingerprintError, ModelMismatchError
+from ..errors import CorruptFileError
 from ..fingerprint import model_fingerprint
 from ..policy import SCHEDULES, EarlyExit
 from .bounds import _check_level, hoeffding_bentkus_ucb
-from .certificate import RiskCertificate, guarantee_text
+from .certificate import RiskCertificate, guarantee_text, infeasible_message
 from .integrity import FORMAT_VERSION, check_calibration_dict
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .selection import BOUNDS, MONOTONIZE, check_method_and_delta, select
-from .store import (HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, StoredCalibration,
-                    check_task_name, clear_store_cache, find_stored, read_calibration_json)
+from .provenance import check_fingerprint
+from .store import HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, check_task_name, find_stored, \
+    read_calibration_json
+from .stored_fit import clear_cache, find_calibration, fit_from_stored
 
 __all__ = ["RiskControlled", "RiskCertificate", "MissingCalibrationError", "find_calibration",
            "RISK_CONTROL_FILENAME", "clear_cache"]
 
-_FIT_CACHE: "OrderedDict[tuple, RiskControlled]" = OrderedDict()
-_CACHE_SIZE = 64
 _HOW_TO_CALIBRATE = HOW_TO_CALIBRATE
-# what a stored risk_control.json must have been fitted with to serve a request that has no loss table
-_FIT_PARAMS = ("eps", "delta", "method", "bound", "risk", "monotonize")
-_NO_FINGERPRINT_FIX = (
-    "Use a loss table from `hf-safe-exit collect` (it records the model), add "
-    "metadata={'model_fingerprint': hf_safe_exit.model_fingerprint(model)} to a table you build, or, if you are "
-    "sure these losses were collected on this model, opt out with RiskControlled(..., allow_missing_fingerprint=True) "
-    "(CLI: --allow-missing-fingerprint)")
-
-
-def clear_cache() -> None:
-    """Forget cached fits, loaded tables and downloaded files (tests; after rewriting a table in place)."""
-    _FIT_CACHE.clear()
-    clear_store_cache()
-
-
-def _cache_put(cache: OrderedDict, key, value) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-
-
-def _infeasible_message(rc: "RiskControlled", sel, bounds) -> str:
-    """Why no λ < 1 passed, in terms of the test that was run, and what λ̂ = 1 means for decoding."""
-    delta = "" if rc.delta is None else f", delta={rc.delta:g}"
-    compared = "its p-value" if rc.method == "ltt" else "its risk bound"
-    limit = f"δ = {rc.delta:g}" if rc.method == "ltt" else f"ε = {rc.eps:g}"
-    if not sel.passed[0]:  # the largest threshold, λ = 1 (the full model), already fails
-        why = (f"n={sel.n} calibration examples are too few for this test: even at λ = 1, the full model, where the "
-               f"empirical risk is {sel.empirical_risk[0]:.3g}, {compared} is {sel.statistic[0]:.3g} > {limit}; "
-               "so no λ < 1 can pass either")
-    else:
-        why = (f"no λ < 1 passes the test with n={sel.n} calibration examples: at the largest, λ = "
-               f"{sel.lambdas[1]:g}, the empirical risk is {sel.empirical_risk[1]:.3g} and {compared} "
-               f"{sel.statistic[1]:.3g} > {limit}")
-    crc = f" (CRC needs eps ≥ B/(n+1) = {bounds[1] / (sel.n + 1):.3g})" if rc.method == "crc" else ""
-    return (f"RiskControlled({rc.method}, eps={rc.eps:g}{delta}): {why}. So λ̂ = 1: the model decodes at λ = 1, "
-            "running every decoder layer for every token (it never exits early: the full model's output, no "
-            "speed-up). Raise eps (or "
-            f"delta), or calibrate on more examples{crc}.")
-
-
-def _check_recorded(recorded: str | None, actual: str, allow_missing: bool, what: str, role: str = "model") -> None:
-    """Raise unless ``recorded`` (the fingerprint a calibration records) is ``actual``'s.
-
-    A missing record raises :class:`MissingFingerprintError` unless ``allow_missing``; another model's always
-    raises :class:`ModelMismatchError`. ``what`` names the calibration in the message.
-    """
-    if recorded is None:
-        if not allow_missing:
-            raise MissingFingerprintError(
-                f"{what} does not record which {role} it was calibrated for (no model_fingerprint), so nothing shows "
-                f"that its guarantee holds for this {role} (fingerprint {actual}). " + _NO_FINGERPRINT_FIX + ".")
-    elif recorded != actual:
-        raise ModelMismatchError(f"{what} was calibrated for another {role} (fingerprint {recorded}, this {role} is "
-                                 f"{actual}): its guarantee does not transfer. Recalibrate on this {role}. "
-                                 + _HOW_TO_CALIBRATE)
 
 
 class RiskControlled:
@@ -273,7 +215,8 @@ class RiskControlled:
         self._calibration = {**settings, "model_fingerprint": metadata.get("model_fingerprint"),
                              "task": metadata.get("task"), **lengths}
         if not sel.feasible:
-            warnings.warn(_infeasible_message(self, sel, bounds), UserWarning, stacklevel=3)
+            warnings.warn(infeasible_message(self.method, self.eps, self.delta, sel, bounds[1]), UserWarning,
+                          stacklevel=3)
         return self
 
     # ------------------------------------------------------------------ the early_exit= protocol
@@ -290,7 +233,7 @@ class RiskControlled:
         if self.is_bild:
             self._check_fingerprint(fingerprint)
             return self.bild()
-        fitted = self if self.is_fitted else self._fit_from_stored(model, fingerprint)
+        fitted = self if self.is_fitted else fit_from_stored(self, model, fingerprint)
         if fitted.is_bild:
             raise ValueError("The calibration stored with this model is for BiLD's rollback threshold: fit it "
                              "with RiskControlled(eps=..., small_model=small).fit_table(table) and pass that as "
@@ -332,8 +275,9 @@ class RiskControlled:
             raise ValueError(f"This is a BiLD calibration: it needs the small (draft) model it was collected with "
                              f"(fingerprint {expected}): pass RiskControlled(..., small_model=small) or "
                              "rc.bild(small).")
-        _check_recorded(expected, model_fingerprint(small), self.allow_missing_fingerprint, "The BiLD calibration",
-                        role="small model")
+        check_fingerprint(expected, model_fingerprint(small), self.allow_missing_fingerprint, "The BiLD calibration",
+                          role="small model", other_fix="Pass that small model, or recollect with `hf-safe-exit "
+                          "collect --strategy bild --small-model ...`")
         return BiLD.from_lambda(small, float(self.lambda_), fallback=float(policy["fallback"]),
                                 max_draft_len=int(policy["max_draft_len"]), small_tokenizer=small_tokenizer)
 
@@ -354,8 +298,8 @@ class RiskControlled:
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         """Raise unless the calibration was made for the model with ``fingerprint`` (or the user opted out)."""
-        _check_recorded(self._calibration.get("model_fingerprint"), fingerprint, self.allow_missing_fingerprint,
-                        "This RiskControlled")
+        check_fingerprint(self._calibration.get("model_fingerprint"), fingerprint, self.allow_missing_fingerprint,
+                          "This RiskControlled", other_fix="Recalibrate on this model. " + _HOW_TO_CALIBRATE)
 
     def _bind_fitted(self, model, fingerprint: str) -> EarlyExit:
         self._check_fingerprint(fingerprint)
@@ -367,51 +311,6 @@ class RiskControlled:
         return EarlyExit(threshold=float(self.lambda_), measure=measure, schedule=cal["schedule"],
                          decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"]),
                          anytime=resolve_anytime(cal.get("anytime")), certificate=self.certificate).bind(model)
-
-    def _fit_from_stored(self, model, fingerprint: str) -> "RiskControlled":
-        """This request fitted on the calibration ``model`` stores for ``self.task`` (cached per model and table).
-
-        With the task's loss table any (ε, δ, method, ...) is fitted; with only its ``risk_control.json``, the
-        request must be the one that file was fitted for (else: the table is needed, and the error says so).
-        """
-        stored = find_stored(model, self.task)
-        source = stored.table_path or stored.controlled_path
-        if stored.table is not None:
-            _check_recorded(stored.table.metadata.get("model_fingerprint"), fingerprint,
-                            self.allow_missing_fingerprint, f"The loss table at {source}")
-            params = self.get_params()
-            key = (fingerprint, stored.table.digest(), *(
-                (k, params[k] if not isinstance(params[k], ConfidenceMeasure) else ("instance", id(params[k])))
-                for k in sorted(params)))
-            hit = _FIT_CACHE.get(key)
-            if hit is None:
-                params["task"] = stored.task if self.task is None else self.task
-                hit = RiskControlled(**params).fit_table(stored.table)
-                _cache_put(_FIT_CACHE, key, hit)
-            return hit
-        return self._stored_fit(stored)
-
-    def _stored_fit(self, stored: StoredCalibration) -> "RiskControlled":
-        fitted = RiskControlled.from_dict(stored.controlled_json, stored.controlled_path,
-                                          allow_missing_fingerprint=self.allow_missing_fingerprint)
-        asked, has = self.get_params(), fitted.get_params()
-        # the early-exit settings as the file records them: measure names and PoE settings as dicts
-        asked.update(measure=None if self.measure is None else measure_name(self.measure),
-                     anytime=None if self.anytime is None else self.anytime.to_dict())
-        has.update({k: fitted._calibration.get(k) for k in ("measure", "schedule", "min_exit_layer", "decay_tau",
-                                                             "anytime")})
-        differ = [k for k in _FIT_PARAMS if asked[k] != has[k]]
-        differ += [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
-                   if asked[k] is not None and asked[k] != has[k]]
-        if differ:
-            want = ", ".join(f"{k}={asked[k]!r}" for k in differ)
-            have = ", ".join(f"{k}={has[k]!r}" for k in differ)
-            raise MissingCalibrationError(
-                f"{stored.controlled_path} holds λ̂ fitted with {have}, and this request asks for {want}; fitting "
-                f"another request needs the task's loss table ({stored.task!r}: calibration/{stored.task}/"
-                "early_exit_calibration.npz), which this model does not store. Ask for the stored setting, or "
-                + _HOW_TO_CALIBRATE[0].lower() + _HOW_TO_CALIBRATE[1:])
-        return fitted
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -491,16 +390,3 @@ class RiskControlled:
         table = LossTable.load(beside) if os.path.isfile(beside) else None
         data = read_calibration_json(path, table, beside if table is not None else None)
         return cls.from_dict(data, path, allow_missing_fingerprint=allow_missing_fingerprint)
-
-
-def find_calibration(model, task: str | None = None) -> tuple[LossTable, str]:
-    """The stored loss table of ``model`` for ``task`` (default: its primary task) and where it came from.
-
-    See :func:`hf_safe_exit.risk.store.find_stored` for where it looks; raises
-    :class:`MissingCalibrationError` naming the fix (or the tasks stored) when there is none.
-    """
-    stored = find_stored(model, task)
-    if stored.table is None:
-        raise MissingCalibrationError(f"{stored.controlled_path} stores λ̂ for task {stored.task!r} but not its loss "
-                                      "table, which is needed to fit another ε. " + HOW_TO_CALIBRATE)
-    return stored.table, stored.table_path
