@@ -1,0 +1,175 @@
+"""The ``hf-safe-exit`` command line's parser: every subcommand, option and help text (run by :mod:`hf_safe_exit.cli`).
+
+Every option has a help text and every subcommand a description (``tests/test_cli_help.py``). Bad usage raises
+:class:`UsageError`, which the CLI reports in one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["UsageError", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad command-line usage (reported in one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message, and no SystemExit from deep inside
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def _selection_options(p) -> None:
+    """--bound, --risk and --monotonize: how λ̂ is selected, shared by calibrate and evaluate."""
+    p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
+                   "hoeffding_bentkus")
+    p.add_argument("--risk", default="performance_gap",
+                   help="performance_gap (default), performance_gap_bounded or consistency")
+    p.add_argument("--monotonize", default=None, choices=("per_example",), help="per_example: make each example's "
+                   "loss non-increasing in λ before testing (default: none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-safe-exit", description="Risk-controlled early-exit decoding for HuggingFace T5: "
+                     "collect calibration losses, calibrate a threshold, evaluate and plot.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("collect", help="decode examples at every threshold of a grid and store per-example losses",
+                       description="Decode the examples at every threshold λ of a grid with early exit and store "
+                       "their losses (the loss table, .npz) that `calibrate` and `evaluate` read. The work is cut into "
+                       "cells, one batch of examples decoded at one λ (the progress bar counts them, batch×λ); each "
+                       "finished cell is kept in OUTPUT.partial/, so an interrupted run resumes where it stopped. "
+                       "OUTPUT.partial/ is removed once the result file is written.")
+    p.add_argument("--model", required=True, help="local model directory (or Hub id) of a T5-family model")
+    p.add_argument("--task", required=True, help="cnndm or squad")
+    p.add_argument("--data", default=None, help="local data file or folder (e.g. ../shared/data); "
+                   "default: download from the Hub")
+    p.add_argument("--split", default="pool", help="train, pool (calibration/test pool; default) or all")
+    p.add_argument("--n", type=int, default=None, help="number of examples (a seeded random subset of the split); "
+                   "default all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--exclude-ids", default=None, help="JSON file of example ids to leave out before the subset is "
+                   "drawn: a list, or an object with a '<task>_ids' list (e.g. a model's heldout_eval_ids.json), "
+                   "so that calibration rows stay disjoint from rows that were used to choose the model")
+    p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels "
+                   "(bild: λ = exp(-rollback) for rollback = inf, 8, 6, ..., 0.1, 0)")
+    p.add_argument("--strategy", default="early_exit", choices=("early_exit", "bild"),
+                   help="early_exit (default): the exit threshold; bild: BiLD's rollback threshold, "
+                   "λ = exp(-rollback), with --model as the large model")
+    p.add_argument("--small-model", default=None, help="bild: the small (draft) model directory, same tokenizer")
+    p.add_argument("--fallback", type=float, default=None, help="bild: fallback threshold (default 0.6)")
+    p.add_argument("--max-draft-len", type=int, default=None, help="bild: tokens drafted per verification "
+                   "(default 10)")
+    p.add_argument("--measure", default="auto", help="auto (default: meta if the model has a trained meta head, "
+                   "else softmax_shortlist; chosen by benchmarks/measure_choice.py), softmax, softmax_shortlist, "
+                   "saturation or meta")
+    p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
+    p.add_argument("--min-exit-layer", type=int, default=1, help="first decoder layer (1-based) at which a token "
+                   "may exit (default 1)")
+    p.add_argument("--anytime", default=None, choices=("poe",),
+                   help="poe: Product-of-Experts anytime predictions and confidences (Jazbec et al. 2023); "
+                   "the calibration then holds for that decoder, and RiskControlled decodes with it")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8); a cell of "
+                   "the progress bar is one batch at one threshold")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--max-input-length", type=int, default=None, help="default: the task's")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default float32); the calibration holds for that dtype")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/")
+    p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("calibrate", help="choose the threshold λ̂ for a target risk and save risk_control.json",
+                       description="Choose the exit threshold λ̂ from a loss table for a target risk ε with a "
+                       "distribution-free guarantee (crc: in expectation; ucb, ltt: with probability 1 - δ) and "
+                       "save it as risk_control.json, in the model folder (calibration/<task>/) or --output.")
+    p.add_argument("--results", required=True, help="result file written by `collect`")
+    p.add_argument("--eps", type=float, required=True, help="target risk ε in (0, 1)")
+    p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt)")
+    p.add_argument("--method", default="crc", help="selection method: crc (default; in expectation), ucb, ltt (with "
+                   "probability 1 - δ) or naive (no guarantee)")
+    _selection_options(p)
+    p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
+                   "without --output, the calibration is stored in it (as with --store-in-model)")
+    p.add_argument("--output", default=None, help="also write risk_control.json into this directory")
+    p.add_argument("--store-in-model", action="store_true", help="store risk_control.json and the loss table "
+                   "(early_exit_calibration.npz) in the model directory under calibration/<task>/, where "
+                   "RiskControlled(eps=..., task=...) fits any ε from it and the demo and model card find it")
+    p.add_argument("--task", default=None, help="the task to store the calibration under (default: the one the "
+                   "results were collected on)")
+    p.add_argument("--primary", action="store_true", help="make this task the one a bare RiskControlled(eps) uses "
+                   "(the first task stored is primary by default)")
+    p.add_argument("--allow-missing-fingerprint", action="store_true", help="accept results that do not record the "
+                   "model they were collected on (no model_fingerprint) for --model: only if you know they were")
+
+    p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up",
+                       description="Split the examples of a loss table at random into calibration and test parts, "
+                       "--repeats times; on each split fit λ̂ per method and ε on the calibration part and measure "
+                       "test risk, violations, exit layer and speed-up per token on the test part.")
+    p.add_argument("--results", required=True, help="result file written by `collect` (on the pool)")
+    p.add_argument("--eps", type=_floats, default=None, help="comma-separated ε (default 0.01,0.02,0.05,0.1,0.15,0.2)")
+    p.add_argument("--methods", type=_names, default=None, help="comma-separated selection methods, from: crc, ucb, "
+                   "ltt, naive (default crc,ucb,ltt)")
+    p.add_argument("--delta", type=float, default=0.1, help="δ for ucb and ltt (default 0.1)")
+    _selection_options(p)
+    p.add_argument("--n-cal", type=int, default=None, help="calibration examples per split (default half)")
+    p.add_argument("--repeats", type=int, default=100, help="random splits (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
+    p.add_argument("--output", required=True, help="JSON file for the results")
+
+    p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε",
+                       description="Three PNG figures of the repeated-split procedure in an evaluation: test risk, "
+                       "mean exit layer (BiLD: large-model calls per token) and speed-up against the target risk ε, "
+                       "one line per method, with n_cal, n_test and the number of splits on each figure.")
+    p.add_argument("--evaluation", required=True, help="JSON written by `evaluate`")
+    p.add_argument("--output-dir", required=True, help="folder for risk_vs_eps.png, exit_layer_vs_eps.png (or "
+                   "large_calls_vs_eps.png) and speedup_vs_eps.png (created if missing; files there are replaced)")
+
+    p = sub.add_parser("card", help="write or update the model card (README.md) with the risk guarantee",
+                       description="Write the guarantee of one calibration into the model card: one section per "
+                       "task, model-index results on the dataset's real split, the calibration, evaluation and plots "
+                       "beside it. An existing calibration, evaluation or plot of other content is only replaced "
+                       "with --overwrite.")
+    p.add_argument("--model", required=True, help="model directory (its README.md is written) or a .md file")
+    p.add_argument("--calibration", default=None, help="risk_control.json or its directory (default: the model's); "
+                   "run once per task (e.g. DIR/calibration/cnndm, then DIR/calibration/squad): each task gets its "
+                   "own section")
+    p.add_argument("--evaluation", default=None, help="JSON written by `evaluate` on the calibration's loss table: "
+                   "the repeated-split procedure (test risk, violations, exit layers, speed-up per token)")
+    p.add_argument("--results", default=None, help="the loss table (.npz from `collect`) the calibration was fitted "
+                   "on, for what the shipped λ̂ does against the full model on its examples (default: "
+                   "early_exit_calibration.npz beside the calibration, if there)")
+    p.add_argument("--plots", nargs="*", default=[], help="images to show in the card (e.g. from `plot`)")
+    p.add_argument("--hardware", default=None, help="where the times were measured ('auto': this machine)")
+    p.add_argument("--split", default=None, help="which rows calibrated it, in words, for the card's text (default: "
+                   "from the loss table, e.g. 'validation rows 500–899 (the calibration/test pool)'); the "
+                   "model-index split is always the dataset's own (validation)")
+    p.add_argument("--model-name", default=None, help="name in the model-index metadata (default: the card's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration, evaluation or plot of "
+                   "other content (without it the card refuses, naming the file)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload card + calibration there "
+                   "(the same --overwrite rule applies to the repo's files)")
+
+    from .demo import build_parser as _demo_parser
+
+    demo_help = ("summarise an article and answer a question with risk-controlled early exit on the shipped default "
+                 "model, tokens coloured by exit layer")
+    _demo_parser(sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ", with the "
+                                "full model's output and time per token beside it (offline)."))
+    return parser
