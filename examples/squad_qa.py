@@ -9,7 +9,7 @@
 3. **generate** -- load it back with ``RiskControlled.from_pretrained`` and answer the test
    half with ``model.generate(..., early_exit=rc)``, and with the full model (λ = 1);
 4. **report** -- token F1 and exact match of both, the performance gap (the controlled risk: ≤ ε in expectation
-   for CRC), the mean exit layer, and the wall-time speed-up.
+   for CRC), the mean exit layer, and the speed-up per generated token.
 
 ``--model`` is a local directory holding a fine-tuned T5-family model and its tokenizer.
 """
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     print(f"test F1: early exit {report['f1_early_exit']:.4f} vs full model {report['f1_full']:.4f} "
           f"(gap {report['performance_gap']:+.4f}); EM {report['exact_match_early_exit']:.4f} vs "
           f"{report['exact_match_full']:.4f}; mean exit layer {report['mean_exit_layer']:.2f} of "
-          f"{report['num_decoder_layers']}; speed-up ×{report['speedup']:.2f}")
+          f"{report['num_decoder_layers']}; speed-up ×{report['speedup']:.2f} per generated token")
     for row, text in list(zip(run.test_rows, run.early_texts))[:2]:
         print(f"- Q: {row['question']}\n  A: {text!r}  (gold: {row['answers']['text'][0]!r})")
     return report

@@ -9,7 +9,7 @@
 3. **generate** -- load it back with ``RiskControlled.from_pretrained`` and summarize the test
    half with ``model.generate(..., early_exit=rc)``, and with the full model (λ = 1);
 4. **report** -- ROUGE-L of both, the performance gap (the controlled risk: ≤ ε in expectation
-   for CRC), the mean exit layer, and the wall-time speed-up.
+   for CRC), the mean exit layer, and the speed-up per generated token.
 
 ``--model`` is a local directory holding a fine-tuned T5-family model and its tokenizer.
 """
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     print(f"λ̂ = {report['lambda_hat']:.4g} ({args.method}, ε = {args.eps}: {report['guarantee']})")
     print(f"test ROUGE-L: early exit {early_score:.4f} vs full model {full_score:.4f} "
           f"(gap {report['performance_gap']:+.4f}); mean exit layer {report['mean_exit_layer']:.2f} of "
-          f"{report['num_decoder_layers']}; speed-up ×{report['speedup']:.2f}")
+          f"{report['num_decoder_layers']}; speed-up ×{report['speedup']:.2f} per generated token")
     for text, ref in list(zip(run.early_texts, run.references))[:2]:
         print(f"- summary: {text[:200]}\n  reference: {ref[:200]!r}")
     return report

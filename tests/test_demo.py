@@ -42,12 +42,23 @@ def tiny_dir(tmp_path_factory):
     return d, rcs
 
 
-def test_demo_end_to_end_on_a_tiny_model(tiny_dir):
+def test_demo_end_to_end_on_a_tiny_model(tiny_dir, monkeypatch):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     d, rcs = tiny_dir
     buf = io.StringIO()
+    hf_calls = []  # the demo's full-model runs: HF's own generate, spied on at the class
+    hf_generate = T5ForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = hf_generate(self, *args, **kwargs)
+        hf_calls.append((kwargs.get("min_new_tokens"), out.shape[1] - 1, time.perf_counter() - start))
+        return out
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "generate", spy)
     results = run_demo(model_dir=d, max_new_tokens=12, repeats=1, color=False, out=buf)
+    monkeypatch.undo()
     printed = buf.getvalue()
     assert [r.task for r in results] == ["cnndm", "squad"]
     model = enable(T5ForConditionalGeneration.from_pretrained(d).eval())
@@ -67,13 +78,16 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_dir):
         assert len(set(r.exit_layers)) > 1, "the threshold must make tokens exit at different layers"
         full = model.generate(**enc, max_new_tokens=12, **cache_kwargs(new_decoder_cache(model)))  # 2+4 layers
         assert r.full_text == tok.decode(full[0], skip_special_tokens=True)
-        # like for like: time per generated token, each output's own token count (they may differ in length)
         assert r.new_tokens_early == int(real.sum()) and r.new_tokens_full == int((full[0, 1:] != 0).sum())
-        assert r.speedup == pytest.approx((r.time_full / r.new_tokens_full) / (r.time_early / r.new_tokens_early))
+        # like for like: the full model was timed making exactly as many tokens as early exit made
+        forced = [c for c in hf_calls if c[0] == r.new_tokens_early and c[1] == r.new_tokens_early]
+        assert any(c[2] <= r.time_full <= c[2] + 0.05 for c in forced)  # that run is the one it reports
+        assert r.speedup == pytest.approx(r.time_full / r.time_early)
         # the plain rendering writes each token's exit layer after it
         marked = "".join(f"{p}⟨{l}⟩" if p.strip() else p for p, l in zip(r.pieces, r.exit_layers))
         assert marked in printed
-    assert len(re.findall(r"per-token speed-up \d+\.\d\d× on this input", printed)) == 2
+    assert len(re.findall(r"Time for the same \d+ generated tokens .* speed-up \d+\.\d\d× on this input",
+                          printed)) == 2
 
 
 def test_demo_colours_with_rich_or_ansi(tiny_dir):

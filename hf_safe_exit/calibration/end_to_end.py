@@ -51,34 +51,48 @@ class EndToEndRun:
     seconds_full: float
     n_cal: int
     num_decoder_layers: int
+    tokens_early: int = 0
+    tokens_full: int = 0
 
     @property
     def speedup(self) -> float:
-        return self.seconds_full / self.seconds_early if self.seconds_early > 0 else float("nan")
+        """The full model's time per generated token over early exit's (the outputs may differ in length)."""
+        if not (self.seconds_early > 0 and self.tokens_early and self.tokens_full):
+            return float("nan")
+        return (self.seconds_full / self.tokens_full) / (self.seconds_early / self.tokens_early)
 
     def summary(self, args) -> dict:
         rc = self.controlled
         return {"task": self.task.name, "n_cal": self.n_cal, "n_test": len(self.test_rows), "eps": args.eps,
                 "method": args.method, "lambda_hat": rc.lambda_, "guarantee": rc.certificate.guarantee,
                 "mean_exit_layer": float(self.early_exit_layers.mean()),
-                "num_decoder_layers": self.num_decoder_layers, "speedup": self.speedup}
+                "num_decoder_layers": self.num_decoder_layers, "speedup": self.speedup,
+                "speedup_basis": "per generated token", "tokens_early": self.tokens_early,
+                "tokens_full": self.tokens_full}
 
 
-def _generate_all(model, tokenizer, prompts, early_exit, batch_size, max_new_tokens, max_input_length):
+def _generate_all(model, tokenizer, prompts, policies: dict, batch_size, max_new_tokens, max_input_length) -> dict:
+    """Decode ``prompts`` with every policy, batch by batch and interleaved (load drifts hit all alike).
+
+    Returns, per policy name: texts, mean exit layer per example, seconds and generated tokens (summed).
+    """
     import torch
 
-    texts, exits, seconds = [], [], 0.0
+    res = {name: {"texts": [], "exits": [], "seconds": 0.0, "tokens": 0} for name in policies}
     for s in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_input_length).to(model.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**enc, early_exit=early_exit, max_new_tokens=max_new_tokens, do_sample=False,
-                                 return_dict_in_generate=True)
-        seconds += time.perf_counter() - start
-        texts += [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-        exits += out.mean_exit_layer.tolist()
-    return texts, np.array(exits), seconds
+        for name, early_exit in policies.items():
+            r = res[name]
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, early_exit=early_exit, max_new_tokens=max_new_tokens, do_sample=False,
+                                     return_dict_in_generate=True)
+            r["seconds"] += time.perf_counter() - start
+            r["texts"] += [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+            r["exits"] += out.mean_exit_layer.tolist()
+            r["tokens"] += int((out.exit_layers > 0).sum())
+    return res
 
 
 def run_end_to_end(task_name: str, args: argparse.Namespace) -> EndToEndRun:
@@ -119,10 +133,13 @@ def run_end_to_end(task_name: str, args: argparse.Namespace) -> EndToEndRun:
     test_rows = examples.select(test.tolist())
     prompts = [task.prompt(r) for r in test_rows]
     full_model = hf_safe_exit.EarlyExit(threshold=1.0, measure=args.measure)
-    _generate_all(model, tokenizer, prompts[:1], full_model, 1, max_new, max_in)  # warm-up, not timed
-    early_texts, early_layers, t_early = _generate_all(model, tokenizer, prompts, rc, args.batch_size, max_new, max_in)
-    full_texts, _, t_full = _generate_all(model, tokenizer, prompts, full_model, args.batch_size, max_new, max_in)
+    policies = {"early": rc, "full": full_model}
+    _generate_all(model, tokenizer, prompts[:1], policies, 1, max_new, max_in)  # warm-up, not timed
+    res = _generate_all(model, tokenizer, prompts, policies, args.batch_size, max_new, max_in)
+    early, full = res["early"], res["full"]
     return EndToEndRun(task=task, controlled=rc, test_rows=list(test_rows),
-                       references=[task.reference(r) for r in test_rows], early_texts=early_texts,
-                       full_texts=full_texts, early_exit_layers=early_layers, seconds_early=t_early,
-                       seconds_full=t_full, n_cal=int(cal.size), num_decoder_layers=model.config.num_decoder_layers)
+                       references=[task.reference(r) for r in test_rows], early_texts=early["texts"],
+                       full_texts=full["texts"], early_exit_layers=np.array(early["exits"]),
+                       seconds_early=early["seconds"], seconds_full=full["seconds"], n_cal=int(cal.size),
+                       num_decoder_layers=model.config.num_decoder_layers, tokens_early=early["tokens"],
+                       tokens_full=full["tokens"])
