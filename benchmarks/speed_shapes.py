@@ -207,6 +207,9 @@ def parse_args(argv):
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     p.add_argument("--input-lengths", nargs="+", type=int, default=[128, 512])
+    p.add_argument("--sweep-batch-sizes", nargs="+", type=int, default=None,
+                   help="batch sizes that get the exit-layer sweep and the RC rows (default: all); the others get "
+                   "λ = 1 only")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -295,6 +298,8 @@ def run_shape(shape: str, spec: dict, args, doc: dict) -> None:
             table = mixed_table(batch, n_new, L, gen)
             ctx.row("mixed", "forced", table, ForcedExit(table), table)
             continue
+        if args.sweep_batch_sizes is not None and batch not in args.sweep_batch_sizes:
+            continue  # λ = 1 only at this batch size
         for k in layers:
             const = torch.full((batch, n_new), k)
             ctx.row("sweep", "forced", k, ForcedExit(k), const)
