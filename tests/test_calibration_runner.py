@@ -9,6 +9,7 @@ import torch
 from hf_safe_exit.calibration import StateMismatchError, collect, default_lambdas
 from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
 from hf_safe_exit.compat import cache_kwargs
+from hf_safe_exit.confidence import HEAD_FREE_DEFAULT
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
@@ -76,7 +77,8 @@ def test_result_file_shapes_and_full_model_row(cnndm, tmp_path):
     assert loaded.extras["wall_time"].shape == (K,) and np.all(loaded.extras["wall_time"] > 0)
     meta = loaded.metadata
     assert meta["model_fingerprint"] == model_fingerprint(model)
-    assert meta["task"] == "cnndm" and meta["measure"] == "softmax" and meta["schedule"] == "constant"
+    # the default measure "auto" is recorded as what it resolved to: this model has no meta head
+    assert meta["task"] == "cnndm" and meta["measure"] == HEAD_FREE_DEFAULT and meta["schedule"] == "constant"
     assert meta["lambdas"] == LAMBDAS and meta["example_ids"] == rows["id"] and meta["note"] == "test"
     assert meta["num_decoder_layers"] == L and {"torch", "transformers", "hf_safe_exit"} <= set(meta["versions"])
     assert loaded.bounds["performance_gap"] == (-1.0, 1.0)
@@ -87,7 +89,7 @@ def test_result_file_shapes_and_full_model_row(cnndm, tmp_path):
     assert np.all(loaded.losses["performance_gap_bounded"][full] == 0.0)
     assert np.all(loaded.losses["consistency"][full] == 0.0)
     assert np.all(loaded.extras["mean_exit_layer"][full] == L) and np.all(loaded.extras["layer_fraction"][full] == 1.0)
-    # λ = 0 exits wherever the softmax margin is > 0: at layer 1, so 1/L of the layers run
+    # λ = 0 exits wherever the (shortlist) softmax margin is > 0: at layer 1, so 1/L of the layers run
     assert np.all(loaded.extras["mean_exit_layer"][0] == 1.0)
     np.testing.assert_allclose(loaded.extras["layer_fraction"][0], 1.0 / L)
     assert np.any(loaded.losses["consistency"][0] > 0)  # exiting at layer 1 changes some outputs

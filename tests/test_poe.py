@@ -169,7 +169,8 @@ def test_poe_decode_follows_the_rule_at_every_token(config, lam):
     layer l's own logits; the emitted token is their argmax."""
     model = make_model(init=1.0)
     min_layer = 2
-    out, logits, ref = _generate(model, EarlyExit(threshold=lam, min_exit_layer=min_layer, anytime=config))
+    out, logits, ref = _generate(model, EarlyExit(threshold=lam, measure="softmax", min_exit_layer=min_layer,
+                                                  anytime=config))
     L = model.config.num_decoder_layers
     w = config.weights
     poe_ref = poe_log_probs(ref, w, config.activation)  # (L, b, T, V): PoE over layers 1..l at each position
@@ -199,7 +200,7 @@ def test_poe_decode_follows_the_rule_at_every_token(config, lam):
     if config.confidence and config.activation == "relu":
         # the PoE must actually change decisions compared with plain early exit at the same λ
         plain = model.generate(input_ids=batch()[0], attention_mask=batch()[1], max_new_tokens=10,
-                               early_exit=EarlyExit(threshold=lam, min_exit_layer=min_layer),
+                               early_exit=EarlyExit(threshold=lam, measure="softmax", min_exit_layer=min_layer),
                                return_dict_in_generate=True)
         assert not torch.equal(plain.exit_layers, out.exit_layers)
 
@@ -214,9 +215,10 @@ def test_at_threshold_one_default_poe_is_exactly_the_full_model_and_final_poe_is
     hf = type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=10,
                               **cache_kwargs(new_decoder_cache(model)))
     default = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
-                             early_exit=EarlyExit(threshold=1.0, anytime="poe"))
+                             early_exit=EarlyExit(threshold=1.0, measure="softmax", anytime="poe"))
     assert torch.equal(default, hf)
-    out, logits, ref = _generate(model, EarlyExit(threshold=1.0, anytime=PoEConfig(final_layer="poe")))
+    out, logits, ref = _generate(model, EarlyExit(threshold=1.0, measure="softmax",
+                                                  anytime=PoEConfig(final_layer="poe")))
     L = model.config.num_decoder_layers
     assert (out.exit_layers == L).all()
     full = poe_log_probs(ref)[L - 1]
@@ -230,8 +232,8 @@ def test_poe_decode_with_masking_processor_stays_finite():
     model = make_model(dtype=torch.float32)
     ids, mask = batch()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                         early_exit=EarlyExit(threshold=0.2, anytime="poe"), return_dict_in_generate=True,
-                         output_scores=True)
+                         early_exit=EarlyExit(threshold=0.2, measure="softmax", anytime="poe"),
+                         return_dict_in_generate=True, output_scores=True)
     scores = torch.stack(out.scores, 1)
     assert not torch.isnan(scores).any()
     assert (out.sequences[:, 1:] != 1).all()
