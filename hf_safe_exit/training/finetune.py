@@ -17,6 +17,9 @@ Stages (``examples/finetune_calm.py`` is the command line over this):
 5. write the model card: what was trained (:mod:`hf_safe_exit.training.finetune_card`), then the guarantee
    section (:func:`hf_safe_exit.cards.write_guarantee_card`) with its plots.
 
+It runs as one process (on one device): the calibration and the files are written by that process. To
+calibrate with several processes, run ``accelerate launch -m hf_safe_exit collect`` on the saved folder instead.
+
 The folder then works with the one-liner: ``T5ForConditionalGeneration.from_pretrained(out,
 trust_remote_code=True).generate(**inputs, early_exit=RiskControlled(eps=...))``.
 """
@@ -27,11 +30,11 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-__all__ = ["FinetuneConfig", "finetune_calm", "training_target", "RESULTS_FILENAME"]
+__all__ = ["FinetuneConfig", "finetune_calm", "command_line", "training_target", "RESULTS_FILENAME"]
 
 RESULTS_FILENAME = "finetune_results.json"  # the run's settings and numbers, next to the weights
 
@@ -104,6 +107,21 @@ class FinetuneConfig:
             raise ValueError(f"weighting={self.weighting!r} is unknown: use 'linear', 'uniform' or 'geometric'.")
         if self.method not in ("crc", "ucb", "ltt"):
             raise ValueError(f"method={self.method!r} is unknown: use 'crc', 'ucb' or 'ltt'.")
+
+
+def command_line(config: FinetuneConfig, output: str = "<folder>") -> str:
+    """The ``examples/finetune_calm.py`` command that gives ``config``: the model, the task and every setting off
+    its default (``--output`` is ``output``)."""
+    options = []
+    for f in fields(FinetuneConfig):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("output", "overwrite") or (f.default is not MISSING and value == f.default):
+            continue
+        if isinstance(value, bool):  # a flag: --bf16, or --no-plots for a default that is True
+            options.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            options.append(f"{flag} {value}")
+    return " ".join(["python examples/finetune_calm.py", *options, f"--output {output}"])
 
 
 def training_target(task, row) -> str:
@@ -261,7 +279,8 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1), encoding="utf-8")
     log(f"λ̂ = {rc.lambda_:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")
 
-    results = {"config": asdict(config), "training": training, "meta_head": meta_stats,
+    results = {"config": asdict(config), "command": command_line(config), "training": training,
+               "meta_head": meta_stats,
                "calibration": {"n": table.n, "lambda_hat": rc.lambda_, "measure": table.metadata.get("measure"),
                                "pool_ids": list(table.metadata["example_ids"])},
                "params": n_params, "num_decoder_layers": int(model.config.num_decoder_layers)}

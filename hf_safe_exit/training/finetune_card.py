@@ -24,24 +24,6 @@ def _hub_id(model: str) -> str | None:
     return model if len(parts) == 2 and all(parts) and not os.path.exists(model) else None
 
 
-def _options(cfg: dict) -> list[str]:
-    """The command-line options that give ``cfg`` (the model, the task and every setting off its default)."""
-    from dataclasses import MISSING, fields
-
-    from .finetune import FinetuneConfig
-
-    out = []
-    for f in fields(FinetuneConfig):
-        value, flag = cfg[f.name], "--" + f.name.replace("_", "-")
-        if f.name in ("output", "overwrite") or (f.default is not MISSING and value == f.default):
-            continue
-        if isinstance(value, bool):  # a flag: --bf16, or --no-plots for a default that is True
-            out.append(flag if value else f"--no-{f.name.replace('_', '-')}")
-        else:
-            out.append(f"{flag} {value}")
-    return out
-
-
 def render_finetune_card(results: dict) -> str:
     """The card's text before its guarantee section: YAML metadata, what was trained and how to reproduce it.
 
@@ -60,7 +42,6 @@ def render_finetune_card(results: dict) -> str:
     train_rows, pool_rows = _SPLITS.get(task.name, ("the train split", "the pool split"))
     weights = ", ".join(f"{w:.3f}" for w in layer_weights(results["num_decoder_layers"], cfg["weighting"]).tolist())
     precision = "bf16 mixed precision" if cfg["bf16"] else "fp16 mixed precision" if cfg["fp16"] else "float32"
-    command = " ".join(["python examples/finetune_calm.py", *_options(cfg), "--output <folder>"])
     return f"""---
 {data.to_yaml()}
 ---
@@ -89,7 +70,7 @@ layer's" (positive rate {meta['positive_rate']:.3f}), class-balanced cross-entro
 every threshold with the `{cal['measure']}` confidence measure; their ids are in \
 `calibration/{task.name}/early_exit_calibration.npz`.
 
-Reproduce: `{command}`.
+Reproduce: `{results['command']}`.
 """
 
 
