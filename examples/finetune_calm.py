@@ -9,13 +9,13 @@ With the Hub reachable (the data then comes from the Hub too):
 Offline, from the shipped default model and the project's data (a smoke run: two steps, eight pool rows):
 
     python examples/finetune_calm.py --model hf_safe_exit/default_model --task cnndm --data ../shared/data \\
-        --max-steps 2 --n-calibration 8 --max-new-tokens 32 --output /tmp/calm-cnndm
+        --max-steps 2 --n-calibration 8 --max-new-tokens 32 --meta-examples 32 --output /tmp/calm-cnndm
 
 The folder holds the weights, tokenizer, meta head, calibration/<task>/, custom_generate/ and README.md (the
-guarantee, test risk and speed-up per generated token). Then, or after `huggingface-cli upload`:
+guarantee, test risk and speed-up per generated token). Then, or after `hf upload <user>/<name> <folder>`:
 
     model = T5ForConditionalGeneration.from_pretrained(folder, trust_remote_code=True)
-    model.generate(**inputs, early_exit=hf_safe_exit.RiskControlled(eps=0.05))
+    model.generate(**inputs, early_exit=hf_safe_exit.RiskControlled(eps=0.05, delta=0.1, method="ucb"))
 
 The recipe is hf_safe_exit.training.finetune.finetune_calm; every option below is a FinetuneConfig field.
 """
