@@ -19,7 +19,8 @@ exit), so the mean exit determines the expected time per token; the table spread
 The measure with the lowest time per token at equal ε, over tasks and methods, is the default; measures that
 need a trained meta head only where one exists (see ``hf_safe_exit.confidence.DEFAULT_MEASURE``).
 
-    python benchmarks/measure_choice.py --table cnndm softmax cal/cnndm_softmax.npz ... --shapes small base large
+    python benchmarks/measure_choice.py --table cnndm softmax benchmarks/results/measure_choice_tables/cnndm_softmax.npz \
+        --table ... (one per task and measure; benchmarks/speed_acceptance.sh lists them all)
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def spread_table(mean: float, n: int, L: int, gen: torch.Generator) -> torch.Ten
     return layers[torch.randperm(n, generator=gen)].unsqueeze(0)
 
 
-def time_rows(rows: list[dict], shapes: list[str], args, doc: dict) -> None:
-    """Decode every calibrated row's exit profile on each real shape; one HF-interleaved timing per row."""
+def time_rows(rows: list[dict], shapes: dict, args, doc: dict) -> None:
+    """Decode every calibrated row's exit profile on each shape (name -> T5Config kwargs); HF interleaved."""
     gen = torch.Generator().manual_seed(args.seed)
-    for shape in shapes:
-        model = speed_shapes.build_model(speed_shapes.SHAPES[shape])
+    for shape, spec in shapes.items():
+        model = speed_shapes.build_model(spec)
         L, vocab = model.config.num_decoder_layers, model.config.vocab_size
         ids = torch.randint(2, vocab, (1, args.input_length), generator=gen)
         mask = torch.ones_like(ids)
@@ -123,7 +124,7 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--delta", type=float, default=0.1, help="UCB's δ")
     p.add_argument("--split-repeats", type=int, default=200, help="random calibration/test splits per row")
-    p.add_argument("--shapes", nargs="*", default=["small", "base", "large"], choices=list(speed_shapes.SHAPES))
+    p.add_argument("--shapes", nargs="*", default=["small", "base", "large"])
     p.add_argument("--input-length", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3, help="interleaved timings per row (median)")
@@ -135,8 +136,12 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None, shapes: dict | None = None) -> dict:
     args = parse_args(argv)
+    shapes = {**speed_shapes.SHAPES, **(shapes or {})}
+    unknown = set(args.shapes) - set(shapes)
+    if unknown:
+        raise SystemExit(f"unknown shapes {sorted(unknown)}: use {sorted(shapes)}")
     doc = {**speed_shapes.header(args, argv), "benchmark": "measure_choice", "floors": [], "rows": []}
     doc["risk"] = risk_rows(args.table, args.eps, args.delta, args.split_repeats)
     for r in doc["risk"]:
@@ -148,7 +153,7 @@ def main(argv=None) -> dict:
     try:
         with torch.random.fork_rng(), torch.inference_mode():
             torch.manual_seed(args.seed)
-            time_rows(doc["risk"], args.shapes, args, doc)
+            time_rows(doc["risk"], {name: shapes[name] for name in args.shapes}, args, doc)
     finally:
         torch.set_num_threads(old)
     doc["loadavg_after"] = os.getloadavg()
