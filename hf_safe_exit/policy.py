@@ -76,7 +76,8 @@ class EarlyExit:
     Args:
         threshold: λ in [0, 1]. 1 never exits (the full model); 0 exits wherever confidence > 0.
         measure: ``"auto"`` (default: ``"meta"`` if the model has a trained meta head, else
-            ``confidence.HEAD_FREE_DEFAULT``; chosen by measurement, see :mod:`hf_safe_exit.confidence`),
+            ``confidence.HEAD_FREE_DEFAULT``, ``"softmax"`` with ``anytime``; chosen by measurement, see
+            :mod:`hf_safe_exit.confidence`),
             ``"softmax"``, ``"softmax_shortlist"``, ``"saturation"``, ``"meta"`` or a ``ConfidenceMeasure``.
         schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
         decay_tau: τ of the decaying schedule (CALM uses 4).
@@ -119,7 +120,7 @@ class EarlyExit:
         _check_min_exit_layer(self.min_exit_layer, model)
         if self.anytime is not None:
             self.anytime.layer_weights(model.config.num_decoder_layers)  # raises on a wrong number of weights
-        return replace(self, measure=get_measure(self.measure, model).bind(model))
+        return replace(self, measure=get_measure(self.measure, model, self.anytime).bind(model))
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:
         if self.schedule == "decaying":

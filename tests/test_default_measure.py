@@ -59,6 +59,19 @@ def test_auto_decodes_as_the_measure_it_names(with_head, expected):
     assert auto.exit_layers[auto.exit_layers > 0].float().mean() < model.config.num_decoder_layers  # exits happen
 
 
+@pytest.mark.parametrize("with_head", [False, True])
+def test_auto_with_product_of_experts_is_the_softmax_margin(with_head):
+    # PoE projects every layer onto the vocabulary anyway; its confidences are the PoE distribution's margins
+    model = tiny(with_head)
+    ids = torch.randint(2, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    auto = hf_safe_exit.generate(model, **kwargs, early_exit=EarlyExit(threshold=0.05, anytime="poe"))
+    explicit = hf_safe_exit.generate(model, **kwargs, early_exit=EarlyExit(threshold=0.05, measure="softmax",
+                                                                           anytime="poe"))
+    assert auto.early_exit.measure.name == "softmax"
+    assert torch.equal(auto.sequences, explicit.sequences) and torch.equal(auto.exit_layers, explicit.exit_layers)
+
+
 def test_auto_needs_a_model_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="resolved against a model"):
         get_measure("auto")

@@ -203,7 +203,7 @@ def collect(
         raise ValueError("collect needs at least one example: check the data split and --n.")
     if policy_factory is None:
         # "auto" is resolved here, so that the table records the measure the losses were computed with
-        strategy = EarlyExitStrategy(measure=resolve_measure(measure, model), schedule=schedule,
+        strategy = EarlyExitStrategy(measure=resolve_measure(measure, model, anytime), schedule=schedule,
                                      min_exit_layer=min_exit_layer, decay_tau=decay_tau, anytime=anytime)
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)

@@ -4,7 +4,8 @@ The default, ``"auto"``, was chosen by measurement (``benchmarks/measure_choice.
 measure"): at equal risk (ε = 0.05, CRC and UCB, both tasks of the default model) the meta classifier gave the
 lowest decode time per token on the t5-small, flan-t5-base and flan-t5-large shapes, and among the measures that
 need no trained head, ``HEAD_FREE_DEFAULT``. So ``"auto"`` is ``"meta"`` on a model that carries a trained meta
-head and ``HEAD_FREE_DEFAULT`` otherwise; the measure it resolved to is what a calibration records.
+head and ``HEAD_FREE_DEFAULT`` otherwise (``"softmax"`` with Product-of-Experts predictions); the measure it
+resolved to is what a calibration records.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def has_meta_head(model) -> bool:
     return True
 
 
-def resolve_measure(measure: str | ConfidenceMeasure, model) -> str | ConfidenceMeasure:
-    """``"auto"`` → ``"meta"`` if ``model`` has a trained meta head, else ``HEAD_FREE_DEFAULT``; others unchanged."""
+def resolve_measure(measure: str | ConfidenceMeasure, model, anytime=None) -> str | ConfidenceMeasure:
+    """``"auto"`` → ``"softmax"`` with Product-of-Experts predictions (``anytime``: PoE projects onto the vocabulary
+    at every layer anyway, and its confidences are the softmax margins of the PoE distribution), else ``"meta"`` if
+    ``model`` has a trained meta head, else ``HEAD_FREE_DEFAULT``. Other measures are returned unchanged."""
     if isinstance(measure, str) and measure == AUTO:
+        if anytime is not None:
+            return "softmax"
         return "meta" if has_meta_head(model) else HEAD_FREE_DEFAULT
     return measure
 
@@ -52,9 +57,9 @@ def check_measure(measure: str | ConfidenceMeasure) -> None:
                      "or an instance of hf_safe_exit.confidence.ConfidenceMeasure.")
 
 
-def get_measure(measure: str | ConfidenceMeasure, model=None) -> ConfidenceMeasure:
-    """A measure instance from its name (``"auto"``, which needs ``model``, or a key of ``MEASURES``:
-    ``softmax``, ``softmax_shortlist``, ``saturation``, ``meta``) or a ready instance."""
+def get_measure(measure: str | ConfidenceMeasure, model=None, anytime=None) -> ConfidenceMeasure:
+    """A measure instance from its name (``"auto"``, which needs ``model``: see :func:`resolve_measure`, or a key
+    of ``MEASURES``: ``softmax``, ``softmax_shortlist``, ``saturation``, ``meta``) or a ready instance."""
     check_measure(measure)
     if isinstance(measure, ConfidenceMeasure):
         return measure
@@ -62,7 +67,7 @@ def get_measure(measure: str | ConfidenceMeasure, model=None) -> ConfidenceMeasu
         if model is None:
             raise ValueError("measure='auto' is resolved against a model (meta if it has a trained meta head): "
                              "call get_measure('auto', model) or EarlyExit(...).bind(model).")
-        measure = resolve_measure(measure, model)
+        measure = resolve_measure(measure, model, anytime)
     return MEASURES[measure]()
 
 
