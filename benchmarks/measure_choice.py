@@ -148,14 +148,8 @@ def main(argv=None, shapes: dict | None = None) -> dict:
         print(f"{r['task']:<6}{r['measure']:<18}{r['method']:<4} λ̂ {r['lambda_hat']:<4g} risk "
               f"{r['empirical_risk']:+.4f} bound {r['risk_bound']:+.4f} exit/token "
               f"{r['mean_exit_layer_per_token']:.2f} of {r['num_decoder_layers']}", flush=True)
-    old = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with torch.random.fork_rng(), torch.inference_mode():
-            torch.manual_seed(args.seed)
-            time_rows(doc["risk"], {name: shapes[name] for name in args.shapes}, args, doc)
-    finally:
-        torch.set_num_threads(old)
+    with speed_shapes.isolated(args.threads, args.seed):
+        time_rows(doc["risk"], {name: shapes[name] for name in args.shapes}, args, doc)
     doc["loadavg_after"] = os.getloadavg()
     doc["choice"] = choose(doc)
     speed_shapes.write(doc, args.out)

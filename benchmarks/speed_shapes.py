@@ -43,6 +43,7 @@ as soon as it is measured, so a long run can be inspected; the plot is drawn at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -241,6 +242,19 @@ def parse_args(argv):
     return args
 
 
+@contextlib.contextmanager
+def isolated(threads: int, seed: int):
+    """``threads`` torch threads, a forked RNG seeded with ``seed``, inference mode; the caller's are restored."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(), torch.inference_mode():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def main(argv=None, shapes: dict | None = None) -> dict:
     args = parse_args(argv)
     shapes = {**SHAPES, **json.loads(args.shape_override or "{}"), **(shapes or {})}
@@ -248,15 +262,9 @@ def main(argv=None, shapes: dict | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown shapes {sorted(unknown)}: use {sorted(shapes)}")
     doc = {**header(args, argv), "shapes": {s: {**COMMON, **shapes[s]} for s in args.shapes}, "floors": [], "rows": []}
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with torch.random.fork_rng(), torch.inference_mode():  # leave the caller's RNG and threads as they were
-            torch.manual_seed(args.seed)
-            for shape in args.shapes:
-                run_shape(shape, shapes[shape], args, doc)
-    finally:
-        torch.set_num_threads(old_threads)
+    with isolated(args.threads, args.seed):
+        for shape in args.shapes:
+            run_shape(shape, shapes[shape], args, doc)
     doc["loadavg_after"] = os.getloadavg()
     write(doc, args.out)
     if args.plot:

@@ -90,8 +90,10 @@ def test_measure_choice_on_synthetic_tables(tmp_path):
         cal = risk[(r["measure"], r["method"])]
         assert r["mean_exit_layer"] == pytest.approx(cal["mean_exit_layer_per_token"], abs=1 / 8 + 1e-9)
         assert r["generated_tokens_ours"] == r["generated_tokens_hf"] == 4
-    best = min(timed, key=lambda r: r["ratio"])
-    assert doc["choice"]["fastest_per_setting"][f"tiny/cnndm/{best['method']}"]["ratio"] <= best["ratio"]
+    for method in ("crc", "ucb"):  # per setting: the measure whose row ran fastest
+        rows = [r for r in timed if r["method"] == method]
+        assert doc["choice"]["fastest_per_setting"][f"tiny/cnndm/{method}"]["measure"] == \
+            min(rows, key=lambda r: r["ratio"])["measure"]
     means = {m: np.mean([r["ratio"] for r in timed if r["measure"] == m]) for m in tables}
     assert doc["choice"]["fastest"] == min(means, key=means.get)
     assert doc["choice"]["fastest_without_meta_head"] == "softmax"
