@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--rollback", type=float, default=3.0)
     p.add_argument("--max-draft-len", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (median)")
     args = p.parse_args(argv)
     if not args.demo and not (args.large and args.small):
         p.error("give --large and --small, or --demo")
@@ -94,16 +96,26 @@ def main(argv=None):
     bild = BiLD(small, fallback=args.fallback, rollback=args.rollback, max_draft_len=args.max_draft_len)
     print(f"{bild}  (λ = exp(-rollback) = {rollback_to_lambda(args.rollback):.4f})")
 
-    with torch.inference_mode():
+    def timed(fn):
         start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
         # the large model alone (HF generate); transformers 5.x sizes the default decoder cache by the
         # encoder depth, so hand it one sized by the decoder
-        full = model.generate(**batch, max_new_tokens=args.max_new_tokens, **cache_kwargs(new_decoder_cache(large)))
-        t_full = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, early_exit=bild,
-                             return_dict_in_generate=True)
-        t_bild = time.perf_counter() - start
+        def run_full():
+            return model.generate(**batch, max_new_tokens=args.max_new_tokens,
+                                  **cache_kwargs(new_decoder_cache(large)))
+
+        def run_bild():
+            return model.generate(**batch, max_new_tokens=args.max_new_tokens, early_exit=bild,
+                                  return_dict_in_generate=True)
+
+        full, out = run_full(), run_bild()  # warm-up (first-call allocations), untimed
+        # interleaved repeats, so that drifts in machine load hit both alike; medians
+        times = [(timed(run_full), timed(run_bild)) for _ in range(args.repeats)]
+        t_full, t_bild = (statistics.median(t) for t in zip(*times))
         # rollback 0 is the large model, token for token
         exact = BiLD(small, fallback=args.fallback, rollback=0.0).decode(large, **batch,
                                                                          max_new_tokens=args.max_new_tokens)
@@ -128,7 +140,8 @@ def main(argv=None):
     n_full, n_bild = int((full[:, 1:] != pad).sum()), int((out.sequences[:, 1:] != pad).sum())
     print(f"decoder calls: large {s.large_model_calls}, small {s.small_model_calls}; time per generated token: "
           f"large alone {1000 * t_full / n_full:.1f} ms ({n_full} tokens), BiLD {1000 * t_bild / n_bild:.1f} ms "
-          f"({n_bild} tokens) -> speed-up {(t_full / n_full) / (t_bild / n_bild):.2f}x (one run, not interleaved)")
+          f"({n_bild} tokens) -> speed-up {(t_full / n_full) / (t_bild / n_bild):.2f}x (medians of {args.repeats} "
+          "interleaved runs)")
 
 
 if __name__ == "__main__":
