@@ -16,11 +16,12 @@ on its own exit layer and is linear in it for every measure (a fixed cost per la
 projection for the read-out, plus softmax_shortlist's one full projection at the first layer allowed to
 exit), so the mean exit determines the expected time per token; the table spreads it over floor/ceil layers.
 
-The measure with the lowest time per token at equal ε, over tasks and methods, is the default; measures that
+Ratios are ``ratio_paired`` (the median over interleaved repeats of ours/HF within each pair). The measure with
+the lowest mean ratio at equal ε, over shapes, tasks and methods, is the default; measures that
 need a trained meta head only where one exists (see ``hf_safe_exit.confidence.DEFAULT_MEASURE``).
 
-    python benchmarks/measure_choice.py --table cnndm softmax benchmarks/results/measure_choice_tables/cnndm_softmax.npz \
-        --table ... (one per task and measure; benchmarks/speed_acceptance.sh lists them all)
+    python benchmarks/measure_choice.py --table cnndm softmax TABLES/cnndm_softmax.npz --table ...
+    (one --table per task and measure; TABLES = benchmarks/results/measure_choice_tables; see speed_acceptance.sh)
 """
 
 from __future__ import annotations
@@ -102,14 +103,15 @@ def time_rows(rows: list[dict], shapes: dict, args, doc: dict) -> None:
 
 
 def choose(doc: dict) -> dict:
-    """Per (task, method): the measure with the lowest ms/token on each shape; overall: the lowest mean ratio."""
+    """Per (shape, task, method): the measure with the lowest time per token relative to HF (``ratio_paired``);
+    overall: the lowest mean of those ratios over all settings."""
     timed = [r for r in doc["rows"] if r["experiment"] == "calibrated"]
     best = {}
     for r in timed:
         key = f"{r['shape']}/{r['task']}/{r['method']}"
-        if key not in best or r["ratio"] < best[key]["ratio"]:
-            best[key] = {"measure": r["measure"], "ratio": r["ratio"]}
-    ratio = {m: statistics.mean(r["ratio"] for r in timed if r["measure"] == m)
+        if key not in best or r["ratio_paired"] < best[key]["ratio"]:
+            best[key] = {"measure": r["measure"], "ratio": r["ratio_paired"]}
+    ratio = {m: statistics.mean(r["ratio_paired"] for r in timed if r["measure"] == m)
              for m in sorted({r["measure"] for r in timed})}
     head_free = {m: v for m, v in ratio.items() if m != "meta"}
     return {"fastest_per_setting": best, "mean_ratio_to_hf": ratio,

@@ -327,6 +327,12 @@ def run_shape(shape: str, spec: dict, args, doc: dict) -> None:
     del model
 
 
+def paired_ratio(hf_s: list, ours_s: list, encoder_s: float = 0.0) -> float:
+    """Median over the interleaved repeats of ours/HF within each pair: a load drift slower than one pair cancels
+    in every ratio, which the ratio of the two medians (``ratio``) does not guarantee."""
+    return statistics.median((o - encoder_s) / (h - encoder_s) for h, o in zip(hf_s, ours_s))
+
+
 class Context:
     """One model + inputs: runs the HF reference once, then one row per policy against fresh HF timings."""
 
@@ -370,6 +376,7 @@ class Context:
              "same_tokens_as_hf": bool(torch.equal(out.sequences, self.reference)),
              "ms_per_token_hf": hf_ms, "ms_per_token_ours": ours_ms,
              "ratio": ours_ms / hf_ms, "speedup": hf_ms / ours_ms,
+             "ratio_paired": paired_ratio(hf_s, ours_s, enc),
              "floor_ms_per_token": floor_tok, "ratio_to_floor": ours_ms / floor_tok,
              "encoder_ms": 1000 * self.parts["encoder"], "floor_total_ms": floor_total,
              "ratio_total_to_floor": (1000 * self.parts["encoder"] + ours_ms * self.n_new) / floor_total,

@@ -11,7 +11,8 @@ TINY = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers
             feed_forward_proj="relu", tie_word_embeddings=True)
 ROW_KEYS = {"experiment", "shape", "batch", "input_length", "new_tokens", "generated_tokens_hf",
             "generated_tokens_ours", "measure", "exit_layer", "mean_exit_layer", "num_decoder_layers",
-            "same_tokens_as_hf", "ms_per_token_hf", "ms_per_token_ours", "ratio", "speedup", "floor_ms_per_token",
+            "same_tokens_as_hf", "ms_per_token_hf", "ms_per_token_ours", "ratio", "ratio_paired", "speedup",
+            "floor_ms_per_token",
             "ratio_to_floor", "encoder_ms", "floor_total_ms", "ratio_total_to_floor", "floor_kind", "seconds_hf",
             "seconds_ours", "load1", "exit_table"}
 
@@ -48,7 +49,7 @@ def test_speed_shapes_smoke(tmp_path):
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["generated_tokens_hf"] == r["generated_tokens_ours"] == r["new_tokens"] == 3
-        for key in ("ms_per_token_hf", "ms_per_token_ours", "ratio", "speedup", "floor_ms_per_token",
+        for key in ("ms_per_token_hf", "ms_per_token_ours", "ratio", "ratio_paired", "speedup", "floor_ms_per_token",
                     "ratio_to_floor", "ratio_total_to_floor"):
             assert r[key] > 0, (key, r)
     assert all(r["same_tokens_as_hf"] for r in rows if r["measure"] == "lambda1")
