@@ -75,14 +75,20 @@ def _excluded_ids(path: str, task: str) -> set[str]:
     """The ids in an ``--exclude-ids`` file: a JSON list, or an object holding a ``"<task>_ids"`` list."""
     import json
 
+    from .errors import CorruptFileError
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--exclude-ids: no file at '{path}'.")
-    content = json.loads(file.read_text())
+    expected = (f"Pass a non-empty JSON list of ids, or an object with a '{task}_ids' list (like a model's "
+                "heldout_eval_ids.json)")
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError.about(path, f"--exclude-ids: not JSON ({err})", expected) from None
     ids = content.get(f"{task}_ids") if isinstance(content, dict) else content
     if not isinstance(ids, list) or not ids:
-        raise ValueError(f"--exclude-ids '{path}': expected a non-empty JSON list of ids, or an object with a "
-                         f"'{task}_ids' list (like a model's heldout_eval_ids.json).")
+        raise CorruptFileError.about(path, "--exclude-ids: no list of ids in it", expected)
     return {str(i) for i in ids}
 
 
@@ -215,17 +221,13 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from .calibration.evaluate import read_evaluation
     from .plotting import plot_evaluation
 
     path = Path(args.evaluation)
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation file at '{path}': write one with `hf-safe-exit evaluate ... --output {path}`.")
-    try:
-        evaluation = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"'{path}' is not JSON ({exc}): pass the file written by `hf-safe-exit evaluate`.") from None
-    if not isinstance(evaluation, dict) or "results" not in evaluation:
-        raise ValueError(f"'{path}' is not an evaluation written by `hf-safe-exit evaluate`.")
+    evaluation = read_evaluation(path)  # a CorruptFileError naming the file when it is not an evaluation
     for p in plot_evaluation(evaluation, args.output_dir):
         print(f"wrote {p}")
     return 0

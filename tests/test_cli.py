@@ -181,7 +181,7 @@ def test_results_from_another_model(workdir, tmp_path, capsys):
     (["calibrate", "--results", "RESULTS", "--eps", "0.1", "--method", "ucb", "--output", "OUT"], "delta"),
     (["calibrate", "--results", "RESULTS", "--eps", "0.1"], "--output"),
     (["evaluate", "--results", "RESULTS", "--eps", "x", "--output", "OUT"], "comma-separated numbers"),
-    (["plot", "--evaluation", "RESULTS", "--output-dir", "OUT"], "not JSON"),
+    (["plot", "--evaluation", "RESULTS", "--output-dir", "OUT"], "an evaluation written by `hf-safe-exit evaluate`"),
     (["collect", "--task", "cnndm"], "required"),
     (["collect", "--model", "/no/such/model", "--task", "cnndm", "--data", "DATA", "--output", "OUT"],
      "no model directory"),

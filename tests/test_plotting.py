@@ -81,3 +81,22 @@ def test_pngs_are_written_and_reproducible(evaluation, tmp_path):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert data == q.read_bytes()  # so a card can tell a changed plot from the same one
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\x00", b"", b'{"settings": {"n": 4}, "results": [',
+                                     b"[1, 2]", b'{"model_type": "t5"}'])
+def test_cli_plot_refuses_a_bad_evaluation_naming_it(content, tmp_path, capsys, monkeypatch):
+    from hf_safe_exit.cli import main
+    from hf_safe_exit.errors import CorruptFileError
+
+    from cli_lines import one_error_line
+
+    path = tmp_path / "evaluation.json"
+    path.write_bytes(content)
+    argv = ["plot", "--evaluation", str(path), "--output-dir", str(tmp_path / "figures")]
+    line = one_error_line(capsys, argv)
+    assert str(path) in line and "hf-safe-exit evaluate" in line
+    monkeypatch.setenv("HF_SAFE_EXIT_DEBUG", "1")  # the exception itself: of the family the README names
+    with pytest.raises(CorruptFileError):
+        main(argv)
+    assert not (tmp_path / "figures").exists()

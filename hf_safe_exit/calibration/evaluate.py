@@ -24,10 +24,26 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["evaluate_table", "format_table", "DEFAULT_EPS", "DEFAULT_METHODS"]
+__all__ = ["evaluate_table", "format_table", "read_evaluation", "DEFAULT_EPS", "DEFAULT_METHODS"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
 DEFAULT_METHODS = ("crc", "ucb", "ltt")
+
+
+def read_evaluation(path) -> dict:
+    """The evaluation stored at ``path`` (the JSON of :func:`evaluate_table`, ``hf-safe-exit evaluate --output``).
+
+    Raises :class:`~hf_safe_exit.errors.CorruptFileError` naming the file when it is garbage, empty, truncated
+    or another JSON (no ``results`` list), and ``MissingCalibrationError`` when there is no such file.
+    """
+    from ..errors import CorruptFileError, read_json_object
+
+    what = "an evaluation written by `hf-safe-exit evaluate`"
+    fix = "Write one with `hf-safe-exit evaluate ... --output FILE`"
+    data = read_json_object(path, what=what, fix=fix)
+    if not isinstance(data.get("results"), list):
+        raise CorruptFileError.about(path, f"not {what}: it has no 'results' list", fix)
+    return data
 
 
 def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float = 0.1, bound: str = "wsr",

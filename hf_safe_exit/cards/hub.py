@@ -68,15 +68,17 @@ def push_to_hub(controlled, repo_id: str, *, test_results=None, efficiency: Mapp
     if task is not None:
         check_task_name(task)
     api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # the repo's files where the card would write, so that the local rule decides what may be replaced
+        # (a repo that does not exist yet has none)
         _fetch(api, repo_id, _targets(controlled, plots), root, revision, token)
         _, plan = write_card(root, controlled, test_results=test_results, efficiency=efficiency, table=table,
                              plots=plots, hardware=hardware, model_name=model_name or repo_id.split("/")[-1],
                              calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
                              anytime=anytime, save_calibration=True, overwrite=overwrite)
+        # only now, once nothing refused the push: a refused push must not leave an empty repo behind
+        api.create_repo(repo_id, exist_ok=True, private=private)
         deleted = [p.relative_to(root).as_posix() for p in plan.removals]
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message,
                                  delete_patterns=deleted or None)

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InconsistentCalibrationError, read_json_object
+from ..calibration.evaluate import read_evaluation
+from ..errors import InconsistentCalibrationError
 from .vocabulary import rows_description
 
 __all__ = ["AtThreshold", "Procedure", "HeldOut", "Measurements", "gather", "at_threshold", "table_mismatch",
@@ -259,8 +260,7 @@ def gather(controlled, *, test_results=None, efficiency: Mapping | None = None, 
     out = Measurements()
     if isinstance(test_results, (str, os.PathLike)):
         where = os.fspath(test_results)
-        test_results = read_json_object(where, what="an evaluation written by `hf-safe-exit evaluate`",
-                                        fix="Write one with `hf-safe-exit evaluate ... --output FILE`")
+        test_results = read_evaluation(where)
     else:
         where = None
     if test_results is not None and "results" in test_results:

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..decoding.enable import write_custom_generate
+from ..errors import CorruptFileError
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from .files import FilePlan, calibration_directory, plan_files
 from .measurements import gather, table_mismatch
 from .model_index import eval_results, update_metadata
 from .render import check_fitted, render_section, replace_section
 
-__all__ = ["render_guarantee_section", "to_model_card", "write_guarantee_card"]
+__all__ = ["render_guarantee_section", "to_model_card", "write_guarantee_card", "load_card"]
 
 
 def render_guarantee_section(controlled, *, test_results=None, efficiency: Mapping | None = None,
@@ -72,6 +73,21 @@ def _card_path(model_dir_or_card_path) -> Path:
     return path if path.suffix.lower() == ".md" else path / "README.md"
 
 
+def load_card(path: Path):
+    """The model card at ``path`` (a local file: never the Hub); :class:`~hf_safe_exit.errors.CorruptFileError`
+    naming it when its text or its YAML metadata cannot be read, before anything is written."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path)
+    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as err:  # UnicodeDecodeError: a ValueError
+        detail = " ".join(str(err).split())[:200]
+        raise CorruptFileError.about(path, f"not a readable model card ({type(err).__name__}: {detail})",
+                                     "Fix its YAML metadata block (between the leading '---' lines) or move the file "
+                                     "away; the card is then written afresh") from None
+
+
 def _stored_table(cal_dir: Path, controlled) -> LossTable | None:
     """The loss table stored in ``cal_dir`` when it is the one ``controlled`` was fitted on, else None."""
     path = cal_dir / CALIBRATION_FILENAME
@@ -85,8 +101,6 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
                hardware=None, model_name=None, calibration_split=None, dataset_name=None, repo_id=None, anytime=None,
                save_calibration=True, overwrite=False) -> tuple[Path, FilePlan]:
     """:func:`write_guarantee_card`, also returning what it did to the other files (for the Hub push)."""
-    from huggingface_hub import ModelCard
-
     check_fitted(controlled)
     path = _card_path(model_dir_or_card_path)
     task = controlled.certificate.task
@@ -102,7 +116,7 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
                       hardware=hardware, rows=calibration_split)
     plan = plan_files(path.parent, controlled, evaluation=measured.evaluation, table=given, plots=plots,
                       save_calibration=save_calibration, overwrite=overwrite)
-    card = ModelCard.load(path) if path.is_file() else None  # a file path: never goes to the Hub
+    card = load_card(path) if path.is_file() else None
     name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
         or path.parent.resolve().name
     subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
