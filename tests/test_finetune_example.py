@@ -26,7 +26,7 @@ from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
-from hf_safe_exit.training.finetune import FinetuneConfig
+from hf_safe_exit.training.finetune import FinetuneConfig, command_line, fit_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_calm.py"
@@ -123,6 +123,13 @@ def test_card_parses_and_states_the_guarantee_and_per_token_speed(finetuned):
     assert "per generated token" in card.text.lower() and "guarantee" in card.text.lower()
     assert "## Training" in card.text and "3 steps" in card.text
     assert "hf_safe_exit_plots/cnndm/risk_vs_eps.png" in card.text
+    # the rows, as the project's splits are (tasks.load_split: CNN/DM validation rows 0–499 train, 500–899 pool),
+    # in the card's words; and the split numbers called what they are, not "held-out"
+    names = {r.dataset_name for r in card.data.eval_results}
+    assert names == {"CNN/DailyMail 3.0.0, validation rows 500–899, the calibration/test pool"}
+    assert "validation rows 0–499" in card.text and "validation rows 500–899" in card.text
+    training = card.text.split("## Training")[1].split("Reproduce:")[0]
+    assert "held-out" not in training and "repeated random calibration/test splits of these same 8 rows" in training
     # the card's command reproduces the run's settings
     command = re.search(r"Reproduce: `python examples/finetune_calm.py (.*?)`", card.text).group(1)
     parser = HfArgumentParser(FinetuneConfig)
@@ -156,12 +163,43 @@ def test_one_liner_on_a_plain_from_pretrained_of_the_folder(finetuned):
     assert loose.early_exit.threshold == RiskControlled(eps=0.5).fit_table(table).lambda_
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # an infeasible ε warns (λ̂ = 1); the comparison still holds
+@pytest.mark.parametrize("method", ["crc", "ucb", "ltt"])
+def test_each_method_fits_with_its_delta(method):
+    """crc has no δ (RiskControlled refuses one), ucb/ltt get 0.1 unless told: the fit after training takes the
+    config as parsed, here on a synthetic table instead of a collected one."""
+    from card_helpers import synthetic_table
+
+    (config,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(
+        args=["--model", "m", "--task", "cnndm", "--output", "o", "--method", method, "--eval-repeats", "3"])
+    assert config.delta == (None if method == "crc" else 0.1)
+    table = synthetic_table("f00d", "cnndm", n=120)
+    rc, evaluation = fit_calibration(config, table)
+    reference = RiskControlled(0.05, delta=None if method == "crc" else 0.1, method=method).fit_table(table)
+    assert rc.certificate == reference.certificate
+    assert evaluation["settings"]["delta"] == config.delta and {r["method"] for r in evaluation["results"]} == {method}
+    # the card's Reproduce command gives the same config back, naming no δ that was not chosen
+    command = command_line(config, output="o")
+    assert "--delta" not in command
+    (again,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(
+        args=shlex.split(command.split("finetune_calm.py ", 1)[1]))
+    assert asdict(again) == asdict(config)
+
+
 def test_bad_settings_are_one_line_errors_before_any_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_example(["--model", "x", "--output", str(tmp_path / "o"), "--task", "cnndm", "--bf16", "--fp16"])
     assert "choose one mixed precision" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_calibration=1"):
         FinetuneConfig(model="x", task="cnndm", output="o", n_calibration=1)
+    # crc has no δ: refused when the command is parsed, not after training and collecting
+    with pytest.raises(SystemExit):
+        run_example(["--model", "no-such-model", "--output", str(tmp_path / "c"), "--task", "cnndm", "--method", "crc",
+                     "--delta", "0.1"])
+    assert "delta=0.1 was given but method='crc' has no δ" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="delta"):
+        FinetuneConfig(model="x", task="cnndm", output="o", method="ltt", delta=1.5)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("someone's file")
     with pytest.raises(FileExistsError, match="--overwrite"):

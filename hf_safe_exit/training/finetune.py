@@ -12,8 +12,10 @@ Stages (``examples/finetune_calm.py`` is the command line over this):
 3. save the model (with ``custom_generate/``, :func:`hf_safe_exit.enable`), its tokenizer and the meta head;
 4. decode ``n_calibration`` rows of the task's calibration/test **pool** at every threshold
    (:func:`hf_safe_exit.calibration.runner.collect`, with the library's default confidence measure), fit
-   ``RiskControlled(eps, delta, method)`` and store both in ``calibration/<task>/`` (:mod:`hf_safe_exit.risk.store`),
-   with a repeated-split evaluation (``evaluation.json``: test risk and speed-up per generated token);
+   ``RiskControlled(eps, delta, method)`` (no δ for crc) and store both in ``calibration/<task>/``
+   (:mod:`hf_safe_exit.risk.store`), with repeated random calibration/test splits of those rows
+   (``evaluation.json``: the split procedure's test risk and speed-up per generated token, not a held-out test
+   of the shipped λ̂);
 5. write the model card: what was trained (:mod:`hf_safe_exit.training.finetune_card`), then the guarantee
    section (:func:`hf_safe_exit.cards.write_guarantee_card`) with its plots.
 
@@ -34,9 +36,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-__all__ = ["FinetuneConfig", "finetune_calm", "command_line", "training_target", "RESULTS_FILENAME"]
+__all__ = ["FinetuneConfig", "finetune_calm", "fit_calibration", "command_line", "training_target", "RESULTS_FILENAME",
+           "DEFAULT_DELTA"]
 
 RESULTS_FILENAME = "finetune_results.json"  # the run's settings and numbers, next to the weights
+DEFAULT_DELTA = 0.1  # the δ of a ucb/ltt run that names none: the library's usual 90% guarantee
 
 
 def _help(text: str, **kwargs):
@@ -70,14 +74,18 @@ class FinetuneConfig:
     meta_examples: int = _help("train examples whose decoder states train the meta head", default=256)
     eps: float = _help("target risk ε the stored calibration and the card state (any ε can be fitted later)",
                        default=0.05)
-    delta: float = _help("δ of the UCB/LTT guarantee", default=0.1)
-    method: Literal["crc", "ucb", "ltt"] = _help("risk-control method", default="ucb")
+    method: Literal["crc", "ucb", "ltt"] = _help("risk-control method: ucb/ltt, a guarantee with probability 1 − δ; "
+                                                 "crc, a guarantee in expectation (no δ)", default="ucb")
+    delta: Optional[float] = _help(f"δ of the ucb/ltt guarantee (default {DEFAULT_DELTA} for them); crc has no δ: "
+                                   "leave it unset", default=None)
     calibration_batch_size: int = _help("examples per generate call when collecting", default=8)
-    eval_repeats: int = _help("random calibration/test splits of the card's held-out numbers", default=100)
+    eval_repeats: int = _help("random calibration/test splits of the calibration rows whose mean the card reports "
+                              "(the split procedure, not a held-out test of the shipped λ̂)", default=100)
     plots: bool = _help("plots of risk, exit layer and speed-up against ε in the card", default=True)
     overwrite: bool = _help("write into an output folder that is not empty", default=False)
 
     def __post_init__(self):
+        from ..risk.selection import check_method_and_delta
         from ..tasks import get_task
 
         get_task(self.task)  # raises UnknownTaskError naming the tasks
@@ -97,8 +105,8 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be positive.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be 0 or more.")
-        if not (0 < self.eps < 1 and 0 < self.delta < 1):
-            raise ValueError(f"eps={self.eps!r} and delta={self.delta!r} must lie in (0, 1).")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps={self.eps!r} must lie in (0, 1).")
         if self.bf16 and self.fp16:
             raise ValueError("bf16=True and fp16=True: choose one mixed precision (bf16 on CPU and recent GPUs).")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -107,6 +115,10 @@ class FinetuneConfig:
             raise ValueError(f"weighting={self.weighting!r} is unknown: use 'linear', 'uniform' or 'geometric'.")
         if self.method not in ("crc", "ucb", "ltt"):
             raise ValueError(f"method={self.method!r} is unknown: use 'crc', 'ucb' or 'ltt'.")
+        if self.method in ("ucb", "ltt") and self.delta is None:
+            self.delta = DEFAULT_DELTA  # recorded, so that the card's Reproduce command and results state it
+        # the fit after training and collection refuses what RiskControlled refuses: check it before any training
+        check_method_and_delta(self.method, self.delta)
 
 
 def command_line(config: FinetuneConfig, output: str = "<folder>") -> str:
@@ -116,6 +128,8 @@ def command_line(config: FinetuneConfig, output: str = "<folder>") -> str:
     for f in fields(FinetuneConfig):
         value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
         if f.name in ("output", "overwrite") or (f.default is not MISSING and value == f.default):
+            continue
+        if f.name == "delta" and value == DEFAULT_DELTA:  # what an unset --delta gives ucb/ltt
             continue
         if isinstance(value, bool):  # a flag: --bf16, or --no-plots for a default that is True
             options.append(flag if value else f"--no-{f.name.replace('_', '-')}")
@@ -209,6 +223,19 @@ def _train_meta_head(config: FinetuneConfig, model, tokenizer, train_set: list[d
     return head, stats
 
 
+def fit_calibration(config: FinetuneConfig, table):
+    """The run's calibration of ``table``: ``RiskControlled(eps, delta, method)`` fitted on all its rows (δ only for
+    ucb/ltt), and the repeated random calibration/test splits of those rows at a few ε (``evaluation.json``)."""
+    from ..calibration.evaluate import evaluate_table
+    from ..risk import RiskControlled
+
+    rc = RiskControlled(config.eps, delta=config.delta, method=config.method).fit_table(table)
+    eps_grid = sorted({0.02, 0.05, 0.1, 0.2, config.eps})
+    evaluation = evaluate_table(table, eps=eps_grid, methods=(config.method,), delta=config.delta,
+                                repeats=config.eval_repeats, seed=config.seed)
+    return rc, evaluation
+
+
 def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) -> dict:
     """Run the whole recipe (see the module docstring) and return the run's summary (also in ``finetune_results.json``).
 
@@ -225,10 +252,9 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
 
     import hf_safe_exit
 
-    from ..calibration.evaluate import evaluate_table
     from ..calibration.runner import collect
     from ..decoding.readout import check_supported_model
-    from ..risk import RiskControlled, store_calibration
+    from ..risk import store_calibration
     from ..risk.store import calibration_dir
     from ..tasks import get_task, load_split
 
@@ -270,11 +296,8 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
                               "model_path": os.fspath(out)})
     log(f"collected {table.n} pool examples × {table.lambdas.size} thresholds in {time.time() - start:.0f}s "
         f"(measure {table.metadata.get('measure')})")
-    rc = RiskControlled(config.eps, delta=config.delta, method=config.method).fit_table(table)
+    rc, evaluation = fit_calibration(config, table)
     store_calibration(out, table=table, controlled=rc, task=task.name, primary=True)
-    eps_grid = sorted({0.02, 0.05, 0.1, 0.2, config.eps})
-    evaluation = evaluate_table(table, eps=eps_grid, methods=(config.method,), delta=config.delta,
-                                repeats=config.eval_repeats, seed=config.seed)
     cal_dir = calibration_dir(out, task.name)
     (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1), encoding="utf-8")
     log(f"λ̂ = {rc.lambda_:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")

@@ -1,8 +1,10 @@
 """The model card of a CALM fine-tune (:func:`hf_safe_exit.training.finetune.finetune_calm`).
 
 What was trained, on which rows, with which settings, then the guarantee section that
-:func:`hf_safe_exit.cards.write_guarantee_card` writes (test risk, mean exit layer and the speed-up per
-generated token, from the repeated-split evaluation of the calibration pool).
+:func:`hf_safe_exit.cards.write_guarantee_card` writes: what the shipped λ̂ does on its calibration rows (from
+the loss table), and the split procedure's test risk, mean exit layer and speed-up per generated token over
+repeated random calibration/test splits of those same rows (not a held-out test). The rows are named in the
+words of :mod:`hf_safe_exit.cards.vocabulary`, which holds the project's split facts.
 """
 
 from __future__ import annotations
@@ -12,10 +14,6 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["render_finetune_card", "write_finetune_card"]
-
-# the rows of the task's validation data each split holds (hf_safe_exit.tasks.data, the project's fixed splits)
-_SPLITS = {"cnndm": ("CNN/DailyMail 3.0.0 validation rows 0–499", "validation rows 500–899"),
-           "squad": ("SQuAD v1.1 validation (dev) articles 0–35", "validation articles 36–47")}
 
 
 def _hub_id(model: str) -> str | None:
@@ -31,6 +29,7 @@ def render_finetune_card(results: dict) -> str:
     """
     from huggingface_hub import ModelCardData
 
+    from ..cards.vocabulary import rows_description, task_info
     from ..tasks import get_task
     from .calm_loss import layer_weights
 
@@ -39,7 +38,8 @@ def render_finetune_card(results: dict) -> str:
     base = _hub_id(cfg["model"])
     data = ModelCardData(library_name="transformers", language="en", tags=["t5", "early-exit", "calm"],
                          datasets=[task.hub_id], base_model=base, model_name=Path(cfg["output"]).name)
-    train_rows, pool_rows = _SPLITS.get(task.name, ("the train split", "the pool split"))
+    dataset, pool_rows = task_info(task.name).display_name, rows_description(task.name, {"split": "pool"})
+    train_rows = rows_description(task.name, {"split": "train"})
     weights = ", ".join(f"{w:.3f}" for w in layer_weights(results["num_decoder_layers"], cfg["weighting"]).tolist())
     precision = "bf16 mixed precision" if cfg["bf16"] else "fp16 mixed precision" if cfg["fp16"] else "float32"
     return f"""---
@@ -54,8 +54,8 @@ risk guarantee (the `hf_safe_exit` library). It is an ordinary `T5ForConditional
 `trust_remote_code=True`, its `generate` also takes `early_exit=RiskControlled(eps=...)` (see *Use it* below).
 
 ## Training
-- Data: {train_rows} (the train split; inputs as `hf_safe_exit.tasks.get_task({task.name!r}).prompt` makes
-  them), sources truncated to {cfg['max_input_length'] or task.max_input_length} tokens, targets to \
+- Data: {dataset}, {train_rows}; inputs as `hf_safe_exit.tasks.get_task({task.name!r}).prompt` makes them, \
+sources truncated to {cfg['max_input_length'] or task.max_input_length} tokens, targets to \
 {cfg['max_new_tokens'] or task.max_new_tokens}.
 - Loss: the weighted cross-entropy of every decoder layer's read-out, weights {cfg['weighting']} ({weights}).
 - {train['steps']} steps of `CALMSeq2SeqTrainer` (AdamW, lr {cfg['learning_rate']:g}, {cfg['warmup_steps']} \
@@ -66,9 +66,10 @@ warm-up steps, linear decay), batch {cfg['batch_size']} × {cfg['gradient_accumu
 {meta['n_examples']} (position, layer) pairs of train examples, label "the layer's top token equals the last \
 layer's" (positive rate {meta['positive_rate']:.3f}), class-balanced cross-entropy; training balanced accuracy \
 {meta['train_balanced_accuracy']:.3f}.
-- Calibration: {cal['n']} examples of the calibration/test pool ({pool_rows}; never trained on), decoded at \
-every threshold with the `{cal['measure']}` confidence measure; their ids are in \
-`calibration/{task.name}/early_exit_calibration.npz`.
+- Calibration: {cal['n']} examples of {dataset}, {pool_rows} (never trained on), decoded at every \
+threshold with the `{cal['measure']}` confidence measure; their ids are in \
+`calibration/{task.name}/early_exit_calibration.npz`. The card's split numbers below are repeated random \
+calibration/test splits of these same {cal['n']} rows (`--eval-repeats`), not rows set aside for testing.
 
 Reproduce: `{results['command']}`.
 """
@@ -76,7 +77,9 @@ Reproduce: `{results['command']}`.
 
 def write_finetune_card(out, results: dict, controlled, evaluation: dict, *, plots: bool = True) -> Path:
     """Write ``out/README.md``: :func:`render_finetune_card`, then the guarantee section of ``controlled`` with the
-    held-out numbers of ``evaluation`` (and its plots, copied into ``out/hf_safe_exit_plots/<task>/``)."""
+    split procedure of ``evaluation`` (repeated random calibration/test splits of the calibration rows) and its
+    plots, copied into ``out/hf_safe_exit_plots/<task>/``. The calibration rows are named from the loss table
+    stored in ``out/calibration/<task>/`` (its ``split``), in the cards' vocabulary."""
     from huggingface_hub import ModelCard
 
     from ..cards import write_guarantee_card
@@ -90,4 +93,4 @@ def write_finetune_card(out, results: dict, controlled, evaluation: dict, *, plo
 
             figures = plot_evaluation(evaluation, scratch)
         return write_guarantee_card(out, controlled, test_results=evaluation, plots=figures, hardware="auto",
-                                    calibration_split="pool", save_calibration=False)
+                                    save_calibration=False)
