@@ -16,7 +16,9 @@ status 2). Subclasses say why:
   ``FileNotFoundError``);
 * :class:`StateMismatchError`: collect's partial results were written with other settings;
 * :class:`InvalidStoredPolicyError`: ``generation_config.early_exit`` is no valid policy spec;
-* :class:`MissingMetaHeadError`: the meta measure has no usable meta-classifier head.
+* :class:`MissingMetaHeadError`: the meta measure has no usable meta-classifier head;
+* :class:`HubFileError`: a file a model's Hub repo may hold could not be looked up (offline with nothing
+  cached, no access, no such repo), so whether the model has it is unknown.
 
 All are ``ValueError`` subclasses (``MissingCalibrationError`` is also a ``FileNotFoundError``), as the
 earlier exceptions of the same names were. This module imports nothing heavy.
@@ -29,7 +31,7 @@ import os
 
 __all__ = ["CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
            "ModelMismatchError", "MissingCalibrationError", "StateMismatchError", "InvalidStoredPolicyError",
-           "MissingMetaHeadError", "file_message", "read_json_object"]
+           "MissingMetaHeadError", "HubFileError", "file_message", "read_json_object"]
 
 
 class CalibrationFileError(ValueError):
@@ -78,6 +80,10 @@ class InvalidStoredPolicyError(CalibrationFileError):
 
 class MissingMetaHeadError(CalibrationFileError):
     """The meta measure was requested for a model without a (usable) trained meta-classifier head."""
+
+
+class HubFileError(CalibrationFileError):
+    """A file of a model's Hub repo could not be looked up, so whether the model has it is unknown."""
 
 
 def file_message(path, problem: str, fix: str) -> str:

@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import sys
+
 import pytest
 import torch
 
@@ -11,3 +13,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _calibrated_length_warnings_afresh():
+    """Every test starts with no calibrated-length warning shown: they are shown once per process, so a test that
+    expects one would otherwise depend on which tests (in any file) ran before it."""
+    module = sys.modules.get("hf_safe_exit.decoding.calibrated_lengths")  # not imported yet: nothing was shown
+    if module is not None:
+        module.clear_warned()
+    yield

@@ -1,65 +1,43 @@
 """Issue 16: every file the library reads is refused, naming the file, the problem and the fix, when it cannot be
-trusted: garbage, empty, truncated and foreign files of every kind, an edited λ̂, a missing fingerprint; the CLI
-reports each in one line with exit status 2."""
+trusted: garbage, empty, truncated and foreign files of every kind, an edited λ̂ or edited settings, a missing
+fingerprint; the CLI reports each in one line with exit status 2. (Meta heads: test_meta_head_files.py; the
+calibration's lengths: test_calibrated_lengths.py; evaluations and cards: test_plotting.py, test_cards_render.py.)"""
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 import hf_safe_exit
+from hf_safe_exit import PoEConfig
 from hf_safe_exit.cli import main
-from hf_safe_exit.confidence import MetaClassifierHead, MetaHeadConfig
 from hf_safe_exit.errors import (CalibrationFileError, CorruptFileError, InconsistentCalibrationError,
                                  InvalidStoredPolicyError, MissingCalibrationError, MissingFingerprintError,
-                                 MissingMetaHeadError, ModelMismatchError)
+                                 ModelMismatchError)
 from hf_safe_exit.fingerprint import model_fingerprint
-from hf_safe_exit.policy import EarlyExit
 from hf_safe_exit.risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, RiskControlled, clear_cache
 from hf_safe_exit.risk.store import store_calibration
 
 from cli_lines import one_error_line
+from tiny_t5 import random_t5
+from toy_losses import toy_table, toy_task_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny_t5(seed=0):
-    torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
-                   decoder_start_token_id=0, initializer_factor=4.0)
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-def _table(fingerprint=None, **meta) -> LossTable:
-    """400 examples on an 11-point grid: the gap shrinks towards λ = 1, where it is 0."""
-    rng = np.random.default_rng(0)
-    lam = np.linspace(0, 1, 11)
-    full = rng.uniform(0, 0.6, 400)
-    task = np.clip(full[None, :] + rng.normal(0.15, 0.2, (11, 400)) * (1 - lam)[:, None] ** 2, 0, 1)
-    task[-1] = full
-    metadata = {"task": "cnndm", "measure": "softmax", "schedule": "constant", "min_exit_layer": 1, **meta}
-    if fingerprint is not None:
-        metadata["model_fingerprint"] = fingerprint
-    return LossTable.from_task_losses(lam, task, metadata=metadata)
-
-
 @pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch):
-    from hf_safe_exit.decoding import calibrated_lengths
-
+def _fresh_cache():
     clear_cache()
-    monkeypatch.setattr(calibrated_lengths, "_WARNED", set())  # "once per process" starts afresh in each test
     yield
     clear_cache()
 
 
 # ---------------------------------------------------------------- loss tables (.npz)
 def _good_npz(path):
-    return _table(fingerprint="0123456789abcdef").save(path)
+    return toy_table(fingerprint="0123456789abcdef").save(path)
 
 
 def _write_bad_npz(kind: str, path):
@@ -126,7 +104,7 @@ def test_cli_reports_a_bad_table_in_one_line(kind, tmp_path, capsys):
 # ---------------------------------------------------------------- risk_control.json and calibration/config.json
 def _saved(tmp_path, with_table=True, **meta):
     """A calibration folder as `calibrate --store-in-model` writes it: λ̂ (ucb, ε 0.05) and, optionally, its table."""
-    table = _table(fingerprint="0123456789abcdef", **meta)
+    table = toy_table(fingerprint="0123456789abcdef", **meta)
     rc = RiskControlled(0.05, delta=0.1, method="ucb").fit_table(table)
     folder = tmp_path / "rc"
     rc.save_pretrained(folder)
@@ -207,11 +185,53 @@ def test_a_consistent_edit_is_caught_by_refitting_the_table_beside_it(tmp_path):
         RiskControlled.from_pretrained(folder2)
 
 
+def _in_both(key, value):
+    """Edit ``key`` in "calibration" and, where the certificate records it too, there: a consistent edit."""
+    def change(d):
+        d["calibration"][key] = value
+        if key in d["certificate"]:
+            d["certificate"][key] = value
+    return change
+
+
+@pytest.mark.parametrize("key,edited", [
+    ("min_exit_layer", 3), ("schedule", "decaying"), ("decay_tau", 2.0), ("measure", "saturation"),
+    ("anytime", PoEConfig(activation="softplus").to_dict()), ("max_new_tokens", 99), ("max_input_length", 999),
+    ("task", "squad")])
+def test_settings_edited_against_the_table_beside_them_are_refused(key, edited, tmp_path):
+    """λ̂ holds for the settings its losses were collected with: the table beside the file records them."""
+    folder, rc, table = _saved(tmp_path, decay_tau=4.0, anytime=None, max_new_tokens=32, max_input_length=128)
+    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_  # untouched: accepted
+    _edit(folder, _in_both(key, edited))
+    with pytest.raises(InconsistentCalibrationError) as caught:
+        RiskControlled.from_pretrained(folder)
+    message = str(caught.value)
+    assert str(folder / RISK_CONTROL_FILENAME) in message and CALIBRATION_FILENAME in message
+    assert f"calibration.{key} is {edited!r}" in message and f"{key}={table.metadata[key]!r}" in message
+    # the json alone (no table beside it) cannot tell: that is what the table's check adds
+    (folder / CALIBRATION_FILENAME).unlink()
+    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_
+
+
+def test_only_the_settings_a_table_records_are_compared(tmp_path):
+    """Tables written before they recorded the decoding settings: those they lack are not compared."""
+    folder, rc, table = _saved(tmp_path)
+    lam, losses = toy_task_losses()
+    older = LossTable.from_task_losses(lam, losses, metadata={"task": "cnndm",
+                                                              "model_fingerprint": table.metadata["model_fingerprint"]})
+    older.save(folder / CALIBRATION_FILENAME)
+    _edit(folder, _in_both("min_exit_layer", 2))
+    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_
+    _edit(folder, _in_both("task", "squad"))  # the task it does record is still compared
+    with pytest.raises(InconsistentCalibrationError, match="calibration.task is 'squad'.*task='cnndm'"):
+        RiskControlled.from_pretrained(folder)
+
+
 def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp_path):
-    model = _tiny_t5()
+    model = random_t5(initializer_factor=4.0)
     model.save_pretrained(tmp_path)
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
-    table = _table(fingerprint=model_fingerprint(model))
+    table = toy_table(fingerprint=model_fingerprint(model))
     rc = RiskControlled(0.05, delta=0.1, method="ucb").fit_table(table)
     store_calibration(tmp_path, table=table, controlled=rc)
     assert RiskControlled(0.05).bind(reloaded).threshold == RiskControlled(0.05).fit_table(table).lambda_
@@ -233,8 +253,8 @@ def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp
 
 # ---------------------------------------------------------------- fingerprints
 def test_a_missing_fingerprint_is_refused_unless_the_user_opts_out(tmp_path):
-    model = _tiny_t5()
-    table = _table()  # no model_fingerprint in its metadata
+    model = random_t5(initializer_factor=4.0)
+    table = toy_table()  # no model_fingerprint in its metadata
     with pytest.raises(MissingFingerprintError, match="allow_missing_fingerprint=True"):
         RiskControlled(0.1).fit_table(table).bind(model)
     assert RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(table).bind(model).threshold == \
@@ -252,8 +272,9 @@ def test_a_missing_fingerprint_is_refused_unless_the_user_opts_out(tmp_path):
         RiskControlled.from_pretrained(tmp_path).bind(model)
     RiskControlled.from_pretrained(tmp_path, allow_missing_fingerprint=True).bind(model)
     # another model's fingerprint is refused even with the opt-out
+    other = toy_table(fingerprint="0123456789abcdef")
     with pytest.raises(ModelMismatchError, match="another model"):
-        RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(_table(fingerprint="0123456789abcdef")).bind(model)
+        RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(other).bind(model)
 
 
 def test_cli_calibrate_refuses_a_table_without_fingerprint_unless_told(tmp_path, capsys):
@@ -261,7 +282,7 @@ def test_cli_calibrate_refuses_a_table_without_fingerprint_unless_told(tmp_path,
 
     model_dir = save_tiny_t5(tmp_path / "model", ["a few words of text for the tokenizer"] * 4, seed=0)
     results = tmp_path / "results.npz"
-    _table().save(results)
+    toy_table().save(results)
     argv = ["calibrate", "--results", str(results), "--eps", "0.1", "--model", model_dir, "--output",
             str(tmp_path / "rc")]
     line = one_error_line(capsys, argv)
@@ -270,133 +291,13 @@ def test_cli_calibrate_refuses_a_table_without_fingerprint_unless_told(tmp_path,
     assert (tmp_path / "rc" / RISK_CONTROL_FILENAME).is_file()
 
 
-# ---------------------------------------------------------------- meta heads
-def _head_dir(tmp_path):
-    head = MetaClassifierHead(MetaHeadConfig(d_model=16))
-    head.save_pretrained(tmp_path / "head")
-    return tmp_path / "head"
-
-
-@pytest.mark.parametrize("kind,needle", [
-    ("weights garbage", "not readable as safetensors"), ("weights empty", "not readable as safetensors"),
-    ("weights truncated", "not readable as safetensors"), ("weights of another head", "not those of the head"),
-    ("config garbage", "not a meta-head config|cannot be read"), ("config foreign", "not a meta-head config"),
-    ("config missing", "missing, while meta_head.safetensors is there")])
-def test_bad_meta_heads_are_refused_naming_the_file(kind, needle, tmp_path):
-    from safetensors.torch import save_file
-
-    folder = _head_dir(tmp_path)
-    weights, config = folder / "meta_head.safetensors", folder / "meta_head_config.json"
-    if kind == "weights garbage":
-        weights.write_bytes(b"\x01garbage" * 10)
-    elif kind == "weights empty":
-        weights.write_bytes(b"")
-    elif kind == "weights truncated":
-        weights.write_bytes(weights.read_bytes()[:40])
-    elif kind == "weights of another head":
-        save_file({"net.weight": torch.zeros(2, 8), "net.bias": torch.zeros(2)}, str(weights))
-    elif kind == "config garbage":
-        config.write_bytes(b"\xff\xfe\x00")
-    elif kind == "config foreign":
-        config.write_text('{"model_type": "t5"}')
-    else:
-        config.unlink()
-    with pytest.raises(CorruptFileError, match=needle) as caught:
-        MetaClassifierHead.from_pretrained(folder)
-    assert str(folder) in str(caught.value) and "save_pretrained" in str(caught.value)
-    # a corrupt head is an error, not "no head" (which would let measure="auto" fall back silently)
-    assert not isinstance(caught.value, MissingMetaHeadError)
-
-
-def test_no_meta_head_at_all_is_still_a_missing_head(tmp_path):
-    with pytest.raises(MissingMetaHeadError):
-        MetaClassifierHead.from_pretrained(tmp_path)
-    assert MetaClassifierHead.from_pretrained(_head_dir(tmp_path)).config.d_model == 16
-
-
 # ---------------------------------------------------------------- stored policy specs
 def test_a_bad_stored_policy_spec_is_in_the_family(tmp_path):
-    model = hf_safe_exit.enable(_tiny_t5())
+    model = hf_safe_exit.enable(random_t5(initializer_factor=4.0))
     model.generation_config.early_exit = {"type": "Nonsense", "threshold": 2}
     with pytest.raises(InvalidStoredPolicyError, match="names no policy type") as caught:
         model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2)
     assert isinstance(caught.value, CalibrationFileError)
-
-
-# ---------------------------------------------------------------- the calibration's generation settings
-INPUTS = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 1], [9, 3, 2, 1, 0, 0]]),
-          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])}
-
-
-@pytest.fixture
-def calibrated():
-    model = hf_safe_exit.enable(_tiny_t5())
-    table = _table(fingerprint=model_fingerprint(model), measure="saturation", schedule="decaying",
-                   min_exit_layer=2, max_new_tokens=25, max_input_length=6)
-    return model, RiskControlled(0.1).fit_table(table), table
-
-
-def _reference(model, rc, **kwargs):
-    """The same decoder, every setting spelled out by hand."""
-    policy = EarlyExit(threshold=rc.lambda_, measure="saturation", schedule="decaying", min_exit_layer=2)
-    return model.generate(**INPUTS, early_exit=policy, **kwargs)
-
-
-def test_calibrated_lengths_and_settings_apply_by_default(calibrated):
-    model, rc, table = calibrated
-    assert rc.certificate.max_new_tokens == 25 and rc.certificate.max_input_length == 6
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a call that agrees with the calibration warns about nothing
-        out = model.generate(**INPUTS, early_exit=rc, return_dict_in_generate=True)
-        unfitted = RiskControlled(0.1)
-        model.early_exit_calibration = table
-        out_stored = model.generate(**INPUTS, early_exit=unfitted)
-    reference = _reference(model, rc, max_new_tokens=25)
-    assert torch.equal(out.sequences, reference) and torch.equal(out_stored, reference)
-    assert reference.shape[1] > 21  # longer than HF's own default (max_length 20) would have given
-    bound = out.early_exit  # measure, schedule and min exit layer are the calibration's
-    assert bound.measure.name == "saturation" and bound.schedule == "decaying" and bound.min_exit_layer == 2
-    assert out.certificate.max_new_tokens == 25
-
-
-def test_a_call_that_contradicts_the_calibration_warns_once_with_both_values(calibrated):
-    model, rc, _ = calibrated
-    with pytest.warns(UserWarning, match=r"this call sets max_new_tokens=5.*calibrated with max_new_tokens=25"):
-        out = model.generate(**INPUTS, early_exit=rc, max_new_tokens=5)
-    assert torch.equal(out, _reference(model, rc, max_new_tokens=5))  # the call's value is used
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model.generate(**INPUTS, early_exit=rc, max_new_tokens=5)  # once per (setting, values)
-    with pytest.warns(UserWarning, match=r"generation_config sets max_length=9 \(8 new tokens\).*max_new_tokens=25"):
-        model.generate(**INPUTS, early_exit=rc, generation_config=GenerationConfig(max_length=9))
-    # a length stored on the model is a default: the calibration's wins, and says so
-    model.generation_config.max_new_tokens = 7
-    with pytest.warns(UserWarning, match=r"model\.generation_config sets max_new_tokens=7.*calibration's 25"):
-        out = model.generate(**INPUTS, early_exit=rc)
-    assert torch.equal(out, _reference(model, rc, max_new_tokens=25))
-
-
-def test_an_input_longer_than_the_calibrations_truncation_warns(calibrated):
-    model, rc, _ = calibrated
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 6 tokens at most: as calibrated (padding does not count)
-        model.generate(**INPUTS, early_exit=rc)
-    long = {"input_ids": torch.arange(2, 12)[None], "attention_mask": torch.ones(1, 10, dtype=torch.long)}
-    with pytest.warns(UserWarning, match=r"input of 10 tokens is longer than the calibration's max_input_length=6.*"
-                                         r"truncation=True, max_length=6"):
-        model.generate(**long, early_exit=rc)
-
-
-def test_calibrated_lengths_survive_save_and_load_from_old_files(calibrated, tmp_path):
-    """Files written before the certificate recorded the lengths: they are read from "calibration"."""
-    _, rc, _ = calibrated
-    rc.save_pretrained(tmp_path)
-    data = json.loads((tmp_path / RISK_CONTROL_FILENAME).read_text())
-    for key in ("max_new_tokens", "max_input_length"):
-        del data["certificate"][key]
-    (tmp_path / RISK_CONTROL_FILENAME).write_text(json.dumps(data))
-    loaded = RiskControlled.from_pretrained(tmp_path)
-    assert loaded.certificate == rc.certificate
 
 
 # ---------------------------------------------------------------- the shipped default model

@@ -6,38 +6,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.policy import EarlyExit
 from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, MissingCalibrationError,
                                RiskControlled, clear_cache, select)
 
-
-def _tiny_t5(seed=0):
-    torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
-                   decoder_start_token_id=0)
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-def _task_losses(seed=0, K=11, n=400):
-    rng = np.random.default_rng(seed)
-    lam = np.linspace(0, 1, K)
-    full = rng.uniform(0, 0.6, n)
-    harm = (1 - lam)[:, None] ** 2
-    task = np.clip(full[None, :] + rng.normal(0.15, 0.2, (K, n)) * harm, 0, 1)
-    task[-1] = full
-    return lam, task
+from tiny_t5 import random_t5
+from toy_losses import toy_table, toy_task_losses
 
 
 def _table(fingerprint=None, **meta):
-    lam, task = _task_losses()
-    consistency = np.clip(np.abs(task - task[-1]) * 1.5, 0, 1)
-    metadata = {"task": "toy", "measure": "softmax", "schedule": "constant", "min_exit_layer": 1, **meta}
-    if fingerprint is not None:
-        metadata["model_fingerprint"] = fingerprint
-    return LossTable.from_task_losses(lam, task, consistency_losses=consistency, metadata=metadata)
+    return toy_table(fingerprint, task="toy", consistency=True, **meta)
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +119,8 @@ def test_measure_mismatch_with_table_raises():
     with pytest.raises(ValueError, match="measure"):
         RiskControlled(0.1, measure="saturation").fit_table(_table())
     with pytest.raises(ValueError, match="no 'consistency'"):
-        lam, task = _task_losses()
-        RiskControlled(0.1, risk="consistency").fit_table(LossTable.from_task_losses(lam, task))
+        lam, task = toy_task_losses()
+        RiskControlled(0.1, risk="consistency").fit_table(LossTable.fromtoy_task_losses(lam, task))
 
 
 # ---------------------------------------------------------------- persistence
@@ -193,25 +174,25 @@ def test_loss_table_round_trip_and_subset(tmp_path):
     np.testing.assert_array_equal(sub.losses["consistency"], table.losses["consistency"][:, [3, 1]])
 
 
-def test_loss_table_derives_risks_from_task_losses():
-    lam, task = _task_losses()
+def test_loss_table_derives_risks_fromtoy_task_losses():
+    lam, task = toy_task_losses()
     order = np.random.default_rng(0).permutation(len(lam))  # the λ = 1 row need not come last
-    table = LossTable.from_task_losses(lam[order], task[order], task_loss_bounds=(0.0, 1.0))
+    table = LossTable.fromtoy_task_losses(lam[order], task[order], task_loss_bounds=(0.0, 1.0))
     full = task[-1]
     np.testing.assert_allclose(table.losses["performance_gap"], task[order] - full)
     np.testing.assert_allclose(table.losses["performance_gap_bounded"], np.maximum(task[order] - full, 0))
     assert table.bounds["performance_gap"] == (-1.0, 1.0) and table.bounds["performance_gap_bounded"] == (0.0, 1.0)
-    wide = LossTable.from_task_losses(lam, 2 * task, task_loss_bounds=(0.0, 2.0))
+    wide = LossTable.fromtoy_task_losses(lam, 2 * task, task_loss_bounds=(0.0, 2.0))
     assert wide.bounds["performance_gap"] == (-2.0, 2.0)
     with pytest.raises(ValueError, match="λ = 1"):
-        LossTable.from_task_losses(lam[:-1], task[:-1])
+        LossTable.fromtoy_task_losses(lam[:-1], task[:-1])
     with pytest.raises(ValueError, match="bounds"):
-        LossTable.from_task_losses(lam, task + 1.0)
+        LossTable.fromtoy_task_losses(lam, task + 1.0)
 
 
 # ---------------------------------------------------------------- the early_exit= protocol
 def test_bind_fitted_gives_early_exit_with_calibrated_settings():
-    model = _tiny_t5()
+    model = random_t5()
     table = _table(fingerprint=model_fingerprint(model), schedule="decaying", min_exit_layer=2)
     rc = RiskControlled(0.1, 0.1, method="ucb").fit_table(table)
     bound = rc.bind(model)
@@ -222,7 +203,7 @@ def test_bind_fitted_gives_early_exit_with_calibrated_settings():
 
 
 def test_bind_on_another_model_raises():
-    model_a, model_b = _tiny_t5(0), _tiny_t5(1)
+    model_a, model_b = random_t5(0), random_t5(1)
     rc = RiskControlled(0.1).fit_table(_table(fingerprint=model_fingerprint(model_a)))
     rc.bind(model_a)
     with pytest.raises(ValueError, match="another model"):
@@ -230,17 +211,17 @@ def test_bind_on_another_model_raises():
 
 
 def test_fitted_from_raw_matrix_needs_measure_to_bind():
-    lam, task = _task_losses()
+    lam, task = toy_task_losses()
     # a raw matrix records no model: binding it needs the explicit opt-out (tests/test_file_integrity.py)
     rc = RiskControlled(0.1, allow_missing_fingerprint=True).fit(lam, task - task[-1])
     with pytest.raises(ValueError, match="measure"):
-        rc.bind(_tiny_t5())
+        rc.bind(random_t5())
     rc = RiskControlled(0.1, measure="saturation", allow_missing_fingerprint=True).fit(lam, task - task[-1])
-    assert rc.bind(_tiny_t5()).measure.name == "saturation"
+    assert rc.bind(random_t5()).measure.name == "saturation"
 
 
 def test_unfitted_one_liner_with_attached_table(monkeypatch):
-    model = _tiny_t5()
+    model = random_t5()
     table = _table(fingerprint=model_fingerprint(model))
     model.early_exit_calibration = table
     for eps, delta, method in ((0.05, None, "crc"), (0.1, 0.1, "ucb")):
@@ -261,7 +242,7 @@ def test_unfitted_one_liner_with_attached_table(monkeypatch):
 
 
 def test_unfitted_one_liner_from_checkpoint_directory(tmp_path):
-    model = _tiny_t5()
+    model = random_t5()
     model.save_pretrained(tmp_path)
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert model_fingerprint(reloaded) == model_fingerprint(model)
@@ -273,7 +254,7 @@ def test_unfitted_one_liner_from_checkpoint_directory(tmp_path):
 
 
 def test_unfitted_one_liner_rejects_table_of_another_model():
-    model = _tiny_t5()
+    model = random_t5()
     model.early_exit_calibration = _table(fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="another model"):
         RiskControlled(0.05).bind(model)
@@ -281,7 +262,7 @@ def test_unfitted_one_liner_rejects_table_of_another_model():
 
 def test_unfitted_without_calibration_explains_how_to_calibrate():
     with pytest.raises(MissingCalibrationError, match="fit_table"):
-        RiskControlled(0.05).bind(_tiny_t5())
+        RiskControlled(0.05).bind(random_t5())
 
 
 def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
@@ -289,7 +270,7 @@ def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
 
     from hf_safe_exit.risk import store_calibration
 
-    model = _tiny_t5()
+    model = random_t5()
     table = _table(fingerprint=model_fingerprint(model))
     table.metadata["task"] = "cnndm"
     store_calibration(tmp_path, table=table)  # the repo's files, in the layout the library writes
@@ -317,7 +298,7 @@ def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
 
 def test_generate_one_liner_with_risk_controlled():
     enable = pytest.importorskip("hf_safe_exit.decoding").enable  # the core issue's entry point
-    model = enable(_tiny_t5())
+    model = enable(random_t5())
     model.early_exit_calibration = _table(fingerprint=model_fingerprint(model))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 1], [9, 3, 2, 1]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     fitted = RiskControlled(0.1).fit_table(model.early_exit_calibration)
@@ -330,15 +311,15 @@ def test_generate_one_liner_with_risk_controlled():
 
 
 def test_loss_table_validation():
-    lam, task = _task_losses()
+    lam, task = toy_task_losses()
     with pytest.raises(ValueError, match="JSON"):
-        LossTable.from_task_losses(lam, task, metadata={"bad": object()})
+        LossTable.fromtoy_task_losses(lam, task, metadata={"bad": object()})
     with pytest.raises(ValueError, match="example_ids"):
-        LossTable.from_task_losses(lam, task, metadata={"example_ids": [1, 2]})
+        LossTable.fromtoy_task_losses(lam, task, metadata={"example_ids": [1, 2]})
     with pytest.raises(ValueError, match="Unknown risk"):
         LossTable(lam, {"accuracy": task})
     with pytest.raises(ValueError, match="first axis"):
-        LossTable.from_task_losses(lam, task, extras={"wall_time": np.ones(3)})
+        LossTable.fromtoy_task_losses(lam, task, extras={"wall_time": np.ones(3)})
     with pytest.raises(ValueError, match="same examples"):
         LossTable(lam, {"consistency": task, "performance_gap_bounded": task[:, :5]})
 
@@ -348,7 +329,7 @@ def test_poe_calibration_binds_decodes_and_round_trips_with_poe(tmp_path):
     from hf_safe_exit import PoEConfig
 
     enable = pytest.importorskip("hf_safe_exit.decoding").enable
-    model = enable(_tiny_t5())
+    model = enable(random_t5())
     poe = PoEConfig(activation="softplus")
     table = _table(fingerprint=model_fingerprint(model), anytime=poe.to_dict())
     rc = RiskControlled(0.1).fit_table(table)

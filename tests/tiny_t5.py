@@ -11,3 +11,17 @@ CONFIGS = {
     "v1.1-untied-2+4": dict(num_layers=2, num_decoder_layers=4, tie_word_embeddings=False,
                             feed_forward_proj="gated-gelu", seed=1),
 }
+
+
+def random_t5(seed: int = 0, initializer_factor: float = 1.0):
+    """A random 2+3-layer T5 (vocabulary 64, d_model 16) in eval mode: the model of the calibration and file tests.
+
+    ``initializer_factor`` > 1 gives larger weights, hence more spread-out logits and confidences.
+    """
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
+                   decoder_start_token_id=0, initializer_factor=initializer_factor)
+    return T5ForConditionalGeneration(cfg).eval()

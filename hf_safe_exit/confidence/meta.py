@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CorruptFileError, MissingMetaHeadError, read_json_object
+from ..errors import CorruptFileError, HubFileError, MissingMetaHeadError, read_json_object
+from ..hub_files import hub_file
 from .base import ConfidenceMeasure, LayerView
 
 META_WEIGHTS_NAME = "meta_head.safetensors"
@@ -69,18 +70,20 @@ class MetaClassifierHead(nn.Module):
         unreadable, empty, truncated or of another head or model: :class:`~hf_safe_exit.errors.CorruptFileError`
         naming the file (never a silent fall-back to another measure).
         """
-        weights = os.path.join(directory, META_WEIGHTS_NAME)
-        config_path = os.path.join(directory, META_CONFIG_NAME)
-        present = [p for p in (weights, config_path) if os.path.isfile(p)]
-        if not present:
+        files = _local_head_files(directory)
+        if files is None:
             raise MissingMetaHeadError(
                 f"No meta-classifier head in {directory!s} (expected {META_WEIGHTS_NAME} and {META_CONFIG_NAME}). "
                 "Train one with hf_safe_exit.training.train_meta_classifier(model, ...) and save it next to the model."
             )
-        if len(present) == 1:
-            missing = config_path if present[0] == weights else weights
-            raise CorruptFileError.about(missing, f"missing, while {os.path.basename(present[0])} is there: half a "
-                                         "meta-classifier head", _HEAD_FIX)
+        return cls.from_files(*files)
+
+    @classmethod
+    def from_files(cls, weights: str | os.PathLike, config_path: str | os.PathLike) -> "MetaClassifierHead":
+        """The head whose weights and config are these two files (e.g. both downloaded from a Hub repo).
+
+        Either unreadable, empty, truncated or of another head: :class:`~hf_safe_exit.errors.CorruptFileError`.
+        """
         raw = read_json_object(config_path, what="a meta-head config", fix=_HEAD_FIX)
         try:
             head = cls(MetaHeadConfig(**raw))
@@ -104,22 +107,70 @@ _HEAD_FIX = ("Save the head again with MetaClassifierHead.save_pretrained(dir) (
              "hf_safe_exit.training.train_meta_classifier), or remove both meta_head files and use another measure")
 
 
+def _half_head(missing: str, present: str) -> CorruptFileError:
+    return CorruptFileError.about(missing, f"missing, while {os.path.basename(present)} is there: half a "
+                                  "meta-classifier head", _HEAD_FIX)
+
+
+def _local_head_files(directory) -> tuple[str, str] | None:
+    """(weights, config) of the head saved in ``directory``; None when neither file is there; half a head raises."""
+    files = os.path.join(directory, META_WEIGHTS_NAME), os.path.join(directory, META_CONFIG_NAME)
+    present = [f for f in files if os.path.isfile(f)]
+    if len(present) == 1:
+        raise _half_head(files[1] if present[0] == files[0] else files[0], present[0])
+    return files if present else None
+
+
+def _saved_head_files(path: str) -> tuple[str, str] | None:
+    """(weights, config) of the head saved with the model loaded from ``path``, a local folder or a Hub repo id;
+    None when it has neither file. Half a head raises ``CorruptFileError``; a Hub repo that could not be asked,
+    ``HubFileError`` (both, rather than "no head": ``measure="auto"`` must not fall back silently)."""
+    if not path:
+        return None  # built in memory: nothing saved with it
+    if os.path.isdir(path):
+        return _local_head_files(path)
+    try:
+        found = [hub_file(path, name, strict=True) for name in (META_WEIGHTS_NAME, META_CONFIG_NAME)]
+    except HubFileError as err:  # say how to decode without asking the Hub
+        from . import HEAD_FREE_DEFAULT  # the package, initialised by now (it imports this module first)
+
+        again = HubFileError(f"{err} Or name the measure (e.g. measure='{HEAD_FREE_DEFAULT}'): measure='auto' and "
+                             "'meta' look for the model's meta head.")
+        again.path = err.path
+        raise again from None
+    if not any(found):
+        return None
+    if not all(found):
+        names = (META_WEIGHTS_NAME, META_CONFIG_NAME)
+        missing, present = (names[0], names[1]) if found[0] is None else (names[1], names[0])
+        raise _half_head(f"hub:{path}/{missing}", present)
+    return found[0], found[1]
+
+
 def find_meta_head(model) -> MetaClassifierHead:
-    """The meta head attached to ``model`` (``model.meta_head``) or saved next to its weights."""
+    """The meta head attached to ``model`` (``model.meta_head``), else the one saved with its weights: in the folder
+    it was loaded from, or in its Hub repo (``from_pretrained("user/repo")``: both files downloaded, see
+    :mod:`hf_safe_exit.hub_files`). The head found is attached as ``model.meta_head``.
+
+    Raises :class:`~hf_safe_exit.errors.MissingMetaHeadError` only when the model has no head at all; half a head
+    or unreadable files raise ``CorruptFileError``, a Hub repo that could not be asked ``HubFileError``.
+    """
     head = getattr(model, "meta_head", None)
     if isinstance(head, MetaClassifierHead):
         return head
-    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    if path and os.path.isfile(os.path.join(path, META_WEIGHTS_NAME)):
-        head = MetaClassifierHead.from_pretrained(path)
+    path = os.fspath(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    files = _saved_head_files(path)
+    if files is not None:
+        head = MetaClassifierHead.from_files(*files)
         param = next(model.parameters())
         head.to(device=param.device, dtype=param.dtype)
         model.meta_head = head
         return head
     raise MissingMetaHeadError(
         f"measure='meta' needs a trained meta-classifier head, but {type(model).__name__} "
-        f"({path or 'no local path'}) has none: set model.meta_head = MetaClassifierHead.from_pretrained(dir), "
-        "or train one with hf_safe_exit.training.train_meta_classifier, or use measure='softmax'."
+        f"({f'loaded from {path}' if path else 'built in memory'}) has none: set model.meta_head = "
+        "MetaClassifierHead.from_pretrained(dir), or train one with hf_safe_exit.training.train_meta_classifier, "
+        "or use measure='softmax'."
     )
 
 

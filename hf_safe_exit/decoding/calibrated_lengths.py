@@ -15,16 +15,21 @@ certificate with these lengths:
   max_length=<max_input_length>``.
 
 Each warning is shown once per process for each (setting, calibrated value, other value): a loop over a
-data set is not flooded.
+data set is not flooded. :func:`clear_warned` forgets which were shown (tests; a notebook that wants them again).
 """
 
 from __future__ import annotations
 
 import warnings
 
-__all__ = ["apply_calibrated_lengths"]
+__all__ = ["apply_calibrated_lengths", "clear_warned"]
 
 _WARNED: set[tuple] = set()
+
+
+def clear_warned() -> None:
+    """Forget the warnings shown so far: the next call that departs from a calibration warns again."""
+    _WARNED.clear()
 
 
 def _warn_once(key: tuple, message: str) -> None:
@@ -79,8 +84,9 @@ def apply_calibrated_lengths(model, certificate, inputs, kwargs: dict) -> None:
                 _warn_once(("model", stored_said, calibrated),
                            f"model.generation_config sets {stored_said}, but the risk-controlled policy was calibrated "
                            f"with max_new_tokens={calibrated}: decoding with the calibration's {calibrated}, for which "
-                           f"the guarantee holds. Pass max_new_tokens={stored_new} in the call to decode longer "
-                           "outputs anyway (the guarantee does not cover them).")
+                           f"the guarantee holds. Pass max_new_tokens={stored_new} in the call to decode with the "
+                           f"model's stored length anyway ({'longer' if stored_new > calibrated else 'shorter'} "
+                           "outputs than calibrated: the guarantee does not cover them).")
             kwargs["max_new_tokens"] = calibrated
         elif asked != calibrated:
             _warn_once(("call", said, calibrated),

@@ -8,7 +8,8 @@ A calibration is only as trustworthy as its file. Before one is used it must
   certificate's grid, the certificate was fitted with the file's (ε, δ, method, risk, monotonize) and
   for the file's model, task, measure and lengths, and ``feasible`` says whether λ̂ < 1;
 * where the loss table is stored beside it (``early_exit_calibration.npz`` in the same folder): be what
-  refitting that table gives (same λ̂, n and model).
+  refitting that table gives (same λ̂, n and model), with the settings the table's losses were collected
+  with (task, measure, schedule, minimum exit layer, decay τ, PoE, lengths; those the table records).
 
 A file that fails the last two was edited by hand or mixed up with another calibration:
 :class:`~hf_safe_exit.errors.InconsistentCalibrationError`, naming the file and both values.
@@ -127,11 +128,19 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
     return cert
 
 
+# the settings a calibration decodes with, that a loss table's metadata records: λ̂ is only valid with those
+# the losses were collected with (an edited min_exit_layer, or a measure edited in both places of the json,
+# passes every check of the json alone). Older tables lack some: only the keys a table records are compared.
+_SETTINGS = ("task", "measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "max_new_tokens",
+             "max_input_length")
+_BILD_SETTINGS = ("task", "policy", "max_new_tokens", "max_input_length")  # BiLD's decoding has no exit settings
+
+
 def check_refit(data: dict, path, table: LossTable, table_path) -> None:
     """Raise ``InconsistentCalibrationError`` unless refitting ``table`` (stored beside ``path``) gives ``data``'s λ̂.
 
-    ``data`` must have passed :func:`check_calibration_dict`. Compares λ̂, the number of examples and the
-    model fingerprint.
+    ``data`` must have passed :func:`check_calibration_dict`. Compares the model fingerprint, the decoding
+    settings the table records (``_SETTINGS``), the number of examples and λ̂.
     """
     params, cert = data["params"], data["certificate"]
     risk = params.get("risk", "performance_gap")
@@ -146,6 +155,13 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
     table_fp, stored_fp = table.metadata.get("model_fingerprint"), data["calibration"].get("model_fingerprint")
     if table_fp != stored_fp:
         raise differs("its model fingerprint", table_fp, stored_fp)
+    calibration = data["calibration"]
+    for key in _BILD_SETTINGS if calibration.get("strategy") == "bild" else _SETTINGS:
+        if key in table.metadata and not _close(calibration.get(key), table.metadata[key]):
+            raise InconsistentCalibrationError.about(
+                path, f"its calibration.{key} is {calibration.get(key)!r}, but the loss table stored beside it "
+                f"('{table_path}') was collected with {key}={table.metadata[key]!r}: λ̂ holds only for the settings "
+                "its losses were collected with, so one of the two files was edited or replaced", RECALIBRATE)
     if table.n != cert.get("n"):
         raise differs("its number of calibration examples n", table.n, cert.get("n"))
     try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError, MissingCalibrationError, read_json_object
+from ..hub_files import clear_hub_cache, hub_file
 from .integrity import check_calibration_dict, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable
 
@@ -60,14 +61,13 @@ def calibration_dir(model_dir, task: str) -> Path:
     return Path(model_dir) / CALIBRATION_SUBDIR / check_task_name(task)
 
 
-_HUB_FILES: dict[tuple[str, str], str | None] = {}
 _TABLES: dict[tuple, LossTable] = {}
 _CHECKED: set[tuple] = set()  # (risk_control.json as read, the table beside it) pairs whose refit was checked
 
 
 def clear_store_cache() -> None:
     """Forget downloaded Hub files, loaded tables and integrity checks (tests; after rewriting a file in place)."""
-    _HUB_FILES.clear()
+    clear_hub_cache()
     _TABLES.clear()
     _CHECKED.clear()
 
@@ -96,15 +96,9 @@ class _Source:
         if self.local:
             path = os.path.join(self.root, relpath)
             return path if os.path.isfile(path) else None
-        key = (self.root, relpath)
-        if key not in _HUB_FILES:  # once per process: generate() binds the policy at every call
-            try:
-                from huggingface_hub import hf_hub_download
-
-                _HUB_FILES[key] = hf_hub_download(repo_id=self.root, filename=relpath)
-            except Exception:  # offline, no such repo or file, not a valid repo id: all mean "not there"
-                _HUB_FILES[key] = None
-        return _HUB_FILES[key]
+        # once per process (generate() binds the policy at every call); a repo that could not be asked (offline, no
+        # such repo) also means "not there": find_stored then says no calibration was found, and how to make one
+        return hub_file(self.root, relpath, strict=False)
 
     def tasks(self) -> list[str]:
         if self.local:
