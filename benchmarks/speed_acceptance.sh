@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed targets of issue "Speed", checked in one run on an idle machine (about 30 min on one CPU core):
+# The speed targets of issue "Speed", checked in one run on an idle machine (about 50 min on one CPU core):
 # the subsets of speed_shapes.py's full sweep (~15 h) that the targets name, then the measure choice.
 #
 #   bash benchmarks/speed_acceptance.sh            # from the repository root
