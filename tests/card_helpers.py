@@ -17,7 +17,7 @@ from hf_safe_exit.calibration.tiny import build_tiny_t5
 from hf_safe_exit.cards import METRIC_TYPES, guarantee_statement, section_markers, write_guarantee_card
 
 __all__ = ["CNNDM_START", "CNNDM_END", "SQUAD_START", "SQUAD_END", "USER_CARD", "synthetic_table", "calibrated",
-           "squad_table", "yaml_header", "ours", "section", "results_by_dataset", "check_numbers", "FakeHub",
+           "squad_table", "yaml_header", "our_results", "section", "results_by_dataset", "check_numbers", "FakeHub",
            "shipped_like"]
 
 CNNDM_START, CNNDM_END = section_markers("cnndm")
@@ -91,7 +91,7 @@ def yaml_header(text: str) -> dict:
     return yaml.safe_load(match.group(1))
 
 
-def ours(card) -> dict:
+def our_results(card) -> dict:
     return {r.metric_type: r for r in card.data.eval_results if r.metric_type in METRIC_TYPES}
 
 

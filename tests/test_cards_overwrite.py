@@ -15,8 +15,8 @@ from hf_safe_exit.cards import WouldOverwriteError, write_guarantee_card
 from hf_safe_exit.errors import InconsistentCalibrationError
 
 from card_helpers import calibrated, squad_table  # noqa: F401, F811 (fixtures)
-from card_helpers import (CNNDM_END, CNNDM_START, SQUAD_END, SQUAD_START, FakeHub, check_numbers, ours, section,
-                          shipped_like)
+from card_helpers import (CNNDM_END, CNNDM_START, SQUAD_END, SQUAD_START, FakeHub, check_numbers, our_results,
+                          section, shipped_like)
 
 
 def test_push_to_hub_keeps_other_tasks(calibrated, squad_table, tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_card_never_replaces_a_calibration_evaluation_or_plot_silently(calibrate
     assert "removed" in out and "evaluation.json" in out
     assert {p.name for p in cal.iterdir()} == {"risk_control.json"}
     assert RiskControlled.from_pretrained(cal).certificate == other.certificate
-    assert ours(ModelCard.load(model_dir / "README.md"))["early_exit_threshold"].metric_value == \
+    assert our_results(ModelCard.load(model_dir / "README.md"))["early_exit_threshold"].metric_value == \
         other.certificate.lambda_hat
 
 

@@ -17,7 +17,7 @@ from hf_safe_exit.cards import (SECTION_END, SECTION_START, WouldOverwriteError,
 from hf_safe_exit.errors import CorruptFileError, InconsistentCalibrationError
 
 from card_helpers import calibrated  # noqa: F401, F811 (a fixture)
-from card_helpers import CNNDM_END, CNNDM_START, USER_CARD, ours, section, synthetic_table, yaml_header
+from card_helpers import CNNDM_END, CNNDM_START, USER_CARD, our_results, section, synthetic_table, yaml_header
 from cli_lines import one_error_line
 
 
@@ -58,7 +58,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
 
     # --- huggingface_hub parse (file path: offline)
     card = ModelCard.load(path)
-    ours = ours(card)
+    ours = our_results(card)
     assert {"early_exit_threshold", "early_exit_risk_bound", "early_exit_test_risk", "early_exit_speedup"} <= set(ours)
     assert ours["early_exit_threshold"].metric_value == cert.lambda_hat
     assert ours["early_exit_risk_bound"].metric_value == cert.risk_bound
@@ -102,7 +102,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     assert "Some words the user wrote about the model." in card2.text
     assert "In expectation over the random draw" in card2.text and "ε = 0.15" in card2.text
     assert "1 − δ" not in card2.text.split(CNNDM_START)[1]
-    ours2 = ours(card2)
+    ours2 = our_results(card2)
     assert set(ours2) == {"early_exit_threshold", "early_exit_calibration_risk", "early_exit_risk_bound"}
     assert ours2["early_exit_threshold"].metric_value == crc.certificate.lambda_hat
     assert ours2["early_exit_risk_bound"].metric_value == crc.certificate.risk_bound
@@ -121,7 +121,7 @@ def test_card_from_an_evaluation_states_the_procedure_not_the_shipped_threshold(
     assert evaluation["speedup_basis"] == "per generated token"
     path = write_guarantee_card(tmp_path / "new_model", rc, test_results=evaluation, model_name="fresh")
     card = ModelCard.load(path)
-    ours = ours(card)
+    ours = our_results(card)
     assert card.data.model_name == "fresh"
     # the split procedure's numbers are typed and named as such, never as "test risk at λ̂"
     assert "early_exit_test_risk" not in ours and "early_exit_speedup" not in ours
@@ -161,7 +161,7 @@ def test_quality_and_speed_at_the_shipped_threshold_are_like_for_like(calibrated
     layers = (ex["mean_exit_layer"][k] * ex["num_tokens"][k]).sum() / tokens
     speedup = (ex["wall_time"][full] / full_tokens) / (ex["wall_time"][k] / tokens)
     path = write_guarantee_card(tmp_path, rc, table=table, model_name="m")
-    ours = ours(ModelCard.load(path))
+    ours = our_results(ModelCard.load(path))
     assert ours["early_exit_calibration_score"].metric_value == pytest.approx(score, rel=1e-12)
     assert ours["full_model_calibration_score"].metric_value == pytest.approx(full_score, rel=1e-12)
     assert ours["early_exit_calibration_layers"].metric_value == pytest.approx(layers, rel=1e-12)
@@ -180,7 +180,7 @@ def test_quality_and_speed_at_the_shipped_threshold_are_like_for_like(calibrated
         never.fit_table(table)
     assert never.certificate.lambda_hat == 1.0
     path = write_guarantee_card(tmp_path / "never", never, table=table, model_name="m")
-    ours = ours(ModelCard.load(path))
+    ours = our_results(ModelCard.load(path))
     assert ours["early_exit_calibration_score"].metric_value == ours["full_model_calibration_score"].metric_value
     assert ours["early_exit_calibration_layers"].metric_value == 6.0
     assert ours["early_exit_calibration_speedup"].metric_value == 1.0
@@ -241,7 +241,7 @@ def test_card_command_line(calibrated, tmp_path, capsys):
                  "a laptop", "--results", str(tmp_path / "cnndm.npz")]) == 0
     assert "wrote" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "README.md")
-    ours = ours(card)
+    ours = our_results(card)
     assert ours["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
     assert ours["early_exit_split_test_risk"].metric_value == evaluation["results"][0]["test_risk_mean"]
     assert "early_exit_calibration_speedup" in ours and "(a laptop)" in ours["early_exit_calibration_speedup"].metric_name
@@ -254,7 +254,7 @@ def test_to_model_card_is_the_written_card(calibrated, tmp_path):
     _, _, table = calibrated
     rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
     card = to_model_card(rc, model_name="m", table=table)
-    assert ours(card)["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
+    assert our_results(card)["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
     assert guarantee_statement(rc.certificate) in card.text
     path = write_guarantee_card(tmp_path, rc, model_name="m", table=table)
     written = ModelCard.load(path)

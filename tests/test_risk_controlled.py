@@ -120,7 +120,7 @@ def test_measure_mismatch_with_table_raises():
         RiskControlled(0.1, measure="saturation").fit_table(_table())
     with pytest.raises(ValueError, match="no 'consistency'"):
         lam, task = toy_task_losses()
-        RiskControlled(0.1, risk="consistency").fit_table(LossTable.fromtoy_task_losses(lam, task))
+        RiskControlled(0.1, risk="consistency").fit_table(LossTable.from_task_losses(lam, task))
 
 
 # ---------------------------------------------------------------- persistence
@@ -174,20 +174,20 @@ def test_loss_table_round_trip_and_subset(tmp_path):
     np.testing.assert_array_equal(sub.losses["consistency"], table.losses["consistency"][:, [3, 1]])
 
 
-def test_loss_table_derives_risks_fromtoy_task_losses():
+def test_loss_table_derives_risks_from_task_losses():
     lam, task = toy_task_losses()
     order = np.random.default_rng(0).permutation(len(lam))  # the λ = 1 row need not come last
-    table = LossTable.fromtoy_task_losses(lam[order], task[order], task_loss_bounds=(0.0, 1.0))
+    table = LossTable.from_task_losses(lam[order], task[order], task_loss_bounds=(0.0, 1.0))
     full = task[-1]
     np.testing.assert_allclose(table.losses["performance_gap"], task[order] - full)
     np.testing.assert_allclose(table.losses["performance_gap_bounded"], np.maximum(task[order] - full, 0))
     assert table.bounds["performance_gap"] == (-1.0, 1.0) and table.bounds["performance_gap_bounded"] == (0.0, 1.0)
-    wide = LossTable.fromtoy_task_losses(lam, 2 * task, task_loss_bounds=(0.0, 2.0))
+    wide = LossTable.from_task_losses(lam, 2 * task, task_loss_bounds=(0.0, 2.0))
     assert wide.bounds["performance_gap"] == (-2.0, 2.0)
     with pytest.raises(ValueError, match="λ = 1"):
-        LossTable.fromtoy_task_losses(lam[:-1], task[:-1])
+        LossTable.from_task_losses(lam[:-1], task[:-1])
     with pytest.raises(ValueError, match="bounds"):
-        LossTable.fromtoy_task_losses(lam, task + 1.0)
+        LossTable.from_task_losses(lam, task + 1.0)
 
 
 # ---------------------------------------------------------------- the early_exit= protocol
@@ -313,13 +313,13 @@ def test_generate_one_liner_with_risk_controlled():
 def test_loss_table_validation():
     lam, task = toy_task_losses()
     with pytest.raises(ValueError, match="JSON"):
-        LossTable.fromtoy_task_losses(lam, task, metadata={"bad": object()})
+        LossTable.from_task_losses(lam, task, metadata={"bad": object()})
     with pytest.raises(ValueError, match="example_ids"):
-        LossTable.fromtoy_task_losses(lam, task, metadata={"example_ids": [1, 2]})
+        LossTable.from_task_losses(lam, task, metadata={"example_ids": [1, 2]})
     with pytest.raises(ValueError, match="Unknown risk"):
         LossTable(lam, {"accuracy": task})
     with pytest.raises(ValueError, match="first axis"):
-        LossTable.fromtoy_task_losses(lam, task, extras={"wall_time": np.ones(3)})
+        LossTable.from_task_losses(lam, task, extras={"wall_time": np.ones(3)})
     with pytest.raises(ValueError, match="same examples"):
         LossTable(lam, {"consistency": task, "performance_gap_bounded": task[:, :5]})
 
