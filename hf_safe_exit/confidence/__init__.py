@@ -30,7 +30,9 @@ HEAD_FREE_DEFAULT = "softmax_shortlist"
 
 
 def has_meta_head(model) -> bool:
-    """Whether ``model`` carries a trained meta head (``model.meta_head`` or saved next to its weights)."""
+    """Whether ``model`` carries a trained meta head (``model.meta_head``, saved next to its weights, or in the Hub
+    repo it was loaded from). Half a head or an unreachable Hub raises (see ``find_meta_head``): never a silent
+    fallback to another measure."""
     try:
         find_meta_head(model)
     except MissingMetaHeadError:
