@@ -136,12 +136,15 @@ class FakeHub:
 
             def list_repo_files(self, repo_id, revision=None):
                 if not hub.exists:  # what the Hub answers for a repo that is not there
-                    import httpx2
+                    try:  # the HTTP library huggingface_hub's errors are built on: httpx2 from 2.x, httpx in 1.x
+                        import httpx2 as http
+                    except ImportError:
+                        import httpx as http
                     from huggingface_hub.errors import RepositoryNotFoundError
 
                     url = f"https://huggingface.co/api/models/{repo_id}"
-                    raise RepositoryNotFoundError(f"404: {repo_id}", response=httpx2.Response(
-                        404, request=httpx2.Request("GET", url)))
+                    raise RepositoryNotFoundError(f"404: {repo_id}", response=http.Response(
+                        404, request=http.Request("GET", url)))
                 return sorted(hub.files)
 
             def upload_folder(self, repo_id, folder_path, revision=None, commit_message="", delete_patterns=None):
