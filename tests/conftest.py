@@ -23,3 +23,14 @@ def _calibrated_length_warnings_afresh():
     if module is not None:
         module.clear_warned()
     yield
+
+
+@pytest.fixture
+def fresh_risk_cache():
+    """Fits, stored calibrations and Hub lookups are cached per process (``hf_safe_exit.risk.clear_cache``): a test
+    that writes or edits calibration files starts and ends with none of them cached."""
+    from hf_safe_exit.risk import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()

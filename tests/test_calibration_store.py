@@ -17,15 +17,11 @@ from transformers import T5Config, T5ForConditionalGeneration
 import hf_safe_exit
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.models import default_model_available, default_model_path
-from hf_safe_exit.risk import (CALIBRATION_FILENAME, LossTable, MissingCalibrationError, RiskControlled, clear_cache,
+from hf_safe_exit.risk import (CALIBRATION_FILENAME, LossTable, MissingCalibrationError, RiskControlled,
                                store_calibration)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_risk_cache")
 
 
 def _model_dir(tmp_path):

@@ -25,14 +25,7 @@ from cli_lines import one_error_line
 from tiny_t5 import random_t5
 from toy_losses import toy_table, toy_task_losses
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_risk_cache")
 
 
 # ---------------------------------------------------------------- loss tables (.npz)

@@ -11,7 +11,7 @@ from hf_safe_exit.confidence import (HEAD_FREE_DEFAULT, MetaClassifierHead, Meta
 from hf_safe_exit.errors import CalibrationFileError, CorruptFileError, HubFileError, MissingMetaHeadError
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.policy import EarlyExit
-from hf_safe_exit.risk import RiskControlled, clear_cache, store_calibration
+from hf_safe_exit.risk import RiskControlled, store_calibration
 
 from tiny_t5 import random_t5
 from toy_losses import toy_table
@@ -20,11 +20,7 @@ WEIGHTS, CONFIG = "meta_head.safetensors", "meta_head_config.json"
 INPUTS = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()  # also forgets Hub lookups
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_risk_cache")
 
 
 def _head_dir(tmp_path):

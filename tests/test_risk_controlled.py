@@ -11,21 +11,17 @@ from transformers import T5ForConditionalGeneration
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.policy import EarlyExit
 from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, MissingCalibrationError,
-                               RiskControlled, clear_cache, select)
+                               RiskControlled, select)
 
 from tiny_t5 import random_t5
 from toy_losses import toy_table, toy_task_losses
 
 
+pytestmark = pytest.mark.usefixtures("fresh_risk_cache")
+
+
 def _table(fingerprint=None, **meta):
     return toy_table(fingerprint, task="toy", consistency=True, **meta)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
 
 
 # ---------------------------------------------------------------- fit
