@@ -176,10 +176,10 @@ def _legend(num_layers: int, color: bool, use_rich: bool):
                                     for l in range(1, num_layers + 1)) + f"  ({num_layers} = full depth)"
 
 
-def _timed(fn) -> tuple[float, object]:
+def _seconds(fn) -> float:
     start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+    fn()
+    return time.perf_counter() - start
 
 
 def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, *, max_new_tokens: int | None,
@@ -214,8 +214,8 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
         # `repeats` each (outputs of different lengths would make a per-call ratio meaningless)
         t_early, t_full = float("inf"), float("inf")
         for _ in range(repeats):
-            t_early = min(t_early, _timed(run_early)[0])
-            t_full = min(t_full, _timed(lambda: run_full(max_new_tokens=n, min_new_tokens=n))[0])
+            t_early = min(t_early, _seconds(run_early))
+            t_full = min(t_full, _seconds(lambda: run_full(max_new_tokens=n, min_new_tokens=n)))
     seq = out.sequences[0, 1:]
     layers = out.exit_layers[0]
     ids = seq[real].tolist()
