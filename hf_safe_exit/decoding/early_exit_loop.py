@@ -51,6 +51,7 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 from ..compat import cache_field, cache_kwargs, find_cache
 from ..confidence import LayerView
+from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig, PoEState
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
@@ -404,6 +405,9 @@ class _StepDecoder:
         return out_logits, exit_layer, confidence
 
 
+_KV_BUFFER_NEW_TOKENS = 512  # positions preallocated past the prompt (a long max_new_tokens grows on demand)
+
+
 def early_exit_decode(
     model,
     input_ids: torch.LongTensor,
@@ -459,6 +463,10 @@ def early_exit_decode(
         len(cache.self_attention_cache.layers) not in (0, model.config.num_decoder_layers)
     ):
         cache = new_decoder_cache(model)
+    # append K/V in place rather than re-concatenating the whole cache every step (see kv_buffer); sized for the
+    # whole generation up to a cap, beyond which it grows by doubling
+    install_kv_buffers(cache, model.config.num_decoder_layers,
+                       capacity=min(int(generation_config.max_length), input_ids.shape[1] + _KV_BUFFER_NEW_TOKENS))
     decoder = _StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
     decoder.prefill(input_ids[:, :-1])  # the step loop below feeds the last prompt token
     if pad_token_id is not None:
