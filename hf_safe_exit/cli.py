@@ -162,7 +162,8 @@ def _cmd_collect(args) -> int:
             small_tokenizer=small_tokenizer)
         metadata["small_model_path"] = os.fspath(args.small_model)
     table = collect(model, tokenizer, task, data, lambdas=args.lambdas, measure=args.measure, schedule=args.schedule,
-                    min_exit_layer=args.min_exit_layer, anytime=args.anytime, batch_size=args.batch_size,
+                    min_exit_layer=args.min_exit_layer, anytime=args.anytime, exit_layers=args.exit_layers,
+                    batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
                     progress=not args.no_progress, metadata=metadata, policy_factory=factory)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
     p.add_argument("--min-exit-layer", type=int, default=1, help="first decoder layer (1-based) at which a token "
                    "may exit (default 1)")
+    p.add_argument("--exit-layers", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="check the confidence only after these decoder layers (1-based), e.g. 3 6 9 (default: "
+                   "every layer); the calibration then holds for those exits")
     p.add_argument("--anytime", default=None, choices=("poe",),
                    help="poe: Product-of-Experts anytime predictions and confidences (Jazbec et al. 2023); "
                    "the calibration then holds for that decoder, and RiskControlled decodes with it")

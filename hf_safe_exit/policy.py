@@ -6,9 +6,10 @@ model at hand,
 
 * ``measure`` -- a :class:`~hf_safe_exit.confidence.ConfidenceMeasure`,
 * ``min_exit_layer`` -- the first (1-based) decoder layer allowed to exit,
+* ``exit_layers`` (optional) -- the only layers where the confidence is checked (``None``: every layer),
 * ``threshold_at(step, max_new_tokens)`` -- the exit threshold λ_t for the token at ``step``.
 
-A row exits after layer i >= ``min_exit_layer`` when ``confidence > λ_t``
+A row exits after a checked layer i >= ``min_exit_layer`` when ``confidence > λ_t``
 (strict, as in CALM and Jazbec et al. 2024, so that λ = 1 is exactly the full model).
 :class:`EarlyExit` is the plain fixed-threshold policy; ``RiskControlled``
 (``hf_safe_exit.risk``) binds to an :class:`EarlyExit` whose threshold was chosen
@@ -18,6 +19,7 @@ with a statistical guarantee.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, runtime_checkable
 
@@ -26,7 +28,8 @@ import torch
 from .confidence import DEFAULT_MEASURE, ConfidenceMeasure, LayerView, check_measure, get_measure, measure_name
 from .decoding.poe import PoEConfig, resolve_anytime
 
-__all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "SCHEDULES"]
+__all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "check_exit_layers",
+           "SCHEDULES"]
 
 SCHEDULES = ("constant", "decaying")
 
@@ -69,9 +72,36 @@ def _check_min_exit_layer(min_exit_layer: int, model) -> None:
         )
 
 
+def check_exit_layers(exit_layers) -> tuple[int, ...] | None:
+    """``exit_layers`` validated: ``None`` (check every layer), or the sorted tuple of its distinct 1-based layers."""
+    if exit_layers is None:
+        return None
+    layers = None if isinstance(exit_layers, (str, bytes)) or not hasattr(exit_layers, "__iter__") \
+        else list(exit_layers)
+    if not layers or len(set(layers)) != len(layers) or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in layers):
+        raise ValueError(f"exit_layers={exit_layers!r} must be distinct positive integers (1-based decoder layers "
+                         "where the confidence is checked), e.g. (3, 6, 9), or None to check every layer.")
+    return tuple(sorted(int(v) for v in layers))
+
+
+def _check_exit_layers_fit(exit_layers: tuple[int, ...] | None, min_exit_layer: int, model) -> None:
+    if exit_layers is None:
+        return
+    num_layers = model.config.num_decoder_layers
+    outside = [v for v in exit_layers if v > num_layers]
+    if outside:
+        raise ValueError(f"exit_layers={exit_layers!r}: {outside} lie outside the decoder, which has {num_layers} "
+                         f"layers; use layers in [1, {num_layers - 1}] (the last layer always ends a token).")
+    early = [v for v in exit_layers if v < min_exit_layer]
+    if early:
+        raise ValueError(f"exit_layers={exit_layers!r}: {early} lie below min_exit_layer={min_exit_layer}, where no "
+                         "token may exit; drop them or lower min_exit_layer.")
+
+
 @dataclass(frozen=True)
 class EarlyExit:
-    """Exit a token at the first layer ``i >= min_exit_layer`` whose confidence exceeds the threshold.
+    """Exit a token at the first checked layer ``i >= min_exit_layer`` whose confidence exceeds the threshold.
 
     Args:
         threshold: λ in [0, 1]. 1 never exits (the full model); 0 exits wherever confidence > 0.
@@ -82,6 +112,11 @@ class EarlyExit:
         schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
         decay_tau: τ of the decaying schedule (CALM uses 4).
         min_exit_layer: first 1-based decoder layer allowed to exit.
+        exit_layers: ``None`` (default: the confidence is checked after every layer from ``min_exit_layer`` on),
+            or the 1-based layers where it is checked, e.g. ``(3, 6, 9)``: a token can exit only there, and the
+            measure is computed only there, which is what makes a costly measure (``"softmax"`` projects onto
+            the vocabulary at every check) pay less. Risk control calibrates the policy with these exits
+            (``collect(..., exit_layers=...)``), so λ̂ holds for them and only for them.
         anytime: ``None`` (default: each layer predicts with its own logits), ``"poe"`` or a
             :class:`~hf_safe_exit.decoding.poe.PoEConfig`: Product-of-Experts anytime predictions
             (Jazbec et al. 2023), the normalised product of the ReLU'd logits of layers 1..l, used as the
@@ -96,6 +131,7 @@ class EarlyExit:
     decay_tau: float = 4.0
     min_exit_layer: int = 1
     anytime: str | PoEConfig | None = None
+    exit_layers: tuple[int, ...] | None = None
     # the guarantee this threshold carries, when a RiskControlled bound it (read back from generate's output)
     certificate: object | None = field(default=None, compare=False, repr=False)
 
@@ -111,6 +147,7 @@ class EarlyExit:
             raise ValueError(f"decay_tau={self.decay_tau!r} must be > 0.")
         check_measure(self.measure)  # raises on an unknown name
         object.__setattr__(self, "anytime", resolve_anytime(self.anytime))
+        object.__setattr__(self, "exit_layers", check_exit_layers(self.exit_layers))
 
     @property
     def measure_name(self) -> str:
@@ -118,6 +155,7 @@ class EarlyExit:
 
     def bind(self, model) -> "EarlyExit":
         _check_min_exit_layer(self.min_exit_layer, model)
+        _check_exit_layers_fit(self.exit_layers, self.min_exit_layer, model)
         if self.anytime is not None:
             self.anytime.layer_weights(model.config.num_decoder_layers)  # raises on a wrong number of weights
         return replace(self, measure=get_measure(self.measure, model, self.anytime).bind(model))

@@ -123,7 +123,8 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 "speedup": float(np.nanmean(arr["speedup"])), "speedup_std": float(np.nanstd(arr["speedup"])),
             })
     meta = table.metadata
-    meta_keys = ("task", "model_fingerprint", "measure", "schedule", "min_exit_layer", "num_decoder_layers",
+    meta_keys = ("task", "model_fingerprint", "measure", "schedule", "min_exit_layer", "exit_layers",
+                 "num_decoder_layers",
                  "max_new_tokens", "versions") + (("strategy", "policy") if bild else ())
     return {
         "settings": {"eps": list(eps), "methods": list(methods), "delta": delta, "bound": bound, "risk": risk,

@@ -136,6 +136,7 @@ def collect(
     min_exit_layer: int = 1,
     decay_tau: float = 4.0,
     anytime=None,
+    exit_layers: Sequence[int] | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     max_input_length: int | None = None,
@@ -161,6 +162,9 @@ def collect(
         measure, schedule, min_exit_layer, decay_tau, anytime: passed to :class:`~hf_safe_exit.EarlyExit`
             (``anytime="poe"`` or a :class:`~hf_safe_exit.PoEConfig`: Product-of-Experts predictions and
             confidences; stored in the metadata, so ``RiskControlled`` decodes with them too).
+        exit_layers: ``None`` (every layer from ``min_exit_layer`` is checked) or the only layers where the
+            confidence is checked (:class:`~hf_safe_exit.EarlyExit`); stored in the metadata when set, so λ̂ and
+            ``RiskControlled`` hold for exactly those exits.
         batch_size: examples per ``generate`` call.
         max_new_tokens / max_input_length: default to the task's.
         output: where to write the result file (``.npz``); ``None`` keeps it in memory only.
@@ -204,7 +208,8 @@ def collect(
     if policy_factory is None:
         # "auto" is resolved here, so that the table records the measure the losses were computed with
         strategy = EarlyExitStrategy(measure=resolve_measure(measure, model, anytime), schedule=schedule,
-                                     min_exit_layer=min_exit_layer, decay_tau=decay_tau, anytime=anytime)
+                                     min_exit_layer=min_exit_layer, decay_tau=decay_tau, anytime=anytime,
+                                     exit_layers=exit_layers)
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)
     if lambdas is None:

@@ -69,22 +69,27 @@ def _early_exit_costs(out) -> dict[str, list]:
 
 
 class EarlyExitStrategy:
-    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau, anytime)`` at every λ (the default)."""
+    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau, anytime, exit_layers)`` at every λ
+    (the default)."""
 
     name = "early_exit"
 
     def __init__(self, measure: str, schedule: str = "constant", min_exit_layer: int = 1,
-                 decay_tau: float = 4.0, anytime=None):
+                 decay_tau: float = 4.0, anytime=None, exit_layers=None):
         import hf_safe_exit
         from ..decoding.poe import resolve_anytime
+        from ..policy import check_exit_layers
 
         anytime = resolve_anytime(anytime)
+        exit_layers = check_exit_layers(exit_layers)
         self.kwargs = dict(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer, decay_tau=decay_tau,
-                           anytime=anytime)
+                           anytime=anytime, exit_layers=exit_layers)
         self.config = {"measure": hf_safe_exit.EarlyExit(measure=measure).measure_name, "schedule": schedule,
                        "min_exit_layer": int(min_exit_layer), "decay_tau": float(decay_tau)}
         if anytime is not None:  # absent for plain early exit: older tables and states stay valid
             self.config["anytime"] = anytime.to_dict()
+        if exit_layers is not None:  # absent when every layer is checked: older tables and states stay valid
+            self.config["exit_layers"] = list(exit_layers)
 
     def policy(self, lam: float):
         import hf_safe_exit

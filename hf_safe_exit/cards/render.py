@@ -105,7 +105,9 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
     lines += [f"| Confidence measure | {c.measure or cal.get('measure')} |",
               f"| Threshold schedule | {cal.get('schedule', 'constant')}"
               + (f" (τ = {cal.get('decay_tau'):g})" if cal.get("schedule") == "decaying" else "")
-              + f", first exit layer {cal.get('min_exit_layer', 1)} |"]
+              + f", first exit layer {cal.get('min_exit_layer', 1)}"
+              + (f", confidence checked after layers {', '.join(map(str, cal['exit_layers']))}"
+                 if cal.get("exit_layers") else "") + " |"]
     lengths = controlled.generation_settings
     if lengths:
         lines.append("| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |")

@@ -7,7 +7,7 @@ early exit can be slower than the full model. This measure pays for one full pro
 decoding step and O(K·d_model) per later layer:
 
 * at the **first check of a step** (the first call with a new ``view.step``, i.e. layer
-  ``min_exit_layer``, where every deciding row is checked) it takes the full logits
+  ``min_exit_layer`` or the first of ``exit_layers``, where every deciding row is checked) it takes the full logits
   ``view.logits`` (which the decoder caches and reuses as the read-out if the row exits there),
   returns their full-vocabulary softmax margin — exactly ``measure="softmax"`` at that layer — and
   remembers the top-``K`` token ids of every batch row;

@@ -16,8 +16,9 @@ One new token per step, one decoder block at a time, over HF's
   attention reads the self- and cross-attention caches through slices of the batch
   dimension (:class:`_RowPlan`), never through copies of the deciding rows, so a mixed
   batch costs no O(length) copy per layer;
-* after block i >= ``min_exit_layer`` a confidence c_i is computed for the rows
-  still deciding and a row exits when ``c_i > λ_t`` (strict: λ = 1 never exits).
+* after block i >= ``min_exit_layer`` (and only at the policy's ``exit_layers`` when it names them) a
+  confidence c_i is computed for the rows still deciding and a row exits when ``c_i > λ_t`` (strict:
+  λ = 1 never exits).
   Exiting rows whose logits the measure did not compute are read out together after
   the last block: one projection onto the vocabulary per step, whatever the number of
   distinct exit layers (the rows' logits equal the per-layer read-out up to rounding).
@@ -247,12 +248,13 @@ class _StepDecoder:
             raise RuntimeError(f"decoder prefill left the cache inconsistent (self-attention lengths {lengths})")
 
     def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
-             done: torch.Tensor, poe: PoEConfig | None = None):
+             done: torch.Tensor, poe: PoEConfig | None = None, exit_layers: frozenset[int] | None = None):
         """Decode one token for every row.
 
         Args:
             tokens: ``(batch, 1)`` the previous tokens.
             threshold: λ_t for this step (>= 1 never exits early).
+            exit_layers: the only layers where the confidence is checked (None: every layer >= min_exit_layer).
             done: ``(batch,)`` bool, rows whose sequence already finished: they exit at layer 1
                 (their output is padding; their cache entries only keep shapes aligned).
             poe: Product-of-Experts anytime predictions (:mod:`hf_safe_exit.decoding.poe`), or None. When set
@@ -342,7 +344,7 @@ class _StepDecoder:
             if layer == self.num_layers:
                 exiting = None  # every deciding row exits
                 conf = None
-            elif may_exit and layer >= min_exit_layer:
+            elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
                 cached: dict[str, torch.Tensor] = {}
                 if poe_logp is not None:
                     final_normed = poe_normed
@@ -449,6 +451,8 @@ def early_exit_decode(
     poe = getattr(policy, "anytime", None)
     if poe is not None and not isinstance(poe, PoEConfig):
         raise TypeError(f"the bound policy's anytime must be a PoEConfig or None, got {type(poe).__name__}.")
+    checked = getattr(policy, "exit_layers", None)  # policies without the attribute check every layer
+    checked = None if checked is None else frozenset(checked)
     pad_token_id = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
     output_scores = return_dict and generation_config.output_scores
@@ -483,7 +487,7 @@ def early_exit_decode(
         threshold = float(policy.threshold_at(step, max_new_tokens))
         logits, layers, conf = decoder.step(
             input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
-            min_exit_layer=policy.min_exit_layer, done=unfinished == 0, poe=poe,
+            min_exit_layer=policy.min_exit_layer, done=unfinished == 0, poe=poe, exit_layers=checked,
         )
         next_scores = logits_processor(input_ids, logits)
         if output_scores:

@@ -37,16 +37,19 @@ def policy_to_dict(policy) -> dict:
                                            "cannot be saved: only a named measure can. Use measure='<name>'.")
         spec = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name != "certificate"}
         spec["anytime"] = None if policy.anytime is None else policy.anytime.to_dict()
+        spec["exit_layers"] = None if policy.exit_layers is None else list(policy.exit_layers)
         return {"type": "EarlyExit", **spec}
     if isinstance(policy, RiskControlled):
         if policy.small_model is not None or policy.is_bild:
             raise InvalidStoredPolicyError("a BiLD calibration cannot be stored on generation_config: it needs the "
                                            "small model at run time; pass early_exit= in each call.")
         params = policy.get_params()
-        if not all(v is None or isinstance(v, (str, int, float)) for k, v in params.items() if k != "anytime"):
+        if not all(v is None or isinstance(v, (str, int, float)) for k, v in params.items()
+                   if k not in ("anytime", "exit_layers")):
             raise InvalidStoredPolicyError("a RiskControlled with a measure instance cannot be saved on "
                                            "generation_config: use measure='<name>'.")
         params["anytime"] = None if policy.anytime is None else policy.anytime.to_dict()
+        params["exit_layers"] = None if policy.exit_layers is None else list(policy.exit_layers)
         if policy.is_fitted and params["task"] is None:  # refit on the task it was fitted for, never the primary one
             params["task"] = policy.certificate.task
             if params["task"] is None:

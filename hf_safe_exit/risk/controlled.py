@@ -26,7 +26,7 @@ from ..confidence import AUTO, ConfidenceMeasure, get_measure, measure_name
 from ..decoding.poe import resolve_anytime
 from ..errors import CorruptFileError
 from ..fingerprint import model_fingerprint
-from ..policy import SCHEDULES, EarlyExit
+from ..policy import SCHEDULES, EarlyExit, check_exit_layers
 from .bounds import _check_level, hoeffding_bentkus_ucb
 from .certificate import RiskCertificate, guarantee_text, infeasible_message
 from .integrity import FORMAT_VERSION, check_calibration_dict
@@ -53,10 +53,11 @@ class RiskControlled:
         bound: UCB bound for ``method="ucb"``: ``"wsr"`` (default), ``"hoeffding"``, ``"hoeffding_bentkus"``.
         risk: ``"performance_gap"`` (unrestricted, default), ``"performance_gap_bounded"``, ``"consistency"``.
         monotonize: ``None`` or ``"per_example"`` (see :mod:`hf_safe_exit.risk.selection`).
-        measure, schedule, min_exit_layer, decay_tau: the early-exit settings the losses were
+        measure, schedule, min_exit_layer, decay_tau, exit_layers: the early-exit settings the losses were
             computed with. ``None`` takes them from the loss table's metadata (``fit_table``);
             a value that contradicts the table raises. Defaults when neither says:
-            schedule ``"constant"``, min_exit_layer 1, decay_tau 4; the measure must be known.
+            schedule ``"constant"``, min_exit_layer 1, decay_tau 4, exit_layers None (every layer checked); the
+            measure must be known.
         anytime: ``None``, ``"poe"`` or a :class:`~hf_safe_exit.PoEConfig`: whether the losses were
             computed with Product-of-Experts anytime predictions (Jazbec et al. 2023). ``None``
             takes the table's setting (plain early exit if it has none); a value that contradicts
@@ -83,7 +84,7 @@ class RiskControlled:
                  risk: str = "performance_gap", monotonize: str | None = None,
                  measure: str | ConfidenceMeasure | None = None, schedule: str | None = None,
                  min_exit_layer: int | None = None, decay_tau: float | None = None, anytime=None,
-                 task: str | None = None, small_model=None, allow_missing_fingerprint: bool = False):
+                 exit_layers=None, task: str | None = None, small_model=None, allow_missing_fingerprint: bool = False):
         self.eps = _check_level(eps, "eps")
         if not isinstance(allow_missing_fingerprint, bool):
             raise ValueError(f"allow_missing_fingerprint={allow_missing_fingerprint!r} must be True or False.")
@@ -103,11 +104,13 @@ class RiskControlled:
         if min_exit_layer is not None and (isinstance(min_exit_layer, bool) or not isinstance(min_exit_layer, int)
                                            or min_exit_layer < 1):
             raise ValueError(f"min_exit_layer={min_exit_layer!r} must be a positive integer (1-based layer).")
+        exit_layers = check_exit_layers(exit_layers)
         if decay_tau is not None and not decay_tau > 0:
             raise ValueError(f"decay_tau={decay_tau!r} must be > 0.")
         self.delta, self.method, self.bound, self.risk, self.monotonize = delta, method, bound, risk, monotonize
         self.measure, self.schedule, self.min_exit_layer, self.decay_tau = measure, schedule, min_exit_layer, decay_tau
         self.anytime = resolve_anytime(anytime)
+        self.exit_layers = exit_layers
         self.task = None if task is None else check_task_name(task)
         self.small_model = small_model
         self.allow_missing_fingerprint = allow_missing_fingerprint
@@ -120,6 +123,7 @@ class RiskControlled:
         return {"eps": self.eps, "delta": self.delta, "method": self.method, "bound": self.bound, "risk": self.risk,
                 "monotonize": self.monotonize, "measure": self.measure, "schedule": self.schedule,
                 "min_exit_layer": self.min_exit_layer, "decay_tau": self.decay_tau, "anytime": self.anytime,
+                "exit_layers": self.exit_layers,
                 "task": self.task, "allow_missing_fingerprint": self.allow_missing_fingerprint}
 
     @property
@@ -169,6 +173,13 @@ class RiskControlled:
                              f"for anytime={user_anytime!r}: a threshold calibrated for one decoder is not valid for "
                              "another. Drop anytime= or recollect with `collect --anytime poe`.")
         out["anytime"] = user_anytime if user_anytime is not None else stored_anytime
+        # None = every layer checked (also what a table without the key was collected with)
+        stored_layers, user_layers = metadata.get("exit_layers"), self.exit_layers
+        if user_layers is not None and metadata and stored_layers != list(user_layers):
+            raise ValueError(f"The losses were computed with exit_layers={stored_layers!r} but this RiskControlled "
+                             f"asks for exit_layers={list(user_layers)!r}: λ̂ holds only for the exits it was "
+                             "calibrated with. Drop exit_layers= or recollect with `collect --exit-layers ...`.")
+        out["exit_layers"] = list(user_layers) if user_layers is not None else stored_layers
         return out
 
     def _fit(self, lambdas, losses, loss_bounds, metadata: dict) -> "RiskControlled":
@@ -181,7 +192,7 @@ class RiskControlled:
             raise ValueError(f"This loss table calibrates a {strategy!r} decoding threshold, which RiskControlled "
                              "cannot turn into a policy: it supports early exit and BiLD.")
         if strategy == "bild":
-            given = [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
+            given = [k for k in ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "exit_layers")
                      if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"This loss table calibrates BiLD's rollback threshold, but {', '.join(given)}= "
@@ -310,7 +321,8 @@ class RiskControlled:
                              "they were computed with, e.g. RiskControlled(..., measure='softmax').")
         return EarlyExit(threshold=float(self.lambda_), measure=measure, schedule=cal["schedule"],
                          decay_tau=float(cal["decay_tau"]), min_exit_layer=int(cal["min_exit_layer"]),
-                         anytime=resolve_anytime(cal.get("anytime")), certificate=self.certificate).bind(model)
+                         anytime=resolve_anytime(cal.get("anytime")), exit_layers=cal.get("exit_layers"),
+                         certificate=self.certificate).bind(model)
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -319,6 +331,7 @@ class RiskControlled:
         params = self.get_params()
         params["measure"] = None if self.measure is None else measure_name(self.measure)
         params["anytime"] = None if self.anytime is None else self.anytime.to_dict()
+        params["exit_layers"] = None if self.exit_layers is None else list(self.exit_layers)
         params.pop("allow_missing_fingerprint")  # a choice of whoever loads it, not part of the calibration
         from .. import __version__
         return {"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__, "params": params,

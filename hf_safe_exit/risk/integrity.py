@@ -63,6 +63,10 @@ def _check_settings(calibration: dict, path) -> None:
         problems.append(f"'decay_tau' is {calibration.get('decay_tau')!r}, not a positive number")
     if not isinstance(calibration.get("measure", None), (str, type(None))):
         problems.append(f"'measure' is {calibration['measure']!r}, not a measure name")
+    exit_layers = calibration.get("exit_layers")
+    if exit_layers is not None and not (isinstance(exit_layers, list) and exit_layers and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in exit_layers)):
+        problems.append(f"'exit_layers' is {exit_layers!r}, not null or a list of positive integers")
     if not isinstance(calibration.get("anytime"), (dict, type(None))):
         problems.append(f"'anytime' is {calibration['anytime']!r}, not a PoE setting or null")
     if problems:
@@ -131,8 +135,10 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
 # the settings a calibration decodes with, that a loss table's metadata records: λ̂ is only valid with those
 # the losses were collected with (an edited min_exit_layer, or a measure edited in both places of the json,
 # passes every check of the json alone). Older tables lack some: only the keys a table records are compared.
-_SETTINGS = ("task", "measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "max_new_tokens",
-             "max_input_length")
+_SETTINGS = ("task", "measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "exit_layers",
+             "max_new_tokens", "max_input_length")
+# compared even when the table does not record them: a table without the key was collected with every layer checked
+_ALWAYS_COMPARED = ("exit_layers",)
 _BILD_SETTINGS = ("task", "policy", "max_new_tokens", "max_input_length")  # BiLD's decoding has no exit settings
 
 
@@ -157,10 +163,11 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
         raise differs("its model fingerprint", table_fp, stored_fp)
     calibration = data["calibration"]
     for key in _BILD_SETTINGS if calibration.get("strategy") == "bild" else _SETTINGS:
-        if key in table.metadata and not _close(calibration.get(key), table.metadata[key]):
+        if (key in table.metadata or key in _ALWAYS_COMPARED) and not _close(calibration.get(key),
+                                                                              table.metadata.get(key)):
             raise InconsistentCalibrationError.about(
                 path, f"its calibration.{key} is {calibration.get(key)!r}, but the loss table stored beside it "
-                f"('{table_path}') was collected with {key}={table.metadata[key]!r}: λ̂ holds only for the settings "
+                f"('{table_path}') was collected with {key}={table.metadata.get(key)!r}: λ̂ holds only for the settings "
                 "its losses were collected with, so one of the two files was edited or replaced", RECALIBRATE)
     if table.n != cert.get("n"):
         raise differs("its number of calibration examples n", table.n, cert.get("n"))

@@ -21,7 +21,7 @@ _FIT_CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
 # what a stored risk_control.json must have been fitted with to serve a request that has no loss table
 _FIT_PARAMS = ("eps", "delta", "method", "bound", "risk", "monotonize")
-_SETTINGS = ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime")
+_SETTINGS = ("measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "exit_layers")
 
 
 def clear_cache() -> None:
@@ -63,7 +63,8 @@ def _stored_fit(rc, stored: StoredCalibration):
     asked, has = rc.get_params(), fitted.get_params()
     # the early-exit settings as the file records them: measure names and PoE settings as dicts
     asked.update(measure=None if rc.measure is None else measure_name(rc.measure),
-                 anytime=None if rc.anytime is None else rc.anytime.to_dict())
+                 anytime=None if rc.anytime is None else rc.anytime.to_dict(),
+                 exit_layers=None if rc.exit_layers is None else list(rc.exit_layers))
     has.update({k: fitted._calibration.get(k) for k in _SETTINGS})
     differ = [k for k in _FIT_PARAMS if asked[k] != has[k]]
     differ += [k for k in _SETTINGS if asked[k] is not None and asked[k] != has[k]]
