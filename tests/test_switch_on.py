@@ -84,7 +84,7 @@ def test_save_reload_with_trust_remote_code_and_stored_policy(tmp_path):
     assert (tmp_path / "custom_generate" / "requirements.txt").read_text().startswith("hf_safe_exit>=")
     spec = json.loads((tmp_path / "generation_config.json").read_text())["early_exit"]
     assert spec == {"type": "EarlyExit", "threshold": 0.3, "measure": "saturation", "schedule": "constant",
-                    "decay_tau": 4.0, "min_exit_layer": 1, "anytime": None}
+                    "decay_tau": 4.0, "min_exit_layer": 1, "anytime": None, "exit_layers": None}
     assert isinstance(model.generation_config.early_exit, EarlyExit)  # the in-memory object is put back
 
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path, trust_remote_code=True).eval()
