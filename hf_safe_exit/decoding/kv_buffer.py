@@ -4,7 +4,9 @@ HF's ``DynamicLayer.update`` does ``torch.cat([keys, new])``: every step of ever
 self-attention cache into a fresh allocation, so a decoding step costs O(length) in copies and allocator
 traffic, and more so the longer the output (on one CPU thread at batch 8, 256 input tokens and 128 new tokens
 these copies were ~10% of a step). :class:`PreallocatedLayer` writes the new positions into a buffer sized
-once for the whole generation and hands out views of its filled prefix, so the step loop pays O(1) per append.
+once for the generation (the early-exit loop asks for prompt + min(max_new_tokens, 512) positions; a longer
+generation doubles it, an amortised O(1) per append) and hands out views of its filled prefix. Up to 512 new
+tokens the buffer holds at most ``max_length`` positions, what HF's own cache reaches on a full-length output.
 
 It *is* a ``DynamicLayer``: ``keys`` / ``values`` always hold exactly the cached positions (views of the
 buffer), so everything HF does with a cache layer (``crop``, ``batch_select_indices``, ``reorder_cache``,
