@@ -220,6 +220,16 @@ def test_only_the_settings_a_table_records_are_compared(tmp_path):
         RiskControlled.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("key,edited", [("anytime", PoEConfig().to_dict()), ("exit_layers", [2])])
+def test_settings_a_table_leaves_out_at_their_default_are_still_compared(key, edited, tmp_path):
+    """collect writes 'anytime' / 'exit_layers' only when set: a table without them was collected with None."""
+    folder, rc, table = _saved(tmp_path)
+    assert key not in table.metadata
+    _edit(folder, _in_both(key, edited))
+    with pytest.raises(InconsistentCalibrationError, match=rf"calibration.{key} is .*{key}=None"):
+        RiskControlled.from_pretrained(folder)
+
+
 def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp_path):
     model = random_t5(initializer_factor=4.0)
     model.save_pretrained(tmp_path)

@@ -137,8 +137,9 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
 # passes every check of the json alone). Older tables lack some: only the keys a table records are compared.
 _SETTINGS = ("task", "measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "exit_layers",
              "max_new_tokens", "max_input_length")
-# compared even when the table does not record them: a table without the key was collected with every layer checked
-_ALWAYS_COMPARED = ("exit_layers",)
+# settings a table records only when they are not the default (``collect`` leaves them out for plain early exit
+# with every layer checked): a table without the key was collected with None, so they are compared even then
+_ABSENT_MEANS_NONE = ("anytime", "exit_layers")
 _BILD_SETTINGS = ("task", "policy", "max_new_tokens", "max_input_length")  # BiLD's decoding has no exit settings
 
 
@@ -163,7 +164,7 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
         raise differs("its model fingerprint", table_fp, stored_fp)
     calibration = data["calibration"]
     for key in _BILD_SETTINGS if calibration.get("strategy") == "bild" else _SETTINGS:
-        if (key in table.metadata or key in _ALWAYS_COMPARED) and not _close(calibration.get(key),
+        if (key in table.metadata or key in _ABSENT_MEANS_NONE) and not _close(calibration.get(key),
                                                                               table.metadata.get(key)):
             raise InconsistentCalibrationError.about(
                 path, f"its calibration.{key} is {calibration.get(key)!r}, but the loss table stored beside it "
