@@ -94,9 +94,9 @@ class AtLayer(ConfidenceMeasure):
 
     def __call__(self, view) -> torch.Tensor:
         self.inner(view)  # computed for its cost only (eager CPU ops: the work is really done)
-        if isinstance(self.layers, int):
-            return torch.full((view.rows.shape[0],), float(view.layer >= self.layers))
-        target = self.layers[view.rows.cpu(), min(view.step, self.layers.shape[1] - 1)]
+        if isinstance(self.layers, int):  # on the rows' device: no host copy, no synchronisation on a GPU
+            return torch.full((view.rows.shape[0],), float(view.layer >= self.layers), device=view.rows.device)
+        target = self.layers.to(view.rows.device)[view.rows, min(view.step, self.layers.shape[1] - 1)]
         return (view.layer >= target).float()
 
 
