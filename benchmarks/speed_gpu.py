@@ -62,6 +62,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1, 4 tokens, 1 repeat, layer 1 only")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/speed_gpu[_quick].json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--git-commit", default=None, help="the commit that runs, where the copy has no usable .git")
     p.add_argument("--shape-override", default=None, help=argparse.SUPPRESS)  # JSON T5Config kwargs
     args = p.parse_args(argv)
     if args.quick:
@@ -112,6 +113,7 @@ def main(argv=None) -> dict:
     spec = json.loads(args.shape_override) if args.shape_override else shapes_bench.SHAPES[args.shape]
     doc = {**shapes_bench.header(args, argv), "benchmark": "speed_gpu", **device_header(device, args.dtype),
            "shape": {**shapes_bench.COMMON, **spec}, "rows": []}
+    doc["git_commit"] = args.git_commit or doc["git_commit"]
     torch.manual_seed(args.seed)
     model = shapes_bench.build_model(spec).to(device=device, dtype=dtype)
     L, vocab = model.config.num_decoder_layers, model.config.vocab_size

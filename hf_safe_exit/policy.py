@@ -178,6 +178,19 @@ class _ForcedLayerMeasure(ConfidenceMeasure):
         return (view.layer >= target).to(torch.float32)
 
 
+class _TableLookup:
+    """``(step, rows) -> table[rows, step]`` (the last column past the end), the table copied once to the rows'
+    device so that a lookup on a GPU makes no host round trip."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def __call__(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.table.device != rows.device:
+            self.table = self.table.to(rows.device)
+        return self.table[rows, min(step, self.table.shape[1] - 1)]
+
+
 @dataclass(frozen=True)
 class ForcedExit:
     """Exit every token at a prescribed layer: for oracles, ablations and tests.
@@ -194,10 +207,10 @@ class ForcedExit:
         layers = self.layers
         if isinstance(layers, int):
             _check_min_exit_layer(layers, model)
-            fn = lambda step, rows: torch.full((len(rows),), layers, dtype=torch.long)  # noqa: E731
+            # made on the rows' device: a host tensor copied to a GPU is one synchronisation per checked layer
+            fn = lambda step, rows: torch.full((len(rows),), layers, dtype=torch.long, device=rows.device)  # noqa: E731
         elif isinstance(layers, torch.Tensor):
-            table = layers.long()
-            fn = lambda step, rows: table[rows.cpu(), min(step, table.shape[1] - 1)]  # noqa: E731
+            fn = _TableLookup(layers.long())
         else:
             fn = layers
         bound = ForcedExit(self.layers, self.min_exit_layer)

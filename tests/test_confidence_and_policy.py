@@ -151,3 +151,22 @@ def test_fingerprint_ignores_an_attached_meta_head_but_sees_weight_changes():
         model.decoder.block[1].layer[2].DenseReluDense.wo.weight.mul_(1.5)
     assert model_fingerprint(model) != before
     assert model_fingerprint(tiny_t5(num_decoder_layers=2)) != before
+
+
+def test_forced_exit_answers_on_the_rows_device_from_the_table():
+    # On a GPU a lookup that goes through the host is a synchronisation per checked layer: the answer must be made
+    # on the rows' device. The "meta" device stands in for a GPU here (no data, so any host round trip would fail).
+    model = T5ForConditionalGeneration(T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_heads=2, num_layers=2,
+                                                num_decoder_layers=3, decoder_start_token_id=0))
+    table = torch.tensor([[1, 2, 3], [3, 1, 2]])
+    for policy, rows, step, expected in ((ForcedExit(2), torch.tensor([1, 0]), 0, [2, 2]),
+                                         (ForcedExit(table), torch.tensor([1]), 1, [1]),
+                                         (ForcedExit(table), torch.tensor([0, 1]), 7, [3, 2])):  # past the end: last
+        on_meta, measure = policy.bind(model).measure, policy.bind(model).measure
+        for layer in (1, 2, 3):
+            meta_view = LayerView(layer=layer, step=step, rows=rows.to("meta"), hidden=torch.zeros(len(rows), 8,
+                                  device="meta"), prev_hidden=None, normed=None, logits_fn=None)
+            assert on_meta(meta_view).device.type == "meta"
+            cpu_view = LayerView(layer=layer, step=step, rows=rows, hidden=torch.zeros(len(rows), 8),
+                                 prev_hidden=None, normed=None, logits_fn=None)
+            assert measure(cpu_view).tolist() == [float(layer >= e) for e in expected]

@@ -24,6 +24,8 @@ class LayerView:
         prev_hidden: raw output of block ``layer - 1`` (the embedding for ``layer == 1``).
         normed: ``decoder.final_layer_norm(hidden)``.
         logits_fn: computes the intermediate logits ``(rows, vocab)`` on demand (cached).
+        batch_size: rows in the whole batch (every index in ``rows`` is below it), when the caller knows it:
+            a measure that keeps per-row state sizes it without reading ``rows`` back from the device.
     """
 
     layer: int
@@ -33,6 +35,7 @@ class LayerView:
     prev_hidden: torch.Tensor
     normed: torch.Tensor
     logits_fn: Callable[[], torch.Tensor]
+    batch_size: int | None = None
 
     @property
     def logits(self) -> torch.Tensor:

@@ -164,7 +164,8 @@ class SoftmaxShortlistConfidence(ConfidenceMeasure):
         self._last_layer = view.layer
         if rows.numel() == 0:
             return torch.zeros(0, device=rows.device, dtype=torch.float32)
-        self._ensure_capacity(int(rows.max()) + 1, rows.device)
+        # the batch size when the decoder gives it: reading rows.max() back is a host synchronisation on a GPU
+        self._ensure_capacity(view.batch_size or int(rows.max()) + 1, rows.device)
 
         if new_step or not bool(self._valid[rows].all()):
             # First check of the step: the full projection (the decoder keeps it as the read-out).

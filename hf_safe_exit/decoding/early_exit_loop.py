@@ -248,14 +248,14 @@ class _StepDecoder:
             raise RuntimeError(f"decoder prefill left the cache inconsistent (self-attention lengths {lengths})")
 
     def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
-             done: torch.Tensor, poe: PoEConfig | None = None, exit_layers: frozenset[int] | None = None):
+             done: torch.Tensor | None, poe: PoEConfig | None = None, exit_layers: frozenset[int] | None = None):
         """Decode one token for every row.
 
         Args:
             tokens: ``(batch, 1)`` the previous tokens.
             threshold: λ_t for this step (>= 1 never exits early).
             exit_layers: the only layers where the confidence is checked (None: every layer >= min_exit_layer).
-            done: ``(batch,)`` bool, rows whose sequence already finished: they exit at layer 1
+            done: ``(batch,)`` bool, rows whose sequence already finished (None: none has): they exit at layer 1
                 (their output is padding; their cache entries only keep shapes aligned).
             poe: Product-of-Experts anytime predictions (:mod:`hf_safe_exit.decoding.poe`), or None. When set
                 (and the step may exit early, or ``poe.final_layer == "poe"``), the logits of every layer are
@@ -264,8 +264,8 @@ class _StepDecoder:
                 measure sees them (``poe.confidence``). With ``poe=None`` nothing here changes.
 
         Returns:
-            logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer, exit layers ``(batch,)`` long,
-            confidences ``(batch,)`` float32 (NaN where none was computed).
+            logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer,
+            exit layers ``(batch,)`` long, confidences ``(batch,)`` float32 (NaN where none was computed).
         """
         batch = tokens.shape[0]
         device = tokens.device
@@ -282,9 +282,8 @@ class _StepDecoder:
         # one projection onto the vocabulary per step, not one per exit layer (batch indices, final-normed states).
         pending_rows: list[torch.Tensor | None] = []
         pending_normed: list[torch.Tensor] = []
-        deciding = ~done
         # `rows` is None while every row is still deciding: the common case runs without gathers.
-        rows: torch.Tensor | None = None if bool(deciding.all()) else deciding.nonzero().squeeze(1)
+        rows: torch.Tensor | None = None if done is None or not bool(done.any()) else (~done).nonzero().squeeze(1)
         plans: tuple[_RowPlan, _RowPlan] | None = None  # self- and cross-attention plans for the current `rows`
         call_bytes = _CALL_COST_BYTES.get(device.type, _CALL_COST_BYTES_DEFAULT)
         all_rows: torch.Tensor | None = None  # arange(batch), made once when first needed
@@ -358,7 +357,7 @@ class _StepDecoder:
                     return cached["logits"]
 
                 view = LayerView(layer=layer, step=step, rows=row_ids, hidden=h[:, 0], prev_hidden=prev[:, 0],
-                                 normed=final_normed, logits_fn=logits_fn)
+                                 normed=final_normed, logits_fn=logits_fn, batch_size=batch)
                 conf = measure(view).float()
                 exiting = conf > threshold
                 if not bool(exiting.any()):
@@ -480,6 +479,7 @@ def early_exit_decode(
 
     batch = input_ids.shape[0]
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    remaining = batch  # rows not finished, known on the host: the step needs no check of its own while all decide
     scores, raw_logits = (), ()
     exit_layers, confidences = [], []
     step = 0
@@ -487,7 +487,8 @@ def early_exit_decode(
         threshold = float(policy.threshold_at(step, max_new_tokens))
         logits, layers, conf = decoder.step(
             input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
-            min_exit_layer=policy.min_exit_layer, done=unfinished == 0, poe=poe, exit_layers=checked,
+            min_exit_layer=policy.min_exit_layer, done=None if remaining == batch else unfinished == 0, poe=poe,
+            exit_layers=checked,
         )
         next_scores = logits_processor(input_ids, logits)
         if output_scores:
@@ -507,7 +508,8 @@ def early_exit_decode(
             streamer.put(next_tokens.cpu())
         unfinished = unfinished & ~stopping_criteria(input_ids, scores)
         step += 1
-        if unfinished.max() == 0:
+        remaining = int(unfinished.sum())  # one host synchronisation per step, as HF's `unfinished.max() == 0`
+        if remaining == 0:
             break
     if streamer is not None:
         streamer.end()
