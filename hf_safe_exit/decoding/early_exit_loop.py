@@ -393,14 +393,20 @@ class _StepDecoder:
                 rows, plans = row_ids[~exiting], None
         if pending_rows:
             normed = pending_normed[0] if len(pending_normed) == 1 else torch.cat(pending_normed)
-            row_logits = self.logits(normed).to(self.logits_dtype)
-            if out_logits is None and len(pending_rows) == 1 and pending_rows[0] is None:
-                out_logits = row_logits  # the whole batch reached the last layer together (e.g. λ = 1)
+            in_order = len(pending_rows) == 1 and pending_rows[0] is None  # the whole batch exited at the last layer
+            order = None if in_order else pending_rows[0] if len(pending_rows) == 1 else torch.cat(pending_rows)
+            if out_logits is None and normed.shape[0] == batch:
+                # Every row is pending (each row exits once per step, so `order` is a permutation of the batch):
+                # put the small normed states into batch order and project them as one batch, HF's own read-out
+                # call, rather than scattering a (batch, vocab) result into a zeroed one.
+                if order is not None:
+                    normed = normed.index_copy(0, order, normed)
+                out_logits = self.logits(normed).to(self.logits_dtype)
             else:
+                row_logits = self.logits(normed).to(self.logits_dtype)
                 if out_logits is None:
                     out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
-                index = [torch.arange(batch, device=device) if r is None else r for r in pending_rows]
-                out_logits[index[0] if len(index) == 1 else torch.cat(index)] = row_logits
+                out_logits[order] = row_logits
         if out_logits is None:  # every row was already done: nothing to read out
             out_logits = torch.zeros((batch, self.model.config.vocab_size), dtype=self.logits_dtype, device=device)
         return out_logits, exit_layer, confidence
