@@ -11,7 +11,8 @@ Rows per batch size:
 * one per measure and k in ``--measure-layers``: the real measure runs at layers 1..k and the token exits at k
   (``speed_shapes.AtLayer``: what exiting at k costs with that measure);
 * ``mixed`` (batch > 1): every step the rows exit at spread-out layers (``speed_shapes.mixed_table``), the table
-  looked up on the device.
+  looked up on the device; with the device's default steps (dense off the CPU, ``hf_safe_exit.decoding.dense_rows``)
+  and, as ``mixed_rowwise``, with the row-wise steps the CPU uses.
 
 Timing: HF and ours interleaved ``--repeats`` times after a warm-up, ``torch.cuda.synchronize()`` around each
 call; medians, and the median of the per-pair ratios. Host synchronisations: one extra run of each side under
@@ -40,6 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
 from hf_safe_exit.confidence import MEASURES
+from hf_safe_exit.decoding import dense_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("speed_shapes", os.path.join(HERE, "speed_shapes.py"))
@@ -59,6 +61,8 @@ def parse_args(argv):
     p.add_argument("--exit-layers", nargs="+", type=int, default=[6, 12, 18])
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     p.add_argument("--measure-layers", nargs="+", type=int, default=[6, 12])
+    p.add_argument("--rows", nargs="+", default=["lambda1", "forced", "measure", "mixed", "mixed_rowwise"],
+                   help="which rows to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1, 4 tokens, 1 repeat, layer 1 only")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/speed_gpu[_quick].json)")
     p.add_argument("--seed", type=int, default=0)
@@ -120,8 +124,9 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     shape = "custom" if args.shape_override else args.shape
     print(f"{doc.get('gpu', doc['cpu'])}: {shape} shape, {L} decoder layers, {args.dtype}", flush=True)
-    print(f"{'row':<10}{'b':>3} {'measure':<18}{'k':>5}{'HF ms/t':>9}{'ours ms/t':>10}{'ours/HF':>8}"
+    print(f"{'row':<14}{'b':>3} {'measure':<18}{'k':>5}{'HF ms/t':>9}{'ours ms/t':>10}{'ours/HF':>8}"
           f"{'syncs/t HF':>11}{'ours':>6}", flush=True)
+    default_dense = dense_rows.DENSE_ROWS.get(device.type, True)
     with torch.inference_mode():
         for batch in args.batch_sizes:
             ids = torch.randint(2, vocab, (batch, args.input_length), generator=gen).to(device)
@@ -136,11 +141,13 @@ def main(argv=None) -> dict:
             rows += [("forced", "forced", k, ForcedExit(k)) for k in args.exit_layers if k <= L]
             rows += [("measure", m, k, EarlyExit(threshold=0.5, measure=shapes_bench.AtLayer(m, k)))
                      for k in args.measure_layers if k <= L for m in args.measures]
-            if batch > 1:
+            if batch > 1:  # dense steps (the default off the CPU) and the CPU's row-wise steps, same schedule
                 table = shapes_bench.mixed_table(batch, args.new_tokens, L, gen).to(device)
-                rows.append(("mixed", "forced", table, ForcedExit(
-                    lambda step, r, t=table: t[r, min(step, t.shape[1] - 1)])))
-            for name, measure, k, policy in rows:
+                rows += [(name, "forced", table, ForcedExit(lambda step, r, t=table: t[r, min(step, t.shape[1] - 1)]))
+                         for name in ("mixed", "mixed_rowwise")]
+            for name, measure, k, policy in [r for r in rows if r[0] in args.rows]:
+                # row-wise steps only where asked for; everything else with the device's default
+                dense_rows.DENSE_ROWS[device.type] = name != "mixed_rowwise" and default_dense
                 ours = lambda p=policy: hf_safe_exit.generate(model, input_ids=ids, **kwargs, early_exit=p)  # noqa
                 out = hf_safe_exit.generate(model, input_ids=ids, **kwargs, early_exit=policy,
                                             return_dict_in_generate=True)  # warm-up; check exits and tokens
@@ -168,8 +175,9 @@ def main(argv=None) -> dict:
                 shapes_bench.write(doc, args.out)
                 kk = str(k) if isinstance(k, int) else f"~{r['mean_exit_layer']:.1f}"
                 fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-                print(f"{name:<10}{batch:>3} {measure:<18}{kk:>5}{hf_ms:>9.2f}{ours_ms:>10.2f}{r['ratio_paired']:>8.3f}"
+                print(f"{name:<14}{batch:>3} {measure:<18}{kk:>5}{hf_ms:>9.2f}{ours_ms:>10.2f}{r['ratio_paired']:>8.3f}"
                       f"{fmt(r['syncs_per_token_hf']):>11}{fmt(r['syncs_per_token_ours']):>6}", flush=True)
+    dense_rows.DENSE_ROWS[device.type] = default_dense
     doc["loadavg_after"] = os.getloadavg()
     shapes_bench.write(doc, args.out)
     return doc

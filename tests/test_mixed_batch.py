@@ -4,7 +4,9 @@ At a layer where only some rows still decide, the decoder runs attention on batc
 (``_RowPlan`` segments: runs of deciding rows, merged across short gaps whose rows get a zero query and whose
 outputs are dropped) instead of copying the deciding rows out of the caches. Each test runs under three plans:
 ``runs`` (never merge: one call per run of consecutive deciding rows), ``span`` (always merge: one call over the
-slice from the first to the last deciding row, padding the rows in between) and the default cost model.
+slice from the first to the last deciding row, padding the rows in between), the default cost model, and
+``dense`` (:mod:`hf_safe_exit.decoding.dense_rows`, the GPU default: every block on the whole batch, the rows that
+exited held at their exit state).
 Float64 throughout: batched and single-row matmuls round differently (~1e-16 relative), far below the 1e-9
 tolerances, so exit decisions and tokens must agree exactly.
 """
@@ -18,13 +20,13 @@ from transformers import T5Config, T5ForConditionalGeneration
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
 from hf_safe_exit.confidence import ConfidenceMeasure
-from hf_safe_exit.decoding import early_exit_loop
+from hf_safe_exit.decoding import dense_rows, early_exit_loop
 from hf_safe_exit.decoding.poe import poe_log_probs
 from no_cache_reference import reference_exit_logits, reference_layer_logits
 
 VOCAB = 89
 STEPS = 10
-PLANS = {"runs": 0, "span": 10**15, "default": None}
+PLANS = {"runs": 0, "span": 10**15, "default": None, "dense": "dense"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +37,9 @@ def _one_thread(one_thread):
 @pytest.fixture(params=sorted(PLANS))
 def plan(request, monkeypatch):
     call_bytes = PLANS[request.param]
-    if call_bytes is not None:
+    if call_bytes == "dense":  # every block on the whole batch, exited rows held by torch.where (the GPU path)
+        monkeypatch.setitem(dense_rows.DENSE_ROWS, "cpu", True)
+    elif call_bytes is not None:
         monkeypatch.setitem(early_exit_loop._CALL_COST_BYTES, "cpu", call_bytes)
     return request.param
 
@@ -149,9 +153,11 @@ def test_forced_mixed_exits_equal_rows_alone_and_reference(plan, kind, read_logi
     out = generate(model, ids, mask, EarlyExit(threshold=0.5, measure=measure, min_exit_layer=1))
     real = out.exit_layers > 0
     assert torch.equal(out.exit_layers[real], table[:, : out.exit_layers.shape[1]][real])
-    # every view lists exactly the rows still deciding (unfinished, exit layer not reached), in batch order
+    # every view lists exactly the rows still deciding (unfinished, exit layer not reached), in batch order; a dense
+    # step shows the measure the whole batch, and asks it only while some row still decides
     for step, layer, rows in measure.views:
-        assert rows == [b for b in range(ids.shape[0]) if out.exit_layers[b, step] >= layer], (step, layer)
+        deciding = [b for b in range(ids.shape[0]) if out.exit_layers[b, step] >= layer]
+        assert rows == (list(range(ids.shape[0])) if plan == "dense" and deciding else deciding), (step, layer)
     assert {layer for _, layer, _ in measure.views} == set(range(1, L))
     assert_matches_no_cache_reference(model, ids, mask, out)
     assert_each_row_as_alone(model, ids, mask, out,
@@ -238,3 +244,15 @@ def test_row_plan_segments():
     assert segments(rows, 100, 150) == [(0, 4, 0, 3, [0, 2, 3]), (7, 8, 3, 4, None)]  # gaps of 1 row merge
     assert segments(rows, 100, 300) == [(0, 8, 0, 4, [0, 2, 3, 7])]
     assert segments([1, 2, 3], 100, 0) == [(1, 4, 0, 3, None)]
+
+
+def test_never_exiting_equals_hf_generate(plan):
+    # λ = 1 is the full model under every plan, dense steps included: tokens and logits exactly HF's ("v1.0": HF's
+    # generate sizes its cache by the encoder depth, so it cannot run "v1.1" with its deeper decoder)
+    model = make_model("v1.0").float()  # float32: HF returns float32 logits, so both are then bit-comparable
+    ids, mask = source_batch()
+    ours = generate(model, ids, mask, EarlyExit(threshold=1.0))
+    theirs = type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=STEPS,
+                                  return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))

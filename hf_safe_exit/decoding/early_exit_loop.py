@@ -52,8 +52,10 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 from ..compat import cache_field, cache_kwargs, find_cache
 from ..confidence import LayerView
+from .dense_rows import DENSE_ROWS, dense_step
 from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig, PoEState
+from .row_plan import _CALL_COST_BYTES, _CALL_COST_BYTES_DEFAULT, _RowPlan
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
 
@@ -117,42 +119,6 @@ def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     # (b, s, heads*head_dim) -> (b, heads, s, head_dim)
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-
-# Cost model for covering a gap of rows that are not deciding by one attention call instead of starting a new
-# call after the gap: a row costs reading its K/V (single-query attention is memory-bound), a call costs a fixed
-# overhead, expressed here as the bytes of K/V it is worth on each device type. CPU, one thread (t5-small heads):
-# HF's sdpa wrapper costs ~45 µs per call and ~70 µs per row at 1 MiB of K/V per row, i.e. a call is worth
-# ~0.5 MiB. On a GPU a call (several kernel launches) is worth far more than any gap: segments always merge.
-_CALL_COST_BYTES = {"cpu": 512 * 1024}
-_CALL_COST_BYTES_DEFAULT = 64 * 1024 * 1024
-
-
-class _RowPlan:
-    """How attention runs for a strict subset of deciding rows without copying the cache.
-
-    ``rows`` (sorted batch indices) is split into maximal runs of consecutive indices; two runs are merged
-    into one segment when the rows in the gap between them cost less to attend (wasted compute) than an
-    extra call (see ``_CALL_COST_BYTES``). Each segment is ``(lo, hi, start, stop, keep)``: the batch slice
-    ``[lo, hi)`` of the cache it attends with, the slice ``[start, stop)`` of the deciding rows it serves,
-    and ``keep`` (None when every row in ``[lo, hi)`` decides) the positions of those rows inside the slice.
-    """
-
-    def __init__(self, rows: list[int], row_bytes: int, call_bytes: int, device: torch.device):
-        max_gap = call_bytes // max(row_bytes, 1)
-        groups: list[list[int]] = [[rows[0]]]
-        for r in rows[1:]:
-            if r - groups[-1][-1] - 1 <= max_gap:
-                groups[-1].append(r)
-            else:
-                groups.append([r])
-        self.segments = []
-        start = 0
-        for g in groups:
-            lo, hi = g[0], g[-1] + 1
-            keep = None if hi - lo == len(g) else torch.tensor([r - lo for r in g], device=device)
-            self.segments.append((lo, hi, start, start + len(g), keep))
-            start += len(g)
 
 
 class _StepDecoder:
@@ -227,6 +193,42 @@ class _StepDecoder:
         attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         return attn.reshape(query.shape[0], 1, -1)
 
+    def position_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """This step's self-attention position bias, computed once (as block 0 would) and shared by every block."""
+        past = self.cache.self_attention_cache.get_seq_length(0)
+        bias = self.blocks[0].layer[0].SelfAttention.compute_bias(1, past + 1, device=self.cross_bias.device,
+                                                                  past_seen_tokens=past)
+        return bias.to(dtype)
+
+    def fill_kv(self, idx: int, x: torch.Tensor):
+        """Append block ``idx``'s self-attention K/V of every row's state ``x`` ``(batch, 1, d)`` to the cache: for
+        rows that already exited this is CALM's state propagation. Returns (normed x, keys, values)."""
+        layer = self.blocks[idx].layer[0]
+        att = layer.SelfAttention
+        normed = layer.layer_norm(x)
+        keys, values = self.cache.self_attention_cache.update(
+            _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim), idx)
+        return normed, keys, values
+
+    def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  position_bias: torch.Tensor, plans: "tuple[_RowPlan, _RowPlan] | None") -> torch.Tensor:
+        """The rest of block ``idx`` after :meth:`fill_kv`, for the rows whose states are ``h`` (``normed`` their
+        pre-attention layer norm): the whole batch when ``plans`` is None, else the rows the plans describe."""
+        block = self.blocks[idx]
+        self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
+        self_plan, cross_plan = (None, None) if plans is None else plans
+        att = self_attn_layer.SelfAttention
+        query = _split_heads(att.q(normed), self.head_dim)
+        attn = self._attend(att, query, keys, values, None, position_bias, self_plan)
+        h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn)))
+        # Cross-attention over the cached encoder K/V.
+        ckeys, cvalues = self._cross_kv(idx)
+        catt = cross_layer.EncDecAttention
+        query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
+        attn = self._attend(catt, query, ckeys, cvalues, self.cross_mask, self.cross_bias, cross_plan)
+        h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
+        return _clamp_fp16(ff_layer(h))
+
     def prefill(self, tokens: torch.Tensor) -> None:
         """Put the decoder prompt ``tokens`` ``(batch, p)`` into the cache through HF's full decoder forward.
 
@@ -270,10 +272,7 @@ class _StepDecoder:
         batch = tokens.shape[0]
         device = tokens.device
         x = self.decoder.dropout(self.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
-        past = self.cache.self_attention_cache.get_seq_length(0)
-        position_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(1, past + 1, device=device,
-                                                                          past_seen_tokens=past)
-        position_bias = position_bias.to(x.dtype)
+        position_bias = self.position_bias(x.dtype)
 
         exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
         confidence = torch.full((batch,), float("nan"), device=device)
@@ -292,39 +291,24 @@ class _StepDecoder:
         poe_state: PoEState | None = None
         if poe is not None and (may_exit or poe_last):
             poe_state = PoEState(poe, self.num_layers, batch, self.logits_dtype, device)
-        for idx, block in enumerate(self.blocks):
+        for idx in range(self.num_layers):
             layer = idx + 1
-            self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
-            att = self_attn_layer.SelfAttention
-            normed_all = self_attn_layer.layer_norm(x)
-            keys, values = self.cache.self_attention_cache.update(
-                _split_heads(att.k(normed_all), self.head_dim), _split_heads(att.v(normed_all), self.head_dim), idx
-            )
+            normed_all, keys, values = self.fill_kv(idx, x)
             if rows is not None and rows.numel() == 0:
                 continue  # every row exited: only fill the remaining layers' K/V (state propagation)
-            ckeys, cvalues = self._cross_kv(idx)
             if rows is None:
-                h, normed = x, normed_all
-                self_plan = cross_plan = None
+                h, normed, row_plans = x, normed_all, None
             else:
                 # Only the deciding rows' states are gathered (b x d_model); the caches are never copied:
                 # attention runs on batch slices of them (see _attend / _RowPlan).
                 h, normed = x[rows], normed_all[rows]
                 if plans is None:
+                    ckeys = self._cross_kv(idx)[0]
                     row_list = rows.tolist()
                     plans = (_RowPlan(row_list, 2 * keys[0].numel() * keys.element_size(), call_bytes, device),
                              _RowPlan(row_list, 2 * ckeys[0].numel() * ckeys.element_size(), call_bytes, device))
-                self_plan, cross_plan = plans
-            # Self-attention of the deciding rows.
-            query = _split_heads(att.q(normed), self.head_dim)
-            attn = self._attend(att, query, keys, values, None, position_bias, self_plan)
-            h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn)))
-            # Cross-attention over the cached encoder K/V.
-            catt = cross_layer.EncDecAttention
-            query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
-            attn = self._attend(catt, query, ckeys, cvalues, self.cross_mask, self.cross_bias, cross_plan)
-            h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
-            h = _clamp_fp16(ff_layer(h))
+                row_plans = plans
+            h = self.run_block(idx, h, normed, keys, values, position_bias, row_plans)
             prev = x if rows is None else x[rows]
             x = h if rows is None else x.index_copy(0, rows, h)
             if rows is None:
@@ -484,6 +468,8 @@ def early_exit_decode(
         streamer.put(input_ids.cpu())
 
     batch = input_ids.shape[0]
+    # on a GPU every block runs on the whole batch (see dense_rows); PoE anytime predictions need the row-wise step
+    dense = poe is None and DENSE_ROWS.get(input_ids.device.type, True)
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     remaining = batch  # rows not finished, known on the host: the step needs no check of its own while all decide
     scores, raw_logits = (), ()
@@ -491,11 +477,15 @@ def early_exit_decode(
     step = 0
     while True:
         threshold = float(policy.threshold_at(step, max_new_tokens))
-        logits, layers, conf = decoder.step(
-            input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
-            min_exit_layer=policy.min_exit_layer, done=None if remaining == batch else unfinished == 0, poe=poe,
-            exit_layers=checked,
-        )
+        done = None if remaining == batch else unfinished == 0
+        if dense:
+            logits, layers, conf = dense_step(decoder, input_ids[:, -1:], step=step, threshold=threshold,
+                                              measure=measure, min_exit_layer=policy.min_exit_layer, done=done,
+                                              exit_layers=checked)
+        else:
+            logits, layers, conf = decoder.step(input_ids[:, -1:], step=step, threshold=threshold, measure=measure,
+                                                min_exit_layer=policy.min_exit_layer, done=done, poe=poe,
+                                                exit_layers=checked)
         next_scores = logits_processor(input_ids, logits)
         if output_scores:
             scores += (next_scores,)

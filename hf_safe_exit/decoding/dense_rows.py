@@ -1,0 +1,91 @@
+"""Early-exit steps that run every decoder block on the whole batch, for devices where a row costs nothing.
+
+On a GPU, decoding a few rows is launch-bound: a block over 8 rows costs what it costs over 1, while every change
+of the set of deciding rows costs host round trips (``nonzero``, the row list of the attention plan) and a dozen
+small gather/scatter kernels per layer. :meth:`_StepDecoder.step` pays those to save arithmetic, which is what a
+CPU needs; :func:`dense_step` instead runs each block on every row and keeps the rows that already exited at their
+exit state with ``torch.where``:
+
+* a row that exited after layer i keeps ``x = h_i``; the skipped layers' K/V of every row still come from
+  ``LayerNorm_j(x)`` (:meth:`_StepDecoder.fill_kv`), so CALM's state propagation is unchanged;
+* a deciding row's arithmetic is the same as in :meth:`_StepDecoder.step` (the same block, run on the whole
+  batch as at λ = 1, where the two are the same code);
+* the exit states are kept in one ``(batch, d_model)`` tensor and read out by one projection onto the vocabulary
+  after the last block, in batch order;
+* the host learns one thing per checked layer (does any row still decide?), to stop running blocks once every row
+  exited; nothing else is read back.
+
+The confidence measure sees every row of the batch (``view.rows`` is the whole batch); the verdicts of rows that
+already exited, or whose sequence is finished, are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..confidence import LayerView
+
+__all__ = ["DENSE_ROWS", "dense_step"]
+
+# Per device type: run dense steps there? A CPU pays per row (weight reads and attention grow with the rows), a GPU
+# pays per kernel launch and per host round trip. Tests set "cpu" to True to check dense steps against references.
+DENSE_ROWS: dict[str, bool] = {"cpu": False}
+
+
+def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
+               done: torch.Tensor | None, exit_layers: frozenset[int] | None = None):
+    """One token for every row of the batch, as :meth:`_StepDecoder.step` (same arguments except ``poe``, which
+    dense steps do not support, and same returns), with every block run on the whole batch."""
+    batch, device = tokens.shape[0], tokens.device
+    x = dec.decoder.dropout(dec.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
+    position_bias = dec.position_bias(x.dtype)
+    rows = torch.arange(batch, device=device)
+    exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+    confidence = torch.full((batch,), float("nan"), device=device)
+    exit_normed: torch.Tensor | None = None  # (b, d) final-normed exit states
+    deciding = None if done is None else ~done  # None: every row decides
+    may_exit = threshold < 1.0
+    stopped = deciding is not None and not bool(deciding.any())  # every sequence already finished
+    for idx in range(dec.num_layers):
+        layer = idx + 1
+        normed_all, keys, values = dec.fill_kv(idx, x)
+        if stopped:
+            continue  # no row decides: only the remaining layers' K/V (state propagation)
+        h = dec.run_block(idx, x, normed_all, keys, values, position_bias, None)
+        prev = x
+        x = h if deciding is None else torch.where(deciding[:, None, None], h, x)
+        if layer == dec.num_layers:
+            exiting, conf = deciding, None  # every deciding row exits
+        elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
+            final_normed = dec.decoder.final_layer_norm(h[:, 0])
+            cached: dict[str, torch.Tensor] = {}
+
+            def logits_fn(final_normed=final_normed, cached=cached):
+                if "logits" not in cached:
+                    cached["logits"] = dec.logits(final_normed)
+                return cached["logits"]
+
+            view = LayerView(layer=layer, step=step, rows=rows, hidden=h[:, 0], prev_hidden=prev[:, 0],
+                             normed=final_normed, logits_fn=logits_fn, batch_size=batch)
+            conf = measure(view).float()
+            exiting = conf > threshold if deciding is None else (conf > threshold) & deciding
+        else:
+            continue
+        if layer == dec.num_layers:
+            final_normed = dec.decoder.final_layer_norm(h[:, 0])
+        if exiting is None:  # the whole batch reaches the last layer together (e.g. λ = 1)
+            exit_layer.fill_(layer)
+            exit_normed = final_normed
+            continue
+        exit_layer = torch.where(exiting, layer, exit_layer)
+        if conf is not None:
+            confidence = torch.where(exiting, conf, confidence)
+        exit_normed = torch.where(exiting[:, None], final_normed,
+                                  torch.zeros_like(final_normed) if exit_normed is None else exit_normed)
+        deciding = ~exiting if deciding is None else deciding & ~exiting
+        if layer < dec.num_layers:
+            stopped = not bool(deciding.any())  # the one host round trip of a checked layer
+    if exit_normed is None:  # every row was already done: nothing to read out
+        return (torch.zeros((batch, dec.model.config.vocab_size), dtype=dec.logits_dtype, device=device),
+                exit_layer, confidence)
+    return dec.logits(exit_normed).to(dec.logits_dtype), exit_layer, confidence
