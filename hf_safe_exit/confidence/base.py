@@ -14,7 +14,10 @@ __all__ = ["LayerView", "ConfidenceMeasure"]
 class LayerView:
     """What a confidence measure may look at after decoder layer ``layer`` for one decoding step.
 
-    Tensors cover only the ``rows`` of the batch still deciding at this layer.
+    Tensors cover the ``rows`` listed: on the CPU exactly the rows of the batch still deciding at this layer; on
+    other devices the decoder runs dense steps (:mod:`hf_safe_exit.decoding.dense_rows`) and lists the whole
+    batch, ignoring the verdicts of rows that already exited or finished. A measure computes row by row, so
+    both give each deciding row the same confidence (up to floating-point rounding).
 
     Attributes:
         layer: 1-based index of the decoder block just computed (``num_decoder_layers`` = full model).

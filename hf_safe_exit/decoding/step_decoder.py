@@ -1,0 +1,308 @@
+"""One decoding step of a T5 decoder with per-row early exit (CALM state propagation): :class:`_StepDecoder`.
+
+The step's algorithm is described in :mod:`hf_safe_exit.decoding.early_exit_loop`, which drives it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+from ..compat import cache_kwargs
+from ..confidence import LayerView
+from .poe import PoEConfig, PoEState
+from .row_plan import _CALL_COST_BYTES, _CALL_COST_BYTES_DEFAULT, _RowPlan
+
+__all__ = ["_StepDecoder"]
+
+
+def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
+    # Same overflow guard as T5Block applies in float16.
+    if hidden.dtype == torch.float16:
+        limit = torch.where(torch.isinf(hidden).any(), torch.finfo(hidden.dtype).max - 1000,
+                            torch.finfo(hidden.dtype).max)
+        hidden = torch.clamp(hidden, min=-limit, max=limit)
+    return hidden
+
+
+def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # (b, s, heads*head_dim) -> (b, heads, s, head_dim)
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+class _StepDecoder:
+    """Runs the decoder blocks of one T5 model for one new token, with per-row exits."""
+
+    def __init__(self, model, cache: EncoderDecoderCache, encoder_hidden: torch.Tensor,
+                 encoder_mask: torch.Tensor | None):
+        self.model = model
+        self.decoder = model.decoder
+        self.blocks = list(model.decoder.block)
+        self.num_layers = len(self.blocks)
+        self.cache = cache
+        self.encoder_hidden = encoder_hidden
+        self.encoder_mask = encoder_mask
+        config = model.decoder.config
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        self.head_dim = config.d_kv
+        probe = encoder_hidden[:, :1]
+        # The same extended cross-attention mask T5Stack builds (None when nothing is padded).
+        self.cross_mask = create_bidirectional_mask(
+            config=config, inputs_embeds=probe, attention_mask=encoder_mask, encoder_hidden_states=encoder_hidden
+        )
+        self.cross_bias = torch.zeros(
+            (1, config.num_heads, 1, encoder_hidden.shape[1]), device=encoder_hidden.device, dtype=encoder_hidden.dtype
+        )
+        self.scale = config.d_model**-0.5 if model.config.scale_decoder_outputs else None
+        # HF processes logits in float32; keep float64 when the model runs in float64 (exactness checks).
+        self.logits_dtype = torch.promote_types(encoder_hidden.dtype, torch.float32)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            normed = normed * self.scale
+        return self.model.lm_head(normed)
+
+    def _cross_kv(self, layer: int):
+        """The cross-attention K/V of ``layer`` for the whole batch (computed once, then cached)."""
+        cross = self.cache.cross_attention_cache
+        if not self.cache.is_updated.get(layer, False):
+            att = self.blocks[layer].layer[1].EncDecAttention
+            k = _split_heads(att.k(self.encoder_hidden), self.head_dim)
+            v = _split_heads(att.v(self.encoder_hidden), self.head_dim)
+            cross.update(k, v, layer)
+            self.cache.is_updated[layer] = True
+        return cross.layers[layer].keys, cross.layers[layer].values
+
+    def _attend(self, module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None, bias: torch.Tensor, plan: "_RowPlan | None") -> torch.Tensor:
+        """Attention of the deciding rows' ``query`` ``(n, heads, 1, d_kv)`` over the batch's cached ``keys`` /
+        ``values``; returns ``(n, 1, heads * d_kv)``.
+
+        ``plan`` None: every row decides, one call over the whole batch. Otherwise the call runs per
+        :class:`_RowPlan` segment on *views* ``keys[lo:hi]`` of the cache (slices of the batch dimension, no
+        copy); a segment that also covers rows not deciding gets a zero query there and those outputs are
+        dropped. Every (row, head) is an independent attention, so a row's result does not depend on which
+        other rows share the call.
+        """
+        if plan is None:
+            attn, _ = self.attention(module, query, keys, values, mask, dropout=0.0, scaling=module.scaling,
+                                     position_bias=bias)
+            return attn.reshape(query.shape[0], 1, -1)
+        outs = []
+        for lo, hi, start, stop, keep in plan.segments:
+            q = query[start:stop]
+            if keep is not None:  # the segment spans rows that are not deciding: pad their queries with zeros
+                padded = query.new_zeros((hi - lo, *query.shape[1:]))
+                padded[keep] = q
+                q = padded
+            seg_mask = None if mask is None else mask[lo:hi]
+            attn, _ = self.attention(module, q, keys[lo:hi], values[lo:hi], seg_mask, dropout=0.0,
+                                     scaling=module.scaling, position_bias=bias)
+            outs.append(attn if keep is None else attn[keep])
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return attn.reshape(query.shape[0], 1, -1)
+
+    def position_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """This step's self-attention position bias, computed once (as block 0 would) and shared by every block."""
+        past = self.cache.self_attention_cache.get_seq_length(0)
+        bias = self.blocks[0].layer[0].SelfAttention.compute_bias(1, past + 1, device=self.cross_bias.device,
+                                                                  past_seen_tokens=past)
+        return bias.to(dtype)
+
+    def fill_kv(self, idx: int, x: torch.Tensor):
+        """Append block ``idx``'s self-attention K/V of every row's state ``x`` ``(batch, 1, d)`` to the cache: for
+        rows that already exited this is CALM's state propagation. Returns (normed x, keys, values)."""
+        layer = self.blocks[idx].layer[0]
+        att = layer.SelfAttention
+        normed = layer.layer_norm(x)
+        keys, values = self.cache.self_attention_cache.update(
+            _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim), idx)
+        return normed, keys, values
+
+    def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  position_bias: torch.Tensor, plans: "tuple[_RowPlan, _RowPlan] | None") -> torch.Tensor:
+        """The rest of block ``idx`` after :meth:`fill_kv`, for the rows whose states are ``h`` (``normed`` their
+        pre-attention layer norm): the whole batch when ``plans`` is None, else the rows the plans describe."""
+        block = self.blocks[idx]
+        self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
+        self_plan, cross_plan = (None, None) if plans is None else plans
+        att = self_attn_layer.SelfAttention
+        query = _split_heads(att.q(normed), self.head_dim)
+        attn = self._attend(att, query, keys, values, None, position_bias, self_plan)
+        h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn)))
+        # Cross-attention over the cached encoder K/V.
+        ckeys, cvalues = self._cross_kv(idx)
+        catt = cross_layer.EncDecAttention
+        query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
+        attn = self._attend(catt, query, ckeys, cvalues, self.cross_mask, self.cross_bias, cross_plan)
+        h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
+        return _clamp_fp16(ff_layer(h))
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """Put the decoder prompt ``tokens`` ``(batch, p)`` into the cache through HF's full decoder forward.
+
+        Afterwards every layer's self-attention cache holds ``p`` positions computed exactly as
+        ``model.decoder`` computes them (all layers, no exits), and the cross-attention K/V of every layer
+        are cached with ``is_updated`` set, which :meth:`_cross_kv` then reuses. :meth:`step` reads the
+        cache length for its relative-position offset, so the next token is decoded at position ``p``.
+        """
+        if tokens.shape[1] == 0:
+            return
+        if self.cache.get_seq_length() != 0:
+            raise RuntimeError("prefill needs an empty cache")
+        self.decoder(input_ids=tokens, encoder_hidden_states=self.encoder_hidden,
+                     encoder_attention_mask=self.encoder_mask, use_cache=True,
+                     **cache_kwargs(self.cache, self.decoder))
+        lengths = {self.cache.self_attention_cache.get_seq_length(i) for i in range(self.num_layers)}
+        if lengths != {tokens.shape[1]} or not all(self.cache.is_updated.get(i, False)
+                                                   for i in range(self.num_layers)):
+            raise RuntimeError(f"decoder prefill left the cache inconsistent (self-attention lengths {lengths})")
+
+    def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
+             done: torch.Tensor | None, poe: PoEConfig | None = None, exit_layers: frozenset[int] | None = None):
+        """Decode one token for every row.
+
+        Args:
+            tokens: ``(batch, 1)`` the previous tokens.
+            threshold: λ_t for this step (>= 1 never exits early).
+            exit_layers: the only layers where the confidence is checked (None: every layer >= min_exit_layer).
+            done: ``(batch,)`` bool, rows whose sequence already finished (None: none has): they exit at layer 1
+                (their output is padding; their cache entries only keep shapes aligned).
+            poe: Product-of-Experts anytime predictions (:mod:`hf_safe_exit.decoding.poe`), or None. When set
+                (and the step may exit early, or ``poe.final_layer == "poe"``), the logits of every layer are
+                read out for the deciding rows and folded into the running product; an exiting row gets the
+                PoE log-probabilities of its exit layer as its logits (``poe.prediction``) and the softmax
+                measure sees them (``poe.confidence``). With ``poe=None`` nothing here changes.
+
+        Returns:
+            logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer,
+            exit layers ``(batch,)`` long, confidences ``(batch,)`` float32 (NaN where none was computed).
+        """
+        batch = tokens.shape[0]
+        device = tokens.device
+        x = self.decoder.dropout(self.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
+        position_bias = self.position_bias(x.dtype)
+
+        exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+        confidence = torch.full((batch,), float("nan"), device=device)
+        out_logits: torch.Tensor | None = None
+        # Exits whose logits the measure did not already compute are read out together after the last block:
+        # one projection onto the vocabulary per step, not one per exit layer (batch indices, final-normed states).
+        pending_rows: list[torch.Tensor | None] = []
+        pending_normed: list[torch.Tensor] = []
+        # `rows` is None while every row is still deciding: the common case runs without gathers.
+        rows: torch.Tensor | None = None if done is None or not bool(done.any()) else (~done).nonzero().squeeze(1)
+        plans: tuple[_RowPlan, _RowPlan] | None = None  # self- and cross-attention plans for the current `rows`
+        call_bytes = _CALL_COST_BYTES.get(device.type, _CALL_COST_BYTES_DEFAULT)
+        all_rows: torch.Tensor | None = None  # arange(batch), made once when first needed
+        may_exit = threshold < 1.0
+        poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
+        poe_state: PoEState | None = None
+        if poe is not None and (may_exit or poe_last):
+            poe_state = PoEState(poe, self.num_layers, batch, self.logits_dtype, device)
+        for idx in range(self.num_layers):
+            layer = idx + 1
+            normed_all, keys, values = self.fill_kv(idx, x)
+            if rows is not None and rows.numel() == 0:
+                continue  # every row exited: only fill the remaining layers' K/V (state propagation)
+            if rows is None:
+                h, normed, row_plans = x, normed_all, None
+            else:
+                # Only the deciding rows' states are gathered (b x d_model); the caches are never copied:
+                # attention runs on batch slices of them (see _attend / _RowPlan).
+                h, normed = x[rows], normed_all[rows]
+                if plans is None:
+                    ckeys = self._cross_kv(idx)[0]
+                    row_list = rows.tolist()
+                    plans = (_RowPlan(row_list, 2 * keys[0].numel() * keys.element_size(), call_bytes, device),
+                             _RowPlan(row_list, 2 * ckeys[0].numel() * ckeys.element_size(), call_bytes, device))
+                row_plans = plans
+            h = self.run_block(idx, h, normed, keys, values, position_bias, row_plans)
+            prev = x if rows is None else x[rows]
+            x = h if rows is None else x.index_copy(0, rows, h)
+            if rows is None:
+                if all_rows is None:
+                    all_rows = torch.arange(batch, device=device)
+                row_ids = all_rows
+            else:
+                row_ids = rows
+            poe_logp = raw_logits = None
+            if poe_state is not None and (layer < self.num_layers or poe_last):
+                poe_normed = self.decoder.final_layer_norm(h[:, 0])
+                raw_logits = self.logits(poe_normed)
+                poe_logp = poe_state.update(layer, rows, raw_logits)
+
+            final_normed = None
+            if layer == self.num_layers:
+                exiting = None  # every deciding row exits
+                conf = None
+            elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
+                cached: dict[str, torch.Tensor] = {}
+                if poe_logp is not None:
+                    final_normed = poe_normed
+                    cached["logits"] = poe_logp if poe.confidence else raw_logits.to(self.logits_dtype)
+                else:
+                    final_normed = self.decoder.final_layer_norm(h[:, 0])
+
+                def logits_fn(final_normed=final_normed, cached=cached):
+                    if "logits" not in cached:
+                        cached["logits"] = self.logits(final_normed)
+                    return cached["logits"]
+
+                view = LayerView(layer=layer, step=step, rows=row_ids, hidden=h[:, 0], prev_hidden=prev[:, 0],
+                                 normed=final_normed, logits_fn=logits_fn, batch_size=batch)
+                conf = measure(view).float()
+                exiting = conf > threshold
+                if not bool(exiting.any()):
+                    continue
+            else:
+                continue
+
+            # positions (within the deciding rows) of the exiting ones, found once for every read below
+            exit_pos = None if exiting is None else exiting.nonzero().squeeze(1)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if exit_pos is None else t.index_select(0, exit_pos)
+
+            # Read out the exiting rows through the shared head (now when their logits exist, else after the loop).
+            row_logits = None
+            if poe_logp is not None:
+                row_logits = pick(poe_logp if poe.prediction else raw_logits)
+            elif conf is not None and "logits" in cached:
+                row_logits = pick(cached["logits"])
+            exit_rows = pick(row_ids)
+            if row_logits is not None:
+                if out_logits is None:
+                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
+                out_logits[exit_rows] = row_logits.to(self.logits_dtype)
+            else:
+                pending_rows.append(None if rows is None and exiting is None else exit_rows)
+                pending_normed.append(self.decoder.final_layer_norm(h[:, 0]) if final_normed is None
+                                      else pick(final_normed))
+            exit_layer[exit_rows] = layer
+            if conf is not None:
+                confidence[exit_rows] = pick(conf)
+            if exiting is not None:
+                rows, plans = row_ids[~exiting], None
+        if pending_rows:
+            normed = pending_normed[0] if len(pending_normed) == 1 else torch.cat(pending_normed)
+            in_order = len(pending_rows) == 1 and pending_rows[0] is None  # the whole batch exited at the last layer
+            order = None if in_order else pending_rows[0] if len(pending_rows) == 1 else torch.cat(pending_rows)
+            if out_logits is None and normed.shape[0] == batch:
+                # Every row is pending (each row exits once per step, so `order` is a permutation of the batch):
+                # put the small normed states into batch order and project them as one batch, HF's own read-out
+                # call, rather than scattering a (batch, vocab) result into a zeroed one.
+                if order is not None:
+                    normed = normed.index_copy(0, order, normed)
+                out_logits = self.logits(normed).to(self.logits_dtype)
+            else:
+                row_logits = self.logits(normed).to(self.logits_dtype)
+                if out_logits is None:
+                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
+                out_logits[order] = row_logits
+        if out_logits is None:  # every row was already done: nothing to read out
+            out_logits = torch.zeros((batch, self.model.config.vocab_size), dtype=self.logits_dtype, device=device)
+        return out_logits, exit_layer, confidence
