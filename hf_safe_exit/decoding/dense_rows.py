@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from ..confidence import LayerView
-
 __all__ = ["DENSE_ROWS", "dense_step"]
 
 # Per device type: run dense steps there? A CPU pays per row (weight reads and attention grow with the rows), a GPU
@@ -58,16 +56,8 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measur
             exiting, conf = deciding, None  # every deciding row exits
         elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
             final_normed = dec.decoder.final_layer_norm(h[:, 0])
-            cached: dict[str, torch.Tensor] = {}
-
-            def logits_fn(final_normed=final_normed, cached=cached):
-                if "logits" not in cached:
-                    cached["logits"] = dec.logits(final_normed)
-                return cached["logits"]
-
-            view = LayerView(layer=layer, step=step, rows=rows, hidden=h[:, 0], prev_hidden=prev[:, 0],
-                             normed=final_normed, logits_fn=logits_fn, batch_size=batch)
-            conf = measure(view).float()
+            conf = dec.confidence(measure, layer=layer, step=step, rows=rows, hidden=h[:, 0], prev_hidden=prev[:, 0],
+                                  normed=final_normed, cached={}, batch=batch)
             exiting = conf > threshold if deciding is None else (conf > threshold) & deciding
         else:
             continue

@@ -141,6 +141,20 @@ class _StepDecoder:
         h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
         return _clamp_fp16(ff_layer(h))
 
+    def confidence(self, measure, *, layer: int, step: int, rows: torch.Tensor, hidden: torch.Tensor,
+                   prev_hidden: torch.Tensor, normed: torch.Tensor, cached: dict, batch: int) -> torch.Tensor:
+        """``measure``'s float32 confidence for ``rows`` after ``layer``; the intermediate logits it may ask for are
+        projected from ``normed`` once and kept in ``cached["logits"]`` (which the caller may have filled)."""
+
+        def logits_fn():
+            if "logits" not in cached:
+                cached["logits"] = self.logits(normed)
+            return cached["logits"]
+
+        view = LayerView(layer=layer, step=step, rows=rows, hidden=hidden, prev_hidden=prev_hidden, normed=normed,
+                         logits_fn=logits_fn, batch_size=batch)
+        return measure(view).float()
+
     def prefill(self, tokens: torch.Tensor) -> None:
         """Put the decoder prompt ``tokens`` ``(batch, p)`` into the cache through HF's full decoder forward.
 
@@ -247,14 +261,8 @@ class _StepDecoder:
                 else:
                     final_normed = self.decoder.final_layer_norm(h[:, 0])
 
-                def logits_fn(final_normed=final_normed, cached=cached):
-                    if "logits" not in cached:
-                        cached["logits"] = self.logits(final_normed)
-                    return cached["logits"]
-
-                view = LayerView(layer=layer, step=step, rows=row_ids, hidden=h[:, 0], prev_hidden=prev[:, 0],
-                                 normed=final_normed, logits_fn=logits_fn, batch_size=batch)
-                conf = measure(view).float()
+                conf = self.confidence(measure, layer=layer, step=step, rows=row_ids, hidden=h[:, 0],
+                                       prev_hidden=prev[:, 0], normed=final_normed, cached=cached, batch=batch)
                 exiting = conf > threshold
                 if not bool(exiting.any()):
                     continue
