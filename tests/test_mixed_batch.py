@@ -256,3 +256,20 @@ def test_never_exiting_equals_hf_generate(plan):
                                   return_dict_in_generate=True, output_logits=True)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+
+
+def test_half_precision_model_with_float32_feed_forward_output(plan, tmp_path):
+    # from_pretrained(dtype=float16) keeps T5's `wo` in float32, so block outputs are float32 while the embedding is
+    # float16: a mixed batch must carry its states in the promoted dtype (this used to raise in index_copy)
+    make_model("v1.0").save_pretrained(tmp_path)
+    model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval())
+    assert model.decoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype == torch.float32
+    ids, mask = source_batch()
+    table = scattered_table(ids.shape[0], model.config.num_decoder_layers)
+    # finished rows make a step start with a subset of rows, while every state is still a float16 embedding
+    eos = _eos_finishing_rows_at_different_steps(model, ids, mask, ForcedExit(table))
+    out = generate(model, ids, mask, ForcedExit(table), eos_token_id=eos)
+    real = out.exit_layers > 0
+    assert not real.all()
+    assert torch.equal(out.exit_layers[real], table[:, : out.exit_layers.shape[1]][real])
+    assert all(torch.isfinite(step[real[:, t]]).all() for t, step in enumerate(out.logits))

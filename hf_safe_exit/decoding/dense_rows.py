@@ -14,6 +14,8 @@ exit state with ``torch.where``:
   after the last block, in batch order;
 * the host learns one thing per checked layer (does any row still decide?), to stop running blocks once every row
   exited; nothing else is read back.
+* float16: T5's overflow clamp (``_clamp_fp16``) looks at the whole batch, so a row that already exited can lower
+  the clamp limit of the deciding rows, from the float16 maximum to 1000 below it.
 
 The confidence measure sees every row of the batch (``view.rows`` is the whole batch); the verdicts of rows that
 already exited, or whose sequence is finished, are ignored.
@@ -42,8 +44,9 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measur
     confidence = torch.full((batch,), float("nan"), device=device)
     exit_normed: torch.Tensor | None = None  # (b, d) final-normed exit states
     deciding = None if done is None else ~done  # None: every row decides
-    may_exit = threshold < 1.0
-    stopped = deciding is not None and not bool(deciding.any())  # every sequence already finished
+    # no host check here: the loop stops before every sequence is finished, and a step with all rows done would
+    # still be right (blocks run for nothing, zero logits, exit layers 0)
+    may_exit, stopped = threshold < 1.0, False
     for idx in range(dec.num_layers):
         layer = idx + 1
         normed_all, keys, values = dec.fill_kv(idx, x)

@@ -183,8 +183,8 @@ class _StepDecoder:
             tokens: ``(batch, 1)`` the previous tokens.
             threshold: λ_t for this step (>= 1 never exits early).
             exit_layers: the only layers where the confidence is checked (None: every layer >= min_exit_layer).
-            done: ``(batch,)`` bool, rows whose sequence already finished (None: none has): they exit at layer 1
-                (their output is padding; their cache entries only keep shapes aligned).
+            done: ``(batch,)`` bool, rows whose sequence already finished (None: none has): they run no block and
+                report exit layer 0 (their output is padding; their cache entries only keep shapes aligned).
             poe: Product-of-Experts anytime predictions (:mod:`hf_safe_exit.decoding.poe`), or None. When set
                 (and the step may exit early, or ``poe.final_layer == "poe"``), the logits of every layer are
                 read out for the deciding rows and folded into the running product; an exiting row gets the
@@ -236,7 +236,9 @@ class _StepDecoder:
                 row_plans = plans
             h = self.run_block(idx, h, normed, keys, values, position_bias, row_plans)
             prev = x if rows is None else x[rows]
-            x = h if rows is None else x.index_copy(0, rows, h)
+            # a half-precision T5 loaded by from_pretrained keeps `wo` in float32 (_keep_in_fp32_modules), so a block
+            # can return float32 states for float16 ones; the whole batch then moves to that dtype, as in HF's stack
+            x = h if rows is None else x.to(h.dtype).index_copy(0, rows, h)
             if rows is None:
                 if all_rows is None:
                     all_rows = torch.arange(batch, device=device)
