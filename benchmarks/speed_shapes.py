@@ -85,19 +85,18 @@ class AtLayer(ConfidenceMeasure):
 
     name = "at_layer"
 
-    def __init__(self, inner: str, layers, bound: ConfidenceMeasure | None = None):
-        self.inner_name, self.layers, self.inner = inner, layers, bound
+    def __init__(self, inner: str, layers, bound: ConfidenceMeasure | None = None, exits=None):
+        self.inner_name, self.layers, self.inner, self.exits = inner, layers, bound, exits
 
     def bind(self, model) -> "AtLayer":
-        # a fresh bound inner measure per generate call, as EarlyExit.bind does (softmax_shortlist has state)
-        return AtLayer(self.inner_name, self.layers, get_measure(self.inner_name).bind(model))
+        # a fresh bound inner measure per generate call, as EarlyExit.bind does (softmax_shortlist has state); the
+        # exit decision is ForcedExit's own (answered on the rows' device)
+        return AtLayer(self.inner_name, self.layers, get_measure(self.inner_name).bind(model),
+                       ForcedExit(self.layers).bind(model).measure)
 
     def __call__(self, view) -> torch.Tensor:
         self.inner(view)  # computed for its cost only (eager CPU ops: the work is really done)
-        if isinstance(self.layers, int):  # on the rows' device: no host copy, no synchronisation on a GPU
-            return torch.full((view.rows.shape[0],), float(view.layer >= self.layers), device=view.rows.device)
-        target = self.layers.to(view.rows.device)[view.rows, min(view.step, self.layers.shape[1] - 1)]
-        return (view.layer >= target).float()
+        return self.exits(view)
 
 
 def build_model(spec: dict) -> T5ForConditionalGeneration:

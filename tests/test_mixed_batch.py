@@ -20,7 +20,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
 from hf_safe_exit.confidence import ConfidenceMeasure
-from hf_safe_exit.decoding import dense_rows, early_exit_loop
+from hf_safe_exit.decoding import dense_rows, row_plan
 from hf_safe_exit.decoding.poe import poe_log_probs
 from no_cache_reference import reference_exit_logits, reference_layer_logits
 
@@ -40,7 +40,7 @@ def plan(request, monkeypatch):
     if call_bytes == "dense":  # every block on the whole batch, exited rows held by torch.where (the GPU path)
         monkeypatch.setitem(dense_rows.DENSE_ROWS, "cpu", True)
     elif call_bytes is not None:
-        monkeypatch.setitem(early_exit_loop._CALL_COST_BYTES, "cpu", call_bytes)
+        monkeypatch.setitem(row_plan._CALL_COST_BYTES, "cpu", call_bytes)
     return request.param
 
 
@@ -233,7 +233,7 @@ def test_poe_anytime_with_mixed_exits(plan):
 
 
 def test_row_plan_segments():
-    plan = early_exit_loop._RowPlan
+    plan = row_plan._RowPlan
 
     def segments(rows, row_bytes, call_bytes):
         return [(lo, hi, start, stop, None if keep is None else keep.tolist())

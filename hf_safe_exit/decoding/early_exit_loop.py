@@ -53,7 +53,6 @@ from ..compat import cache_field, find_cache
 from .dense_rows import DENSE_ROWS, dense_step
 from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig
-from .row_plan import _CALL_COST_BYTES, _RowPlan  # noqa: F401  (re-exported: tests tune the cost model here)
 from .step_decoder import _StepDecoder
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
