@@ -13,6 +13,7 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 from ..compat import cache_kwargs
 from ..confidence import LayerView
+from .head_projection import project
 from .poe import PoEConfig, PoEState
 from .row_plan import _CALL_COST_BYTES, _CALL_COST_BYTES_DEFAULT, _RowPlan
 
@@ -63,7 +64,7 @@ class _StepDecoder:
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
             normed = normed * self.scale
-        return self.model.lm_head(normed)
+        return project(self.model.lm_head, normed)
 
     def _cross_kv(self, layer: int):
         """The cross-attention K/V of ``layer`` for the whole batch (computed once, then cached)."""
