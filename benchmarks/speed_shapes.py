@@ -25,7 +25,8 @@ times the literal ``generate(input_ids)`` and subtracts the encoder time instead
 
 Floor: the model's own submodules timed one by one (encoder; one decoder block for one token with a self-
 attention cache of N/2 entries and cross-attention over the input; one skipped layer's K/V fill = layer norm +
-k/v projections + cache append; one read-out = final_layer_norm + lm_head on (batch, 1, d); one layer's cross-
+k/v projections + cache append; one read-out = final_layer_norm + lm_head on (batch, 1, d), projected as our loop
+projects it (decoding/head_projection.py: in vocabulary chunks on a CPU at 4-15 rows); one layer's cross-
 attention K/V over the encoder output, paid once per sequence for each layer that ever runs in full):
 floor(k) = encoder + k_max * cross_kv + N * (k * block + (L - k) * kv_fill + projection). The brief's formula plus
 the cross K/V term, which both loops pay and which dominates at 512 input tokens. Rows with per-token tables use
@@ -63,6 +64,7 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit, MetaClassifierHead, MetaHeadConfig
 from hf_safe_exit.confidence import MEASURES, ConfidenceMeasure, get_measure
+from hf_safe_exit.decoding.head_projection import project
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = dict(vocab_size=32128, d_kv=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -158,7 +160,9 @@ def floor_parts(model, ids, mask, new_tokens: int, samples: int, budget_s: float
     parts = {
         "encoder": lambda: model.encoder(input_ids=ids, attention_mask=mask),
         "block": block, "kv_fill": kv_fill,
-        "projection": lambda: model.lm_head(dec.final_layer_norm(x[:, 0]) * scale),
+        # our read-out (chunked over the vocabulary where that is bit-identical and faster), and HF's own call
+        "projection": lambda: project(model.lm_head, dec.final_layer_norm(x[:, 0]) * scale),
+        "projection_hf": lambda: model.lm_head(dec.final_layer_norm(x[:, 0]) * scale),
         "cross_kv": lambda: (catt.k(enc), catt.v(enc)),
     }
     return {name: bench(fn, samples, budget_s) for name, fn in parts.items()}
