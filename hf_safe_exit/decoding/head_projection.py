@@ -1,16 +1,16 @@
 """The LM head's projection of a few decoder states, in vocabulary chunks where that is bit-identical and faster.
 
 Why: on a CPU, MKL multiplies a (rows, d_model) block by the (vocab, d_model) head with a small-M kernel that
-streams the whole head once per 3 rows, so 4-15 rows cost 2-5 passes over the head (flan-t5-base shape, one
-thread: 10 ms for 1-3 rows, 21 ms for 4-6, 31 ms for 7-9, 42 ms for 10-12, and 22 ms again for 16, where MKL
-switches to its packed kernel). Projecting the vocabulary in chunks of ~512 KiB of head weight keeps each chunk
-in L2 for all rows: 8 rows take 17.3 ms instead of 31.3 (t5-small shape 13.1 vs 23.7, flan-t5-large shape 20.9
-vs 35.8: the ``projection`` / ``projection_hf`` floor parts of ``benchmarks/results/speed_shapes_*.json``).
-Every logit is still the dot product of one state with one head row, but which kernel computes it, and so its
-summation order, is the BLAS library's choice; so the chunked projection is only used after a probe returned exactly ``F.linear(x, weight)`` for the same shapes,
-strides, alignments of ``x`` and of the weight, thread count and float32 matmul precision (the answer is kept per
-such key). Anything else (GPU, half precision, a head with hooks, a compiled head, a subclass of the layer or of
-its weight, a bias, autograd) calls ``head(x)`` itself.
+streams the whole head once per 3 rows, so 4-15 rows cost 2-5 passes over the head (flan-t5-base shape, one thread:
+10 ms for 1-3 rows, 21 ms for 4-6, 31 ms for 7-9, 42 ms for 10-12, and 22 ms again for 16, where MKL switches to its
+packed kernel). Projecting the vocabulary in chunks of ~512 KiB of head weight keeps each chunk in L2 for all rows:
+8 rows take 17.3 ms instead of 31.3 (t5-small shape 13.1 vs 23.7, flan-t5-large shape 20.9 vs 35.8: the
+``projection`` / ``projection_hf`` floor parts of ``benchmarks/results/speed_shapes_*.json``). Every logit is still
+the dot product of one state with one head row, but which kernel computes it, and so its summation order, is the
+BLAS library's choice; so the chunked projection is only used after a probe returned exactly ``F.linear(x, weight)``
+for the same shapes, strides, alignments of ``x`` and of the weight, thread count and float32 matmul precision (the
+answer is kept per such key). Anything else (GPU, half precision, a head with hooks, a compiled head, a subclass of
+the layer or of its weight, a bias, autograd) calls ``head(x)`` itself.
 """
 
 from __future__ import annotations
