@@ -6,7 +6,8 @@ Both loops decode from the same precomputed encoder output, so ms/token is decod
 
 Rows per batch size:
 
-* ``lambda1``: ``EarlyExit(threshold=1.0)``, the full model through our loop;
+* ``lambda1``: ``EarlyExit(threshold=1.0)``: λ = 1 runs HF's own loop (decoding/full_model.py);
+* ``full_depth``: ``ForcedExit(L)``, every token through every layer of our loop;
 * ``forced``: ``ForcedExit(k)`` for k in ``--exit-layers`` (no confidence computed);
 * one per measure and k in ``--measure-layers``: the real measure runs at layers 1..k and the token exits at k
   (``speed_shapes.AtLayer``: what exiting at k costs with that measure);
@@ -61,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--exit-layers", nargs="+", type=int, default=[6, 12, 18])
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     p.add_argument("--measure-layers", nargs="+", type=int, default=[6, 12])
-    p.add_argument("--rows", nargs="+", default=["lambda1", "forced", "measure", "mixed", "mixed_rowwise"],
+    p.add_argument("--rows", nargs="+", default=["lambda1", "full_depth", "forced", "measure", "mixed", "mixed_rowwise"],
                    help="which rows to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1, 4 tokens, 1 repeat, layer 1 only")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/speed_gpu[_quick].json)")
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
             hf = lambda: type(model).generate(model, input_ids=ids, **kwargs)  # noqa: E731
             reference = hf()
             hf_syncs = count_syncs(hf, device)
-            rows = [("lambda1", "lambda1", L, EarlyExit(threshold=1.0))]
+            rows = [("lambda1", "lambda1", L, EarlyExit(threshold=1.0)), ("full_depth", "forced", L, ForcedExit(L))]
             rows += [("forced", "forced", k, ForcedExit(k)) for k in args.exit_layers if k <= L]
             rows += [("measure", m, k, EarlyExit(threshold=0.5, measure=shapes_bench.AtLayer(m, k)))
                      for k in args.measure_layers if k <= L for m in args.measures]

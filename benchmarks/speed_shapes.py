@@ -7,7 +7,9 @@ Random weights: tokens exit where we *force* them to, so the numbers are about c
 
 For each shape x batch size x input length (a "context"):
 
-* ``lambda1``: ``EarlyExit(threshold=1.0)`` (the full model through our loop) against HF;
+* ``lambda1``: ``EarlyExit(threshold=1.0)`` against HF: λ = 1 runs HF's own loop (decoding/full_model.py), so this
+  row is HF against HF plus our dispatch;
+* ``full_depth``: ``ForcedExit(L)``, every token through every layer of *our* loop: its cost at full depth;
 * ``forced``: ``ForcedExit(k)``: every token exits at layer k, no confidence computed;
 * one row per confidence measure and k: the real measure runs at every layer 1..k (its projection onto the
   vocabulary included when it uses one) and the token exits at k (:class:`AtLayer`): what exiting at k costs
@@ -305,6 +307,7 @@ def run_shape(shape: str, spec: dict, args, doc: dict) -> None:
         ctx = Context(model, shape, ids, mask, n_new, parts, args, doc)
         ctx.row("lambda1" if not mixed else "mixed", "lambda1", L, EarlyExit(threshold=1.0),
                 torch.full((batch, n_new), L))
+        ctx.row("full_depth", "forced", L, ForcedExit(L), torch.full((batch, n_new), L))
         if mixed:  # rows at different layers within every step
             table = mixed_table(batch, n_new, L, gen)
             ctx.row("mixed", "forced", table, ForcedExit(table), table)

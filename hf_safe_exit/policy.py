@@ -153,6 +153,14 @@ class EarlyExit:
     def measure_name(self) -> str:
         return measure_name(self.measure)
 
+    @property
+    def is_full_model(self) -> bool:
+        """True when no token can exit early and every token is predicted by the model's own last layer (λ >= 1,
+        and no PoE product at the last layer): ``generate`` then runs HF's own loop, bit for bit
+        (:mod:`hf_safe_exit.decoding.full_model`)."""
+        poe_last = self.anytime is not None and self.anytime.prediction and self.anytime.final_layer == "poe"
+        return float(self.threshold) >= 1.0 and not poe_last
+
     def bind(self, model) -> "EarlyExit":
         _check_min_exit_layer(self.min_exit_layer, model)
         _check_exit_layers_fit(self.exit_layers, self.min_exit_layer, model)

@@ -13,7 +13,8 @@ import torch
 def read_out(model, hidden: torch.Tensor) -> torch.Tensor:
     """Shared head on a raw block output: final layer norm, d_model**-0.5 when the config says so, lm_head."""
     normed = model.decoder.final_layer_norm(hidden)
-    if model.config.scale_decoder_outputs:  # T5 v1.0: tied head, scaled decoder output (HF's flag for it)
+    # T5 v1.0: tied head, scaled decoder output (HF's flag for it); MT5's config has no flag and never scales
+    if getattr(model.config, "scale_decoder_outputs", False):
         normed = normed * model.config.d_model**-0.5
     return model.lm_head(normed)
 

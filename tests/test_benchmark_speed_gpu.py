@@ -25,7 +25,7 @@ def test_speed_gpu_smoke_on_cpu(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(doc["rows"])) and saved["git_commit"] == "abc"
     assert saved["device"] == "cpu" and saved["dtype"] == "float32" and "gpu" not in saved
     got = {(r["row"], r["batch"], r["measure"], r["exit_layer"]) for r in saved["rows"]}
-    per_batch = {("lambda1", "lambda1", 3), ("forced", "forced", 1), ("forced", "forced", 2),
+    per_batch = {("lambda1", "lambda1", 3), ("full_depth", "forced", 3), ("forced", "forced", 1), ("forced", "forced", 2),
                  ("measure", "softmax", 2), ("measure", "softmax_shortlist", 2)}
     assert got == ({(n, 1, m, k) for n, m, k in per_batch} | {(n, 3, m, k) for n, m, k in per_batch}
                    | {("mixed", 3, "forced", "table"), ("mixed_rowwise", 3, "forced", "table")})
@@ -33,6 +33,6 @@ def test_speed_gpu_smoke_on_cpu(tmp_path):
         assert r["generated_tokens_hf"] == r["generated_tokens_ours"] == 3
         assert r["ms_per_token_hf"] > 0 and r["ms_per_token_ours"] > 0 and r["ratio_paired"] > 0
         assert r["syncs_per_token_hf"] is None and r["syncs_per_token_ours"] is None  # counted on CUDA only
-    assert all(r["same_tokens_as_hf"] for r in saved["rows"] if r["row"] == "lambda1")
+    assert all(r["same_tokens_as_hf"] for r in saved["rows"] if r["row"] in ("lambda1", "full_depth"))
     mixed = [r for r in saved["rows"] if r["row"].startswith("mixed")]
     assert mixed[0]["mean_exit_layer"] == mixed[1]["mean_exit_layer"] == 2.0  # 3 rows at layers 1, 2, 3

@@ -43,16 +43,17 @@ def test_speed_shapes_smoke(tmp_path):
                 "loadavg_after", "date", "git_commit", "command"):
         assert key in saved, key
     rows = saved["rows"]
-    assert {r["experiment"] for r in rows} == {"lambda1", "sweep", "rc_uniform", "mixed"}
-    # 2 contexts x (λ=1 + 2 layers x (forced + 2 measures)) + 2 x (forced + 2 measures) + mixed (λ=1, forced)
-    assert len(rows) == 2 * 7 + 2 * 3 + 2
+    assert {r["experiment"] for r in rows} == {"lambda1", "full_depth", "sweep", "rc_uniform", "mixed"}
+    # 2 contexts x (λ=1 + full depth + 2 layers x (forced + 2 measures)) + 2 x (forced + 2 measures)
+    # + mixed (λ=1, full depth, forced)
+    assert len(rows) == 2 * 8 + 2 * 3 + 3
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["generated_tokens_hf"] == r["generated_tokens_ours"] == r["new_tokens"] == 3
         for key in ("ms_per_token_hf", "ms_per_token_ours", "ratio", "ratio_paired", "speedup", "floor_ms_per_token",
                     "ratio_to_floor", "ratio_total_to_floor"):
             assert r[key] > 0, (key, r)
-    assert all(r["same_tokens_as_hf"] for r in rows if r["measure"] == "lambda1")
+    assert all(r["same_tokens_as_hf"] for r in rows if r["measure"] == "lambda1" or r["experiment"] == "full_depth")
     sweep = {(r["batch"], r["measure"], r["exit_layer"]) for r in rows if r["experiment"] == "sweep"}
     assert sweep == {(b, m, k) for b in (1, 2) for m in ("forced", "softmax_shortlist", "meta") for k in (1, 2)}
     mixed = next(r for r in rows if r["experiment"] == "mixed" and r["measure"] == "forced")

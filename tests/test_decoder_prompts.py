@@ -183,10 +183,14 @@ def test_padded_decoder_prompt_raises_typed_error(side):
         dec_mask[1, :2] = 0
     else:
         dec_mask[1, 2:] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask,
+                  max_new_tokens=4)
     with pytest.raises(UnsupportedDecoderPromptError, match="grouped by prompt length") as info:
-        hf_safe_exit.generate(model, input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
-                              decoder_attention_mask=dec_mask, max_new_tokens=4, early_exit=EarlyExit(threshold=1.0))
+        hf_safe_exit.generate(model, **kwargs, early_exit=EarlyExit(threshold=0.5))
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    # λ = 1 is HF's own loop, which runs padded decoder prompts: the same output as HF's generate
+    assert torch.equal(hf_safe_exit.generate(model, **kwargs, early_exit=EarlyExit(threshold=1.0)),
+                       hf_generate(model, **kwargs))
 
 
 def test_unpadded_decoder_attention_mask_is_accepted():

@@ -53,10 +53,21 @@ class Ones(ConfidenceMeasure):
         return torch.ones(view.hidden.shape[0])
 
 
+class Halves(ConfidenceMeasure):
+    """A measure that is always exactly 0.5: λ = 0.5 runs our loop and must never exit (strict comparison)."""
+
+    name = "halves"
+
+    def __call__(self, view):
+        return torch.full((view.hidden.shape[0],), 0.5)
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 @pytest.mark.parametrize("batch", ["single", "padded3"])
 @pytest.mark.parametrize("policy", [EarlyExit(threshold=1.0), EarlyExit(threshold=1.0, measure=Ones()),
-                                    EarlyExit(threshold=1.0, schedule="decaying")], ids=["softmax", "ones", "decay"])
+                                    EarlyExit(threshold=1.0, schedule="decaying"),
+                                    EarlyExit(threshold=0.5, measure=Halves())],
+                         ids=["softmax", "ones", "decay", "loop-halves"])
 def test_never_triggering_threshold_equals_hf_greedy(kind, batch, policy):
     model = make_model(kind, init=4.0)
     ids, mask = padded_batch()

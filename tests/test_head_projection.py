@@ -8,7 +8,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
-from hf_safe_exit import EarlyExit, ForcedExit
+from hf_safe_exit import ForcedExit
 from hf_safe_exit.decoding import head_projection
 
 
@@ -127,8 +127,9 @@ def test_heads_that_are_not_a_plain_linear_layer_are_called(chunk_calls):
 @pytest.mark.parametrize("rows", [4, 8])
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_full_model_equals_hf_generate_with_a_real_vocabulary(rows, kind, chunk_calls):
-    # λ = 1 with a 32,128-token vocabulary in float32: the read-out of 4 and 8 rows goes through the chunks, and
-    # the tokens and logits are exactly HF's; a forced exit reads out every exiting row through them too
+    # our loop with every token at the last layer (ForcedExit(L); λ = 1 itself runs HF's own loop), a 32,128-token
+    # vocabulary in float32: the read-out of 4 and 8 rows goes through the chunks, and the tokens and logits are
+    # HF's bit for bit; a forced exit reads out every exiting row through them too
     torch.manual_seed(3)
     cfg = T5Config(vocab_size=32128, d_model=512, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2,
                    decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, tie_word_embeddings=kind == "tied",
@@ -136,7 +137,7 @@ def test_full_model_equals_hf_generate_with_a_real_vocabulary(rows, kind, chunk_
     model = hf_safe_exit.enable(T5ForConditionalGeneration(cfg).eval())
     ids = torch.randint(2, 32128, (rows, 9))
     kwargs = dict(input_ids=ids, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, output_logits=True)
-    ours = model.generate(**kwargs, early_exit=EarlyExit(threshold=1.0))
+    ours = model.generate(**kwargs, early_exit=ForcedExit(cfg.num_decoder_layers))
     theirs = type(model).generate(model, **kwargs)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))

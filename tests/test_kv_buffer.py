@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 import hf_safe_exit
-from hf_safe_exit import EarlyExit
+from hf_safe_exit import ForcedExit
 from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 from hf_safe_exit.decoding.kv_buffer import PreallocatedLayer
 from hf_safe_exit.compat import cache_field, cache_kwargs
@@ -92,12 +92,13 @@ def test_capacity_must_be_positive():
         PreallocatedLayer(0)
 
 
-def test_generate_returns_hf_cache_contents_at_lambda_1():
+def test_generate_returns_hf_cache_contents_at_full_depth():
+    # every token through every layer of our loop (ForcedExit(L): λ = 1 itself runs HF's own loop and cache)
     model = hf_safe_exit.enable(random_t5(seed=5))
     ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(5))
     kw = dict(input_ids=ids, max_new_tokens=9, min_new_tokens=9, do_sample=False, return_dict_in_generate=True)
     ref = type(model).generate(model, **kw, **cache_kwargs(new_decoder_cache(model)))
-    ours = model.generate(**kw, early_exit=EarlyExit(threshold=1.0))
+    ours = model.generate(**kw, early_exit=ForcedExit(model.config.num_decoder_layers))
     assert torch.equal(ours.sequences, ref.sequences)
     ref_cache, our_cache = getattr(ref, cache_field(type(ref))), getattr(ours, cache_field(type(ours)))
     for ref_layer, our_layer in zip(ref_cache.self_attention_cache.layers, our_cache.self_attention_cache.layers,

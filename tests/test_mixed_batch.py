@@ -247,11 +247,12 @@ def test_row_plan_segments():
 
 
 def test_never_exiting_equals_hf_generate(plan):
-    # λ = 1 is the full model under every plan, dense steps included: tokens and logits exactly HF's ("v1.0": HF's
-    # generate sizes its cache by the encoder depth, so it cannot run "v1.1" with its deeper decoder)
+    # our loop with every token at the last layer (ForcedExit(L); λ = 1 itself runs HF's own loop) under every plan,
+    # dense steps included, no row finishing early: tokens and logits HF's bit for bit ("v1.0": HF's generate sizes
+    # its cache by the encoder depth, so it cannot run "v1.1" with its deeper decoder)
     model = make_model("v1.0").float()  # float32: HF returns float32 logits, so both are then bit-comparable
     ids, mask = source_batch()
-    ours = generate(model, ids, mask, EarlyExit(threshold=1.0))
+    ours = generate(model, ids, mask, ForcedExit(model.config.num_decoder_layers))
     theirs = type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=STEPS,
                                   return_dict_in_generate=True, output_logits=True)
     assert torch.equal(ours.sequences, theirs.sequences)

@@ -17,8 +17,11 @@ that share a vocabulary:
   the small model's output.
 * Both models' caches are cropped to the kept prefix, per sequence.
 
-α_RB = 0 gives exactly the large model's output. Every drafted token with ``p_L(y) < 1`` is
-rolled back, and a token with ``p_L(y) == 1`` is the large model's argmax anyway. Unlike the
+α_RB = 0 gives the large model's greedy tokens except at float ties: every drafted token with
+``p_L(y) < 1`` is rolled back, and a token with ``p_L(y) == 1`` is the large model's argmax anyway, but the
+verify pass scores several tokens over a left-padded cache in one product, which rounds differently from HF's
+one token at a time (float32: logits equal to ~1e-6 relative, so two logits closer than that may swap; float64:
+the same tokens; both tested in ``tests/test_exactness.py``). Unlike the
 reference implementation, a threshold of 0 here means 0, not "use the default".
 
 Greedy and sampling

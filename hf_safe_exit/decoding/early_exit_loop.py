@@ -32,8 +32,10 @@ normalised product of the ReLU'd logits of layers 1..i instead of layer i's own 
 Without it the loop is unchanged.
 
 Block 0 owns T5's relative position bias; it is computed once per step (as block 0
-would) and handed to every block, exactly as ``T5Stack`` does. With a threshold that
-never triggers, the arithmetic is the same as HF's incremental forward.
+would) and handed to every block, as ``T5Stack`` does. A policy that can never exit (λ = 1) does not come
+here: ``generate`` runs HF's own loop for it (:mod:`.full_model`), so λ = 1 is HF's output bit for bit. This loop
+with a threshold that never triggers computes the same tokens up to rounding: finished rows are left out of the
+products and a decoder prompt is prefilled in two forwards, not one.
 
 A decoder prompt (``decoder_input_ids`` longer than the start token) is *prefilled*: every
 prompt token but the last goes once through HF's own full decoder forward, which fills the
@@ -126,11 +128,12 @@ def early_exit_decode(
     the logits processors and stopping criteria. This loop mirrors
     ``GenerationMixin._sample`` (logits processors on float32 logits, argmax or
     multinomial, EOS → pad for finished rows, stopping criteria), with the model
-    forward replaced by :class:`_StepDecoder`.
+    forward replaced by :class:`_StepDecoder`. Rows that have finished run no block: their
+    ``scores``/``logits`` entries are zeros (HF's are the logits of a token it replaces by padding).
 
     Decoder prompts: ``input_ids`` is the decoder prompt HF prepared (start token first). All its
-    tokens but the last are prefilled through the full decoder (:meth:`_StepDecoder.prefill`), so at
-    threshold 1 the output equals HF's ``generate`` with the same ``decoder_input_ids``. As in HF,
+    tokens but the last are prefilled through the full decoder (:meth:`_StepDecoder.prefill`), and the last one
+    is fed as the first step (HF runs the whole prompt in one forward: the same values up to rounding). As in HF,
     ``max_new_tokens`` counts tokens after the prompt; ``exit_layers`` / ``confidences`` have one
     column per new token. Prompts must have equal lengths: a ``decoder_attention_mask`` with zeros
     raises :class:`UnsupportedDecoderPromptError`. The cache is taken from ``model_kwargs["cache"]``

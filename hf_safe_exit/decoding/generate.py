@@ -23,9 +23,10 @@ import contextvars
 from transformers import GenerationMixin
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
-from ..policy import EarlyExitPolicy
+from ..policy import EarlyExit, EarlyExitPolicy
 from .calibrated_lengths import apply_calibrated_lengths
 from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_decoder_cache
+from .full_model import full_model_generate
 from .modes import check_generation_mode
 from .readout import check_supported_model
 from .stored_policy import policy_from_config
@@ -107,6 +108,20 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         return generate(model, inputs, early_exit=policy, **kwargs)
     check_generation_mode(model, kwargs.get("generation_config"), kwargs)
     apply_calibrated_lengths(model, getattr(policy, "certificate", None), inputs, kwargs)
+    if isinstance(policy, EarlyExit) and policy.is_full_model:
+        # λ = 1: HF's own loop, so the full model is HF's generate to the bit (see decoding/full_model.py)
+        with inside_early_exit():
+            out = full_model_generate(model, inputs, kwargs)
+    else:
+        out = _early_exit_generate(model, inputs, policy, kwargs)
+    if isinstance(out, EarlyExitGenerateOutput):
+        out.early_exit = policy
+        out.certificate = getattr(policy, "certificate", None)
+    return out
+
+
+def _early_exit_generate(model, inputs, policy, kwargs: dict):
+    """HF's ``generate`` with our layer-by-layer loop (:func:`early_exit_decode`) as its decoding method."""
     streamer = kwargs.pop("streamer", None)
     # Stock generate sizes the decoder cache by the encoder depth; hand it one sized by the decoder, under the
     # keyword this transformers release takes (a user's cache passed under the old name is moved, not warned about).
@@ -115,9 +130,5 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         kwargs.pop(name, None)
     kwargs[cache_kwarg()] = cache if cache is not None else new_decoder_cache(model)
     with inside_early_exit():
-        out = GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
-                                       early_exit_streamer=streamer, **kwargs)
-    if isinstance(out, EarlyExitGenerateOutput):
-        out.early_exit = policy
-        out.certificate = getattr(policy, "certificate", None)
-    return out
+        return GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
+                                        early_exit_streamer=streamer, **kwargs)

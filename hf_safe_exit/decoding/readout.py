@@ -3,7 +3,8 @@
 CALM (Schuster et al., 2022, Sec. 3) reads every intermediate decoder state
 through the *shared* output head. For HF T5 that head is
 ``decoder.final_layer_norm`` -> ``* d_model**-0.5`` (only when
-``config.scale_decoder_outputs``, i.e. tied-embedding T5 v1.0) -> ``lm_head``.
+``config.scale_decoder_outputs``, i.e. tied-embedding T5 v1.0) -> ``lm_head``. MT5's config has no such
+attribute and its forward never scales (:func:`decoder_output_scale`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "normed_state", "intermediate_logits", "exit_logits"]
+__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "decoder_output_scale", "normed_state",
+           "intermediate_logits", "exit_logits"]
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -36,6 +38,15 @@ def check_supported_model(model: object) -> PreTrainedModel:
     return model
 
 
+def decoder_output_scale(config) -> float | None:
+    """The factor the model's forward multiplies the normed decoder output by before ``lm_head``, or ``None``.
+
+    ``T5ForConditionalGeneration`` scales by ``d_model**-0.5`` iff ``config.scale_decoder_outputs`` (T5 v1.0);
+    ``MT5Config`` has no such attribute and ``MT5ForConditionalGeneration`` never scales.
+    """
+    return config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
+
+
 def normed_state(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """``decoder.final_layer_norm`` applied to a raw decoder block output."""
     return model.decoder.final_layer_norm(hidden)
@@ -51,8 +62,9 @@ def intermediate_logits(model: PreTrainedModel, hidden: torch.Tensor, *, normed:
     """
     if not normed:
         hidden = model.decoder.final_layer_norm(hidden)
-    if model.config.scale_decoder_outputs:
-        hidden = hidden * (model.config.d_model**-0.5)
+    scale = decoder_output_scale(model.config)
+    if scale is not None:
+        hidden = hidden * scale
     return model.lm_head(hidden)
 
 

@@ -15,6 +15,7 @@ from ..compat import cache_kwargs
 from ..confidence import LayerView
 from .head_projection import project
 from .poe import PoEConfig, PoEState
+from .readout import decoder_output_scale
 from .row_plan import _CALL_COST_BYTES, _CALL_COST_BYTES_DEFAULT, _RowPlan
 
 __all__ = ["_StepDecoder"]
@@ -57,7 +58,7 @@ class _StepDecoder:
         self.cross_bias = torch.zeros(
             (1, config.num_heads, 1, encoder_hidden.shape[1]), device=encoder_hidden.device, dtype=encoder_hidden.dtype
         )
-        self.scale = config.d_model**-0.5 if model.config.scale_decoder_outputs else None
+        self.scale = decoder_output_scale(model.config)
         # HF processes logits in float32; keep float64 when the model runs in float64 (exactness checks).
         self.logits_dtype = torch.promote_types(encoder_hidden.dtype, torch.float32)
 
