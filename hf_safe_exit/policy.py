@@ -10,7 +10,8 @@ model at hand,
 * ``threshold_at(step, max_new_tokens)`` -- the exit threshold λ_t for the token at ``step``.
 
 A row exits after a checked layer i >= ``min_exit_layer`` when ``confidence > λ_t``
-(strict, as in CALM and Jazbec et al. 2024, so that λ = 1 is exactly the full model).
+(strict, as in CALM and Jazbec et al. 2024, so that λ = 1 never exits: ``generate`` then runs HF's own loop,
+bit for bit, see :attr:`EarlyExit.is_full_model`).
 :class:`EarlyExit` is the plain fixed-threshold policy; ``RiskControlled``
 (``hf_safe_exit.risk``) binds to an :class:`EarlyExit` whose threshold was chosen
 with a statistical guarantee.
