@@ -16,7 +16,7 @@ from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, ForcedExit
-from hf_safe_exit.decoding import EarlyExitNotEnabledError, UnsupportedGenerationModeError, is_enabled
+from hf_safe_exit.decoding import UnsupportedGenerationModeError, is_enabled
 
 X = {"input_ids": torch.tensor([[5, 6, 7, 8, 1], [9, 3, 2, 4, 1]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
 
@@ -33,17 +33,17 @@ def _ref(model, policy, **kw):
     return hf_safe_exit.generate(model, **X, early_exit=policy, max_new_tokens=6, **kw)
 
 
-def test_not_switched_on_names_the_fix():
+def test_not_switched_on_is_plain_transformers():
+    # nothing is patched: a model that was not switched on gets transformers' own error for the unknown keyword,
+    # and a policy stored on its generation config is ignored as any unknown setting is (the full model decodes)
     model = _tiny()
-    with pytest.raises(EarlyExitNotEnabledError, match=r"hf_safe_exit\.enable\(model\)"):
+    with pytest.raises(ValueError, match="early_exit"):
         model.generate(**X, early_exit=EarlyExit(0.5), max_new_tokens=3)
-    model.generation_config.early_exit = EarlyExit(0.5)  # a stored policy is refused too, never ignored
-    with pytest.raises(EarlyExitNotEnabledError, match="trust_remote_code=True"):
-        model.generate(**X, max_new_tokens=3)
-    with pytest.raises(EarlyExitNotEnabledError):
-        model.generate(**X, generation_config=GenerationConfig(early_exit=EarlyExit(0.5), max_new_tokens=3))
+    hf = model.generate(**X, max_new_tokens=3)
+    model.generation_config.early_exit = EarlyExit(0.5)
+    assert torch.equal(model.generate(**X, max_new_tokens=3), hf)
     del model.generation_config.early_exit
-    assert model.generate(**X, max_new_tokens=3).shape == (2, 4)  # plain calls are untouched
+    assert not is_enabled(model) and "save_pretrained" not in model.__dict__
 
 
 def test_enable_keeps_hf_generate_and_reports_the_policy():
@@ -94,9 +94,8 @@ def test_save_reload_with_trust_remote_code_and_stored_policy(tmp_path):
     hf = _tiny().generate(**X, max_new_tokens=6)  # the same weights (seed), no policy stored, HF's own generate
     assert torch.equal(reloaded.generate(**X, early_exit=False, max_new_tokens=6), hf)  # ... unless switched off
 
-    plain = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()  # no trust_remote_code: refused, not ignored
-    with pytest.raises(EarlyExitNotEnabledError, match="trust_remote_code=True"):
-        plain.generate(**X, max_new_tokens=6)
+    plain = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()  # no trust_remote_code: HF's generate
+    assert not is_enabled(plain) and torch.equal(plain.generate(**X, max_new_tokens=6), hf)
 
 
 def test_custom_generate_folder_through_hf_generate(tmp_path):
@@ -180,10 +179,18 @@ def test_model_defaults_count_when_checking_the_mode():
                        early_exit=EarlyExit(0.5))
 
 
-def test_resaving_a_model_loaded_with_remote_code_keeps_custom_generate_and_policy(tmp_path):
+@pytest.mark.parametrize("switch", ["first generate", "enable"])
+def test_resaving_a_model_loaded_with_remote_code_keeps_custom_generate_and_policy(tmp_path, switch):
+    # transformers runs none of our code when it loads a custom_generate folder: the instance's saving is switched
+    # on at its first generate, or by enable() (idempotent)
     model = hf_safe_exit.enable(_tiny())
     model.save_pretrained(tmp_path / "a")
     loaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "a", trust_remote_code=True).eval()
+    assert is_enabled(loaded)
+    if switch == "enable":
+        assert hf_safe_exit.enable(loaded) is loaded
+    else:
+        loaded.generate(**X, max_new_tokens=2)
     loaded.generation_config.early_exit = EarlyExit(0.3)
     loaded.save_pretrained(tmp_path / "b")
     assert (tmp_path / "b" / "custom_generate" / "generate.py").is_file()

@@ -2,7 +2,7 @@
 
 from .bild import BiLD, BiLDOutput, BiLDStats, bild_policy_factory, lambda_to_rollback, rollback_to_lambda
 from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_decoder_cache
-from .enable import EarlyExitNotEnabledError, enable, install_error_hook, is_enabled, write_custom_generate
+from .enable import enable, is_enabled, write_custom_generate
 from .generate import generate, model_generate
 from .modes import UnsupportedGenerationModeError
 from .readout import SUPPORTED_MODEL_CLASSES, check_supported_model, intermediate_logits
@@ -10,7 +10,7 @@ from .readout import SUPPORTED_MODEL_CLASSES, check_supported_model, intermediat
 __all__ = [
     "BiLD", "BiLDOutput", "BiLDStats", "bild_policy_factory", "lambda_to_rollback", "rollback_to_lambda",
     "EarlyExitGenerateOutput", "early_exit_decode", "new_decoder_cache", "enable", "generate", "is_enabled",
-    "model_generate", "write_custom_generate", "install_error_hook", "EarlyExitNotEnabledError",
+    "model_generate", "write_custom_generate",
     "UnsupportedGenerationModeError",
     "SUPPORTED_MODEL_CLASSES", "check_supported_model", "intermediate_logits",
 ]

@@ -17,9 +17,6 @@ Two functions:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 from transformers import GenerationMixin
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
@@ -29,26 +26,10 @@ from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_dec
 from .full_model import full_model_generate
 from .modes import check_generation_mode
 from .readout import check_supported_model
+from .saving import switch_on_saving
 from .stored_policy import policy_from_config
 
-__all__ = ["generate", "model_generate", "inside_early_exit"]
-
-# Set while hf_safe_exit itself calls HF's generate: the friendly-error hook of
-# hf_safe_exit.decoding.enable then knows an `early_exit` it sees has been handled.
-_INSIDE = contextvars.ContextVar("hf_safe_exit_inside_generate", default=False)
-
-
-@contextlib.contextmanager
-def inside_early_exit():
-    token = _INSIDE.set(True)
-    try:
-        yield
-    finally:
-        _INSIDE.reset(token)
-
-
-def is_inside_early_exit() -> bool:
-    return _INSIDE.get()
+__all__ = ["generate", "model_generate"]
 
 
 def model_generate(*args, model, early_exit=None, **kwargs):
@@ -59,15 +40,17 @@ def model_generate(*args, model, early_exit=None, **kwargs):
     ``generation_config.early_exit`` (the call's ``generation_config=`` first, then the model's), if any;
     ``False`` runs HF's own ``generate`` even when a policy is stored. ``model`` is keyword-only so that this
     function works both as ``functools.partial(model_generate, model=m)`` and as HF's ``custom_generate``.
+    A model loaded with ``trust_remote_code`` gets its saving switched on here, at its first call
+    (:mod:`hf_safe_exit.decoding.enable`).
     """
+    switch_on_saving(model)
     if early_exit is None:  # the call's generation config first; HF merges the model's custom entries into it too
         call_config = kwargs.get("generation_config")
         early_exit = policy_from_config(call_config) if call_config is not None else None
         if early_exit is None:
             early_exit = policy_from_config(model.generation_config)
     if early_exit is None or early_exit is False:
-        with inside_early_exit():  # a stored policy switched off with early_exit=False is not an error
-            return type(model).generate(model, *args, **kwargs)
+        return type(model).generate(model, *args, **kwargs)
     return generate(model, *args, early_exit=early_exit, **kwargs)
 
 
@@ -95,8 +78,7 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         # a calibrated strategy (RiskControlled fitted on a BiLD table) decodes with the calibration's lengths
         apply_calibrated_lengths(model, getattr(early_exit, "certificate", None), None, kwargs)
         check_generation_mode(model, kwargs.get("generation_config"), {**kwargs, "assistant_model": None})
-        with inside_early_exit():
-            return decode(model, **kwargs)
+        return decode(model, **kwargs)
     if not isinstance(early_exit, EarlyExitPolicy):
         raise TypeError(
             f"early_exit must be an early-exit policy (hf_safe_exit.EarlyExit, hf_safe_exit.RiskControlled, or any "
@@ -110,8 +92,7 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     apply_calibrated_lengths(model, getattr(policy, "certificate", None), inputs, kwargs)
     if isinstance(policy, EarlyExit) and policy.is_full_model:
         # λ = 1: HF's own loop, so the full model is HF's generate to the bit (see decoding/full_model.py)
-        with inside_early_exit():
-            out = full_model_generate(model, inputs, kwargs)
+        out = full_model_generate(model, inputs, kwargs)
     else:
         out = _early_exit_generate(model, inputs, policy, kwargs)
     if isinstance(out, EarlyExitGenerateOutput):
@@ -129,6 +110,5 @@ def _early_exit_generate(model, inputs, policy, kwargs: dict):
     for name in CACHE_NAMES:
         kwargs.pop(name, None)
     kwargs[cache_kwarg()] = cache if cache is not None else new_decoder_cache(model)
-    with inside_early_exit():
-        return GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
-                                        early_exit_streamer=streamer, **kwargs)
+    return GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
+                                    early_exit_streamer=streamer, **kwargs)
