@@ -54,12 +54,12 @@ def risk_rows(tables, eps: float, delta: float, repeats: int) -> list[dict]:
         split = evaluate_table(table, eps=[eps], methods=("crc", "ucb"), delta=delta, repeats=repeats)["results"]
         for method in ("crc", "ucb"):
             rc = RiskControlled(eps, delta=delta if method == "ucb" else None, method=method).fit_table(table)
-            k = int(np.flatnonzero(np.isclose(table.lambdas, rc.lambda_))[0])
+            k = int(np.flatnonzero(np.isclose(table.lambdas, rc.threshold))[0])
             s = next(r for r in split if r["method"] == method)
             rows.append({
                 "task": task, "measure": measure, "method": method, "eps": eps,
                 "delta": delta if method == "ucb" else None, "n": table.n, "table": os.path.basename(path),
-                "lambda_hat": rc.lambda_, "empirical_risk": rc.certificate.empirical_risk,
+                "lambda_hat": rc.threshold, "empirical_risk": rc.certificate.empirical_risk,
                 "risk_bound": rc.certificate.risk_bound,
                 "num_decoder_layers": int(table.metadata["num_decoder_layers"]),
                 "mean_exit_layer_per_example": float(exits[k].mean()),

@@ -4,7 +4,7 @@ The shape of the tables in Jazbec, Timans et al. (2024): for each target ε, cal
 n_cal and method, the mean test risk, the violation rate P(R(λ̂) > ε) and the mean λ̂ (and the
 mean exit layer it buys) over many random calibration sets.
 
-Protocol: a population of N examples from :func:`hf_safe_exit.risk.simulation.synthetic_population`
+Protocol: a population of N examples from :func:`risk_simulation.synthetic_population`
 (8 decoder layers; signed, per-example non-monotone gaps) is the data distribution.
 Calibration sets are drawn i.i.d. from it, so the *test risk* reported is the exact true
 risk R(λ̂) (the population mean), not a noisy test-set estimate. CRC promises mean test risk
@@ -20,14 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from hf_safe_exit.risk.loss_table import LossTable
-from hf_safe_exit.risk.simulation import mc_tolerance, simulate, synthetic_population
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from risk_simulation import mc_tolerance, simulate, synthetic_population  # noqa: E402
 
 EPSILONS = (0.01, 0.02, 0.05, 0.1, 0.15)
 N_CALS = (100, 1000)

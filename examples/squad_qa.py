@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
         "exact_match_early_exit": mean(early, "exact_match"), "exact_match_full": mean(full, "exact_match"),
         "performance_gap": mean(full, "f1") - mean(early, "f1"),
     }
-    print(f"λ̂ = {report['lambda_hat']:.4g} ({args.method}, ε = {args.eps}: {report['guarantee']})")
+    print(f"λ̂ = {report['threshold']:.4g} ({args.method}, ε = {args.eps}: {report['guarantee']})")
     print(f"test F1: early exit {report['f1_early_exit']:.4f} vs full model {report['f1_full']:.4f} "
           f"(gap {report['performance_gap']:+.4f}); EM {report['exact_match_early_exit']:.4f} vs "
           f"{report['exact_match_full']:.4f}; mean exit layer {report['mean_exit_layer']:.2f} of "

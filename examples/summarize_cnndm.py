@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     full_score = float(np.mean([run.task.score(p, r) for p, r in zip(run.full_texts, run.references)]))
     report = run.summary(args) | {"rougeL_early_exit": early_score, "rougeL_full": full_score,
                                   "performance_gap": full_score - early_score}
-    print(f"λ̂ = {report['lambda_hat']:.4g} ({args.method}, ε = {args.eps}: {report['guarantee']})")
+    print(f"λ̂ = {report['threshold']:.4g} ({args.method}, ε = {args.eps}: {report['guarantee']})")
     print(f"test ROUGE-L: early exit {early_score:.4f} vs full model {full_score:.4f} "
           f"(gap {report['performance_gap']:+.4f}); mean exit layer {report['mean_exit_layer']:.2f} of "
           f"{report['num_decoder_layers']}; speed-up ×{report['speedup']:.2f} per generated token")

@@ -3,32 +3,43 @@
 >>> import hf_safe_exit
 >>> model = hf_safe_exit.enable(T5ForConditionalGeneration.from_pretrained(path))
 >>> model.generate(**inputs, early_exit=hf_safe_exit.EarlyExit(threshold=0.9))
+
+``import hf_safe_exit`` loads no model code and none of the optional dependencies: each public name below is
+imported from its module on first use (PEP 562), so ``hf_safe_exit.collect`` still works but loads the
+calibration runner only then (tests/test_light_import.py).
 """
 
-from .decoding import BiLD, EarlyExitGenerateOutput, enable, generate, install_error_hook
-from .decoding.poe import PoEConfig
-from .cards import write_guarantee_card
-from .demo import run_demo
-from .confidence import ConfidenceMeasure, MetaClassifierHead, MetaHeadConfig
 from .errors import (CalibrationFileError, CorruptFileError, InconsistentCalibrationError, MissingFingerprintError,
                      ModelMismatchError)
-from .fingerprint import model_fingerprint
-from .models import default_model_path, load_default_model
-from .policy import EarlyExit, EarlyExitPolicy, ForcedExit
-from .risk import LossTable, RiskCertificate, RiskControlled
-from .calibration import collect
-from .tasks import get_task, load_split
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# generate(early_exit=...) on a model that was not switched on gets an error naming the fix, not HF's silence
-install_error_hook()
+_EXPORTS = {
+    # the runtime: switch a model on, decode with early exit, under a risk guarantee
+    ".anytime": ("PoEConfig",),
+    ".decoding": ("BiLD", "EarlyExitGenerateOutput", "enable", "generate"),
+    ".confidence": ("ConfidenceMeasure", "MetaClassifierHead", "MetaHeadConfig"),
+    ".fingerprint": ("model_fingerprint",),
+    ".models": ("default_model_path", "load_default_model"),
+    ".config": ("EarlyExitConfig",),
+    ".policy": ("EarlyExit", "EarlyExitPolicy", "ForcedExit"),
+    ".risk": ("Calibration", "LossTable", "RiskCertificate", "RiskControlled", "RiskController"),
+    # calibrating, documenting and demonstrating it
+    ".calibration": ("collect",),
+    ".cards": ("write_guarantee_card",),
+    ".demo": ("run_demo",),
+    ".tasks": ("get_task", "load_split"),
+}
+
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
+del lazy_exports
 
 __all__ = [
     "BiLD",
     "CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
     "ModelMismatchError",
-    "ConfidenceMeasure", "EarlyExit", "EarlyExitPolicy", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
+    "Calibration", "ConfidenceMeasure", "EarlyExit", "EarlyExitConfig", "EarlyExitPolicy", "RiskController", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
     "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
     "collect", "get_task", "load_split", "default_model_path", "load_default_model",
     "PoEConfig", "write_guarantee_card", "run_demo", "__version__",

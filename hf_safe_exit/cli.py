@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from .cli_parser import UsageError, build_parser
+from .config import config_fields
 
 __all__ = ["main", "build_parser"]
 
@@ -114,6 +115,13 @@ def _print_collect_summary(table) -> None:
 
 
 # ------------------------------------------------------------------------------------------- commands
+def _config(args):
+    """The early-exit configuration the ``--<setting>`` options of ``args`` describe (unset ones: the defaults)."""
+    from .config import EarlyExitConfig
+
+    return EarlyExitConfig.from_dict({k: getattr(args, k) for k in config_fields() if getattr(args, k) is not None})
+
+
 def _cmd_collect(args) -> int:
     import torch
     from accelerate import PartialState
@@ -129,8 +137,9 @@ def _cmd_collect(args) -> int:
         raise UsageError("--strategy bild needs --small-model DIR (the small draft model; --model is the large one).")
     if not bild and (args.small_model or args.fallback is not None or args.max_draft_len is not None):
         raise UsageError("--small-model, --fallback and --max-draft-len are for --strategy bild.")
-    if bild and args.anytime:
-        raise UsageError("--anytime is an early-exit setting: drop it for --strategy bild.")
+    given = [name for name in config_fields() if getattr(args, name) is not None]
+    if bild and given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is an early-exit setting: drop it for --strategy bild.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
     data = load_split(task, args.split, path=args.data)
@@ -161,8 +170,7 @@ def _cmd_collect(args) -> int:
             max_draft_len=DEFAULT_MAX_DRAFT_LEN if args.max_draft_len is None else args.max_draft_len,
             small_tokenizer=small_tokenizer)
         metadata["small_model_path"] = os.fspath(args.small_model)
-    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, measure=args.measure, schedule=args.schedule,
-                    min_exit_layer=args.min_exit_layer, anytime=args.anytime, exit_layers=args.exit_layers,
+    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, config=None if bild else _config(args),
                     batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
@@ -195,7 +203,7 @@ def _cmd_calibrate(args) -> int:
     for w in caught:
         print(f"hf-safe-exit calibrate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     cert = rc.certificate
-    print(f"λ̂ = {rc.lambda_:.6g} ({args.method}, {args.risk}, n = {cert.n}); empirical risk {cert.empirical_risk:+.4f}, "
+    print(f"λ̂ = {rc.threshold:.6g} ({args.method}, {args.risk}, n = {cert.n}); empirical risk {cert.empirical_risk:+.4f}, "
           f"bound {cert.risk_bound:+.4f}; guarantee: {cert.guarantee}")
     if args.output is not None:
         print(f"wrote {rc.save_pretrained(args.output)}")
@@ -250,7 +258,7 @@ def _cmd_card(args) -> int:
     kwargs = dict(test_results=args.evaluation, table=table, plots=args.plots, hardware=args.hardware,
                   calibration_split=args.split, overwrite=args.overwrite)
     path, plan = write_card(model, rc, model_name=args.model_name, **kwargs)
-    print(f"wrote {path} (section of task {rc.certificate.task!r}; λ̂ = {rc.lambda_:.6g}; {rc.certificate.guarantee})")
+    print(f"wrote {path} (section of task {rc.certificate.task!r}; λ̂ = {rc.threshold:.6g}; {rc.certificate.guarantee})")
     saved = calibration_directory(path.parent, rc.certificate.task) / RISK_CONTROL_FILENAME
     if saved not in plan.writes:
         print(f"kept {saved} (it holds this calibration)")

@@ -75,18 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", type=float, default=None, help="bild: fallback threshold (default 0.6)")
     p.add_argument("--max-draft-len", type=int, default=None, help="bild: tokens drafted per verification "
                    "(default 10)")
-    p.add_argument("--measure", default="auto", help="auto (default: meta if the model has a trained meta head, "
-                   "else softmax_shortlist; chosen by benchmarks/measure_choice.py), softmax, softmax_shortlist, "
-                   "saturation or meta")
-    p.add_argument("--schedule", default="constant", help="constant or decaying (default constant)")
-    p.add_argument("--min-exit-layer", type=int, default=1, help="first decoder layer (1-based) at which a token "
-                   "may exit (default 1)")
-    p.add_argument("--exit-layers", type=int, nargs="+", default=None, metavar="LAYER",
-                   help="check the confidence only after these decoder layers (1-based), e.g. 3 6 9 (default: "
-                   "every layer); the calibration then holds for those exits")
-    p.add_argument("--anytime", default=None, choices=("poe",),
-                   help="poe: Product-of-Experts anytime predictions and confidences (Jazbec et al. 2023); "
-                   "the calibration then holds for that decoder, and RiskControlled decodes with it")
+    _add_config_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8); a cell of "
                    "the progress bar is one batch at one threshold")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
@@ -176,3 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ", with the "
                                 "full model's output and time per token beside it (offline)."))
     return parser
+
+
+def _add_config_options(p) -> None:
+    """One ``--<setting>`` option per field of :class:`~hf_safe_exit.EarlyExitConfig` (its help text and type)."""
+    from .config import EarlyExitConfig
+
+    for name, options in EarlyExitConfig.cli_options().items():
+        p.add_argument("--" + name.replace("_", "-"), default=None, **options)

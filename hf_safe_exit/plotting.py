@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .lazy import require
+
 __all__ = ["plot_evaluation", "build_figures", "METHOD_STYLES"]
 
 _LABELS = {"crc": "CRC", "ucb": "UCB", "ltt": "LTT", "naive": "naive"}
@@ -65,8 +67,7 @@ def _procedure_line(evaluation: dict) -> str:
 
 def build_figures(evaluation: dict) -> list:
     """The three figures as ``(file name, matplotlib Figure)`` pairs (not saved; see :func:`plot_evaluation`)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -124,9 +125,9 @@ def build_figures(evaluation: dict) -> list:
 
 def plot_evaluation(evaluation: dict, output_dir: str | os.PathLike) -> list[Path]:
     """Write the three figures into ``output_dir``; returns their paths."""
+    figures = build_figures(evaluation)  # imports matplotlib, or names the extra that installs it
     import matplotlib.pyplot as plt
 
-    figures = build_figures(evaluation)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .confidence import DEFAULT_MEASURE, ConfidenceMeasure, LayerView, check_measure, get_measure, measure_name
-from .decoding.poe import PoEConfig, resolve_anytime
+from .confidence import ConfidenceMeasure, LayerView, get_measure
+from .config import SCHEDULES, EarlyExitConfig, InvalidConfigError, check_exit_layers
 
 __all__ = ["EarlyExitPolicy", "BoundPolicy", "EarlyExit", "ForcedExit", "decaying_threshold", "check_exit_layers",
            "SCHEDULES"]
 
-SCHEDULES = ("constant", "decaying")
+_SETTINGS = frozenset(f.name for f in fields(EarlyExitConfig))
 
 
 def decaying_threshold(base: float, step: int, max_new_tokens: int, tau: float = 4.0) -> float:
@@ -51,7 +51,7 @@ def decaying_threshold(base: float, step: int, max_new_tokens: int, tau: float =
 
 @runtime_checkable
 class EarlyExitPolicy(Protocol):
-    """Anything ``generate(early_exit=...)`` accepts: it binds to a model and returns a :class:`BoundPolicy`."""
+    """Anything ``generate(early_exit=...)`` binds to a model: it returns a :class:`BoundPolicy`."""
 
     def bind(self, model) -> "BoundPolicy": ...
 
@@ -64,115 +64,84 @@ class BoundPolicy(Protocol):
     def threshold_at(self, step: int, max_new_tokens: int) -> float: ...
 
 
-def _check_min_exit_layer(min_exit_layer: int, model) -> None:
+def _check_forced_layer(layer: int, model) -> None:
     num_layers = model.config.num_decoder_layers
-    if not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= num_layers:
-        raise ValueError(
-            f"min_exit_layer={min_exit_layer!r} is outside the decoder: this model has {num_layers} decoder "
-            f"layers, so use an integer in [1, {num_layers}] (1-based; {num_layers} means never exit early)."
-        )
+    if not isinstance(layer, int) or not 1 <= layer <= num_layers:
+        raise InvalidConfigError(f"ForcedExit({layer!r}) is outside the decoder: this model has {num_layers} decoder "
+                                 f"layers, so use an integer in [1, {num_layers}] (1-based).")
 
 
-def check_exit_layers(exit_layers) -> tuple[int, ...] | None:
-    """``exit_layers`` validated: ``None`` (check every layer), or the sorted tuple of its distinct 1-based layers."""
-    if exit_layers is None:
-        return None
-    layers = None if isinstance(exit_layers, (str, bytes)) or not hasattr(exit_layers, "__iter__") \
-        else list(exit_layers)
-    if not layers or len(set(layers)) != len(layers) or any(
-            isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in layers):
-        raise ValueError(f"exit_layers={exit_layers!r} must be distinct positive integers (1-based decoder layers "
-                         "where the confidence is checked), e.g. (3, 6, 9), or None to check every layer.")
-    return tuple(sorted(int(v) for v in layers))
-
-
-def _check_exit_layers_fit(exit_layers: tuple[int, ...] | None, min_exit_layer: int, model) -> None:
-    if exit_layers is None:
-        return
-    num_layers = model.config.num_decoder_layers
-    outside = [v for v in exit_layers if v > num_layers]
-    if outside:
-        raise ValueError(f"exit_layers={exit_layers!r}: {outside} lie outside the decoder, which has {num_layers} "
-                         f"layers; use layers in [1, {num_layers - 1}] (the last layer always ends a token).")
-    early = [v for v in exit_layers if v < min_exit_layer]
-    if early:
-        raise ValueError(f"exit_layers={exit_layers!r}: {early} lie below min_exit_layer={min_exit_layer}, where no "
-                         "token may exit; drop them or lower min_exit_layer.")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class EarlyExit:
-    """Exit a token at the first checked layer ``i >= min_exit_layer`` whose confidence exceeds the threshold.
+    """An :class:`~hf_safe_exit.config.EarlyExitConfig` at threshold λ: the policy ``generate(early_exit=...)`` runs.
+
+    ``EarlyExit(0.9, config=EarlyExitConfig(measure="softmax"))``, or the settings as keywords:
+    ``EarlyExit(threshold=0.9, measure="softmax")`` (the same object). The settings are read through the
+    policy too (``policy.measure``, ``policy.min_exit_layer``, ...: :class:`~hf_safe_exit.config.EarlyExitConfig`
+    documents them).
 
     Args:
-        threshold: λ in [0, 1]. 1 never exits (the full model); 0 exits wherever confidence > 0.
-        measure: ``"auto"`` (default: ``"meta"`` if the model has a trained meta head, else
-            ``confidence.HEAD_FREE_DEFAULT``, ``"softmax"`` with ``anytime``; chosen by measurement, see
-            :mod:`hf_safe_exit.confidence`),
-            ``"softmax"``, ``"softmax_shortlist"``, ``"saturation"``, ``"meta"`` or a ``ConfidenceMeasure``.
-        schedule: ``"constant"`` (λ_t = λ) or ``"decaying"`` (:func:`decaying_threshold`).
-        decay_tau: τ of the decaying schedule (CALM uses 4).
-        min_exit_layer: first 1-based decoder layer allowed to exit.
-        exit_layers: ``None`` (default: the confidence is checked after every layer from ``min_exit_layer`` on),
-            or the 1-based layers where it is checked, e.g. ``(3, 6, 9)``: a token can exit only there, and the
-            measure is computed only there, which is what makes a costly measure (``"softmax"`` projects onto
-            the vocabulary at every check) pay less. Risk control calibrates the policy with these exits
-            (``collect(..., exit_layers=...)``), so λ̂ holds for them and only for them.
-        anytime: ``None`` (default: each layer predicts with its own logits), ``"poe"`` or a
-            :class:`~hf_safe_exit.decoding.poe.PoEConfig`: Product-of-Experts anytime predictions
-            (Jazbec et al. 2023), the normalised product of the ReLU'd logits of layers 1..l, used as the
-            prediction and/or as the logits the confidence measure sees. Stored resolved (a PoEConfig).
-        certificate: the :class:`~hf_safe_exit.risk.RiskCertificate` of the threshold, set by
-            ``RiskControlled.bind``; ``None`` for a threshold chosen by hand.
+        threshold: λ in [0, 1]. 1 never exits (the full model: ``generate`` runs HF's own loop); 0 exits wherever
+            the confidence is > 0.
+        config: the early-exit configuration (default ``EarlyExitConfig()``).
+        certificate: the :class:`~hf_safe_exit.risk.RiskCertificate` of the threshold when risk control chose it;
+            ``None`` for a threshold chosen by hand.
     """
 
-    threshold: float = 0.9
-    measure: str | ConfidenceMeasure = DEFAULT_MEASURE
-    schedule: str = "constant"
-    decay_tau: float = 4.0
-    min_exit_layer: int = 1
-    anytime: str | PoEConfig | None = None
-    exit_layers: tuple[int, ...] | None = None
-    # the guarantee this threshold carries, when a RiskControlled bound it (read back from generate's output)
+    threshold: float
+    config: EarlyExitConfig
+    # the guarantee this threshold carries, when risk control bound it (read back from generate's output)
     certificate: object | None = field(default=None, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-            0.0 <= float(self.threshold) <= 1.0
-        ):
-            raise ValueError(f"threshold={self.threshold!r} is outside [0, 1]: use 1.0 for the full model, "
-                             "smaller values to exit earlier.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown: use one of {SCHEDULES}.")
-        if not self.decay_tau > 0:
-            raise ValueError(f"decay_tau={self.decay_tau!r} must be > 0.")
-        check_measure(self.measure)  # raises on an unknown name
-        object.__setattr__(self, "anytime", resolve_anytime(self.anytime))
-        object.__setattr__(self, "exit_layers", check_exit_layers(self.exit_layers))
+    def __init__(self, threshold: float = 0.9, config: EarlyExitConfig | None = None, *, certificate=None,
+                 **settings):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+            raise InvalidConfigError(f"threshold={threshold!r} is outside [0, 1]: use 1.0 for the full model, "
+                                     "smaller values to exit earlier.")
+        unknown = sorted(set(settings) - _SETTINGS)
+        if unknown:
+            raise TypeError(f"EarlyExit got unexpected keyword arguments {unknown}: the early-exit settings are "
+                            f"{sorted(_SETTINGS)}.")
+        if config is None:
+            config = EarlyExitConfig(**settings)
+        elif settings:
+            raise TypeError("pass the early-exit settings either in config= or as keywords, not both.")
+        elif not isinstance(config, EarlyExitConfig):
+            raise TypeError(f"config must be an hf_safe_exit.EarlyExitConfig, got {type(config).__name__}.")
+        object.__setattr__(self, "threshold", float(threshold))
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "certificate", certificate)
+
+    def __getattr__(self, name: str):
+        # the settings are the configuration's: policy.measure is policy.config.measure (one place defines them)
+        if name in _SETTINGS and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def measure_name(self) -> str:
-        return measure_name(self.measure)
+        return self.config.measure_name
 
     @property
     def is_full_model(self) -> bool:
         """True when no token can exit early and every token is predicted by the model's own last layer (λ >= 1,
         and no PoE product at the last layer): ``generate`` then runs HF's own loop, bit for bit
         (:mod:`hf_safe_exit.decoding.full_model`)."""
-        poe_last = self.anytime is not None and self.anytime.prediction and self.anytime.final_layer == "poe"
-        return float(self.threshold) >= 1.0 and not poe_last
+        poe = self.config.anytime
+        poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
+        return self.threshold >= 1.0 and not poe_last
 
     def bind(self, model) -> "EarlyExit":
-        _check_min_exit_layer(self.min_exit_layer, model)
-        _check_exit_layers_fit(self.exit_layers, self.min_exit_layer, model)
-        if self.anytime is not None:
-            self.anytime.layer_weights(model.config.num_decoder_layers)  # raises on a wrong number of weights
-        return replace(self, measure=get_measure(self.measure, model, self.anytime).bind(model))
+        """This policy for ``model``: its layers checked against the decoder, the measure resolved and bound."""
+        config = self.config
+        config.check_model(model)
+        measure = get_measure(config.measure, model, config.anytime).bind(model)
+        return replace(self, config=replace(config, measure=measure))
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:
-        if self.schedule == "decaying":
-            return decaying_threshold(float(self.threshold), step, max_new_tokens, self.decay_tau)
-        return float(self.threshold)
+        if self.config.schedule == "decaying":
+            return decaying_threshold(self.threshold, step, max_new_tokens, self.config.decay_tau)
+        return self.threshold
 
 
 class _ForcedLayerMeasure(ConfidenceMeasure):
@@ -215,7 +184,7 @@ class ForcedExit:
     def bind(self, model) -> "ForcedExit":
         layers = self.layers
         if isinstance(layers, int):
-            _check_min_exit_layer(layers, model)
+            _check_forced_layer(layers, model)
             # made on the rows' device: a host tensor copied to a GPU is one synchronisation per checked layer
             fn = lambda step, rows: torch.full((len(rows),), layers, dtype=torch.long, device=rows.device)  # noqa: E731
         elif isinstance(layers, torch.Tensor):

@@ -13,8 +13,9 @@ import yaml
 
 from hf_safe_exit import LossTable, RiskControlled, model_fingerprint
 from hf_safe_exit.calibration.evaluate import evaluate_table
-from hf_safe_exit.calibration.tiny import build_tiny_t5
 from hf_safe_exit.cards import METRIC_TYPES, guarantee_statement, section_markers, write_guarantee_card
+
+from tiny_calibration import build_tiny_t5
 
 __all__ = ["CNNDM_START", "CNNDM_END", "SQUAD_START", "SQUAD_END", "USER_CARD", "synthetic_table", "calibrated",
            "squad_table", "yaml_header", "our_results", "section", "results_by_dataset", "check_numbers", "FakeHub",

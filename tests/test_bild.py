@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from hf_safe_exit.compat import cache_kwargs, find_cache
 from hf_safe_exit.decoding.bild import (
     BiLD,
     BiLDOutput,
-    _Decoder,
     bild_policy_factory,
     check_compatible_pair,
     lambda_to_rollback,
     rollback_to_lambda,
 )
+from hf_safe_exit.decoding.bild_cache import BiLDDecoder
+from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 
 MAX_NEW = 16
 
@@ -46,8 +46,7 @@ def _small_from(large: T5ForConditionalGeneration, noise: float, seed: int) -> T
 
 def _hf_generate(model, **kwargs):
     """HF's stock generate, with a decoder cache sized by the decoder depth (5.x sizes it by the encoder's)."""
-    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
-    return model.generate(**cache_kwargs(cache), **kwargs)
+    return model.generate(**cache_kwargs(new_decoder_cache(model)), **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -224,7 +223,7 @@ def test_logits_processors_applied_as_hf(pair, batch):
 
 
 def _fresh_self_kv(model, enc_ids, tokens):
-    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+    cache = new_decoder_cache(model)
     with torch.no_grad():
         out = model(input_ids=enc_ids, decoder_input_ids=torch.tensor([tokens]), **cache_kwargs(cache, model),
                     use_cache=True)
@@ -274,7 +273,7 @@ def test_decoder_per_row_truncate_and_placeholders(pair, batch):
     rows = _rows(batch)
     with torch.no_grad():
         enc = large.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        dec = _Decoder(large, enc, mask, pad_id=0)
+        dec = BiLDDecoder(large, enc, mask, pad_id=0)
         gen = torch.Generator().manual_seed(3)
         seqs = [[0] + torch.randint(2, 100, (n,), generator=gen).tolist() for n in (7, 1, 4, 0)]
         logits = dec.forward(seqs, [len(s) for s in seqs])  # row 3 is one token long: placeholders in front
@@ -352,7 +351,7 @@ def test_lambda_mapping(pair, batch):
     assert rollback_to_lambda(0.0) == 1.0 and rollback_to_lambda(math.inf) == 0.0
     for lam in (0.05, 0.3, 0.9):
         assert rollback_to_lambda(lambda_to_rollback(lam)) == pytest.approx(lam)
-    assert BiLD.lambda_to_rollback(0.5) == pytest.approx(math.log(2))
+    assert lambda_to_rollback(0.5) == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         lambda_to_rollback(1.5)
     factory = bild_policy_factory(small, fallback=0.5, max_draft_len=4)
@@ -491,8 +490,8 @@ def test_risk_controlled_picks_rollback_threshold(pair):
     k = len(lams) - 1
     while k > 0 and ok[k - 1]:
         k -= 1
-    assert rc.lambda_ == pytest.approx(lams[k])
-    assert 0.0 < rc.lambda_ < 1.0  # a non-trivial rollback threshold was chosen
-    policy = BiLD.from_lambda(small, rc.lambda_, fallback=0.2, max_draft_len=4)
+    assert rc.threshold == pytest.approx(lams[k])
+    assert 0.0 < rc.threshold < 1.0  # a non-trivial rollback threshold was chosen
+    policy = BiLD.from_lambda(small, rc.threshold, fallback=0.2, max_draft_len=4)
     assert policy.rollback == pytest.approx(lambda_to_rollback(lams[k]))
     assert consistency(policy.decode(large, **kwargs)).mean() <= eps

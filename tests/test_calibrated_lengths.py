@@ -35,7 +35,7 @@ def calibrated():
 
 def _reference(model, rc, **kwargs):
     """The same decoder, every setting spelled out by hand."""
-    policy = EarlyExit(threshold=rc.lambda_, measure="saturation", schedule="decaying", min_exit_layer=2)
+    policy = EarlyExit(threshold=rc.threshold, measure="saturation", schedule="decaying", min_exit_layer=2)
     return model.generate(**INPUTS, early_exit=policy, **kwargs)
 
 

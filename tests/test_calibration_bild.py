@@ -14,19 +14,20 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import hf_safe_exit
+from collect_helpers import interrupted_after
 from hf_safe_exit.calibration import StateMismatchError, collect, default_bild_lambdas
-from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer, save_tiny_t5
 from hf_safe_exit.cli import main
 from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding.bild import BiLD, bild_policy_factory, lambda_to_rollback
+from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 from cli_lines import one_error_line
+from tiny_calibration import build_tiny_t5, build_word_tokenizer, save_tiny_t5
 
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
@@ -79,7 +80,7 @@ def _state_dir(path):
 def stock_greedy(model, tokenizer, prompt):
     """HF's own greedy generate of one model alone: (text, number of generated tokens)."""
     enc = tokenizer([prompt], return_tensors="pt", truncation=True, max_length=MAX_IN)
-    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+    cache = new_decoder_cache(model)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, **cache_kwargs(cache))
     return tokenizer.decode(out[0], skip_special_tokens=True).strip(), out.shape[1] - 1
@@ -172,18 +173,18 @@ def test_risk_controlled_gives_the_calibrated_bild_policy(setup, table_run, tmp_
     adjusted = sorted({n / (n + 1) * risk[k].mean() + 1 / (n + 1) for k in range(len(LAMBDAS))})
     eps = float(np.mean(adjusted[-2:])) if len(adjusted) > 2 else float(adjusted[-1]) + 1e-6
     rc = RiskControlled(eps, risk="consistency", small_model=small).fit_table(table)
-    assert rc.lambda_ == crc_by_hand(table.lambdas, risk, eps, upper=1.0)
-    assert 0.0 < rc.lambda_ < 1.0  # a finite, positive rollback threshold
+    assert rc.threshold == crc_by_hand(table.lambdas, risk, eps, upper=1.0)
+    assert 0.0 < rc.threshold < 1.0  # a finite, positive rollback threshold
     assert rc.is_bild and rc.certificate.model_fingerprint == model_fingerprint(large)
 
     policy = rc.bild()
     assert isinstance(policy, BiLD) and policy.small_model is small
-    assert policy.rollback == lambda_to_rollback(rc.lambda_)
+    assert policy.rollback == lambda_to_rollback(rc.threshold)
     assert policy.fallback == 0.0 and policy.max_draft_len == 10
-    assert rc.bind(large) == policy
+    assert rc.resolve(large) == policy
 
     # generate(early_exit=rc) decodes with that policy: the same texts as the table's λ̂ row
-    k_hat = LAMBDAS.index(rc.lambda_)
+    k_hat = LAMBDAS.index(rc.threshold)
     expected = cell_predictions(path, k_hat)
     model = hf_safe_exit.enable(large)
     for start in range(0, n, 3):  # the runner's batches
@@ -200,11 +201,11 @@ def test_risk_controlled_gives_the_calibrated_bild_policy(setup, table_run, tmp_
     # saved and reloaded, the calibration still gives the same policy
     rc.save_pretrained(tmp_path)
     reloaded = RiskControlled.from_pretrained(tmp_path)
-    assert reloaded.lambda_ == rc.lambda_ and reloaded.bild(small).rollback == policy.rollback
+    assert reloaded.threshold == rc.threshold and reloaded.bild(small).rollback == policy.rollback
 
     # the risk at λ = 1 is 0, so a loose ε allows everything the grid has: rollback ∞ (accept all drafts)
     loose = RiskControlled(0.999, risk="consistency", small_model=small).fit_table(table)
-    assert loose.lambda_ == 0.0 and loose.bild().rollback == math.inf
+    assert loose.threshold == 0.0 and loose.bild().rollback == math.inf
 
 
 def test_held_out_evaluation_of_a_bild_table(table_run):
@@ -235,21 +236,21 @@ def test_bild_calibration_errors(setup, table_run):
     with pytest.raises(ValueError, match="small \\(draft\\) model"):
         rc.bild()
     with pytest.raises(ValueError, match="small \\(draft\\) model"):
-        rc.bind(large)
+        rc.resolve(large)
     other_small = small_from(large, noise=0.3, seed=7)
     with pytest.raises(ValueError, match="another small model"):
         rc.bild(other_small)
     other_large = build_tiny_t5(large.config.vocab_size, seed=5, num_decoder_layers=3)
     with pytest.raises(ValueError, match="another model"):
-        RiskControlled(0.5, risk="consistency", small_model=small).fit_table(table).bind(other_large)
-    with pytest.raises(ValueError, match="early-exit settings"):
-        RiskControlled(0.5, measure="softmax").fit_table(table)
+        RiskControlled(0.5, risk="consistency", small_model=small).fit_table(table).resolve(other_large)
+    with pytest.raises(ValueError, match="BiLD's rollback threshold, but an early-exit config= was given"):
+        RiskControlled(0.5, config=hf_safe_exit.EarlyExitConfig(measure="softmax")).fit_table(table)
     # an early-exit calibration is not a BiLD one, and keeps binding to EarlyExit
     ee = collect(large, tokenizer, task, rows.select(range(2)), lambdas=[0.5, 1.0], batch_size=2, max_new_tokens=3,
                  max_input_length=MAX_IN, progress=False)
     ee_rc = RiskControlled(0.5).fit_table(ee)
     assert not ee_rc.is_bild and not hasattr(ee_rc, "decode")
-    assert isinstance(ee_rc.bind(large), hf_safe_exit.EarlyExit)
+    assert isinstance(ee_rc.resolve(large), hf_safe_exit.EarlyExit)
     with pytest.raises(ValueError, match="not for BiLD"):
         ee_rc.bild(small)
 
@@ -259,8 +260,8 @@ def test_resume_checks_the_bild_settings(setup, tmp_path):
     rows = rows.select(range(4))
     kwargs = dict(lambdas=[0.0, 0.5, 1.0], batch_size=2, max_new_tokens=4, max_input_length=MAX_IN, progress=False)
     out = tmp_path / "r.npz"
-    with pytest.raises(KeyboardInterrupt):
-        collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out), stop_after_cells=2,
+    with pytest.raises(KeyboardInterrupt), interrupted_after(2):
+        collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out), 
                 policy_factory=bild_policy_factory(small, fallback=0.3), **kwargs)
     resumed = collect(large, tokenizer, task, rows, output=out, state_dir=_state_dir(out),
                       policy_factory=bild_policy_factory(small, fallback=0.3), **kwargs)
@@ -319,7 +320,7 @@ def test_cli_collect_strategy_bild_then_calibrate(model_dirs, capsys, tmp_path):
                  "--model", large_dir, "--output", str(rc_dir)]) == 0
     policy = RiskControlled.from_pretrained(rc_dir).bild(small)
     assert policy.fallback == 0.2 and policy.max_draft_len == 4
-    assert policy.rollback == lambda_to_rollback(RiskControlled.from_pretrained(rc_dir).lambda_)
+    assert policy.rollback == lambda_to_rollback(RiskControlled.from_pretrained(rc_dir).threshold)
 
     evaluation = tmp_path / "eval.json"
     assert main(["evaluate", "--results", str(results), "--eps", "0.5", "--methods", "crc", "--repeats", "3",

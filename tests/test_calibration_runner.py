@@ -5,14 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from collect_helpers import interrupted_after
 
 from hf_safe_exit.calibration import StateMismatchError, collect, default_lambdas
-from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
 from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.confidence import HEAD_FREE_DEFAULT
+from hf_safe_exit.decoding.early_exit_loop import new_decoder_cache
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+
+from tiny_calibration import build_tiny_t5, build_word_tokenizer
 
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
@@ -46,11 +49,9 @@ def assert_same_results(a: LossTable, b: LossTable, timing: bool):
 
 def stock_greedy_text(model, tokenizer, prompt, max_new_tokens, max_length):
     """The full model's greedy output from HF's own generate (independent of our decoder loop)."""
-    from transformers import DynamicCache, EncoderDecoderCache
-
     enc = tokenizer([prompt], return_tensors="pt", truncation=True, max_length=max_length)
     # stock generate sizes the cache from the encoder depth; this model's decoder is deeper
-    cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config), DynamicCache(config=model.decoder.config))
+    cache = new_decoder_cache(model)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **cache_kwargs(cache))
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
@@ -108,8 +109,8 @@ def test_resume_after_interruption_gives_the_same_file(cnndm, tmp_path):
     assert not (tmp_path / "a.npz.partial").exists()  # the default state folder goes once the result is written
 
     out = tmp_path / "b.npz"
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, tokenizer, "cnndm", rows, output=out, stop_after_cells=5, **COMMON)
+    with pytest.raises(KeyboardInterrupt), interrupted_after(5):
+        collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
     assert not out.exists() and (tmp_path / "b.npz.partial").is_dir()
     resumed = collect(model, tokenizer, "cnndm", rows, output=out, **COMMON)
     assert_same_results(reference, resumed, timing=False)
@@ -119,8 +120,8 @@ def test_resume_after_interruption_gives_the_same_file(cnndm, tmp_path):
     state = tmp_path / "state"
     out = tmp_path / "c.npz"
     lines = lambda: sum(len(f.read_text().splitlines()) for f in state.glob("cells-*.jsonl"))  # noqa: E731
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=5, **COMMON)
+    with pytest.raises(KeyboardInterrupt), interrupted_after(5):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     assert lines() == 5
     resumed = collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     assert lines() == len(LAMBDAS) * 3  # 3 batches of ≤ 2 examples: only the 7 missing cells were decoded
@@ -141,13 +142,13 @@ def test_torn_last_line_is_dropped_on_resume(cnndm, tmp_path):
     rows, tokenizer, model = cnndm
     reference = collect(model, tokenizer, "cnndm", rows, output=tmp_path / "a.npz", **COMMON)
     state, out = tmp_path / "state", tmp_path / "b.npz"
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=3, **COMMON)
+    with pytest.raises(KeyboardInterrupt), interrupted_after(3):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     (cells_file,) = state.glob("cells-*.jsonl")
     complete = cells_file.read_text().splitlines()
     cells_file.write_text("\n".join(complete) + "\n" + '{"k": 2, "lambda": 0.9, "batch": 1, "ids": ["')  # torn
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=2, **COMMON)
+    with pytest.raises(KeyboardInterrupt), interrupted_after(2):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     # every line is a whole cell: the fragment was dropped before the two new cells were appended
     lines = cells_file.read_text().splitlines()
     assert cells_file.read_text().endswith("\n") and lines[:3] == complete and len(lines) == 5
@@ -163,8 +164,8 @@ def test_state_files_that_are_not_collects_are_refused_with_the_fix(cnndm, tmp_p
 
     rows, tokenizer, model = cnndm
     state, out = tmp_path / "state", tmp_path / "b.npz"
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, stop_after_cells=2, **COMMON)
+    with pytest.raises(KeyboardInterrupt), interrupted_after(2):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     (cells_file,) = state.glob("cells-*.jsonl")
     good = cells_file.read_text()
     for bad in ("garbage\n" + good, good + "[1, 2]\n" + good, good + '{"k": 0}\n'):  # garbage, foreign, incomplete
@@ -202,14 +203,14 @@ def test_bad_grid_is_refused(cnndm):
 
 
 def test_poe_collection_records_its_decoder_and_fits_a_poe_policy(cnndm):
-    from hf_safe_exit import EarlyExit, PoEConfig, RiskControlled
+    from hf_safe_exit import EarlyExit, EarlyExitConfig, PoEConfig, RiskControlled
     from hf_safe_exit.decoding.generate import generate
 
     rows, tokenizer, model = cnndm
     task = get_task("cnndm")
-    poe = collect(model, tokenizer, task, rows, anytime="poe", **COMMON)
+    poe = collect(model, tokenizer, task, rows, config=EarlyExitConfig(anytime="poe"), **COMMON)
     plain = collect(model, tokenizer, task, rows, **COMMON)
-    assert poe.metadata["anytime"] == PoEConfig().to_dict() and "anytime" not in plain.metadata
+    assert poe.metadata["anytime"] == PoEConfig().to_dict() and plain.metadata["anytime"] is None
     full = LAMBDAS.index(1.0)  # PoE's default final_layer="model": λ = 1 is the plain full model
     np.testing.assert_array_equal(poe.extras["task_loss"][full], plain.extras["task_loss"][full])
     # each row of the PoE table is what EarlyExit(anytime="poe") decodes, example by example
@@ -218,4 +219,4 @@ def test_poe_collection_records_its_decoder_and_fits_a_poe_policy(cnndm):
     out = generate(model, **enc, max_new_tokens=6, early_exit=EarlyExit(threshold=0.5, anytime="poe"))
     text = tokenizer.decode(out[0], skip_special_tokens=True).strip()
     assert poe.extras["task_loss"][k, 0] == pytest.approx(task.loss(text, task.reference(rows[0])), abs=1e-12)
-    assert RiskControlled(0.2).fit_table(poe).bind(model).anytime == PoEConfig()
+    assert RiskControlled(0.2).fit_table(poe).resolve(model).anytime == PoEConfig()

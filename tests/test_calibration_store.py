@@ -49,20 +49,20 @@ def test_task_choice_primary_and_listing(tmp_path):
     assert json.loads((tmp_path / "calibration" / "config.json").read_text()) == {"primary_task": "cnndm"}
     assert (tmp_path / "calibration" / "squad" / CALIBRATION_FILENAME).is_file()
     for eps in (0.02, 0.05, 0.1):
-        assert RiskControlled(eps).bind(model).threshold == RiskControlled(eps).fit_table(cnndm).lambda_
-        got = RiskControlled(eps, task="squad").bind(model)
-        assert got.threshold == RiskControlled(eps).fit_table(squad).lambda_ and got.certificate.task == "squad"
-    assert RiskControlled(0.05).bind(model).threshold != RiskControlled(0.05, task="squad").bind(model).threshold
+        assert RiskControlled(eps).resolve(model).threshold == RiskControlled(eps).fit_table(cnndm).threshold
+        got = RiskControlled(eps, task="squad").resolve(model)
+        assert got.threshold == RiskControlled(eps).fit_table(squad).threshold and got.certificate.task == "squad"
+    assert RiskControlled(0.05).resolve(model).threshold != RiskControlled(0.05, task="squad").resolve(model).threshold
     with pytest.raises(MissingCalibrationError, match=r"no calibration for task 'xsum'.*cnndm, squad"):
-        RiskControlled(0.05, task="xsum").bind(model)
+        RiskControlled(0.05, task="xsum").resolve(model)
     with pytest.raises(ValueError, match="collected on task 'cnndm'"):  # a fitted policy checks its task too
         RiskControlled(0.05, task="squad").fit_table(cnndm)
 
     store_calibration(tmp_path, table=squad, primary=True)
-    assert RiskControlled(0.05).bind(model).certificate.task == "squad"
+    assert RiskControlled(0.05).resolve(model).certificate.task == "squad"
     (tmp_path / "calibration" / "config.json").unlink()  # two tasks and no primary: the error lists them
     with pytest.raises(MissingCalibrationError, match=r"several tasks \(cnndm, squad\).*task="):
-        RiskControlled(0.05).bind(model)
+        RiskControlled(0.05).resolve(model)
 
 
 def test_stored_json_without_table_serves_only_its_own_request(tmp_path):
@@ -71,20 +71,20 @@ def test_stored_json_without_table_serves_only_its_own_request(tmp_path):
     fitted = RiskControlled(0.05, delta=0.1, method="ucb").fit_table(table)
     store_calibration(tmp_path, controlled=fitted)
     assert not (tmp_path / "calibration" / "cnndm" / CALIBRATION_FILENAME).exists()
-    bound = RiskControlled(0.05, delta=0.1, method="ucb").bind(model)
-    assert bound.threshold == fitted.lambda_ and bound.certificate == fitted.certificate
+    bound = RiskControlled(0.05, delta=0.1, method="ucb").resolve(model)
+    assert bound.threshold == fitted.threshold and bound.certificate == fitted.certificate
     with pytest.raises(MissingCalibrationError, match=r"eps=0\.1.*loss table"):
-        RiskControlled(0.1, delta=0.1, method="ucb").bind(model)
+        RiskControlled(0.1, delta=0.1, method="ucb").resolve(model)
 
 
 def test_checkpoints_with_a_root_calibration_still_load(tmp_path):
     model = _model_dir(tmp_path)
     table = _table(model, "cnndm", 0)
     table.save(tmp_path / CALIBRATION_FILENAME)  # the layout before calibration/<task>/
-    assert RiskControlled(0.05).bind(model).threshold == RiskControlled(0.05).fit_table(table).lambda_
-    assert RiskControlled(0.05, task="cnndm").bind(model).certificate.task == "cnndm"
+    assert RiskControlled(0.05).resolve(model).threshold == RiskControlled(0.05).fit_table(table).threshold
+    assert RiskControlled(0.05, task="cnndm").resolve(model).certificate.task == "cnndm"
     with pytest.raises(MissingCalibrationError, match="for task 'cnndm', not 'squad'"):
-        RiskControlled(0.05, task="squad").bind(model)
+        RiskControlled(0.05, task="squad").resolve(model)
 
 
 def test_store_refuses_a_table_without_task(tmp_path):
@@ -106,9 +106,9 @@ def test_default_model_fits_any_eps_for_every_task(task):
     for eps, delta, method in ((0.02, None, "crc"), (0.05, None, "crc"), (0.1, 0.1, "ucb"), (0.2, 0.05, "ltt")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an infeasible ε warns (λ̂ = 1): the comparison still holds
-            expected = RiskControlled(eps, delta=delta, method=method).fit_table(table).lambda_
-            got = RiskControlled(eps, delta=delta, method=method, task=task if task != "cnndm" else None).bind(model)
+            expected = RiskControlled(eps, delta=delta, method=method).fit_table(table).threshold
+            got = RiskControlled(eps, delta=delta, method=method, task=task if task != "cnndm" else None).resolve(model)
         assert got.threshold == expected
     # the shipped risk_control.json is the stored table refitted at its own request
     params = {k: shipped.get_params()[k] for k in ("eps", "delta", "method", "bound", "risk")}
-    assert RiskControlled(**params).fit_table(table).lambda_ == shipped.lambda_
+    assert RiskControlled(**params).fit_table(table).threshold == shipped.threshold

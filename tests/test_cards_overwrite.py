@@ -148,4 +148,4 @@ def test_a_refused_push_leaves_no_empty_repo(calibrated, tmp_path, monkeypatch):
 
     push_to_hub(rc, "me/new")  # nothing refuses it: created, then uploaded
     assert hub.created == ["me/new"]
-    assert json.loads(hub.files["calibration/cnndm/risk_control.json"])["lambda_"] == rc.lambda_
+    assert json.loads(hub.files["calibration/cnndm/risk_control.json"])["lambda_"] == rc.threshold

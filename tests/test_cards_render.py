@@ -90,7 +90,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     # --- the calibration next to the card is what from_pretrained loads, and it binds to the model
     loaded = RiskControlled.from_pretrained(directory)
     assert loaded.certificate == cert
-    assert loaded.bind(model).threshold == cert.lambda_hat
+    assert loaded.resolve(model).threshold == cert.lambda_hat
 
     # --- updating with another calibration of the task replaces it only when asked, then only ours changes
     crc = RiskControlled(eps=0.15, method="crc").fit_table(table)

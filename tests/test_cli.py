@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import hf_safe_exit
-from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.cli import main
 from hf_safe_exit.risk import RiskControlled, clear_cache
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 from cli_lines import one_error_line
+from tiny_calibration import save_tiny_t5
 
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
@@ -84,14 +84,14 @@ def test_calibrate_then_generate_with_the_saved_policy(workdir, capsys, tmp_path
     rc = RiskControlled.from_pretrained(out)
     table = LossTable.load(results)
     expected = RiskControlled(0.3).fit_table(table)  # same table, same settings: the same λ̂
-    assert rc.lambda_ == expected.lambda_ and rc.lambda_ in table.lambdas
+    assert rc.threshold == expected.threshold and rc.threshold in table.lambdas
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = hf_safe_exit.enable(AutoModelForSeq2SeqLM.from_pretrained(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = tok(["summarize: police said the man was arrested"], return_tensors="pt")
     got = model.generate(**enc, early_exit=rc, max_new_tokens=5, return_dict_in_generate=True)
-    ref = model.generate(**enc, early_exit=hf_safe_exit.EarlyExit(threshold=rc.lambda_), max_new_tokens=5,
+    ref = model.generate(**enc, early_exit=hf_safe_exit.EarlyExit(threshold=rc.threshold), max_new_tokens=5,
                          return_dict_in_generate=True)
     assert torch.equal(got.sequences, ref.sequences) and torch.equal(got.exit_layers, ref.exit_layers)
 
@@ -114,7 +114,7 @@ def test_calibrate_store_in_model_enables_the_unfitted_one_liner(workdir, tmp_pa
     model = hf_safe_exit.enable(AutoModelForSeq2SeqLM.from_pretrained(local))
     ids = torch.tensor([[5, 6, 7, 1]])
     out = model.generate(input_ids=ids, early_exit=RiskControlled(eps=0.4), max_new_tokens=3)
-    expected = RiskControlled(0.4).fit_table(LossTable.load(results)).lambda_
+    expected = RiskControlled(0.4).fit_table(LossTable.load(results)).threshold
     ref = model.generate(input_ids=ids, early_exit=hf_safe_exit.EarlyExit(threshold=expected), max_new_tokens=3)
     assert torch.equal(out, ref)
 

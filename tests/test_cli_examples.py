@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.risk import RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+
+from tiny_calibration import save_tiny_t5
 
 DATA = shared_data_dir()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -30,12 +31,12 @@ def test_example_runs_offline(tmp_path, capsys, script, task_name, score_key):
                               "--max-input-length", "40", "--output-dir", str(out)])
     assert (out / "results.npz").is_file() and (out / "risk_control.json").is_file()
     rc = RiskControlled.from_pretrained(out)
-    assert report["lambda_hat"] == rc.lambda_ and rc.lambda_ in (0.0, 0.5, 0.9, 1.0)
+    assert report["threshold"] == rc.threshold and rc.threshold in (0.0, 0.5, 0.9, 1.0)
     assert report["n_cal"] == 4 and report["n_test"] == 4 and 0.0 <= report[score_key] <= 1.0
     assert 1.0 <= report["mean_exit_layer"] <= 3.0
     # speed like for like: per generated token, the token counts recorded (4 test examples x at most 4 tokens)
     assert report["speedup_basis"] == "per generated token"
     assert 1 <= report["tokens_early"] <= 16 and 1 <= report["tokens_full"] <= 16 and report["speedup"] > 0
-    if rc.lambda_ == 1.0:  # no early exit: the early-exit output is the full model's
+    if rc.threshold == 1.0:  # no early exit: the early-exit output is the full model's
         assert report["performance_gap"] == 0.0 and report["mean_exit_layer"] == 3.0
     assert "λ̂ =" in capsys.readouterr().out

@@ -85,7 +85,7 @@ def _works(**kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an infeasible toy fit warns; working is what counts
         rc = RiskControlled(0.2, **kwargs).fit_table(_toy_table())
-    assert 0.0 <= rc.lambda_ <= 1.0
+    assert 0.0 <= rc.threshold <= 1.0
 
 
 def test_every_method_bound_and_risk_named_in_the_docs_and_the_cli_works():

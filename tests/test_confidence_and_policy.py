@@ -113,9 +113,13 @@ def test_threshold_outside_unit_interval_raises(bad):
 @pytest.mark.parametrize("layer", [0, 4, -1])
 def test_min_exit_layer_outside_decoder_raises(layer):
     model = hf_safe_exit.enable(tiny_t5(num_decoder_layers=3))
-    with pytest.raises(ValueError, match=r"min_exit_layer.*\[1, 3\]"):
-        model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2,
-                       early_exit=EarlyExit(min_exit_layer=layer))
+    if layer < 1:  # no model has such a layer: refused when the configuration is made
+        with pytest.raises(ValueError, match=r"min_exit_layer=-?\d must be a positive integer"):
+            EarlyExit(min_exit_layer=layer)
+    else:  # outside this model's decoder: refused when bound to it
+        with pytest.raises(ValueError, match=r"min_exit_layer.*\[1, 3\]"):
+            model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2,
+                           early_exit=EarlyExit(min_exit_layer=layer))
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
         model.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2, early_exit=ForcedExit(layer))
 

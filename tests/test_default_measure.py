@@ -8,7 +8,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_safe_exit
-from hf_safe_exit import EarlyExit, MetaClassifierHead, MetaHeadConfig, RiskControlled
+from hf_safe_exit import EarlyExit, EarlyExitConfig, MetaClassifierHead, MetaHeadConfig, RiskControlled
 from hf_safe_exit.confidence import HEAD_FREE_DEFAULT, MEASURES, get_measure
 from tiny_t5 import CONFIGS, VOCAB
 
@@ -42,10 +42,13 @@ def test_defaults_are_auto_everywhere():
     from hf_safe_exit.calibration import collect
     from hf_safe_exit.cli import build_parser
 
-    assert EarlyExit().measure == "auto"
-    assert inspect.signature(collect).parameters["measure"].default == "auto"
+    from hf_safe_exit import EarlyExitConfig
+
+    assert EarlyExit().measure == "auto" and EarlyExitConfig().measure == "auto"
+    assert inspect.signature(collect).parameters["config"].default is None  # None: EarlyExitConfig()
+    # the CLI leaves an unset option to the configuration's default
     assert build_parser().parse_args(["collect", "--model", "m", "--task", "cnndm", "--output", "o.npz"]).measure \
-        == "auto"
+        is None
     assert HEAD_FREE_DEFAULT in MEASURES and HEAD_FREE_DEFAULT != "meta"
 
 
@@ -83,13 +86,13 @@ def test_shipped_model_resolves_to_meta_and_its_calibrations_record_it():
     model, _ = hf_safe_exit.load_default_model()
     assert EarlyExit().bind(model).measure.name == "meta"  # it ships a trained meta head
     for task in ("cnndm", "squad"):  # its calibrations were made with the default, so they decode with meta too
-        rc = RiskControlled(eps=0.05, task=task).bind(model)
+        rc = RiskControlled(eps=0.05, task=task).resolve(model)
         assert rc.certificate.measure == "meta" and rc.measure.name == "meta"
 
 
 def test_collect_records_the_resolved_measure(tmp_path):
     from hf_safe_exit.calibration import collect
-    from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
+    from tiny_calibration import build_tiny_t5, build_word_tokenizer
 
     rows = [{"article": "the cat sat on the mat . it was warm .", "highlights": "cat sat .", "id": "a"},
             {"article": "a dog ran in the park . it was fast .", "highlights": "dog ran .", "id": "b"}]
@@ -101,7 +104,7 @@ def test_collect_records_the_resolved_measure(tmp_path):
     model.meta_head = MetaClassifierHead(MetaHeadConfig(d_model=model.config.d_model)).eval()
     with_head = collect(model, tokenizer, "cnndm", rows, **common)
     assert with_head.metadata["measure"] == "meta"
-    # RiskControlled(measure="auto") asks for the calibration's measure, as measure=None does
-    a = RiskControlled(eps=0.5, measure="auto").fit_table(with_head)
+    # a config with measure="auto" asks for the calibration's measure, as config=None does
+    a = RiskControlled(eps=0.5, config=EarlyExitConfig(measure="auto")).fit_table(with_head)
     b = RiskControlled(eps=0.5).fit_table(with_head)
-    assert a.lambda_ == b.lambda_ and a.certificate.measure == b.certificate.measure == "meta"
+    assert a.threshold == b.threshold and a.certificate.measure == b.certificate.measure == "meta"

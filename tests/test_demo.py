@@ -1,4 +1,8 @@
-"""The demo: end to end on a tiny model with its own calibration, clear failures, and the shipped default model."""
+"""The demo: end to end on a tiny model with its own calibration, clear failures, and the shipped default model.
+
+What a newcomer must see: the input before the output, the ε the demo runs at and why, and any infeasibility
+warning of the fit (never swallowed).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import pytest
 import torch
 
 from hf_safe_exit import EarlyExit, LossTable, RiskControlled, enable, model_fingerprint
-from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.compat import cache_kwargs
 from hf_safe_exit.decoding import new_decoder_cache
-from hf_safe_exit.demo import DEMO_ARTICLE, DEMO_QUESTION, DemoError, find_task_calibration, main, run_demo
+from hf_safe_exit.demo import (DEMO_ARTICLE, DEMO_QUESTION, DemoError, demo_eps, find_task_calibration,
+                               full_model_score, main, run_demo)
+from hf_safe_exit.risk import store_calibration
 from hf_safe_exit.models import default_model_available, default_model_path
+
+from tiny_calibration import save_tiny_t5
 
 
 def _calibrate(model, task: str, directory) -> RiskControlled:
@@ -61,15 +68,23 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_dir, monkeypatch):
     monkeypatch.undo()
     printed = buf.getvalue()
     assert [r.task for r in results] == ["cnndm", "squad"]
+    # the input comes before its output: the article (shortened), then the question
+    article_at = printed.index("Article: " + " ".join(DEMO_ARTICLE.split()[:20]))
+    assert "more words; " in printed and DEMO_ARTICLE not in printed  # shortened, saying so
+    question_at = printed.index(f"Question: {DEMO_QUESTION}")
+    assert article_at < printed.index("Summary (cnndm)") < question_at < printed.index("Answer (squad)")
+    # this folder stores only risk_control.json: the demo runs at its ε and says so
+    assert printed.count("Target: ε = 0.1: the ε this calibration was stored with (no loss table") == 2
+    assert [r.eps_reason.split(":")[0] for r in results] == ["ε = 0.1", "ε = 0.1"]
     model = enable(T5ForConditionalGeneration.from_pretrained(d).eval())
     tok = AutoTokenizer.from_pretrained(d)
     for r in results:
         rc = rcs[r.task]
-        assert r.lambda_hat == rc.lambda_ and 0.3 <= rc.lambda_ < 1
+        assert r.lambda_hat == rc.threshold and 0.3 <= rc.threshold < 1
         assert r.guarantee in printed and "With probability at least 1 − δ = 0.9" in r.guarantee
         # independent re-run of the same early-exit decode: the demo's tokens and layers are what generate gives
         enc = tok(r.prompt, return_tensors="pt", truncation=True, max_length=512)
-        ref = model.generate(**enc, max_new_tokens=12, early_exit=EarlyExit(threshold=rc.lambda_, measure="softmax"),
+        ref = model.generate(**enc, max_new_tokens=12, early_exit=EarlyExit(threshold=rc.threshold, measure="softmax"),
                              return_dict_in_generate=True)
         real = ref.exit_layers[0] > 0
         assert r.exit_layers == ref.exit_layers[0][real].tolist()
@@ -137,8 +152,17 @@ def test_demo_on_the_default_model_within_a_minute():
     elapsed = time.perf_counter() - start
     assert elapsed < 60, f"the demo took {elapsed:.1f} s"
     assert [r.task for r in results] == ["cnndm", "squad"]
+    printed = buf.getvalue()
     for r in results:
-        assert r.text.strip() and r.exit_layers and r.guarantee in buf.getvalue()
+        assert r.text.strip() and r.exit_layers and r.guarantee in printed
+    # ε small next to what this weak model scores (README states these): CNN/DM ROUGE-L 0.076 -> ε = 0.02 (UCB:
+    # λ̂ = 0.6), SQuAD F1 0.017 -> ε = 0.004 (λ̂ = 0.5), each printed with its reason before the output
+    assert [(r.eps_reason.split(":")[0], r.lambda_hat) for r in results] == [("ε = 0.02", 0.6), ("ε = 0.004", 0.5)]
+    assert "Target: ε = 0.02: about a quarter of the full model's ROUGE-L of 0.076 on its 200 calibration" in printed
+    assert "Target: ε = 0.004: about a quarter of the full model's F1 of 0.017 on its 600 calibration" in printed
+    assert printed.index("Article: The city council of Northfield") < printed.index("Summary (cnndm)")
+    assert printed.index(f"Question: {DEMO_QUESTION}") < printed.index("Answer (squad)")
+    assert "trained from scratch" in printed and "weak" in printed  # the model described honestly
 
 
 def test_demo_command_line(tiny_dir, capsys):
@@ -150,3 +174,71 @@ def test_demo_command_line(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "Summary (cnndm)" in out and "Answer (squad)" in out and "Guarantee:" in out
     assert cli_main(["demo", "--text", "a", "--file", "b"]) == 2  # mutually exclusive
+
+
+def _scored_table(model, task: str, full_score: float, n: int = 400, gap: float = 0.1) -> LossTable:
+    """A loss table with task losses (so it records the full model's score), early exit losing ``gap``·(1 − λ)."""
+    rng = np.random.default_rng(2)
+    lambdas = np.round(np.linspace(0.0, 1.0, 11), 10)
+    full = np.clip(rng.normal(full_score, 0.05, n), 0, 1)
+    scores = np.clip(full[None, :] - gap * (1 - lambdas)[:, None] * rng.uniform(0, 2, (11, n)), 0, 1)
+    scores[-1] = full
+    return LossTable.from_task_losses(lambdas, 1 - scores, metadata={
+        "model_fingerprint": model_fingerprint(model), "task": task, "measure": "softmax"})
+
+
+@pytest.fixture(scope="module")
+def scored_dir(tmp_path_factory):
+    """A tiny model whose folder stores, per task, a loss table that records the full model's score."""
+    from transformers import T5ForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("tiny_demo_scored")
+    save_tiny_t5(d, [DEMO_ARTICLE, DEMO_QUESTION], seed=0, num_decoder_layers=4)
+    model = T5ForConditionalGeneration.from_pretrained(d)
+    tables = {task: _scored_table(model, task, score) for task, score in (("cnndm", 0.4), ("squad", 0.6))}
+    for table in tables.values():
+        store_calibration(d, table=table)
+    return d, tables
+
+
+def test_demo_picks_eps_from_the_full_models_score_and_says_why(scored_dir, recwarn):
+    d, tables = scored_dir
+    buf = io.StringIO()
+    results = run_demo(model_dir=d, max_new_tokens=6, repeats=1, color=False, out=buf)
+    printed = buf.getvalue()
+    for r in results:
+        table = tables[r.task]
+        score = full_model_score(table)
+        eps = float(f"{score / 4:.1g}")  # a quarter of the full model's score, one significant digit
+        assert demo_eps(table, r.task)[0] == eps
+        rc = RiskControlled(eps, delta=0.1, method="ucb").fit_table(table)
+        assert r.lambda_hat == rc.threshold and f"at most ε = {eps:g}" in r.guarantee
+        metric = {"cnndm": "ROUGE-L", "squad": "F1"}[r.task]
+        line = f"Target: ε = {eps:g}: about a quarter of the full model's {metric} of {score:.2g} on its 400"
+        assert line in printed
+    assert [w for w in recwarn.list if issubclass(w.category, UserWarning)] == []  # feasible: nothing to warn
+
+
+def test_demo_never_swallows_the_infeasibility_warning(scored_dir, tmp_path):
+    d, tables = scored_dir
+    buf = io.StringIO()
+    with pytest.warns(UserWarning, match=r"eps=0\.0001.*λ̂ = 1"):
+        results = run_demo(model_dir=d, eps=1e-4, max_new_tokens=4, repeats=1, color=False, out=buf)
+    assert all(r.lambda_hat == 1.0 for r in results)
+    assert "Target: ε = 0.0001, as asked." in buf.getvalue()
+    assert "No threshold below 1 passed the test" in buf.getvalue()  # and the guarantee printed says so
+    with pytest.warns(UserWarning, match="λ̂ = 1"):
+        rc, _ = find_task_calibration(d, "cnndm", eps=1e-4)
+    assert rc.threshold == 1.0 and not rc.certificate.feasible
+    # the command line takes the same ε
+    from hf_safe_exit.cli import main as cli_main
+
+    with pytest.warns(UserWarning, match="λ̂ = 1"):
+        assert cli_main(["demo", "--model", str(d), "--no-color", "--eps", "0.0001", "--max-new-tokens", "2",
+                         "--text", "the council voted .", "--question", "who voted ?"]) == 0
+
+
+def test_demo_eps_without_a_loss_table_is_refused(tiny_dir):
+    d, _ = tiny_dir  # stores only risk_control.json (ε = 0.1): another ε needs the table
+    with pytest.raises(DemoError, match=r"no loss table.*ε = 0\.02|but no loss table"):
+        run_demo(model_dir=d, eps=0.02, repeats=1, out=io.StringIO())

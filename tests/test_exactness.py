@@ -285,3 +285,41 @@ def test_bild_rollback_zero_in_float32_differs_from_large_greedy_only_at_float_t
             step = int(differ[0]) - 1
             top2 = ref.logits[step][row].topk(2).values
             assert (top2[0] - top2[1]).abs() <= 1e-5 * top2[0].abs().clamp(min=1), (row, step, top2)
+
+
+# ---- found by review: caching off with a deeper decoder, stop strings ---------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["call", "generation_config"])
+def test_lambda_one_without_cache_and_a_deeper_decoder_is_hf(where):
+    # HF builds no cache with use_cache=False, so none may be handed over (it would be appended to at every step)
+    from transformers import GenerationConfig
+
+    model = _t5(seed=13, tied=False, layers=(2, 4))
+    ids, mask = _batch(97)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS)
+    if where == "call":
+        kwargs["use_cache"] = False
+    else:
+        kwargs["generation_config"] = GenerationConfig(use_cache=False, max_new_tokens=STEPS, decoder_start_token_id=0,
+                                                       eos_token_id=1, pad_token_id=0)
+    theirs = type(model).generate(model, **kwargs)
+    assert torch.equal(model.generate(**kwargs, early_exit=EarlyExit(threshold=1.0)), theirs)
+
+
+def test_stop_strings_with_a_tokenizer_stop_as_in_hf():
+    # HF drops the tokenizer of a custom_generate call; the stop-string criterion is built for it instead
+    model, tokenizer = hf_safe_exit.load_default_model()
+    inputs = tokenizer(["summarize: The council voted on Tuesday to turn the old railway depot into a public library."],
+                       return_tensors="pt")
+    free = type(model).generate(model, **inputs, max_new_tokens=12)
+    text = tokenizer.decode(free[0, 1:], skip_special_tokens=True)
+    stop = text.split()[1]  # a word the full model writes early
+    kwargs = dict(**inputs, max_new_tokens=12, stop_strings=[stop], tokenizer=tokenizer)
+    theirs = type(model).generate(model, **kwargs)
+    assert theirs.shape[1] < free.shape[1]  # the stop string did stop HF
+    assert torch.equal(model.generate(**kwargs, early_exit=EarlyExit(threshold=1.0)), theirs)
+    stopped = model.generate(**kwargs, early_exit=EarlyExit(threshold=0.9, measure="softmax"))
+    assert stop in tokenizer.decode(stopped[0], skip_special_tokens=True) or stopped.shape[1] == 13
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**inputs, max_new_tokens=12, stop_strings=[stop], early_exit=EarlyExit(threshold=1.0))

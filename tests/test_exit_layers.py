@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_safe_exit import EarlyExit, RiskControlled
+from hf_safe_exit import EarlyExit, EarlyExitConfig, RiskControlled
 from hf_safe_exit.confidence import ConfidenceMeasure
 from hf_safe_exit.errors import InconsistentCalibrationError
 from hf_safe_exit.risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME
@@ -78,7 +78,7 @@ def test_bad_exit_layers_are_refused_at_construction(bad):
     with pytest.raises(ValueError, match="exit_layers=.* must be distinct positive integers"):
         EarlyExit(exit_layers=bad)
     with pytest.raises(ValueError, match="exit_layers="):
-        RiskControlled(0.1, exit_layers=bad)
+        EarlyExitConfig(exit_layers=bad)
 
 
 def test_exit_layers_outside_the_decoder_or_below_min_exit_layer_are_refused_at_bind():
@@ -96,17 +96,18 @@ def test_a_calibration_decodes_with_the_exit_layers_its_losses_were_collected_wi
 
     table = toy_table(fingerprint=model_fingerprint(model), measure="softmax", exit_layers=[1, 3])
     rc = RiskControlled(0.05, delta=0.1, method="ucb").fit_table(table)
-    assert rc.bind(model).exit_layers == (1, 3)
-    with pytest.raises(ValueError, match=r"exit_layers=\[1, 3\] but this RiskControlled asks for exit_layers=\[2\]"):
-        RiskControlled(0.05, delta=0.1, method="ucb", exit_layers=(2,)).fit_table(table)
+    assert rc.resolve(model).exit_layers == (1, 3)
+    asks = EarlyExitConfig(measure="softmax", exit_layers=(2,))
+    with pytest.raises(ValueError, match=r"'exit_layers': \[1, 3\].*but config= asks for .*'exit_layers': \[2\]"):
+        RiskControlled(0.05, delta=0.1, method="ucb", config=asks).fit_table(table)
     plain = toy_table(fingerprint=model_fingerprint(model), measure="softmax")  # every layer checked
-    with pytest.raises(ValueError, match=r"exit_layers=None but this RiskControlled asks for exit_layers=\[2\]"):
-        RiskControlled(0.05, delta=0.1, method="ucb", exit_layers=(2,)).fit_table(plain)
-    assert RiskControlled(0.05, delta=0.1, method="ucb").fit_table(plain).bind(model).exit_layers is None
+    with pytest.raises(ValueError, match=r"'exit_layers': None.*but config= asks for .*'exit_layers': \[2\]"):
+        RiskControlled(0.05, delta=0.1, method="ucb", config=asks).fit_table(plain)
+    assert RiskControlled(0.05, delta=0.1, method="ucb").fit_table(plain).resolve(model).exit_layers is None
     # saved and loaded: the setting survives, and an edit against the table beside it is refused
     rc.save_pretrained(tmp_path)
     table.save(tmp_path / CALIBRATION_FILENAME)
-    assert RiskControlled.from_pretrained(tmp_path).bind(model).exit_layers == (1, 3)
+    assert RiskControlled.from_pretrained(tmp_path).resolve(model).exit_layers == (1, 3)
     path = tmp_path / RISK_CONTROL_FILENAME
     data = json.loads(path.read_text())
     data["calibration"]["exit_layers"] = [2]
@@ -118,17 +119,17 @@ def test_a_calibration_decodes_with_the_exit_layers_its_losses_were_collected_wi
 def test_policies_with_exit_layers_survive_generation_config_json():
     from hf_safe_exit.decoding.stored_policy import policy_from_dict, policy_to_dict
 
-    for policy in (EarlyExit(threshold=0.7, exit_layers=(3, 1)), RiskControlled(0.1, exit_layers=[2], task="cnndm")):
+    for policy in (EarlyExit(threshold=0.7, exit_layers=(3, 1)),
+                   RiskControlled(0.1, config=EarlyExitConfig(exit_layers=[2]), task="cnndm")):
         spec = json.loads(json.dumps(policy_to_dict(policy)))
-        assert spec["exit_layers"] == list(policy.exit_layers)
         rebuilt = policy_from_dict(spec)
-        assert rebuilt.exit_layers == policy.exit_layers
+        assert rebuilt.config.exit_layers == policy.config.exit_layers and rebuilt.config == policy.config
 
 
 def test_collect_records_exit_layers_and_decodes_with_them():
     from hf_safe_exit.calibration import collect
-    from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
     from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+    from tiny_calibration import build_tiny_t5, build_word_tokenizer
 
     data = shared_data_dir()
     if data is None:
@@ -137,12 +138,11 @@ def test_collect_records_exit_layers_and_decodes_with_them():
     task = get_task("cnndm")
     tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
     model = build_tiny_t5(len(tokenizer))  # 3 decoder layers
-    common = dict(lambdas=[0.0, 1.0], measure="softmax", batch_size=3, max_new_tokens=5, max_input_length=32,
-                  progress=False)
-    named = collect(model, tokenizer, task, rows, exit_layers=[2], **common)
-    every = collect(model, tokenizer, task, rows, **common)
-    assert named.metadata["exit_layers"] == [2] and "exit_layers" not in every.metadata
+    common = dict(lambdas=[0.0, 1.0], batch_size=3, max_new_tokens=5, max_input_length=32, progress=False)
+    named = collect(model, tokenizer, task, rows, config=EarlyExitConfig(measure="softmax", exit_layers=[2]), **common)
+    every = collect(model, tokenizer, task, rows, config=EarlyExitConfig(measure="softmax"), **common)
+    assert named.metadata["exit_layers"] == [2] and every.metadata["exit_layers"] is None
     # at λ = 0 every token exits at the first layer whose confidence is checked
     np.testing.assert_array_equal(named.extras["mean_exit_layer"][0], 2.0)
     np.testing.assert_array_equal(every.extras["mean_exit_layer"][0], 1.0)
-    assert RiskControlled(0.5).fit_table(named).bind(model).exit_layers == (2,)
+    assert RiskControlled(0.5).fit_table(named).resolve(model).exit_layers == (2,)

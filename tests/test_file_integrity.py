@@ -134,7 +134,7 @@ def test_bad_risk_control_json_is_refused_naming_the_file(kind, tmp_path):
 
 @pytest.mark.parametrize("change,needle", [
     (lambda d: d.pop("certificate"), "no 'certificate'"),
-    (lambda d: d["calibration"].pop("schedule"), "'schedule' is None"),  # used to fail only at bind time
+    (lambda d: d["calibration"].pop("schedule"), r"\['schedule'\] are missing"),  # used to fail only at bind time
     (lambda d: d["certificate"].pop("n"), "certificate is incomplete"),
     (lambda d: d.update(lambda_=1.5), r"lambda_=1\.5 is not a threshold"),
     (lambda d: d["params"].update(colour="red"), "params are not those of a RiskControlled"),
@@ -149,12 +149,12 @@ def test_incomplete_risk_control_json_is_refused_on_load(change, needle, tmp_pat
 
 def test_an_edited_lambda_is_refused_naming_both_values(tmp_path):
     folder, rc, _ = _saved(tmp_path, with_table=False)
-    assert 0.0 < rc.lambda_ < 1.0
+    assert 0.0 < rc.threshold < 1.0
     _edit(folder, lambda d: d.update(lambda_=0.0))
     with pytest.raises(InconsistentCalibrationError) as caught:
         RiskControlled.from_pretrained(folder)
     message = str(caught.value)
-    assert "lambda_ (λ̂) is 0.0" in message and f"says {rc.lambda_!r}" in message
+    assert "lambda_ (λ̂) is 0.0" in message and f"says {rc.threshold!r}" in message
     assert str(folder / RISK_CONTROL_FILENAME) in message and "hf-safe-exit calibrate" in message
     # an edit off the certificate's grid is caught without the table too
     _edit(folder, lambda d: (d.update(lambda_=0.55), d["certificate"].update(lambda_hat=0.55)))
@@ -164,13 +164,13 @@ def test_an_edited_lambda_is_refused_naming_both_values(tmp_path):
 
 def test_a_consistent_edit_is_caught_by_refitting_the_table_beside_it(tmp_path):
     folder, rc, table = _saved(tmp_path)
-    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_  # untouched: accepted
+    assert RiskControlled.from_pretrained(folder).threshold == rc.threshold  # untouched: accepted
     other = float(table.lambdas[0])  # λ̂ and certificate both edited to another grid point
     _edit(folder, lambda d: (d.update(lambda_=other), d["certificate"].update(lambda_hat=other)))
     with pytest.raises(InconsistentCalibrationError) as caught:
         RiskControlled.from_pretrained(folder)
     message = str(caught.value)
-    assert f"is {other!r}" in message and f"gives {rc.lambda_!r}" in message and CALIBRATION_FILENAME in message
+    assert f"is {other!r}" in message and f"gives {rc.threshold!r}" in message and CALIBRATION_FILENAME in message
     # a table from another calibration set beside an intact file is caught the same way
     folder2, _, _ = _saved(tmp_path / "b")
     table.subset(np.arange(100)).save(folder2 / CALIBRATION_FILENAME)
@@ -194,7 +194,7 @@ def _in_both(key, value):
 def test_settings_edited_against_the_table_beside_them_are_refused(key, edited, tmp_path):
     """λ̂ holds for the settings its losses were collected with: the table beside the file records them."""
     folder, rc, table = _saved(tmp_path, decay_tau=4.0, anytime=None, max_new_tokens=32, max_input_length=128)
-    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_  # untouched: accepted
+    assert RiskControlled.from_pretrained(folder).threshold == rc.threshold  # untouched: accepted
     _edit(folder, _in_both(key, edited))
     with pytest.raises(InconsistentCalibrationError) as caught:
         RiskControlled.from_pretrained(folder)
@@ -203,7 +203,7 @@ def test_settings_edited_against_the_table_beside_them_are_refused(key, edited, 
     assert f"calibration.{key} is {edited!r}" in message and f"{key}={table.metadata[key]!r}" in message
     # the json alone (no table beside it) cannot tell: that is what the table's check adds
     (folder / CALIBRATION_FILENAME).unlink()
-    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_
+    assert RiskControlled.from_pretrained(folder).threshold == rc.threshold
 
 
 def test_only_the_settings_a_table_records_are_compared(tmp_path):
@@ -214,7 +214,7 @@ def test_only_the_settings_a_table_records_are_compared(tmp_path):
                                                               "model_fingerprint": table.metadata["model_fingerprint"]})
     older.save(folder / CALIBRATION_FILENAME)
     _edit(folder, _in_both("min_exit_layer", 2))
-    assert RiskControlled.from_pretrained(folder).lambda_ == rc.lambda_
+    assert RiskControlled.from_pretrained(folder).threshold == rc.threshold
     _edit(folder, _in_both("task", "squad"))  # the task it does record is still compared
     with pytest.raises(InconsistentCalibrationError, match="calibration.task is 'squad'.*task='cnndm'"):
         RiskControlled.from_pretrained(folder)
@@ -237,13 +237,13 @@ def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp
     table = toy_table(fingerprint=model_fingerprint(model))
     rc = RiskControlled(0.05, delta=0.1, method="ucb").fit_table(table)
     store_calibration(tmp_path, table=table, controlled=rc)
-    assert RiskControlled(0.05).bind(reloaded).threshold == RiskControlled(0.05).fit_table(table).lambda_
+    assert RiskControlled(0.05).resolve(reloaded).threshold == RiskControlled(0.05).fit_table(table).threshold
     stored_json = tmp_path / "calibration" / "cnndm" / RISK_CONTROL_FILENAME
     data = json.loads(stored_json.read_text())
     data["lambda_"] = data["certificate"]["lambda_hat"] = 0.0
     stored_json.write_text(json.dumps(data))
     clear_cache()
-    for load in (lambda: RiskControlled(0.05).bind(reloaded), lambda: RiskControlled.from_pretrained(tmp_path)):
+    for load in (lambda: RiskControlled(0.05).resolve(reloaded), lambda: RiskControlled.from_pretrained(tmp_path)):
         with pytest.raises(InconsistentCalibrationError, match="refitting the loss table"):
             load()
     # a garbage or foreign calibration/config.json names itself and the fix
@@ -251,7 +251,7 @@ def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp
         (tmp_path / "calibration" / "config.json").write_text(content)
         clear_cache()
         with pytest.raises(CorruptFileError, match=r"calibration/config\.json'.*primary_task"):
-            RiskControlled(0.05).bind(reloaded)
+            RiskControlled(0.05).resolve(reloaded)
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -259,29 +259,29 @@ def test_a_missing_fingerprint_is_refused_unless_the_user_opts_out(tmp_path):
     model = random_t5(initializer_factor=4.0)
     table = toy_table()  # no model_fingerprint in its metadata
     with pytest.raises(MissingFingerprintError, match="allow_missing_fingerprint=True"):
-        RiskControlled(0.1).fit_table(table).bind(model)
-    assert RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(table).bind(model).threshold == \
-        RiskControlled(0.1).fit_table(table).lambda_
+        RiskControlled(0.1).fit_table(table).resolve(model)
+    assert RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(table).resolve(model).threshold == \
+        RiskControlled(0.1).fit_table(table).threshold
     # stored with the model, for the unfitted one-liner
     model.early_exit_calibration = table
     with pytest.raises(MissingFingerprintError, match="does not record which model"):
-        RiskControlled(0.1).bind(model)
-    assert RiskControlled(0.1, allow_missing_fingerprint=True).bind(model).threshold == \
-        RiskControlled(0.1).fit_table(table).lambda_
+        RiskControlled(0.1).resolve(model)
+    assert RiskControlled(0.1, allow_missing_fingerprint=True).resolve(model).threshold == \
+        RiskControlled(0.1).fit_table(table).threshold
     # saved and loaded: the opt-out is the loader's choice, not part of the file
     RiskControlled(0.1).fit_table(table).save_pretrained(tmp_path)
     assert "allow_missing_fingerprint" not in json.loads((tmp_path / RISK_CONTROL_FILENAME).read_text())["params"]
     with pytest.raises(MissingFingerprintError):
-        RiskControlled.from_pretrained(tmp_path).bind(model)
-    RiskControlled.from_pretrained(tmp_path, allow_missing_fingerprint=True).bind(model)
+        RiskControlled.from_pretrained(tmp_path).resolve(model)
+    RiskControlled.from_pretrained(tmp_path, allow_missing_fingerprint=True).resolve(model)
     # another model's fingerprint is refused even with the opt-out
     other = toy_table(fingerprint="0123456789abcdef")
     with pytest.raises(ModelMismatchError, match="another model"):
-        RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(other).bind(model)
+        RiskControlled(0.1, allow_missing_fingerprint=True).fit_table(other).resolve(model)
 
 
 def test_cli_calibrate_refuses_a_table_without_fingerprint_unless_told(tmp_path, capsys):
-    from hf_safe_exit.calibration.tiny import save_tiny_t5
+    from tiny_calibration import save_tiny_t5
 
     model_dir = save_tiny_t5(tmp_path / "model", ["a few words of text for the tokenizer"] * 4, seed=0)
     results = tmp_path / "results.npz"
@@ -317,7 +317,7 @@ def test_the_shipped_calibrations_pass_every_check(task, tmp_path):
     # and a copy with λ̂ edited is refused
     copy = tmp_path / task
     shutil.copytree(root / "calibration" / task, copy)
-    edited = 1.0 if rc.lambda_ < 1.0 else float(rc.certificate.grid[0])
+    edited = 1.0 if rc.threshold < 1.0 else float(rc.certificate.grid[0])
     _edit(copy, lambda d: (d.update(lambda_=edited), d["certificate"].update(lambda_hat=edited, feasible=edited < 1)))
     with pytest.raises(InconsistentCalibrationError):
         RiskControlled.from_pretrained(copy)

@@ -22,11 +22,12 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, T5ForConditionalGeneration
 
 import hf_safe_exit
-from hf_safe_exit.calibration.tiny import save_tiny_t5
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 from hf_safe_exit.training.finetune import FinetuneConfig, command_line, fit_calibration
+
+from tiny_calibration import save_tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_calm.py"
@@ -147,20 +148,20 @@ def test_one_liner_on_a_plain_from_pretrained_of_the_folder(finetuned):
     # a target so strict that n = 8 examples certify no early exit: λ̂ = 1, which is HF's own decoding
     strict = RiskControlled(eps=1e-4)
     out_strict = model.generate(**inputs, early_exit=strict, max_new_tokens=12)
-    assert strict.bind(model).threshold == 1.0
+    assert strict.resolve(model).threshold == 1.0
     assert torch.equal(out_strict, hf)
     assert torch.equal(model.generate(**inputs, early_exit=False, max_new_tokens=12), hf)
     # the calibrated request (the card's snippet) decodes under the stored certificate
     cfg = results["config"]
     rc = RiskControlled(eps=cfg["eps"], delta=cfg["delta"], method=cfg["method"])
     res = model.generate(**inputs, early_exit=rc, max_new_tokens=12, return_dict_in_generate=True)
-    assert res.early_exit.threshold == results["calibration"]["lambda_hat"]
+    assert res.early_exit.threshold == results["calibration"]["threshold"]
     assert res.certificate == RiskControlled.from_pretrained(out / "calibration" / "cnndm").certificate
     # any other ε is fitted from the stored loss table
     table = LossTable.load(out / "calibration/cnndm/early_exit_calibration.npz")
     loose = model.generate(**inputs, early_exit=RiskControlled(eps=0.5), max_new_tokens=12,
                            return_dict_in_generate=True)
-    assert loose.early_exit.threshold == RiskControlled(eps=0.5).fit_table(table).lambda_
+    assert loose.early_exit.threshold == RiskControlled(eps=0.5).fit_table(table).threshold
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # an infeasible ε warns (λ̂ = 1); the comparison still holds

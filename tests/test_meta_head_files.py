@@ -145,8 +145,8 @@ def test_a_model_from_the_hub_finds_the_head_in_its_repo(tmp_path, monkeypatch):
     store_calibration(tmp_path, table=table)
     fresh, _ = _from_hub(monkeypatch, tmp_path)
     fresh = hf_safe_exit.enable(fresh)
-    bound = RiskControlled(0.1).bind(fresh)
-    assert bound.measure.name == "meta" and bound.threshold == RiskControlled(0.1).fit_table(table).lambda_
+    bound = RiskControlled(0.1).resolve(fresh)
+    assert bound.measure.name == "meta" and bound.threshold == RiskControlled(0.1).fit_table(table).threshold
     assert torch.equal(fresh.generate(**INPUTS, early_exit=RiskControlled(0.1), max_new_tokens=4),
                        fresh.generate(**INPUTS, early_exit=EarlyExit(threshold=bound.threshold, measure="meta"),
                                       max_new_tokens=4))

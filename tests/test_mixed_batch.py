@@ -1,7 +1,7 @@
 """Batches whose rows exit at different layers: every row as if decoded alone, and as the no-cache reference.
 
 At a layer where only some rows still decide, the decoder runs attention on batch *slices* of the K/V caches
-(``_RowPlan`` segments: runs of deciding rows, merged across short gaps whose rows get a zero query and whose
+(``RowPlan`` segments: runs of deciding rows, merged across short gaps whose rows get a zero query and whose
 outputs are dropped) instead of copying the deciding rows out of the caches. Each test runs under three plans:
 ``runs`` (never merge: one call per run of consecutive deciding rows), ``span`` (always merge: one call over the
 slice from the first to the last deciding row, padding the rows in between), the default cost model, and
@@ -40,7 +40,7 @@ def plan(request, monkeypatch):
     if call_bytes == "dense":  # every block on the whole batch, exited rows held by torch.where (the GPU path)
         monkeypatch.setitem(dense_rows.DENSE_ROWS, "cpu", True)
     elif call_bytes is not None:
-        monkeypatch.setitem(row_plan._CALL_COST_BYTES, "cpu", call_bytes)
+        monkeypatch.setitem(row_plan.CALL_COST_BYTES, "cpu", call_bytes)
     return request.param
 
 
@@ -233,7 +233,7 @@ def test_poe_anytime_with_mixed_exits(plan):
 
 
 def test_row_plan_segments():
-    plan = row_plan._RowPlan
+    plan = row_plan.RowPlan
 
     def segments(rows, row_bytes, call_bytes):
         return [(lo, hi, start, stop, None if keep is None else keep.tolist())

@@ -209,8 +209,8 @@ def test_training_loss_and_meta_examples():
 
 
 def test_greedy_evaluation():
-    from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
     from hf_safe_exit.training.evaluation import greedy_generate
+    from tiny_calibration import build_tiny_t5, build_word_tokenizer
 
     texts = ["the council voted on tuesday to build a library .", "who voted ?"]
     tokenizer = build_word_tokenizer(texts)
@@ -221,9 +221,9 @@ def test_greedy_evaluation():
 
 def test_bild_calibration_collect(tmp_path):
     from hf_safe_exit.calibration import collect
-    from hf_safe_exit.calibration.tiny import build_tiny_t5, build_word_tokenizer
     from hf_safe_exit.decoding.bild import bild_policy_factory
     from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+    from tiny_calibration import build_tiny_t5, build_word_tokenizer
 
     data = shared_data_dir()
     if data is None:

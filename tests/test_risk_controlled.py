@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
+from hf_safe_exit.config import EarlyExitConfig
 from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.policy import EarlyExit
-from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, LossTable, MissingCalibrationError,
-                               RiskControlled, select)
+from hf_safe_exit.risk import (CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, Calibration, LossTable,
+                               MissingCalibrationError, RiskControlled, select)
 
 from tiny_t5 import random_t5
 from toy_losses import toy_table, toy_task_losses
@@ -37,12 +38,12 @@ def test_fit_returns_self_and_matches_select(method, delta, bound):
         assert rc.fit(table.lambdas, gap) is rc
     sel = select(method, table.lambdas, gap, 0.1, delta, bound=bound, loss_bounds=(-1, 1))
     cert = rc.certificate
-    assert rc.lambda_ == sel.lambda_hat == cert.lambda_hat
+    assert rc.threshold == sel.lambda_hat == cert.lambda_hat
     assert cert.eps == 0.1 and cert.delta == delta and cert.method == method and cert.n == gap.shape[1]
-    k = int(np.flatnonzero(table.lambdas == rc.lambda_)[0])
+    k = int(np.flatnonzero(table.lambdas == rc.threshold)[0])
     assert cert.empirical_risk == pytest.approx(gap[k].mean())
     assert cert.grid == sorted(table.lambdas.tolist())
-    assert cert.feasible == (rc.lambda_ < 1)
+    assert cert.feasible == (rc.threshold < 1)
     if method == "crc":
         n = gap.shape[1]
         assert cert.risk_bound == pytest.approx(n / (n + 1) * gap[k].mean() + 1 / (n + 1))
@@ -56,7 +57,7 @@ def test_fit_table_records_metadata_and_chooses_risk():
     assert rc.certificate.model_fingerprint == "abc123" and rc.certificate.task == "toy"
     assert rc.certificate.measure == "softmax" and rc.certificate.risk == "consistency"
     direct = RiskControlled(0.05, risk="consistency").fit(table.lambdas, table.losses["consistency"], (0, 1))
-    assert direct.lambda_ == rc.lambda_
+    assert direct.threshold == rc.threshold
 
 
 def test_infeasible_warns_and_returns_one():
@@ -64,18 +65,18 @@ def test_infeasible_warns_and_returns_one():
     with pytest.warns(UserWarning, match=r"n=15 calibration examples are too few.* 0\.0625 > ε = 0\.05.*"
                       r"decodes at λ = 1.*never exits early") as caught:
         rc = RiskControlled(0.05).fit_table(table)
-    assert rc.lambda_ == 1.0 and rc.certificate.feasible is False
+    assert rc.threshold == 1.0 and rc.certificate.feasible is False
     assert "fails the test" not in str(caught[0].message)
     # enough examples, but every λ < 1 harms too much: the message says so instead
     with pytest.warns(UserWarning, match=r"no λ < 1 passes the test with n=400.*at the largest, λ = 0\.9"):
-        assert RiskControlled(0.003).fit_table(_table()).lambda_ == 1.0
+        assert RiskControlled(0.003).fit_table(_table()).threshold == 1.0
 
 
 def test_unrestricted_gap_more_efficient_than_zero_bounded_via_api():
     table = _table()
     a = RiskControlled(0.05, 0.1, method="ucb").fit_table(table)
     b = RiskControlled(0.05, 0.1, method="ucb", risk="performance_gap_bounded").fit_table(table)
-    assert a.lambda_ <= b.lambda_
+    assert a.threshold <= b.threshold
 
 
 # ---------------------------------------------------------------- validation
@@ -91,8 +92,6 @@ def test_unrestricted_gap_more_efficient_than_zero_bounded_via_api():
     ({"eps": 0.1, "method": "ucb", "delta": 0.1, "bound": "chernoff"}, "bound"),
     ({"eps": 0.1, "risk": "accuracy"}, "risk"),
     ({"eps": 0.1, "monotonize": "yes"}, "monotonize"),
-    ({"eps": 0.1, "schedule": "linear"}, "schedule"),
-    ({"eps": 0.1, "measure": "entropy"}, "measure"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -113,7 +112,7 @@ def test_fit_validation(lam, losses, match):
 
 def test_measure_mismatch_with_table_raises():
     with pytest.raises(ValueError, match="measure"):
-        RiskControlled(0.1, measure="saturation").fit_table(_table())
+        RiskControlled(0.1, config=EarlyExitConfig(measure="saturation")).fit_table(_table())
     with pytest.raises(ValueError, match="no 'consistency'"):
         lam, task = toy_task_losses()
         RiskControlled(0.1, risk="consistency").fit_table(LossTable.from_task_losses(lam, task))
@@ -127,11 +126,11 @@ def test_save_and_load_round_trip(tmp_path):
     path = rc.save_pretrained(tmp_path / "rc")
     assert path.endswith(RISK_CONTROL_FILENAME)
     data = json.loads((tmp_path / "rc" / RISK_CONTROL_FILENAME).read_text())
-    assert data["lambda_"] == rc.lambda_ and data["calibration"]["model_fingerprint"] == "f00d"
+    assert data["lambda_"] == rc.threshold and data["calibration"]["model_fingerprint"] == "f00d"
     back = RiskControlled.from_pretrained(tmp_path / "rc")
-    assert back.lambda_ == rc.lambda_ and back.certificate == rc.certificate
+    assert back.threshold == rc.threshold and back.certificate == rc.certificate
     assert back.get_params() == rc.get_params()
-    assert RiskControlled.from_pretrained(path).lambda_ == rc.lambda_  # the file itself works too
+    assert RiskControlled.from_pretrained(path).threshold == rc.threshold  # the file itself works too
 
 
 def test_save_unfitted_raises(tmp_path):
@@ -191,9 +190,9 @@ def test_bind_fitted_gives_early_exit_with_calibrated_settings():
     model = random_t5()
     table = _table(fingerprint=model_fingerprint(model), schedule="decaying", min_exit_layer=2)
     rc = RiskControlled(0.1, 0.1, method="ucb").fit_table(table)
-    bound = rc.bind(model)
+    bound = rc.resolve(model)
     assert isinstance(bound, EarlyExit)
-    assert bound.threshold == rc.lambda_ and bound.schedule == "decaying" and bound.min_exit_layer == 2
+    assert bound.threshold == rc.threshold and bound.schedule == "decaying" and bound.min_exit_layer == 2
     assert bound.measure.name == "softmax"
     assert not hasattr(model, "early_exit") and not hasattr(model.generation_config, "early_exit")
 
@@ -201,9 +200,9 @@ def test_bind_fitted_gives_early_exit_with_calibrated_settings():
 def test_bind_on_another_model_raises():
     model_a, model_b = random_t5(0), random_t5(1)
     rc = RiskControlled(0.1).fit_table(_table(fingerprint=model_fingerprint(model_a)))
-    rc.bind(model_a)
+    rc.resolve(model_a)
     with pytest.raises(ValueError, match="another model"):
-        rc.bind(model_b)
+        rc.resolve(model_b)
 
 
 def test_fitted_from_raw_matrix_needs_measure_to_bind():
@@ -211,9 +210,10 @@ def test_fitted_from_raw_matrix_needs_measure_to_bind():
     # a raw matrix records no model: binding it needs the explicit opt-out (tests/test_file_integrity.py)
     rc = RiskControlled(0.1, allow_missing_fingerprint=True).fit(lam, task - task[-1])
     with pytest.raises(ValueError, match="measure"):
-        rc.bind(random_t5())
-    rc = RiskControlled(0.1, measure="saturation", allow_missing_fingerprint=True).fit(lam, task - task[-1])
-    assert rc.bind(random_t5()).measure.name == "saturation"
+        rc.resolve(random_t5())
+    rc = RiskControlled(0.1, config=EarlyExitConfig(measure="saturation"), allow_missing_fingerprint=True).fit(
+        lam, task - task[-1])
+    assert rc.resolve(random_t5()).measure.name == "saturation"
 
 
 def test_unfitted_one_liner_with_attached_table(monkeypatch):
@@ -222,18 +222,18 @@ def test_unfitted_one_liner_with_attached_table(monkeypatch):
     model.early_exit_calibration = table
     for eps, delta, method in ((0.05, None, "crc"), (0.1, 0.1, "ucb")):
         policy = RiskControlled(eps, delta, method=method)
-        bound = policy.bind(model)
-        assert bound.threshold == RiskControlled(eps, delta, method=method).fit_table(table).lambda_
+        bound = policy.resolve(model)
+        assert bound.threshold == RiskControlled(eps, delta, method=method).fit_table(table).threshold
         assert not policy.is_fitted  # the user's object is left untouched
     # cached: a second bind with the same request does not refit
     fits = []
-    original = RiskControlled.fit_table
-    monkeypatch.setattr(RiskControlled, "fit_table", lambda self, t: fits.append(1) or original(self, t))
-    RiskControlled(0.05).bind(model)
-    RiskControlled(0.05).bind(model)
+    original = Calibration.fit
+    monkeypatch.setattr(Calibration, "fit", lambda *a: fits.append(1) or original(*a))
+    RiskControlled(0.05).resolve(model)
+    RiskControlled(0.05).resolve(model)
     assert fits == []
-    RiskControlled(0.07).bind(model)  # a new ε fits once
-    RiskControlled(0.07).bind(model)
+    RiskControlled(0.07).resolve(model)  # a new ε fits once
+    RiskControlled(0.07).resolve(model)
     assert fits == [1]
 
 
@@ -243,22 +243,22 @@ def test_unfitted_one_liner_from_checkpoint_directory(tmp_path):
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert model_fingerprint(reloaded) == model_fingerprint(model)
     with pytest.raises(MissingCalibrationError, match="hf-safe-exit calibrate"):
-        RiskControlled(0.05).bind(reloaded)
+        RiskControlled(0.05).resolve(reloaded)
     _table(fingerprint=model_fingerprint(model)).save(tmp_path / CALIBRATION_FILENAME)
-    bound = RiskControlled(0.05).bind(reloaded)
-    assert bound.threshold == RiskControlled(0.05).fit_table(LossTable.load(tmp_path)).lambda_
+    bound = RiskControlled(0.05).resolve(reloaded)
+    assert bound.threshold == RiskControlled(0.05).fit_table(LossTable.load(tmp_path)).threshold
 
 
 def test_unfitted_one_liner_rejects_table_of_another_model():
     model = random_t5()
     model.early_exit_calibration = _table(fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="another model"):
-        RiskControlled(0.05).bind(model)
+        RiskControlled(0.05).resolve(model)
 
 
 def test_unfitted_without_calibration_explains_how_to_calibrate():
     with pytest.raises(MissingCalibrationError, match="fit_table"):
-        RiskControlled(0.05).bind(random_t5())
+        RiskControlled(0.05).resolve(random_t5())
 
 
 def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
@@ -282,13 +282,13 @@ def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     model.config._name_or_path = "someone/t5-early-exit"
     model.name_or_path = "someone/t5-early-exit"
-    bound = RiskControlled(0.05).bind(model)
+    bound = RiskControlled(0.05).resolve(model)
     assert ("someone/t5-early-exit", "calibration/config.json") in calls
     assert ("someone/t5-early-exit", f"calibration/cnndm/{CALIBRATION_FILENAME}") in calls
-    assert bound.threshold == RiskControlled(0.05).fit_table(table).lambda_
+    assert bound.threshold == RiskControlled(0.05).fit_table(table).threshold
     assert bound.certificate.task == "cnndm"
     n_calls = len(calls)
-    RiskControlled(0.05).bind(model)
+    RiskControlled(0.05).resolve(model)
     assert len(calls) == n_calls  # downloaded files are cached for the process
 
 
@@ -301,7 +301,7 @@ def test_generate_one_liner_with_risk_controlled():
     assert fitted.certificate.feasible
     out_one_liner = model.generate(**inputs, early_exit=RiskControlled(eps=0.1), max_new_tokens=4)
     out_fitted = model.generate(**inputs, early_exit=fitted, max_new_tokens=4)
-    out_plain = model.generate(**inputs, early_exit=EarlyExit(threshold=fitted.lambda_, measure="softmax"),
+    out_plain = model.generate(**inputs, early_exit=EarlyExit(threshold=fitted.threshold, measure="softmax"),
                                max_new_tokens=4)
     assert torch.equal(out_one_liner, out_fitted) and torch.equal(out_fitted, out_plain)
 
@@ -329,28 +329,30 @@ def test_poe_calibration_binds_decodes_and_round_trips_with_poe(tmp_path):
     poe = PoEConfig(activation="softplus")
     table = _table(fingerprint=model_fingerprint(model), anytime=poe.to_dict())
     rc = RiskControlled(0.1).fit_table(table)
-    bound = rc.bind(model)
+    bound = rc.resolve(model)
     assert bound.anytime == poe  # the calibrated decoder, not plain early exit
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 1], [9, 3, 2, 1]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     ours = model.generate(**inputs, early_exit=rc, max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(**inputs, early_exit=EarlyExit(threshold=rc.lambda_, measure="softmax", anytime=poe),
+    ref = model.generate(**inputs, early_exit=EarlyExit(threshold=rc.threshold, measure="softmax", anytime=poe),
                          max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(ours.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.scores, ref.scores))
     rc.save_pretrained(tmp_path)
-    assert RiskControlled.from_pretrained(tmp_path).bind(model).anytime == poe
-    assert RiskControlled(0.1, anytime=poe).fit_table(table).lambda_ == rc.lambda_  # agreeing setting is accepted
+    assert RiskControlled.from_pretrained(tmp_path).resolve(model).anytime == poe
+    agreeing = RiskControlled(0.1, config=EarlyExitConfig(measure="softmax", anytime=poe))
+    assert agreeing.fit_table(table).threshold == rc.threshold  # an agreeing configuration is accepted
 
 
 def test_anytime_mismatch_with_table_raises():
     with pytest.raises(ValueError, match="anytime"):
-        RiskControlled(0.1, anytime="poe").fit_table(_table())  # a plain early-exit table
+        RiskControlled(0.1, config=EarlyExitConfig(anytime="poe")).fit_table(_table())  # a plain early-exit table
     from hf_safe_exit import PoEConfig
 
     with pytest.raises(ValueError, match="anytime"):
-        RiskControlled(0.1, anytime=PoEConfig(weights="uniform")).fit_table(_table(anytime=PoEConfig().to_dict()))
-    with pytest.raises(ValueError, match="anytime"):
-        RiskControlled(0.1, anytime="products")
+        RiskControlled(0.1, config=EarlyExitConfig(anytime=PoEConfig(weights="uniform"))).fit_table(
+            _table(anytime=PoEConfig().to_dict()))
+    with pytest.raises(TypeError, match="EarlyExitConfig"):
+        RiskControlled(0.1, config={"anytime": "poe"})
 
 
 def test_generation_settings_of_the_calibration_survive_save_and_load(tmp_path):

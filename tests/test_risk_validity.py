@@ -8,13 +8,21 @@ error sqrt(p(1 − p)/S) and a mean with std/sqrt(S); we allow 4 standard errors
 """
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hf_safe_exit.risk.loss_table import LossTable
 from hf_safe_exit.risk.selection import select
-from hf_safe_exit.risk.simulation import SIM_METHODS, mc_tolerance, simulate, synthetic_population
+
+BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")  # the simulations are benchmark code
+sys.path.insert(0, BENCH)
+try:
+    from risk_simulation import SIM_METHODS, mc_tolerance, simulate, synthetic_population
+finally:
+    sys.path.remove(BENCH)
 
 S = 500          # random calibration splits per ε
 N_CAL = 300

@@ -220,5 +220,5 @@ def test_a_fitted_policy_is_stored_with_its_own_task(tmp_path):
     assert spec["task"] == "squad"
     model.save_pretrained(tmp_path)
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
-    bound = policy_from_dict(spec).bind(reloaded)
-    assert bound.certificate.task == "squad" and bound.threshold == fitted.lambda_
+    bound = policy_from_dict(spec).resolve(reloaded)
+    assert bound.certificate.task == "squad" and bound.threshold == fitted.threshold

@@ -1,4 +1,4 @@
-"""The from-scratch recipe in hf_safe_exit.training: its settings and its card.
+"""The default model's from-scratch recipe (scripts/default_model_recipe): its settings and its card.
 
 Reference for the card: the shipped default model's README.md, which ``--card-only`` must re-render byte for byte
 from ``training_results.json`` (guarantee sections, their results and tags kept), and which must lose nothing
@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from hf_safe_exit.models import default_model_available, default_model_path
-from hf_safe_exit.training.recipe import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = str(ROOT / "scripts")  # the recipe is not part of the library
+sys.path.insert(0, SCRIPTS)
+try:
+    from default_model_recipe.recipe import RecipeConfig
+finally:
+    sys.path.remove(SCRIPTS)
 
 
 def _copy_default_model(tmp_path: Path) -> Path:
@@ -32,7 +38,7 @@ def _copy_default_model(tmp_path: Path) -> Path:
 def test_card_only_rerenders_the_shipped_card_identically(tmp_path, capsys):
     model = _copy_default_model(tmp_path)
     (model / "README.md").write_text("stale text\n")  # not even a card: only training_results.json counts
-    main = runpy.run_path(str(ROOT / "examples" / "train_default_model.py"), run_name="train_default_model")["main"]
+    main = runpy.run_path(str(ROOT / "scripts" / "train_default_model.py"), run_name="train_default_model")["main"]
     main(["--card-only", "--out", str(model)])
     # without a card to carry over there is nothing of the guarantee: the training part alone, which the shipped
     # card starts with

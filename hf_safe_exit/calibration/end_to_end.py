@@ -64,7 +64,7 @@ class EndToEndRun:
     def summary(self, args) -> dict:
         rc = self.controlled
         return {"task": self.task.name, "n_cal": self.n_cal, "n_test": len(self.test_rows), "eps": args.eps,
-                "method": args.method, "lambda_hat": rc.lambda_, "guarantee": rc.certificate.guarantee,
+                "method": args.method, "threshold": rc.threshold, "guarantee": rc.certificate.guarantee,
                 "mean_exit_layer": float(self.early_exit_layers.mean()),
                 "num_decoder_layers": self.num_decoder_layers, "speedup": self.speedup,
                 "speedup_basis": "per generated token", "tokens_early": self.tokens_early,
@@ -100,6 +100,7 @@ def run_end_to_end(task_name: str, args: argparse.Namespace) -> EndToEndRun:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     import hf_safe_exit
+    from ..config import EarlyExitConfig
     from ..risk import RiskControlled
     from ..tasks import get_task, load_split
     from .runner import collect
@@ -119,7 +120,7 @@ def run_end_to_end(task_name: str, args: argparse.Namespace) -> EndToEndRun:
 
     # 1. collect
     lambdas = None if args.lambdas is None else [float(v) for v in args.lambdas.split(",")]
-    table = collect(model, tokenizer, task, examples, lambdas=lambdas, measure=args.measure,
+    table = collect(model, tokenizer, task, examples, lambdas=lambdas, config=EarlyExitConfig(measure=args.measure),
                     batch_size=args.batch_size, max_new_tokens=max_new, max_input_length=max_in,
                     output=out_dir / "results.npz")
 

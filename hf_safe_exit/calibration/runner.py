@@ -57,15 +57,22 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..decoding.enable import enable
 from ..errors import ModelMismatchError, StateMismatchError
+from ..fingerprint import model_fingerprint
 from .state import CELL_KEYS, open_state
 
-__all__ = ["collect", "default_lambdas", "StateMismatchError", "ModelMismatchError", "check_model_matches"]
+if TYPE_CHECKING:
+    from ..risk.loss_table import LossTable
+
+__all__ = ["collect", "decode_cell", "default_lambdas", "StateMismatchError", "ModelMismatchError",
+           "check_model_matches"]
 
 
 def default_lambdas() -> np.ndarray:
@@ -124,19 +131,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class _Plan:
+    """What one collect run decodes: the strategy, the grid, the batches, the run config, the cells left to do."""
+
+    task: Any
+    strategy: Any
+    lam: np.ndarray
+    ids: list
+    prompts: list
+    references: list
+    batches: list[list[int]]
+    config: dict
+    max_new_tokens: int
+    max_input_length: int
+    order: list[int]
+    state_path: Path | None = None
+    state_is_default: bool = False
+    done: dict = field(default_factory=dict)
+    mine: list = field(default_factory=list)
+
+
 def collect(
     model,
     tokenizer,
     task,
     examples: Iterable[Mapping[str, Any]],
     *,
+    config=None,
     lambdas: Sequence[float] | None = None,
-    measure: str = "auto",
-    schedule: str = "constant",
-    min_exit_layer: int = 1,
-    decay_tau: float = 4.0,
-    anytime=None,
-    exit_layers: Sequence[int] | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     max_input_length: int | None = None,
@@ -145,7 +168,6 @@ def collect(
     fresh: bool = False,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
-    stop_after_cells: int | None = None,
     policy_factory: Callable[[float], Any] | None = None,
     policy_description: Mapping[str, Any] | None = None,
 ):
@@ -157,14 +179,10 @@ def collect(
         tokenizer: its tokenizer.
         task: a :class:`~hf_safe_exit.tasks.Task` or its name (``"cnndm"``, ``"squad"``).
         examples: rows of the task's dataset (a ``datasets.Dataset`` or a list of dicts).
+        config: the :class:`~hf_safe_exit.EarlyExitConfig` to calibrate (default ``EarlyExitConfig()``); its
+            ``"auto"`` measure is resolved against ``model`` here, and the table records the resolved configuration.
         lambdas: the threshold grid; must contain 1.0. Default :func:`default_lambdas`
             (for BiLD: :func:`~hf_safe_exit.calibration.strategies.default_bild_lambdas`).
-        measure, schedule, min_exit_layer, decay_tau, anytime: passed to :class:`~hf_safe_exit.EarlyExit`
-            (``anytime="poe"`` or a :class:`~hf_safe_exit.PoEConfig`: Product-of-Experts predictions and
-            confidences; stored in the metadata, so ``RiskControlled`` decodes with them too).
-        exit_layers: ``None`` (every layer from ``min_exit_layer`` is checked) or the only layers where the
-            confidence is checked (:class:`~hf_safe_exit.EarlyExit`); stored in the metadata when set, so λ̂ and
-            ``RiskControlled`` hold for exactly those exits.
         batch_size: examples per ``generate`` call.
         max_new_tokens / max_input_length: default to the task's.
         output: where to write the result file (``.npz``); ``None`` keeps it in memory only.
@@ -173,14 +191,11 @@ def collect(
         fresh: discard an existing state directory first.
         progress: show a tqdm bar (main process only).
         metadata: extra JSON-able entries for the table's metadata.
-        stop_after_cells: stop (raising ``KeyboardInterrupt``) after decoding this many cells:
-            to simulate an interruption.
         policy_factory: ``λ -> early_exit=`` object, to calibrate another decoding strategy's
             threshold through the same runner, e.g. BiLD's rollback threshold with
             ``bild_policy_factory(small_model, fallback=...)`` (λ = exp(−α_RB); see
-            :mod:`hf_safe_exit.calibration.strategies`). ``None`` (default): ``EarlyExit(threshold=λ,
-            measure=..., schedule=..., min_exit_layer=..., decay_tau=..., anytime=...)``; those arguments
-            are ignored otherwise. λ = 1 must give the reference output (the large model).
+            :mod:`hf_safe_exit.calibration.strategies`); ``config`` must then be ``None``. λ = 1 must give the
+            reference output (the large model).
         policy_description: JSON-able settings of the factory's policies, stored in the run
             config (resume check) and the metadata (``"policy"``); default
             ``policy_factory(1.0).describe()``.
@@ -188,16 +203,30 @@ def collect(
     Returns:
         the ``LossTable`` on the main process; ``None`` on the other processes.
     """
-    import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
-    import hf_safe_exit
+    state = PartialState()
+    plan = _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
+                 policy_factory, policy_description)
+    model = enable(model)
+    model.eval()
+    _open_state(plan, output, state_dir, fresh, state)
+    cells = _run(plan, model, tokenizer, state, progress)
+    if cells is None:  # not the main process
+        return None
+    table = _assemble(plan, cells, model, metadata)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        table.save(output)
+        if plan.state_is_default and plan.state_path.is_dir():
+            shutil.rmtree(plan.state_path)  # the result file holds everything now; the state was only for resuming
+    return table
 
-    from ..confidence import resolve_measure
-    from ..fingerprint import model_fingerprint
-    from ..risk.loss_table import LossTable
+
+def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
+          policy_factory, policy_description) -> _Plan:
+    """Validate the request and lay out the run: strategy, grid, batches, and the config that identifies it."""
+    from ..config import EarlyExitConfig
     from ..tasks import get_task
     from .strategies import EarlyExitStrategy, FactoryStrategy, default_bild_lambdas
 
@@ -206,16 +235,39 @@ def collect(
     if not rows:
         raise ValueError("collect needs at least one example: check the data split and --n.")
     if policy_factory is None:
+        config = EarlyExitConfig() if config is None else config
+        if not isinstance(config, EarlyExitConfig):
+            raise TypeError(f"config must be an hf_safe_exit.EarlyExitConfig, got {type(config).__name__}.")
         # "auto" is resolved here, so that the table records the measure the losses were computed with
-        strategy = EarlyExitStrategy(measure=resolve_measure(measure, model, anytime), schedule=schedule,
-                                     min_exit_layer=min_exit_layer, decay_tau=decay_tau, anytime=anytime,
-                                     exit_layers=exit_layers)
+        strategy = EarlyExitStrategy(config.resolve(model))
+    elif config is not None:
+        raise ValueError("config= is the early-exit configuration: drop it when policy_factory= is given.")
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)
-    if lambdas is None:
-        lam = default_bild_lambdas() if strategy.name == "bild" else default_lambdas()
-    else:
-        lam = np.asarray(lambdas, dtype=np.float64)
+    lam = _grid(lambdas, default_bild_lambdas() if strategy.name == "bild" else default_lambdas())
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    max_new_tokens = int(max_new_tokens or task.max_new_tokens)
+    max_input_length = int(max_input_length or task.max_input_length)
+    strategy.check(model, tokenizer)  # validate the policy settings once, before any decoding
+    ids = [task.example_id(r) for r in rows]
+    prompts = [task.prompt(r) for r in rows]
+    n = len(rows)
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    run_config = {
+        "model_fingerprint": model_fingerprint(model), "task": task.name, "lambdas": [float(x) for x in lam],
+        **strategy.config, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "max_input_length": max_input_length, "examples": _digest({"ids": ids, "prompts": prompts}),
+    }
+    # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
+    # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
+    order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
+    return _Plan(task, strategy, lam, ids, prompts, [task.reference(r) for r in rows], batches, run_config,
+                 max_new_tokens, max_input_length, order)
+
+
+def _grid(lambdas, default) -> np.ndarray:
+    lam = default if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     if lam.ndim != 1 or lam.size == 0 or not np.all((lam >= 0) & (lam <= 1)):
         raise ValueError(f"lambdas must be thresholds in [0, 1], got {lambdas!r}.")
     if np.unique(lam).size != lam.size:
@@ -223,145 +275,126 @@ def collect(
     if not np.any(lam == 1.0):
         raise ValueError("the grid must contain λ = 1 (the full model: the reference of the performance gap and the "
                          "consistency loss): add 1.0 to lambdas.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    max_new_tokens = int(max_new_tokens or task.max_new_tokens)
-    max_input_length = int(max_input_length or task.max_input_length)
-    strategy.check(model, tokenizer)  # validate the policy settings once, before any decoding
-    model = hf_safe_exit.enable(model)
-    model.eval()
+    return lam
 
-    state = PartialState()
-    ids = [task.example_id(r) for r in rows]
-    prompts = [task.prompt(r) for r in rows]
-    references = [task.reference(r) for r in rows]
-    n, num_layers = len(rows), int(model.config.num_decoder_layers)
-    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    fingerprint = model_fingerprint(model)
-    config = {
-        "model_fingerprint": fingerprint, "task": task.name, "lambdas": [float(x) for x in lam],
-        **strategy.config,
-        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "max_input_length": max_input_length,
-        "examples": _digest({"ids": ids, "prompts": prompts}),
-    }
 
-    # ---- state directory (resuming) -------------------------------------------------------------
-    state_dir_is_default = state_dir is None and output is not None
-    if state_dir_is_default:
+def _open_state(plan: _Plan, output, state_dir, fresh: bool, state) -> None:
+    """Read the cells an earlier run finished (resuming) and list the cells of this process."""
+    plan.state_is_default = state_dir is None and output is not None
+    if plan.state_is_default:
         state_dir = Path(output).with_name(Path(output).name + ".partial")
-    state_path = Path(state_dir) if state_dir is not None else None
-    done: dict[tuple[int, int], dict] = {}
-    if state_path is not None:
-        done = open_state(state_path, config, state, fresh)
+    plan.state_path = Path(state_dir) if state_dir is not None else None
+    if plan.state_path is not None:
+        plan.done = open_state(plan.state_path, plan.config, state, fresh)
+    plan.mine = [(k, b) for b in range(len(plan.batches)) if b % state.num_processes == state.process_index
+                 for k in plan.order]
 
-    # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
-    # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
-    order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
-    mine = [(k, b) for b in range(len(batches)) if b % state.num_processes == state.process_index for k in order]
-    todo = [cell for cell in mine if cell not in done]
+
+def decode_cell(model, encoded, policy, max_new_tokens: int):
+    """One cell: the batch ``encoded`` decoded greedily at one threshold's ``policy``."""
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                              early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              return_dict_in_generate=True)
+
+
+def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
+    """Decode this process's missing cells (appending each to the state), then gather every process's cells.
+
+    Returns all cells keyed by (λ index, batch) on the main process, ``None`` on the others."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    todo = [cell for cell in plan.mine if cell not in plan.done]
     cells_file = None
-    if state_path is not None:
-        cells_file = state_path / f"cells-{state.process_index:03d}-of-{state.num_processes:03d}.jsonl"
-
+    if plan.state_path is not None:
+        cells_file = plan.state_path / f"cells-{state.process_index:03d}-of-{state.num_processes:03d}.jsonl"
     device = next(model.parameters()).device
-
     encoded: dict[int, Any] = {}
 
     def encode(b: int):  # tokenized once per batch, outside the timed region
         if b not in encoded:
             encoded.clear()  # cells come batch by batch: keep only the current batch
-            encoded[b] = tokenizer([prompts[j] for j in batches[b]], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=max_input_length).to(device)
+            encoded[b] = tokenizer([plan.prompts[j] for j in plan.batches[b]], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=plan.max_input_length).to(device)
         return encoded[b]
 
-    def decode(k: int, b: int):
-        enc = encode(b)
-        policy = strategy.policy(float(lam[k]))
-        with torch.inference_mode():
-            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 return_dict_in_generate=True)
-        return out
+    def policy(k: int):
+        return plan.strategy.policy(float(plan.lam[k]))
 
-    if todo:
-        decode(*todo[0])  # warm-up, not timed: the first call pays one-time costs
+    if todo:  # warm-up, not timed: the first call pays one-time costs
+        decode_cell(model, encode(todo[0][1]), policy(todo[0][0]), plan.max_new_tokens)
     # one step of the bar is a cell: one batch decoded at one threshold λ
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="batch×λ",
-               desc=f"collect {task.name} ({len(batches)} batches of ≤{batch_size} × {lam.size} thresholds)",
-               disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    computed = 0
+    bar = tqdm(total=len(plan.mine), initial=len(plan.mine) - len(todo), unit="batch×λ",
+               desc=f"collect {plan.task.name} ({len(plan.batches)} batches of ≤{plan.config['batch_size']} × "
+                    f"{plan.lam.size} thresholds)", disable=not (progress and state.is_main_process), dynamic_ncols=True)
     try:
         for k, b in todo:
-            batch = batches[b]
-            encode(b)
+            enc = encode(b)
             _sync(device)
             start = time.perf_counter()
-            out = decode(k, b)
+            out = decode_cell(model, enc, policy(k), plan.max_new_tokens)
             _sync(device)
             seconds = time.perf_counter() - start
             texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-            cell = {"k": k, "lambda": float(lam[k]), "batch": b, "ids": [ids[j] for j in batch], "predictions": texts,
-                    **strategy.costs(out), "seconds": seconds}
-            done[(k, b)] = cell
+            cell = {"k": k, "lambda": float(plan.lam[k]), "batch": b, "ids": [plan.ids[j] for j in plan.batches[b]],
+                    "predictions": texts, **plan.strategy.costs(out), "seconds": seconds}
+            plan.done[(k, b)] = cell
             if cells_file is not None:
                 with open(cells_file, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(cell) + "\n")
             bar.update(1)
-            computed += 1
-            if stop_after_cells is not None and computed >= stop_after_cells:
-                raise KeyboardInterrupt(f"stopped after {computed} cells (stop_after_cells)")
     finally:
         bar.close()
-
-    gathered = gather_object([done[cell] for cell in mine]) if state.num_processes > 1 else [done[c] for c in mine]
+    mine = [plan.done[cell] for cell in plan.mine]
+    gathered = gather_object(mine) if state.num_processes > 1 else mine
     if not state.is_main_process:
         return None
     cells = {}
     for cell in gathered:
         cells.setdefault((int(cell["k"]), int(cell["batch"])), cell)
-    missing = [(k, b) for k in range(lam.size) for b in range(len(batches)) if (k, b) not in cells]
+    missing = [(k, b) for k in range(plan.lam.size) for b in range(len(plan.batches)) if (k, b) not in cells]
     if missing:
         raise RuntimeError(f"{len(missing)} (λ, batch) cells are missing after gathering: rerun to resume.")
+    return cells
 
-    K = lam.size
+
+def _assemble(plan: _Plan, cells: dict, model, metadata) -> LossTable:
+    """The loss table of the gathered cells: task losses scored from the decoded text, costs, times, metadata."""
+    from ..risk.loss_table import LossTable
+
+    K, n = plan.lam.size, len(plan.ids)
     predictions = [[""] * n for _ in range(K)]
     # per-example costs: every cell key that is not bookkeeping (early exit: mean_exit_layer, layer_fraction,
     # num_tokens; BiLD: large_calls_per_token, num_tokens); int64 when all values are ints
-    some = next(iter(cells.values()))
-    cost_names = [key for key in some if key not in CELL_KEYS]
+    cost_names = [key for key in next(iter(cells.values())) if key not in CELL_KEYS]
     costs = {name: np.zeros((K, n), dtype=np.int64 if all(isinstance(v, int) for c in cells.values() for v in c[name])
                             else np.float64) for name in cost_names}
-    example_time = np.zeros((K, n))
-    wall_time = np.zeros(K)
+    example_time, wall_time = np.zeros((K, n)), np.zeros(K)
     for (k, b), cell in cells.items():
-        batch = batches[b]
-        if cell["ids"] != [ids[j] for j in batch]:
-            raise StateMismatchError(f"cell (λ={lam[k]}, batch {b}) holds other examples: rerun with --fresh.")
+        batch = plan.batches[b]
+        if cell["ids"] != [plan.ids[j] for j in batch]:
+            raise StateMismatchError(f"cell (λ={plan.lam[k]}, batch {b}) holds other examples: rerun with --fresh.")
         for pos, j in enumerate(batch):
             predictions[k][j] = cell["predictions"][pos]
             for name, values in costs.items():
                 values[k, j] = cell[name][pos]
             example_time[k, j] = cell["seconds"] / len(batch)
         wall_time[k] += cell["seconds"]
-
-    full = order[0]
-    task_losses = np.array([[task.loss(predictions[k][j], references[j]) for j in range(n)] for k in range(K)])
+    task, full = plan.task, plan.order[0]
+    task_losses = np.array([[task.loss(predictions[k][j], plan.references[j]) for j in range(n)] for k in range(K)])
     consistency = np.array([[task.consistency_loss(predictions[k][j], predictions[full][j]) for j in range(n)]
                             for k in range(K)])
-    meta = dict(config)
-    meta.pop("examples")
-    meta.update({"num_decoder_layers": num_layers, "example_ids": ids, "n": n, "versions": _versions(),
-                 "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": device.type,
-                 "task_loss": f"1 - {type(task).__name__}.score", "lambda_order": "as given"})
-    meta.update(strategy.metadata(lam))
+    meta = {key: value for key, value in plan.config.items() if key != "examples"}
+    meta.update({"num_decoder_layers": int(model.config.num_decoder_layers), "example_ids": plan.ids, "n": n,
+                 "versions": _versions(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                 "device": next(model.parameters()).device.type, "task_loss": f"1 - {type(task).__name__}.score",
+                 "lambda_order": "as given"})
+    meta.update(plan.strategy.metadata(plan.lam))
     meta.update(dict(metadata or {}))
-    table = LossTable.from_task_losses(
-        lam, task_losses, consistency_losses=consistency, task_loss_bounds=task.loss_bounds,
-        extras={**costs, "example_time": example_time, "wall_time": wall_time},
-        metadata=meta)
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        table.save(output)
-        if state_dir_is_default and state_path.is_dir():
-            shutil.rmtree(state_path)  # the result file holds everything now; the partial state was only for resuming
-    return table
+    return LossTable.from_task_losses(plan.lam, task_losses, consistency_losses=consistency,
+                                      task_loss_bounds=task.loss_bounds,
+                                      extras={**costs, "example_time": example_time, "wall_time": wall_time},
+                                      metadata=meta)

@@ -13,10 +13,9 @@
 
 Two strategies exist:
 
-* :class:`EarlyExitStrategy` (the default): ``EarlyExit(threshold=λ, measure=..., ...)``; costs
-  ``mean_exit_layer``, ``layer_fraction``, ``num_tokens``. Its config and metadata are the flat keys
-  ``measure``, ``schedule``, ``min_exit_layer``, ``decay_tau``, and ``anytime`` (the
-  :class:`~hf_safe_exit.PoEConfig` as a dict) only when Product-of-Experts predictions are on.
+* :class:`EarlyExitStrategy` (the default): ``EarlyExit(λ, config=...)`` for one
+  :class:`~hf_safe_exit.EarlyExitConfig`; costs ``mean_exit_layer``, ``layer_fraction``, ``num_tokens``. Its
+  config and metadata are the configuration's ``to_dict()`` (flat keys: ``measure``, ``schedule``, ...).
 * :class:`FactoryStrategy`: any ``policy_factory(λ)`` with a JSON-able ``description``, e.g.
   :func:`hf_safe_exit.decoding.bild.bild_policy_factory` for BiLD's rollback threshold
   (λ = exp(−α_RB)). Config and metadata hold ``"policy": description`` and the metadata
@@ -69,32 +68,18 @@ def _early_exit_costs(out) -> dict[str, list]:
 
 
 class EarlyExitStrategy:
-    """``EarlyExit(threshold=λ, measure, schedule, min_exit_layer, decay_tau, anytime, exit_layers)`` at every λ
-    (the default)."""
+    """``EarlyExit(λ, config=config)`` at every λ (the default); ``config``'s measure is already resolved."""
 
     name = "early_exit"
 
-    def __init__(self, measure: str, schedule: str = "constant", min_exit_layer: int = 1,
-                 decay_tau: float = 4.0, anytime=None, exit_layers=None):
-        import hf_safe_exit
-        from ..decoding.poe import resolve_anytime
-        from ..policy import check_exit_layers
-
-        anytime = resolve_anytime(anytime)
-        exit_layers = check_exit_layers(exit_layers)
-        self.kwargs = dict(measure=measure, schedule=schedule, min_exit_layer=min_exit_layer, decay_tau=decay_tau,
-                           anytime=anytime, exit_layers=exit_layers)
-        self.config = {"measure": hf_safe_exit.EarlyExit(measure=measure).measure_name, "schedule": schedule,
-                       "min_exit_layer": int(min_exit_layer), "decay_tau": float(decay_tau)}
-        if anytime is not None:  # absent for plain early exit: older tables and states stay valid
-            self.config["anytime"] = anytime.to_dict()
-        if exit_layers is not None:  # absent when every layer is checked: older tables and states stay valid
-            self.config["exit_layers"] = list(exit_layers)
+    def __init__(self, config):
+        self.early_exit_config = config
+        self.config = config.to_dict()
 
     def policy(self, lam: float):
-        import hf_safe_exit
+        from ..policy import EarlyExit
 
-        return hf_safe_exit.EarlyExit(threshold=float(lam), **self.kwargs)
+        return EarlyExit(float(lam), config=self.early_exit_config)
 
     def check(self, model, tokenizer) -> None:
         """Validate the settings on ``model`` once, before any decoding."""
@@ -126,9 +111,9 @@ class FactoryStrategy:
                 raise ValueError("pass policy_description=... (JSON-able settings of the policies): it identifies the "
                                  "run for resuming and goes into the result file's metadata.")
             description = describe()
-        from ..risk.loss_table import _json_ready
+        from ..risk.loss_table import json_ready
 
-        self.description = _json_ready(dict(description), "policy_description")
+        self.description = json_ready(dict(description), "policy_description")
         self.name = str(self.description.get("strategy", "custom"))
         self.config = {"policy": self.description}
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..decoding.enable import write_custom_generate
 from ..errors import CorruptFileError
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from .files import FilePlan, calibration_directory, plan_files
@@ -126,6 +125,8 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
     plan.apply()
     card.save(path)
     if save_calibration:
+        from ..decoding.enable import write_custom_generate
+
         write_custom_generate(path.parent)  # the card's snippet loads the model with it
     return path, plan
 

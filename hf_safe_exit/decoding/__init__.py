@@ -10,7 +10,6 @@ from .readout import SUPPORTED_MODEL_CLASSES, check_supported_model, intermediat
 __all__ = [
     "BiLD", "BiLDOutput", "BiLDStats", "bild_policy_factory", "lambda_to_rollback", "rollback_to_lambda",
     "EarlyExitGenerateOutput", "early_exit_decode", "new_decoder_cache", "enable", "generate", "is_enabled",
-    "model_generate", "write_custom_generate",
-    "UnsupportedGenerationModeError",
+    "model_generate", "write_custom_generate", "UnsupportedGenerationModeError",
     "SUPPORTED_MODEL_CLASSES", "check_supported_model", "intermediate_logits",
 ]

@@ -62,7 +62,8 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.generation.utils import GenerationMixin
 
 from ..compat import cache_kwargs, find_cache
-from .bild_cache import _common_prefix, _Decoder
+from .bild_cache import BiLDDecoder
+from .bild_loop import BiLDRun
 from .bild_output import BiLDOutput, BiLDStats
 from .early_exit_loop import new_decoder_cache
 from .readout import check_supported_model
@@ -113,7 +114,8 @@ def rollback_to_lambda(rollback: float) -> float:
     """λ = exp(-α_RB): 1 for rollback 0 (the large model's output), 0 for rollback ∞."""
     rollback = _check_real("rollback", rollback)
     if rollback < 0:
-        raise ValueError(f"rollback={rollback!r} is negative: use a cross-entropy threshold >= 0 (0 = the large model).")
+        raise ValueError(f"rollback={rollback!r} is negative: use a cross-entropy threshold >= 0 "
+                         "(0 = the large model).")
     return math.exp(-rollback)
 
 
@@ -168,7 +170,8 @@ def check_compatible_pair(large_model, small_model, large_tokenizer=None, small_
                              f"small model. {fix}")
     if large_tokenizer is not None and small_tokenizer is not None:
         if large_tokenizer.get_vocab() != small_tokenizer.get_vocab():
-            raise ValueError(f"mismatched tokenizers: the large and small tokenizers map tokens to different ids. {fix}")
+            raise ValueError("mismatched tokenizers: the large and small tokenizers map tokens to different ids. "
+                             f"{fix}")
     if large_model.device != small_model.device:
         raise ValueError(f"the large model is on {large_model.device} but the small model is on {small_model.device}; "
                          "move both to the same device (model.to(device)).")
@@ -216,9 +219,6 @@ class BiLD:
             raise ValueError(f"max_draft_len={self.max_draft_len!r} must be an integer >= 1.")
 
     # -- λ ----------------------------------------------------------------------------------
-    lambda_to_rollback = staticmethod(lambda_to_rollback)
-    rollback_to_lambda = staticmethod(rollback_to_lambda)
-
     @property
     def lam(self) -> float:
         """λ = exp(-rollback) in [0, 1] (1 = the large model's output)."""
@@ -280,152 +280,42 @@ class BiLD:
 
     def _loop(self, large, input_ids, logits_processor, stopping_criteria, gen_cfg, inputs_tensor, model_kwargs,
               stats: BiLDStats, step_callback):
-        if gen_cfg.num_beams is not None and gen_cfg.num_beams > 1:
-            raise ValueError(f"num_beams={gen_cfg.num_beams} is not supported with BiLD: use greedy (num_beams=1) or "
-                             "sampling (do_sample=True).")
-        for name in _UNSUPPORTED_OUTPUTS:
-            if getattr(gen_cfg, name, False):
-                raise ValueError(f"{name}=True is not supported with BiLD; request only return_dict_in_generate.")
-        if inputs_tensor is None or inputs_tensor.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise ValueError("BiLD needs encoder input_ids (token ids) to run the small model's encoder.")
+        _check_generation(gen_cfg, inputs_tensor)
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
+        large_dec, small_dec = self._decoders(large, input_ids, inputs_tensor, model_kwargs, pad_id)
+        run = BiLDRun(large_dec, small_dec, input_ids, logits_processor, stopping_criteria, gen_cfg,
+                      fallback=float(self.fallback), rollback=float(self.rollback), max_draft_len=self.max_draft_len,
+                      stats=stats)
+        while run.active:
+            run.round(step_callback)
+        return run.output(pad_id, gen_cfg.return_dict_in_generate)
+
+    def _decoders(self, large, input_ids, inputs_tensor, model_kwargs, pad_id: int) -> tuple[BiLDDecoder, BiLDDecoder]:
+        """Both models' decoder sides, each over its own encoder's states; the large one takes over ``generate``'s
+        cache when that is an empty encoder-decoder cache."""
         small = self.small_model
-        device = input_ids.device
-        batch = input_ids.shape[0]
         enc_mask = model_kwargs.get("attention_mask")
-        repeat = batch // inputs_tensor.shape[0]
+        repeat = input_ids.shape[0] // inputs_tensor.shape[0]
         small_inputs = inputs_tensor.repeat_interleave(repeat, dim=0) if repeat > 1 else inputs_tensor
         small_inputs = small_inputs.to(small.device)
         small_hidden = small.get_encoder()(input_ids=small_inputs, attention_mask=enc_mask, return_dict=True)
-        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
-        large_dec = _Decoder(large, model_kwargs["encoder_outputs"].last_hidden_state, enc_mask, pad_id)
+        large_dec = BiLDDecoder(large, model_kwargs["encoder_outputs"].last_hidden_state, enc_mask, pad_id)
         cache = find_cache(model_kwargs)
         if isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0:
             large_dec.cache = cache
-        small_dec = _Decoder(small, small_hidden.last_hidden_state, enc_mask, pad_id)
+        return large_dec, BiLDDecoder(small, small_hidden.last_hidden_state, enc_mask, pad_id)
 
-        do_sample = bool(gen_cfg.do_sample)
-        use_processors = len(logits_processor) > 0
-        max_length = gen_cfg.max_length
-        fallback, rollback, max_draft = float(self.fallback), float(self.rollback), self.max_draft_len
 
-        def process(prefix: list[int], logits: torch.Tensor) -> torch.Tensor:
-            if not use_processors:
-                return logits
-            ids = torch.tensor([prefix], dtype=torch.long, device=device)
-            return logits_processor(ids, logits[None])[0]
-
-        def choose(scores: torch.Tensor) -> int:
-            if do_sample:
-                return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0])
-            return int(torch.argmax(scores))
-
-        def stops(seq: list[int]) -> bool:
-            ids = torch.tensor([seq], dtype=torch.long, device=device)
-            return bool(stopping_criteria(ids, None)[0])
-
-        seqs: list[list[int]] = [row.tolist() for row in input_ids]
-        per_row = {name: [0] * batch for name in ("row_accepted", "row_rolled_back", "row_large_tokens",
-                                                   "row_large_calls", "row_small_calls")}
-        active = list(range(batch))
-        start_len = input_ids.shape[1]
-
-        while active:
-            n = len(active)
-            cur = [seqs[r] for r in active]
-            drafts: list[list[int]] = [[] for _ in range(n)]
-            fell_back = [False] * n
-            drafting = [max_length is None or len(cur[i]) < max_length for i in range(n)]
-            # -- draft with the small model, in lockstep ------------------------------------
-            while any(drafting):
-                full = [cur[i] + drafts[i] for i in range(n)]
-                out = small_dec.forward(full, [1 if drafting[i] else 0 for i in range(n)])
-                stats.small_model_calls += 1
-                for r in active:
-                    per_row["row_small_calls"][r] += 1
-                for i in range(n):
-                    if not drafting[i]:
-                        continue
-                    scores = process(full[i], out[i][-1])
-                    probs = torch.softmax(scores, dim=-1)
-                    if float(probs.max()) < fallback:
-                        drafting[i] = False
-                        fell_back[i] = True
-                        stats.num_fallbacks += 1
-                        continue
-                    token = int(torch.multinomial(probs, 1)[0]) if do_sample else int(torch.argmax(scores))
-                    drafts[i].append(token)
-                    stats.num_drafted += 1
-                    if len(drafts[i]) >= max_draft or stops(full[i] + [token]):
-                        drafting[i] = False
-            # -- verify with the large model in one pass --------------------------------------
-            full = [cur[i] + drafts[i] for i in range(n)]
-            out = large_dec.forward(full, [len(d) + 1 for d in drafts])
-            stats.large_model_calls += 1
-            for r in active:
-                per_row["row_large_calls"][r] += 1
-            rolled = [False] * n
-            dropped = [0] * n  # drafted tokens discarded by this step's rollback, per row
-            finished = [False] * n
-            for i, r in enumerate(active):
-                draft = drafts[i]
-                new: list[int] = []
-                from_large: list[bool] = []
-                for j in range(len(draft) + 1):
-                    prefix = cur[i] + draft[:j]
-                    if j < len(draft):
-                        scores = process(prefix, out[i][j])
-                        logp = float(torch.log_softmax(scores, dim=-1)[draft[j]])
-                        if -logp > rollback:
-                            new.append(choose(scores))
-                            from_large.append(True)
-                            rolled[i] = True
-                            stats.num_rollbacks += 1
-                            stats.num_rolled_back += len(draft) - j
-                            per_row["row_rolled_back"][r] += len(draft) - j
-                            dropped[i] = len(draft) - j
-                            break
-                        new.append(draft[j])
-                        from_large.append(False)
-                    elif fell_back[i]:
-                        new.append(choose(process(prefix, out[i][j])))
-                        from_large.append(True)
-                seq = seqs[r]
-                for token, large_token in zip(new, from_large):
-                    seq.append(token)
-                    if large_token:
-                        stats.num_large_tokens += 1
-                        per_row["row_large_tokens"][r] += 1
-                    else:
-                        stats.num_accepted += 1
-                        per_row["row_accepted"][r] += 1
-                    if stops(seq):
-                        finished[i] = True
-                        break
-                if not new and not finished[i]:  # cannot happen: an empty draft always falls back
-                    raise AssertionError("BiLD made no progress")
-            # crop both caches to the kept prefix of every row, then drop finished rows
-            for dec in (large_dec, small_dec):
-                dec.truncate([_common_prefix(t, seqs[r]) for t, r in zip(dec.tokens, active)])
-            if step_callback is not None:
-                step_callback({"large": large_dec, "small": small_dec, "rows": list(active),
-                               "sequences": [list(seqs[r]) for r in active], "rolled_back": list(rolled), "rolled_back_tokens": list(dropped)})
-            if any(finished):
-                keep = [i for i in range(n) if not finished[i]]
-                active = [active[i] for i in keep]
-                if active:
-                    large_dec.select_rows(keep)
-                    small_dec.select_rows(keep)
-
-        longest = max(len(s) for s in seqs)
-        sequences = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-        for r, s in enumerate(seqs):
-            sequences[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-        stats.num_new_tokens = sum(len(s) - start_len for s in seqs)
-        if gen_cfg.return_dict_in_generate:
-            rows = {name: torch.tensor(v, dtype=torch.long, device=device) for name, v in per_row.items()}
-            rows["row_new_tokens"] = torch.tensor([len(s) - start_len for s in seqs], dtype=torch.long, device=device)
-            return BiLDOutput(sequences=sequences, **stats.as_dict(), **rows)
-        return sequences
+def _check_generation(gen_cfg, inputs_tensor) -> None:
+    """Raise ``ValueError`` for what BiLD cannot decode: beam search, per-step outputs, no encoder token ids."""
+    if gen_cfg.num_beams is not None and gen_cfg.num_beams > 1:
+        raise ValueError(f"num_beams={gen_cfg.num_beams} is not supported with BiLD: use greedy (num_beams=1) or "
+                         "sampling (do_sample=True).")
+    for name in _UNSUPPORTED_OUTPUTS:
+        if getattr(gen_cfg, name, False):
+            raise ValueError(f"{name}=True is not supported with BiLD; request only return_dict_in_generate.")
+    if inputs_tensor is None or inputs_tensor.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise ValueError("BiLD needs encoder input_ids (token ids) to run the small model's encoder.")
 
 
 def bild_policy_factory(small_model, *, fallback: float = DEFAULT_FALLBACK, max_draft_len: int = DEFAULT_MAX_DRAFT_LEN,

@@ -32,10 +32,10 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..compat import cache_kwargs
 from .early_exit_loop import new_decoder_cache
 
-__all__ = ["_Decoder", "_common_prefix"]
+__all__ = ["BiLDDecoder", "common_prefix"]
 
 
-class _Decoder:
+class BiLDDecoder:
     """One model's decoder side during BiLD: encoder states, a left-padded cache and what it holds.
 
     ``tokens[r]`` is the list of decoder tokens whose K/V are in row ``r`` of the cache. They sit in
@@ -113,7 +113,7 @@ class _Decoder:
         The cache must hold a prefix-compatible history: the longest common prefix of what is
         cached and ``seqs[r]`` is kept, and the rest is fed.
         """
-        keep = [_common_prefix(t, s) for t, s in zip(self.tokens, seqs)]
+        keep = [common_prefix(t, s) for t, s in zip(self.tokens, seqs)]
         need = [max(len(s) - k, n) for s, k, n in zip(seqs, keep, n_out)]
         width_new = max(need)
         if width_new == 0:
@@ -146,7 +146,7 @@ class _Decoder:
         return [logits[r, width_new - n:] for r, n in enumerate(n_out)]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

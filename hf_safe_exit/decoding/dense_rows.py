@@ -2,13 +2,13 @@
 
 On a GPU, decoding a few rows is launch-bound: a block over 8 rows costs what it costs over 1, while every change
 of the set of deciding rows costs host round trips (``nonzero``, the row list of the attention plan) and a dozen
-small gather/scatter kernels per layer. :meth:`_StepDecoder.step` pays those to save arithmetic, which is what a
+small gather/scatter kernels per layer. :meth:`StepDecoder.step` pays those to save arithmetic, which is what a
 CPU needs; :func:`dense_step` instead runs each block on every row and keeps the rows that already exited at their
 exit state with ``torch.where``:
 
 * a row that exited after layer i keeps ``x = h_i``; the skipped layers' K/V of every row still come from
-  ``LayerNorm_j(x)`` (:meth:`_StepDecoder.fill_kv`), so CALM's state propagation is unchanged;
-* a deciding row's arithmetic is the same as in :meth:`_StepDecoder.step` (the same block, run on the whole
+  ``LayerNorm_j(x)`` (:meth:`StepDecoder.fill_kv`), so CALM's state propagation is unchanged;
+* a deciding row's arithmetic is the same as in :meth:`StepDecoder.step` (the same block, run on the whole
   batch as at λ = 1, where the two are the same code);
 * the exit states are kept in one ``(batch, d_model)`` tensor and read out by one projection onto the vocabulary
   after the last block, in batch order;
@@ -34,7 +34,7 @@ DENSE_ROWS: dict[str, bool] = {"cpu": False}
 
 def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
                done: torch.Tensor | None, exit_layers: frozenset[int] | None = None):
-    """One token for every row of the batch, as :meth:`_StepDecoder.step` (same arguments except ``poe``, which
+    """One token for every row of the batch, as :meth:`StepDecoder.step` (same arguments except ``poe``, which
     dense steps do not support, and same returns), with every block run on the whole batch."""
     batch, device = tokens.shape[0], tokens.device
     x = dec.decoder.dropout(dec.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state

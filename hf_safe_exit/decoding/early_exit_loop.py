@@ -14,7 +14,7 @@ One new token per step, one decoder block at a time, over HF's
 * only the rows still deciding run the rest of the block (query, attention,
   cross-attention, feed-forward) — the batch never waits for its slowest row. Their
   attention reads the self- and cross-attention caches through slices of the batch
-  dimension (:class:`_RowPlan`), never through copies of the deciding rows, so a mixed
+  dimension (:class:`RowPlan`), never through copies of the deciding rows, so a mixed
   batch costs no O(length) copy per layer. That is the CPU's step, where a row costs
   arithmetic; on other devices (a GPU, where it costs launches and host round trips) the
   block runs on the whole batch instead (:mod:`.dense_rows`), same results;
@@ -55,7 +55,7 @@ from ..compat import cache_field, find_cache
 from .dense_rows import DENSE_ROWS, dense_step
 from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig
-from .step_decoder import _StepDecoder
+from .step_decoder import StepDecoder
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
 
@@ -128,11 +128,11 @@ def early_exit_decode(
     the logits processors and stopping criteria. This loop mirrors
     ``GenerationMixin._sample`` (logits processors on float32 logits, argmax or
     multinomial, EOS → pad for finished rows, stopping criteria), with the model
-    forward replaced by :class:`_StepDecoder`. Rows that have finished run no block: their
+    forward replaced by :class:`StepDecoder`. Rows that have finished run no block: their
     ``scores``/``logits`` entries are zeros (HF's are the logits of a token it replaces by padding).
 
     Decoder prompts: ``input_ids`` is the decoder prompt HF prepared (start token first). All its
-    tokens but the last are prefilled through the full decoder (:meth:`_StepDecoder.prefill`), and the last one
+    tokens but the last are prefilled through the full decoder (:meth:`StepDecoder.prefill`), and the last one
     is fed as the first step (HF runs the whole prompt in one forward: the same values up to rounding). As in HF,
     ``max_new_tokens`` counts tokens after the prompt; ``exit_layers`` / ``confidences`` have one
     column per new token. Prompts must have equal lengths: a ``decoder_attention_mask`` with zeros
@@ -172,7 +172,7 @@ def early_exit_decode(
     # whole generation up to a cap, beyond which it grows by doubling
     install_kv_buffers(cache, model.config.num_decoder_layers,
                        capacity=min(int(generation_config.max_length), input_ids.shape[1] + _KV_BUFFER_NEW_TOKENS))
-    decoder = _StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
+    decoder = StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
     decoder.prefill(input_ids[:, :-1])  # the step loop below feeds the last prompt token
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)

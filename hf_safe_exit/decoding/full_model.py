@@ -13,8 +13,9 @@ tokens are real (every real token "exits" at the last layer) and which are paddi
 Sequences, scores, logits, streamer output and the cache are what HF's ``generate`` returns, bit for bit,
 for every batch, dtype, finished row and decoder prompt. Two things are added: the early-exit fields of
 :class:`~hf_safe_exit.decoding.early_exit_loop.EarlyExitGenerateOutput` (``return_dict_in_generate=True``),
-and, when the decoder is deeper than the encoder, a cache sized by the decoder (stock ``generate`` sizes it
-by the encoder and fails with ``IndexError`` there; the arithmetic is unchanged).
+and, when the decoder is deeper than the encoder and the call uses a cache HF would build, a cache sized by the
+decoder (stock ``generate`` sizes it by the encoder and fails with ``IndexError`` there; the arithmetic is
+unchanged). "Every case" means every call early exit accepts (greedy search and sampling: :mod:`.modes`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _early_exit_fields(sequences: torch.Tensor, record: dict, num_layers: int) -
     them, where a token is real iff its row was unfinished before the step that made it."""
     new = sequences.shape[1] - record["prompt_length"]
     batch = sequences.shape[0]
-    done = record["is_done"][:new]  # a GPU's deferred stop check may record steps that HF then undoes
+    done = record["is_done"][:new]  # a deferred stop check (transformers >= 5.25, some devices) may record steps
+    # that HF then undoes
     finished = torch.zeros(batch, dtype=torch.bool, device=sequences.device)
     real = []
     for is_done in done:
@@ -78,12 +80,29 @@ def _early_exit_fields(sequences: torch.Tensor, record: dict, num_layers: int) -
     }
 
 
+def _builds_cache(model, kwargs: dict) -> bool:
+    """Whether HF's ``generate`` would build a dynamic cache of its own for this call (none passed, caching on, no
+    ``cache_implementation``): only then is a decoder-sized one handed over instead."""
+    if find_cache(kwargs) is not None:
+        return False
+    configs = [kwargs, kwargs.get("generation_config"), model.generation_config]
+
+    def setting(name, default):
+        for c in configs:
+            value = c.get(name) if isinstance(c, dict) else getattr(c, name, None)
+            if value is not None:
+                return value
+        return default
+
+    return bool(setting("use_cache", True)) and setting("cache_implementation", None) is None
+
+
 def full_model_generate(model, inputs, kwargs: dict):
     """HF's ``generate(inputs, **kwargs)``, bit for bit; with ``return_dict_in_generate`` its output becomes an
     :class:`EarlyExitGenerateOutput` (every real token at the last layer). ``kwargs`` must hold no policy."""
     kwargs = dict(kwargs)
     config = model.config
-    if find_cache(kwargs) is None and config.num_decoder_layers != config.num_layers:
+    if _builds_cache(model, kwargs) and config.num_decoder_layers != config.num_layers:
         for name in CACHE_NAMES:
             kwargs.pop(name, None)
         kwargs[cache_kwarg()] = new_decoder_cache(model)

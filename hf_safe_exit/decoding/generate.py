@@ -17,10 +17,15 @@ Two functions:
 
 from __future__ import annotations
 
+import copy
+
 from transformers import GenerationMixin
+from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
 from ..policy import EarlyExit, EarlyExitPolicy
+from ..risk.controlled import RiskControlled
+from .bild import BiLD
 from .calibrated_lengths import apply_calibrated_lengths
 from .early_exit_loop import EarlyExitGenerateOutput, early_exit_decode, new_decoder_cache
 from .full_model import full_model_generate
@@ -57,39 +62,46 @@ def model_generate(*args, model, early_exit=None, **kwargs):
 def generate(model, inputs=None, *, early_exit, **kwargs):
     """``model.generate(inputs, **kwargs)`` with per-token early exit decided by ``early_exit``.
 
+    ``early_exit`` is an early-exit configuration at a threshold (:class:`~hf_safe_exit.EarlyExit`, or any policy
+    with ``bind(model)``, e.g. :class:`~hf_safe_exit.ForcedExit`), a risk-controlled request
+    (:class:`~hf_safe_exit.RiskControlled`: λ̂ fitted from its calibration or the model's stored one), or BiLD
+    (:class:`~hf_safe_exit.BiLD`, which runs its own loop).
+
     Accepts every ``generate`` argument HF accepts for greedy search and sampling
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``eos_token_id``, ``pad_token_id``, ``stopping_criteria``, ``logits_processor``,
-    ``generation_config``, ``streamer``, ``decoder_input_ids``, ``return_dict_in_generate``,
+    ``eos_token_id``, ``pad_token_id``, ``stopping_criteria``, ``stop_strings`` with ``tokenizer``,
+    ``logits_processor``, ``generation_config``, ``streamer``, ``decoder_input_ids``, ``return_dict_in_generate``,
     ``output_scores``, ``output_logits``, ...); other generation modes raise
     :class:`~hf_safe_exit.decoding.modes.UnsupportedGenerationModeError`. Returns the sequences like HF
     or, with ``return_dict_in_generate=True``, an :class:`EarlyExitGenerateOutput` that also carries exit
     layers, confidences, the bound policy that ran (``early_exit``: its ``threshold`` is λ̂) and its
-    ``certificate`` (a :class:`~hf_safe_exit.risk.RiskCertificate` when a ``RiskControlled`` chose λ̂).
+    ``certificate`` (a :class:`~hf_safe_exit.risk.RiskCertificate` when risk control chose λ̂).
 
     A policy calibrated with recorded lengths decodes with the calibration's ``max_new_tokens`` unless the call
     sets a length, and warns when the call departs from them (see :mod:`hf_safe_exit.decoding.calibrated_lengths`).
     """
     check_supported_model(model)
-    decode = getattr(early_exit, "decode", None)
-    if callable(decode):
+    certificate = None
+    if isinstance(early_exit, RiskControlled):
+        calibration = early_exit.calibration_for(model)
+        certificate = calibration.certificate
+        early_exit = calibration.policy(model, small_model=early_exit.small_model,
+                                        allow_missing_fingerprint=early_exit.allow_missing_fingerprint)
+    if isinstance(early_exit, BiLD):
         if inputs is not None:
             kwargs["input_ids"] = inputs
-        # a calibrated strategy (RiskControlled fitted on a BiLD table) decodes with the calibration's lengths
-        apply_calibrated_lengths(model, getattr(early_exit, "certificate", None), None, kwargs)
+        # a calibrated BiLD decodes with the calibration's lengths
+        apply_calibrated_lengths(model, certificate, None, kwargs)
         check_generation_mode(model, kwargs.get("generation_config"), {**kwargs, "assistant_model": None})
-        return decode(model, **kwargs)
+        return early_exit.decode(model, **kwargs)
     if not isinstance(early_exit, EarlyExitPolicy):
         raise TypeError(
-            f"early_exit must be an early-exit policy (hf_safe_exit.EarlyExit, hf_safe_exit.RiskControlled, or any "
-            f"object with bind(model)) or a decoding strategy with decode(model, **kwargs); got {type(early_exit)!r}."
-        )
+            f"early_exit must be an early-exit policy (hf_safe_exit.EarlyExit, hf_safe_exit.RiskControlled, "
+            f"hf_safe_exit.ForcedExit or any object with bind(model)) or hf_safe_exit.BiLD; got {type(early_exit)!r}.")
     policy = early_exit.bind(model)
-    if callable(getattr(policy, "decode", None)):
-        # e.g. a RiskControlled fitted on a BiLD loss table binds to a calibrated BiLD strategy
-        return generate(model, inputs, early_exit=policy, **kwargs)
     check_generation_mode(model, kwargs.get("generation_config"), kwargs)
     apply_calibrated_lengths(model, getattr(policy, "certificate", None), inputs, kwargs)
+    _stop_strings_as_criterion(kwargs)
     if isinstance(policy, EarlyExit) and policy.is_full_model:
         # λ = 1: HF's own loop, so the full model is HF's generate to the bit (see decoding/full_model.py)
         out = full_model_generate(model, inputs, kwargs)
@@ -99,6 +111,29 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         out.early_exit = policy
         out.certificate = getattr(policy, "certificate", None)
     return out
+
+
+def _stop_strings_as_criterion(kwargs: dict) -> None:
+    """Move ``stop_strings`` (the call's, or its ``generation_config``'s) into ``stopping_criteria``, in place.
+
+    Why: HF's ``generate`` hands a ``custom_generate`` callable's extra keywords over instead of its own mode
+    keywords, so the ``tokenizer`` that HF needs to build the stop-string criterion is dropped and it raises. The
+    criterion built here is the one HF would build (``StopStringCriteria(tokenizer, stop_strings)``); the order of
+    the criteria does not matter (HF ORs them).
+    """
+    stop = kwargs.pop("stop_strings", None)
+    config = kwargs.get("generation_config")
+    if stop is None and config is not None and getattr(config, "stop_strings", None) is not None:
+        config = copy.deepcopy(config)
+        stop, config.stop_strings = config.stop_strings, None
+        kwargs["generation_config"] = config
+    if stop is None:
+        return
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the model's tokenizer: pass tokenizer=... to generate, as HF requires.")
+    kwargs["stopping_criteria"] = StoppingCriteriaList(
+        [*(kwargs.get("stopping_criteria") or []), StopStringCriteria(tokenizer=tokenizer, stop_strings=stop)])
 
 
 def _early_exit_generate(model, inputs, policy, kwargs: dict):

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "decoder_output_scale", "normed_state",
-           "intermediate_logits", "exit_logits"]
+__all__ = ["SUPPORTED_MODEL_CLASSES", "check_supported_model", "decoder_output_scale", "intermediate_logits",
+           "exit_logits"]
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -45,11 +45,6 @@ def decoder_output_scale(config) -> float | None:
     ``MT5Config`` has no such attribute and ``MT5ForConditionalGeneration`` never scales.
     """
     return config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
-
-
-def normed_state(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """``decoder.final_layer_norm`` applied to a raw decoder block output."""
-    return model.decoder.final_layer_norm(hidden)
 
 
 def intermediate_logits(model: PreTrainedModel, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:

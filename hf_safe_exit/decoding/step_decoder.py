@@ -1,9 +1,11 @@
-"""One decoding step of a T5 decoder with per-row early exit (CALM state propagation): :class:`_StepDecoder`.
+"""One decoding step of a T5 decoder with per-row early exit (CALM state propagation): :class:`StepDecoder`.
 
 The step's algorithm is described in :mod:`hf_safe_exit.decoding.early_exit_loop`, which drives it.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 from transformers.cache_utils import EncoderDecoderCache
@@ -16,9 +18,9 @@ from ..confidence import LayerView
 from .head_projection import project
 from .poe import PoEConfig, PoEState
 from .readout import decoder_output_scale
-from .row_plan import _CALL_COST_BYTES, _CALL_COST_BYTES_DEFAULT, _RowPlan
+from .row_plan import DecidingRows, RowPlan
 
-__all__ = ["_StepDecoder"]
+__all__ = ["StepDecoder"]
 
 
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,74 @@ def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
-class _StepDecoder:
+class _PoERead(NamedTuple):
+    """The deciding rows' read-out at one layer with PoE on: final-normed states, their logits, PoE log-probs."""
+
+    normed: torch.Tensor
+    logits: torch.Tensor
+    logp: torch.Tensor
+
+    def prediction(self, poe: PoEConfig) -> torch.Tensor:
+        """What an exit at this layer reads out: the PoE's log-probabilities (``poe.prediction``) or the logits."""
+        return self.logp if poe.prediction else self.logits
+
+
+class _StepExits:
+    """Where each row of one step exits, with what confidence, and its logits.
+
+    Logits an exit already has (the measure's or the PoE read-out's) are set at once; the other exits are read out
+    together after the last block: one projection onto the vocabulary per step, not one per exit layer.
+    """
+
+    def __init__(self, batch: int, dtype: torch.dtype, device: torch.device):
+        self.batch, self.dtype, self.device = batch, dtype, device
+        self.exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+        self.confidence = torch.full((batch,), float("nan"), device=device)
+        self.logits: torch.Tensor | None = None
+        self.pending_rows: list[torch.Tensor | None] = []  # batch indices (None: the whole batch, in batch order)
+        self.pending_normed: list[torch.Tensor] = []  # their final-normed states
+
+    def set_layer(self, rows: torch.Tensor, layer: int, conf: torch.Tensor | None) -> None:
+        self.exit_layer[rows] = layer
+        if conf is not None:
+            self.confidence[rows] = conf
+
+    def set_logits(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.zeros((self.batch, logits.shape[-1]), dtype=self.dtype, device=self.device)
+        self.logits[rows] = logits.to(self.dtype)
+
+    def defer(self, rows: torch.Tensor | None, normed: torch.Tensor) -> None:
+        self.pending_rows.append(rows)
+        self.pending_normed.append(normed)
+
+    def read_out(self, project: Callable[[torch.Tensor], torch.Tensor], vocab_size: int) -> torch.Tensor:
+        """The ``(batch, vocab)`` logits of every row's exit, the deferred ones projected by ``project`` in one call
+        (zeros for rows that ran no block)."""
+        if self.pending_rows:
+            rows, normed = self.pending_rows, self.pending_normed
+            normed = normed[0] if len(normed) == 1 else torch.cat(normed)
+            in_order = len(rows) == 1 and rows[0] is None  # the whole batch exited at the last layer
+            order = None if in_order else rows[0] if len(rows) == 1 else torch.cat(rows)
+            if self.logits is None and normed.shape[0] == self.batch:
+                # Every row is pending (each row exits once per step, so `order` is a permutation of the batch):
+                # put the small normed states into batch order and project them as one batch, HF's own read-out
+                # call, rather than scattering a (batch, vocab) result into a zeroed one.
+                if order is not None:
+                    normed = normed.index_copy(0, order, normed)
+                self.logits = project(normed).to(self.dtype)
+            else:
+                row_logits = project(normed).to(self.dtype)
+                if self.logits is None:
+                    self.logits = torch.zeros((self.batch, row_logits.shape[-1]), dtype=self.dtype,
+                                              device=self.device)
+                self.logits[order] = row_logits
+        if self.logits is None:  # every row was already done: nothing to read out
+            self.logits = torch.zeros((self.batch, vocab_size), dtype=self.dtype, device=self.device)
+        return self.logits
+
+
+class StepDecoder:
     """Runs the decoder blocks of one T5 model for one new token, with per-row exits."""
 
     def __init__(self, model, cache: EncoderDecoderCache, encoder_hidden: torch.Tensor,
@@ -79,12 +148,12 @@ class _StepDecoder:
         return cross.layers[layer].keys, cross.layers[layer].values
 
     def _attend(self, module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | None, bias: torch.Tensor, plan: "_RowPlan | None") -> torch.Tensor:
+                mask: torch.Tensor | None, bias: torch.Tensor, plan: "RowPlan | None") -> torch.Tensor:
         """Attention of the deciding rows' ``query`` ``(n, heads, 1, d_kv)`` over the batch's cached ``keys`` /
         ``values``; returns ``(n, 1, heads * d_kv)``.
 
         ``plan`` None: every row decides, one call over the whole batch. Otherwise the call runs per
-        :class:`_RowPlan` segment on *views* ``keys[lo:hi]`` of the cache (slices of the batch dimension, no
+        :class:`RowPlan` segment on *views* ``keys[lo:hi]`` of the cache (slices of the batch dimension, no
         copy); a segment that also covers rows not deciding gets a zero query there and those outputs are
         dropped. Every (row, head) is an independent attention, so a row's result does not depend on which
         other rows share the call.
@@ -125,7 +194,7 @@ class _StepDecoder:
         return normed, keys, values
 
     def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  position_bias: torch.Tensor, plans: "tuple[_RowPlan, _RowPlan] | None") -> torch.Tensor:
+                  position_bias: torch.Tensor, plans: "tuple[RowPlan, RowPlan] | None") -> torch.Tensor:
         """The rest of block ``idx`` after :meth:`fill_kv`, for the rows whose states are ``h`` (``normed`` their
         pre-attention layer norm): the whole batch when ``plans`` is None, else the rows the plans describe."""
         block = self.blocks[idx]
@@ -197,124 +266,93 @@ class _StepDecoder:
             logits ``(batch, vocab)`` (float32, or float64 for a float64 model) of each row's exit layer,
             exit layers ``(batch,)`` long, confidences ``(batch,)`` float32 (NaN where none was computed).
         """
-        batch = tokens.shape[0]
-        device = tokens.device
+        batch, device = tokens.shape[0], tokens.device
         x = self.decoder.dropout(self.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
         position_bias = self.position_bias(x.dtype)
-
-        exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
-        confidence = torch.full((batch,), float("nan"), device=device)
-        out_logits: torch.Tensor | None = None
-        # Exits whose logits the measure did not already compute are read out together after the last block:
-        # one projection onto the vocabulary per step, not one per exit layer (batch indices, final-normed states).
-        pending_rows: list[torch.Tensor | None] = []
-        pending_normed: list[torch.Tensor] = []
-        # `rows` is None while every row is still deciding: the common case runs without gathers.
-        rows: torch.Tensor | None = None if done is None or not bool(done.any()) else (~done).nonzero().squeeze(1)
-        plans: tuple[_RowPlan, _RowPlan] | None = None  # self- and cross-attention plans for the current `rows`
-        call_bytes = _CALL_COST_BYTES.get(device.type, _CALL_COST_BYTES_DEFAULT)
-        all_rows: torch.Tensor | None = None  # arange(batch), made once when first needed
+        deciding = DecidingRows(done, batch, device)
+        exits = _StepExits(batch, self.logits_dtype, device)
         may_exit = threshold < 1.0
         poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
-        poe_state: PoEState | None = None
+        poe_state = None
         if poe is not None and (may_exit or poe_last):
             poe_state = PoEState(poe, self.num_layers, batch, self.logits_dtype, device)
         for idx in range(self.num_layers):
             layer = idx + 1
             normed_all, keys, values = self.fill_kv(idx, x)
-            if rows is not None and rows.numel() == 0:
+            if deciding.none_left:
                 continue  # every row exited: only fill the remaining layers' K/V (state propagation)
-            if rows is None:
-                h, normed, row_plans = x, normed_all, None
-            else:
-                # Only the deciding rows' states are gathered (b x d_model); the caches are never copied:
-                # attention runs on batch slices of them (see _attend / _RowPlan).
-                h, normed = x[rows], normed_all[rows]
-                if plans is None:
-                    ckeys = self._cross_kv(idx)[0]
-                    row_list = rows.tolist()
-                    plans = (_RowPlan(row_list, 2 * keys[0].numel() * keys.element_size(), call_bytes, device),
-                             _RowPlan(row_list, 2 * ckeys[0].numel() * ckeys.element_size(), call_bytes, device))
-                row_plans = plans
-            h = self.run_block(idx, h, normed, keys, values, position_bias, row_plans)
-            prev = x if rows is None else x[rows]
-            # a half-precision T5 loaded by from_pretrained keeps `wo` in float32 (_keep_in_fp32_modules), so a block
-            # can return float32 states for float16 ones; the whole batch then moves to that dtype, as in HF's stack
-            x = h if rows is None else x.to(h.dtype).index_copy(0, rows, h)
-            if rows is None:
-                if all_rows is None:
-                    all_rows = torch.arange(batch, device=device)
-                row_ids = all_rows
-            else:
-                row_ids = rows
-            poe_logp = raw_logits = None
+            h, prev, x = self._run_deciding(idx, x, normed_all, keys, values, position_bias, deciding)
+            poe_read = None
             if poe_state is not None and (layer < self.num_layers or poe_last):
-                poe_normed = self.decoder.final_layer_norm(h[:, 0])
-                raw_logits = self.logits(poe_normed)
-                poe_logp = poe_state.update(layer, rows, raw_logits)
-
-            final_normed = None
+                poe_read = self._poe_readout(poe_state, layer, deciding.rows, h)
             if layer == self.num_layers:
-                exiting = None  # every deciding row exits
-                conf = None
+                exiting = conf = normed = None  # every deciding row exits
+                known = None if poe_read is None else poe_read.prediction(poe)
             elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
-                cached: dict[str, torch.Tensor] = {}
-                if poe_logp is not None:
-                    final_normed = poe_normed
-                    cached["logits"] = poe_logp if poe.confidence else raw_logits.to(self.logits_dtype)
-                else:
-                    final_normed = self.decoder.final_layer_norm(h[:, 0])
-
-                conf = self.confidence(measure, layer=layer, step=step, rows=row_ids, hidden=h[:, 0],
-                                       prev_hidden=prev[:, 0], normed=final_normed, cached=cached, batch=batch)
+                conf, normed, known = self._check(measure, layer, step, h, prev, deciding, poe, poe_read, batch)
                 exiting = conf > threshold
                 if not bool(exiting.any()):
                     continue
             else:
                 continue
-
-            # positions (within the deciding rows) of the exiting ones, found once for every read below
-            exit_pos = None if exiting is None else exiting.nonzero().squeeze(1)
-
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                return t if exit_pos is None else t.index_select(0, exit_pos)
-
-            # Read out the exiting rows through the shared head (now when their logits exist, else after the loop).
-            row_logits = None
-            if poe_logp is not None:
-                row_logits = pick(poe_logp if poe.prediction else raw_logits)
-            elif conf is not None and "logits" in cached:
-                row_logits = pick(cached["logits"])
-            exit_rows = pick(row_ids)
-            if row_logits is not None:
-                if out_logits is None:
-                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
-                out_logits[exit_rows] = row_logits.to(self.logits_dtype)
-            else:
-                pending_rows.append(None if rows is None and exiting is None else exit_rows)
-                pending_normed.append(self.decoder.final_layer_norm(h[:, 0]) if final_normed is None
-                                      else pick(final_normed))
-            exit_layer[exit_rows] = layer
-            if conf is not None:
-                confidence[exit_rows] = pick(conf)
+            self._record_exits(exits, layer, h, deciding, exiting, conf, normed, known)
             if exiting is not None:
-                rows, plans = row_ids[~exiting], None
-        if pending_rows:
-            normed = pending_normed[0] if len(pending_normed) == 1 else torch.cat(pending_normed)
-            in_order = len(pending_rows) == 1 and pending_rows[0] is None  # the whole batch exited at the last layer
-            order = None if in_order else pending_rows[0] if len(pending_rows) == 1 else torch.cat(pending_rows)
-            if out_logits is None and normed.shape[0] == batch:
-                # Every row is pending (each row exits once per step, so `order` is a permutation of the batch):
-                # put the small normed states into batch order and project them as one batch, HF's own read-out
-                # call, rather than scattering a (batch, vocab) result into a zeroed one.
-                if order is not None:
-                    normed = normed.index_copy(0, order, normed)
-                out_logits = self.logits(normed).to(self.logits_dtype)
-            else:
-                row_logits = self.logits(normed).to(self.logits_dtype)
-                if out_logits is None:
-                    out_logits = torch.zeros((batch, row_logits.shape[-1]), dtype=self.logits_dtype, device=device)
-                out_logits[order] = row_logits
-        if out_logits is None:  # every row was already done: nothing to read out
-            out_logits = torch.zeros((batch, self.model.config.vocab_size), dtype=self.logits_dtype, device=device)
-        return out_logits, exit_layer, confidence
+                deciding.drop(exiting)
+        return exits.read_out(self.logits, self.model.config.vocab_size), exits.exit_layer, exits.confidence
+
+    def _run_deciding(self, idx: int, x: torch.Tensor, normed_all: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, position_bias: torch.Tensor, deciding: DecidingRows):
+        """Block ``idx`` (after :meth:`fill_kv`) for the deciding rows of the batch's states ``x``: returns their new
+        states, their states before the block, and ``x`` with theirs replaced."""
+        rows = deciding.rows
+        if rows is None:
+            h = self.run_block(idx, x, normed_all, keys, values, position_bias, None)
+            return h, x, h
+        # Only the deciding rows' states are gathered (b x d_model); the caches are never copied: attention runs on
+        # batch slices of them (see _attend / RowPlan).
+        prev = x[rows]
+        plans = deciding.plans or deciding.plan(keys, self._cross_kv(idx)[0])
+        h = self.run_block(idx, prev, normed_all[rows], keys, values, position_bias, plans)
+        # a half-precision T5 loaded by from_pretrained keeps `wo` in float32 (_keep_in_fp32_modules), so a block
+        # can return float32 states for float16 ones; the whole batch then moves to that dtype, as in HF's stack
+        return h, prev, x.to(h.dtype).index_copy(0, rows, h)
+
+    def _poe_readout(self, poe_state: PoEState, layer: int, rows: torch.Tensor | None, h: torch.Tensor) -> _PoERead:
+        """The deciding rows' read-out after ``layer``, folded into the running product."""
+        normed = self.decoder.final_layer_norm(h[:, 0])
+        logits = self.logits(normed)
+        return _PoERead(normed, logits, poe_state.update(layer, rows, logits))
+
+    def _check(self, measure, layer: int, step: int, h: torch.Tensor, prev: torch.Tensor, deciding: DecidingRows,
+               poe: PoEConfig | None, poe_read: _PoERead | None, batch: int):
+        """The deciding rows' confidence after ``layer`` (a checked layer), with their final-normed states and the
+        logits an exit there reads out when they are already computed (else None)."""
+        cached: dict[str, torch.Tensor] = {}
+        if poe_read is not None:
+            normed = poe_read.normed
+            cached["logits"] = poe_read.logp if poe.confidence else poe_read.logits.to(self.logits_dtype)
+        else:
+            normed = self.decoder.final_layer_norm(h[:, 0])
+        conf = self.confidence(measure, layer=layer, step=step, rows=deciding.ids(), hidden=h[:, 0],
+                               prev_hidden=prev[:, 0], normed=normed, cached=cached, batch=batch)
+        return conf, normed, cached.get("logits") if poe_read is None else poe_read.prediction(poe)
+
+    def _record_exits(self, exits: _StepExits, layer: int, h: torch.Tensor, deciding: DecidingRows,
+                      exiting: torch.Tensor | None, conf: torch.Tensor | None, normed: torch.Tensor | None,
+                      known: torch.Tensor | None) -> None:
+        """Record the exit at ``layer`` of the deciding rows ``exiting`` selects (None: all of them), with their
+        logits when ``known``, else their final-normed states for the read-out after the last block."""
+        # positions (within the deciding rows) of the exiting ones, found once for every read below
+        exit_pos = None if exiting is None else exiting.nonzero().squeeze(1)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if exit_pos is None else t.index_select(0, exit_pos)
+
+        exit_rows = pick(deciding.ids())
+        if known is not None:
+            exits.set_logits(exit_rows, pick(known))
+        else:
+            in_order = deciding.rows is None and exiting is None  # the whole batch, in batch order
+            exits.defer(None if in_order else exit_rows,
+                        self.decoder.final_layer_norm(h[:, 0]) if normed is None else pick(normed))
+        exits.set_layer(exit_rows, layer, None if conf is None else pick(conf))

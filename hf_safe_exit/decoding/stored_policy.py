@@ -12,8 +12,6 @@ Only what can be rebuilt from the checkpoint is stored: an ``EarlyExit`` with a 
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from ..errors import InvalidStoredPolicyError
 
 __all__ = ["POLICY_ATTRIBUTE", "InvalidStoredPolicyError", "policy_from_config", "policy_to_dict"]
@@ -32,51 +30,60 @@ def policy_to_dict(policy) -> dict:
         policy_from_dict(policy)  # validate
         return dict(policy)
     if isinstance(policy, EarlyExit):
-        if not isinstance(policy.measure, str):
-            raise InvalidStoredPolicyError(f"generation_config.early_exit = EarlyExit(measure={policy.measure!r}) "
-                                           "cannot be saved: only a named measure can. Use measure='<name>'.")
-        spec = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name != "certificate"}
-        spec["anytime"] = None if policy.anytime is None else policy.anytime.to_dict()
-        spec["exit_layers"] = None if policy.exit_layers is None else list(policy.exit_layers)
-        return {"type": "EarlyExit", **spec}
+        _check_named(policy.config, "EarlyExit")
+        return {"type": "EarlyExit", "threshold": policy.threshold, **policy.config.to_dict()}
     if isinstance(policy, RiskControlled):
         if policy.small_model is not None or policy.is_bild:
             raise InvalidStoredPolicyError("a BiLD calibration cannot be stored on generation_config: it needs the "
                                            "small model at run time; pass early_exit= in each call.")
-        params = policy.get_params()
-        if not all(v is None or isinstance(v, (str, int, float)) for k, v in params.items()
-                   if k not in ("anytime", "exit_layers")):
-            raise InvalidStoredPolicyError("a RiskControlled with a measure instance cannot be saved on "
-                                           "generation_config: use measure='<name>'.")
-        params["anytime"] = None if policy.anytime is None else policy.anytime.to_dict()
-        params["exit_layers"] = None if policy.exit_layers is None else list(policy.exit_layers)
-        if policy.is_fitted and params["task"] is None:  # refit on the task it was fitted for, never the primary one
-            params["task"] = policy.certificate.task
-            if params["task"] is None:
+        if policy.config is not None:
+            _check_named(policy.config, "RiskControlled")
+        spec = {"type": "RiskControlled", **policy.controller().get_params(), "task": policy.task,
+                "config": None if policy.config is None else policy.config.to_dict()}
+        if policy.is_fitted and spec["task"] is None:  # refit on the task it was fitted for, never the primary one
+            spec["task"] = policy.certificate.task
+            if spec["task"] is None:
                 raise InvalidStoredPolicyError(
                     "a RiskControlled fitted on losses without a task cannot be saved on generation_config: it would "
                     "be refitted on whatever the folder stores. Store its table with hf_safe_exit.risk."
                     "store_calibration(folder, table=..., task=...) and save RiskControlled(eps, task=...).")
-        return {"type": "RiskControlled", **params}
+        return spec
     raise InvalidStoredPolicyError(
         f"generation_config.early_exit holds a {type(policy).__name__}, which cannot be saved: store an "
         "hf_safe_exit.EarlyExit or an hf_safe_exit.RiskControlled, or pass early_exit= in each generate call.")
 
 
+def _check_named(config, kind: str) -> None:
+    from ..confidence import ConfidenceMeasure
+
+    if isinstance(config.measure, ConfidenceMeasure):
+        raise InvalidStoredPolicyError(f"generation_config.early_exit = {kind}(measure={config.measure!r}) cannot be "
+                                       "saved: only a named measure can. Use measure='<name>'.")
+
+
 def policy_from_dict(spec: dict):
+    """The policy a stored spec describes (``EarlyExit`` or ``RiskControlled``), validated."""
+    from ..config import EarlyExitConfig, config_fields
     from ..policy import EarlyExit
     from ..risk import RiskControlled
 
-    kinds = {"EarlyExit": EarlyExit, "RiskControlled": RiskControlled}
-    kind = spec.get("type")
-    if kind not in kinds:
-        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} names no policy type: it needs "
-                                       f"\"type\": one of {sorted(kinds)}.")
+    kind = spec.get("type") if isinstance(spec, dict) else None
     try:
-        return kinds[kind](**{k: v for k, v in spec.items() if k != "type"})
-    except TypeError as err:
-        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} is not a valid {kind}: {err}. "
-                                       "Fix or remove it in generation_config.json.") from None
+        if kind == "EarlyExit":
+            return EarlyExit(spec.get("threshold", 0.9),
+                             config=EarlyExitConfig.from_dict({k: v for k, v in spec.items() if k != "threshold"}))
+        if kind == "RiskControlled":
+            params = {k: v for k, v in spec.items() if k not in ("type", "config", *config_fields())}
+            config = spec.get("config")
+            flat = {k: spec[k] for k in config_fields() if spec.get(k) is not None}  # specs written before config=
+            if config is None and flat:
+                config = flat
+            return RiskControlled(**params, config=None if config is None else EarlyExitConfig.from_dict(config))
+    except (TypeError, ValueError) as err:
+        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} is not a valid {kind}: {err} Fix or "
+                                       "remove it in generation_config.json.") from None
+    raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} names no policy type: it needs "
+                                   "\"type\": one of ['EarlyExit', 'RiskControlled'].")
 
 
 def policy_from_config(generation_config):
@@ -86,7 +93,11 @@ def policy_from_config(generation_config):
         return stored
     if isinstance(stored, dict):
         return policy_from_dict(stored)
-    if callable(getattr(stored, "bind", None)) or callable(getattr(stored, "decode", None)):
+    from ..decoding.bild import BiLD
+    from ..policy import EarlyExitPolicy
+    from ..risk import RiskControlled
+
+    if isinstance(stored, (EarlyExitPolicy, RiskControlled, BiLD)):
         return stored
     raise InvalidStoredPolicyError(f"generation_config.early_exit = {stored!r} is not an early-exit policy: set it "
                                    "to hf_safe_exit.EarlyExit(...) or hf_safe_exit.RiskControlled(eps=...), or None.")

@@ -2,18 +2,29 @@
 
 Jazbec, Timans et al. (2024), "Fast yet Safe: Early-Exiting with Risk Control"; conformal
 risk control (Angelopoulos et al. 2022), RCPS upper confidence bounds (Bates et al. 2021),
-Learn then Test (Angelopoulos et al. 2021). See :class:`RiskControlled` and :class:`LossTable`.
+Learn then Test (Angelopoulos et al. 2021).
+
+* :class:`RiskController`: the estimator (fit on losses, then read λ̂ and its certificate);
+* :class:`Calibration`: a fitted λ̂ tied to the early-exit configuration, model, task and lengths it holds for,
+  with its file (``risk_control.json``);
+* :class:`RiskControlled`: what ``generate(early_exit=...)`` takes (a request, fitted on the model's stored
+  calibration unless fitted already);
+* :class:`LossTable`: the calibration losses ``collect`` writes.
 """
 
 from .bounds import binomial_count, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
-from .controlled import (RISK_CONTROL_FILENAME, MissingCalibrationError, RiskCertificate, RiskControlled, clear_cache,
-                         find_calibration)
+from .calibration import Calibration
+from .certificate import RiskCertificate
+from .controlled import RiskControlled
+from .controller import RiskController
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .selection import (BOUNDS, METHODS, Selection, select, select_crc, select_ltt, select_naive, select_ucb)
-from .store import CALIBRATION_SUBDIR, calibration_dir, find_stored, primary_task, store_calibration, stored_tasks
+from .store import (CALIBRATION_SUBDIR, RISK_CONTROL_FILENAME, MissingCalibrationError, calibration_dir, find_stored,
+                    primary_task, store_calibration, stored_tasks)
+from .stored_fit import clear_cache, find_calibration
 
 __all__ = [
-    "RiskControlled", "RiskCertificate", "LossTable", "MissingCalibrationError", "find_calibration", "clear_cache",
+    "RiskControlled", "RiskController", "Calibration", "RiskCertificate", "LossTable", "MissingCalibrationError", "find_calibration", "clear_cache",
     "CALIBRATION_FILENAME", "RISK_CONTROL_FILENAME", "RISKS", "DEFAULT_LOSS_BOUNDS", "METHODS", "BOUNDS",
     "Selection", "select", "select_naive", "select_crc", "select_ucb", "select_ltt",
     "CALIBRATION_SUBDIR", "calibration_dir", "find_stored", "primary_task", "store_calibration", "stored_tasks",

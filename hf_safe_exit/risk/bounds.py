@@ -24,11 +24,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import rel_entr
-from scipy.stats import binom
 
 __all__ = [
-    "binomial_count", "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "wsr_rejects",
+    "binomial_count", "check_level", "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb",
+    "wsr_rejects",
 ]
 
 # Relative slack when rounding n·R̂ up to an integer count: n·R̂ is a floating-point sum, and
@@ -37,7 +36,7 @@ _COUNT_RTOL = 1e-9
 _BISECT_ITERS = 50  # bisection on [0, 1]: 2**-50 ≈ 1e-15
 
 
-def _check_level(value: float, name: str) -> float:
+def check_level(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name}={value!r} must be a number strictly between 0 and 1.")
     return float(value)
@@ -68,7 +67,7 @@ def hoeffding_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper: float 
     Range: losses in [a, b] = [``lower``, ``upper``]; it needs the *full* width b − a
     (2 for the signed performance gap in [−1, 1]). Vectorised over ``r_hat``.
     """
-    n, delta = _check_n(n), _check_level(delta, "delta")
+    n, delta = _check_n(n), check_level(delta, "delta")
     if not upper > lower:
         raise ValueError(f"loss bounds ({lower}, {upper}) must satisfy lower < upper.")
     return np.asarray(r_hat, dtype=np.float64) + (upper - lower) * math.sqrt(math.log(1.0 / delta) / (2.0 * n))
@@ -86,6 +85,10 @@ def hoeffding_bentkus_pvalue(r_hat, n: int, alpha, *, count=None, binary: bool =
     binomial tail ``P(Binom(n, α) ≤ k)`` is returned (no factor e, no Hoeffding term).
     Vectorised over ``r_hat`` and ``alpha`` (broadcast).
     """
+    # scipy.stats takes about a second to import: loaded by the first bound that needs it, not at import time
+    from scipy.special import rel_entr
+    from scipy.stats import binom
+
     n = _check_n(n)
     r = np.asarray(r_hat, dtype=np.float64)
     a = np.asarray(alpha, dtype=np.float64)
@@ -107,7 +110,7 @@ def hoeffding_bentkus_ucb(r_hat, n: int, delta: float, lower: float = 0.0, upper
     to R̂' = (R̂ − a)/(b − a), the bound computed there and mapped back, a + (b − a)·R⁺'.
     Vectorised over ``r_hat``.
     """
-    delta = _check_level(delta, "delta")
+    delta = check_level(delta, "delta")
     n = _check_n(n)
     if not upper > lower:
         raise ValueError(f"loss bounds ({lower}, {upper}) must satisfy lower < upper.")
@@ -153,7 +156,7 @@ def wsr_ucb(losses, delta: float, upper: float = 1.0):
 
 def _wsr_setup(losses, delta, upper):
     """Scaled losses x/B, the predictable bets ν_i and the rejection level log(1/δ) of :func:`wsr_ucb`."""
-    delta = _check_level(delta, "delta")
+    delta = check_level(delta, "delta")
     if not upper > 0:
         raise ValueError(f"upper={upper!r} must be > 0 for the betting bound (it is the losses' upper bound B).")
     x = np.asarray(losses, dtype=np.float64) / upper

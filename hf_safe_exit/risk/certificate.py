@@ -1,4 +1,4 @@
-"""``RiskCertificate``: what a fitted ``RiskControlled`` guarantees, for which model, data and decoding."""
+"""``RiskCertificate``: what a risk-controlled threshold guarantees, for which model, data and decoding."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class RiskCertificate:
     risk: str
     monotonize: str | None
     n: int
-    lambda_hat: float
+    threshold: float  # λ̂
     empirical_risk: float
     risk_bound: float
     p_value: float | None
@@ -44,13 +44,21 @@ class RiskCertificate:
     max_input_length: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form; λ̂ keeps the key ``lambda_hat`` that every stored calibration has (the file format)."""
+        data = asdict(self)
+        data["lambda_hat"] = data.pop("threshold")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RiskCertificate":
         data = dict(data)
+        data["threshold"] = data.pop("lambda_hat")
         data["loss_bounds"] = tuple(data["loss_bounds"])
         return cls(**data)
+
+    @property
+    def lambda_hat(self) -> float:  # TODO(rename sweep): callers move to .threshold
+        return self.threshold
 
 
 def guarantee_text(method: str, eps: float, delta: float | None, risk: str) -> str:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import fields
 
+from ..config import EarlyExitConfig
 from ..errors import CorruptFileError, InconsistentCalibrationError
-from ..policy import SCHEDULES
 from .certificate import RiskCertificate
 from .loss_table import LossTable
 from .selection import select
@@ -53,25 +54,18 @@ def _check_settings(calibration: dict, path) -> None:
             raise CorruptFileError.about(path, "a BiLD calibration whose 'calibration.policy' lacks a numeric "
                                          "'fallback' or 'max_draft_len'", _CORRUPT_FIX)
         return
-    problems = []
-    if calibration.get("schedule") not in SCHEDULES:
-        problems.append(f"'schedule' is {calibration.get('schedule')!r}, not one of {SCHEDULES}")
-    layer = calibration.get("min_exit_layer")
-    if not (isinstance(layer, int) and not isinstance(layer, bool) and layer >= 1):
-        problems.append(f"'min_exit_layer' is {layer!r}, not a positive integer")
-    if not (_number(calibration.get("decay_tau")) and calibration["decay_tau"] > 0):
-        problems.append(f"'decay_tau' is {calibration.get('decay_tau')!r}, not a positive number")
-    if not isinstance(calibration.get("measure", None), (str, type(None))):
-        problems.append(f"'measure' is {calibration['measure']!r}, not a measure name")
-    exit_layers = calibration.get("exit_layers")
-    if exit_layers is not None and not (isinstance(exit_layers, list) and exit_layers and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in exit_layers)):
-        problems.append(f"'exit_layers' is {exit_layers!r}, not null or a list of positive integers")
-    if not isinstance(calibration.get("anytime"), (dict, type(None))):
-        problems.append(f"'anytime' is {calibration['anytime']!r}, not a PoE setting or null")
-    if problems:
-        raise CorruptFileError.about(path, "its early-exit settings are incomplete: " + "; ".join(problems),
+    # a setting that is off by default (None: exit_layers, anytime) may be absent, as in files written before it
+    # existed; any other one missing means a truncated or hand-made file
+    missing = [f.name for f in fields(EarlyExitConfig) if f.default is not None and f.name not in calibration]
+    if missing:
+        raise CorruptFileError.about(path, f"its early-exit settings are incomplete: {missing} are missing",
                                      _CORRUPT_FIX)
+    if calibration.get("measure") is None:  # a fit on raw losses that named no configuration (refused when used)
+        return
+    try:
+        EarlyExitConfig.from_dict(calibration)  # the one validation of the early-exit settings
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError.about(path, f"its early-exit settings are not valid: {err}", _CORRUPT_FIX) from None
 
 
 def check_calibration_dict(data, path=None) -> RiskCertificate:
@@ -132,15 +126,18 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
     return cert
 
 
-# the settings a calibration decodes with, that a loss table's metadata records: λ̂ is only valid with those
-# the losses were collected with (an edited min_exit_layer, or a measure edited in both places of the json,
-# passes every check of the json alone). Older tables lack some: only the keys a table records are compared.
-_SETTINGS = ("task", "measure", "schedule", "min_exit_layer", "decay_tau", "anytime", "exit_layers",
-             "max_new_tokens", "max_input_length")
-# settings a table records only when they are not the default (``collect`` leaves them out for plain early exit
-# with every layer checked): a table without the key was collected with None, so they are compared even then
-_ABSENT_MEANS_NONE = ("anytime", "exit_layers")
+# what a calibration decodes with that a loss table's metadata records besides the early-exit configuration: λ̂ is
+# only valid with what the losses were collected with (an edited min_exit_layer, or a measure edited in both places
+# of the json, passes every check of the json alone). Older tables lack some: only the keys a table records count.
+_SETTINGS = ("task", "max_new_tokens", "max_input_length")
 _BILD_SETTINGS = ("task", "policy", "max_new_tokens", "max_input_length")  # BiLD's decoding has no exit settings
+
+
+def _table_differs(path, table_path, key, stored, recorded) -> InconsistentCalibrationError:
+    return InconsistentCalibrationError.about(
+        path, f"its calibration.{key} is {stored!r}, but the loss table stored beside it ('{table_path}') was collected "
+        f"with {key}={recorded!r}: λ̂ holds only for the settings its losses were collected with, so one of the two "
+        "files was edited or replaced", RECALIBRATE)
 
 
 def check_refit(data: dict, path, table: LossTable, table_path) -> None:
@@ -163,13 +160,17 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
     if table_fp != stored_fp:
         raise differs("its model fingerprint", table_fp, stored_fp)
     calibration = data["calibration"]
-    for key in _BILD_SETTINGS if calibration.get("strategy") == "bild" else _SETTINGS:
-        if (key in table.metadata or key in _ABSENT_MEANS_NONE) and not _close(calibration.get(key),
-                                                                              table.metadata.get(key)):
-            raise InconsistentCalibrationError.about(
-                path, f"its calibration.{key} is {calibration.get(key)!r}, but the loss table stored beside it "
-                f"('{table_path}') was collected with {key}={table.metadata.get(key)!r}: λ̂ holds only for the settings "
-                "its losses were collected with, so one of the two files was edited or replaced", RECALIBRATE)
+    bild = calibration.get("strategy") == "bild"
+    for key in _BILD_SETTINGS if bild else _SETTINGS:
+        if key in table.metadata and not _close(calibration.get(key), table.metadata.get(key)):
+            raise _table_differs(path, table_path, key, calibration.get(key), table.metadata.get(key))
+    if not bild and table.metadata.get("measure") is not None:  # the table records its early-exit configuration
+        # a table leaves out settings at their default (anytime, exit_layers): read both through the one format
+        recorded = EarlyExitConfig.from_dict(table.metadata).to_dict()
+        stored = EarlyExitConfig.from_dict(calibration).to_dict() if calibration.get("measure") is not None else {}
+        for key, value in recorded.items():
+            if not _close(stored.get(key), value):
+                raise _table_differs(path, table_path, key, stored.get(key), value)
     if table.n != cert.get("n"):
         raise differs("its number of calibration examples n", table.n, cert.get("n"))
     try:

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import CalibrationFileError, CorruptFileError, MissingCalibrationError
 from .selection import prepare_losses
 
-__all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME"]
+__all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME", "json_ready"]
 
 CALIBRATION_FILENAME = "early_exit_calibration.npz"
 RISKS = ("performance_gap", "performance_gap_bounded", "consistency")
@@ -36,7 +36,7 @@ DEFAULT_LOSS_BOUNDS = {"performance_gap": (-1.0, 1.0), "performance_gap_bounded"
 _FORMAT_VERSION = 1
 
 
-def _json_ready(obj, what: str):
+def json_ready(obj, what: str):
     try:
         return json.loads(json.dumps(obj))
     except (TypeError, ValueError) as err:
@@ -84,7 +84,7 @@ class LossTable:
             if arr.ndim == 0 or arr.shape[0] != self.lambdas.size:
                 raise ValueError(f"extras[{name!r}] has shape {arr.shape}; its first axis must follow lambdas "
                                  f"({self.lambdas.size}).")
-        self.metadata = _json_ready(dict(self.metadata), "metadata")
+        self.metadata = json_ready(dict(self.metadata), "metadata")
         ids = self.metadata.get("example_ids")
         if ids is not None and len(ids) != self.n:
             raise ValueError(f"metadata['example_ids'] has {len(ids)} entries for {self.n} examples.")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import _check_level, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
+from .bounds import check_level, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
 
 __all__ = [
     "Selection", "METHODS", "BOUNDS", "MONOTONIZE", "prepare_losses", "first_violation_scan",
@@ -135,7 +135,7 @@ def _finish(lam, order, risk, statistic, passed, n) -> Selection:
 
 
 def _check_eps(eps) -> float:
-    return _check_level(eps, "eps")
+    return check_level(eps, "eps")
 
 
 def select_naive(lambdas, losses, eps, *, loss_bounds=(0.0, 1.0), monotonize=None) -> Selection:
@@ -200,7 +200,7 @@ def select_ucb(lambdas, losses, eps, delta, *, bound="wsr", loss_bounds=(0.0, 1.
     ``"hoeffding"`` (full width) or ``"hoeffding_bentkus"`` (mapped to [0, 1]; exact
     binomial tail when every loss is 0 or 1).
     """
-    eps, delta = _check_eps(eps), _check_level(delta, "delta")
+    eps, delta = _check_eps(eps), check_level(delta, "delta")
     if bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} is unknown: use one of {BOUNDS}.")
     lam, arr, order, (lower, upper) = prepare_losses(lambdas, losses, loss_bounds, monotonize)
@@ -227,7 +227,7 @@ def select_ltt(lambdas, losses, eps, delta, *, loss_bounds=(0.0, 1.0), monotoniz
     monotonicity assumption. Losses in [a, b] are mapped to [0, 1] (ε too); with 0/1
     losses the exact binomial tail replaces the HB p-value.
     """
-    eps, delta = _check_eps(eps), _check_level(delta, "delta")
+    eps, delta = _check_eps(eps), check_level(delta, "delta")
     lam, arr, order, (lower, upper) = prepare_losses(lambdas, losses, loss_bounds, monotonize)
     pvals = np.asarray(ltt_pvalues(arr, eps, lower, upper), dtype=np.float64)
     return _finish(lam, order, arr.mean(axis=1), pvals, pvals <= delta, arr.shape[1])
@@ -241,7 +241,7 @@ def check_method_and_delta(method, delta):
         if delta is None:
             raise ValueError(f"method={method!r} controls the risk with probability 1 − delta: pass delta "
                              "(e.g. delta=0.1), or use method='crc' for a guarantee in expectation.")
-        return _check_level(delta, "delta")
+        return check_level(delta, "delta")
     if delta is not None:
         raise ValueError(f"delta={delta!r} was given but method={method!r} has no δ "
                          f"({'it controls the risk in expectation' if method == 'crc' else 'it gives no guarantee'}): "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Mapping
 
+from ..lazy import require
 from .base import Task
 
 __all__ = ["CNNDailyMail", "rouge_l"]
@@ -26,8 +27,7 @@ class CNNDailyMail(Task):
 
     @cached_property
     def _scorer(self):
-        from rouge_score import rouge_scorer
-
+        rouge_scorer = require("rouge_score.rouge_scorer", "the cnndm task's ROUGE-L")
         return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
     def prompt(self, example: Mapping[str, Any]) -> str:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..lazy import require
+
 __all__ = ["DataUnavailableError", "shared_data_dir", "load_task_data", "load_split", "SPLITS", "DATA_ENV"]
 
 DATA_ENV = "HF_SAFE_EXIT_DATA"
@@ -102,8 +104,7 @@ def _resolve_local(name: str, path: str | os.PathLike) -> Path:
 
 
 def _load_local(name: str, path: Path):
-    import datasets
-
+    datasets = require("datasets", "loading task data")
     if name == "cnndm":
         if path.suffix.lower() not in (".csv", ".gz", ".bz2", ".zip", ".xz"):
             raise ValueError(f"'{path}' is not a CSV: the cnndm task reads {_LOCAL_KIND[name]}.")
@@ -133,8 +134,7 @@ def _load_local(name: str, path: Path):
 
 
 def _squad_features():
-    import datasets
-
+    datasets = require("datasets", "loading task data")
     return datasets.Features({
         "id": datasets.Value("string"),
         "title": datasets.Value("string"),
@@ -162,8 +162,7 @@ def _flatten_squad(batch):
 
 
 def _load_hub(name: str, hub_split: str):
-    import datasets
-
+    datasets = require("datasets", "loading task data")
     hub_id, config = _HUB[name]
     try:
         if config is None:

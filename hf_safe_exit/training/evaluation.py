@@ -22,6 +22,7 @@ from collections import Counter
 
 import torch
 
+from ..lazy import require
 from .surgery import keep_first_decoder_layers
 
 __all__ = ["rouge_l", "squad_f1", "squad_em", "lead3", "truncated_decoder_model", "greedy_generate",
@@ -33,8 +34,7 @@ _SCORER = None
 def _scorer():
     global _SCORER
     if _SCORER is None:
-        from rouge_score import rouge_scorer
-
+        rouge_scorer = require("rouge_score.rouge_scorer", "ROUGE-L evaluation")
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return _SCORER
 

@@ -300,11 +300,11 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     store_calibration(out, table=table, controlled=rc, task=task.name, primary=True)
     cal_dir = calibration_dir(out, task.name)
     (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1), encoding="utf-8")
-    log(f"λ̂ = {rc.lambda_:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")
+    log(f"λ̂ = {rc.threshold:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")
 
     results = {"config": asdict(config), "command": command_line(config), "training": training,
                "meta_head": meta_stats,
-               "calibration": {"n": table.n, "lambda_hat": rc.lambda_, "measure": table.metadata.get("measure"),
+               "calibration": {"n": table.n, "threshold": rc.threshold, "measure": table.metadata.get("measure"),
                                "pool_ids": list(table.metadata["example_ids"])},
                "params": n_params, "num_decoder_layers": int(model.config.num_decoder_layers)}
     (out / RESULTS_FILENAME).write_text(json.dumps(results, indent=1), encoding="utf-8")

@@ -3,7 +3,7 @@
 A decoder trained with the CALM loss (every exit read out through the shared ``final_layer_norm`` and LM head)
 already *is* a family of shallower models: keeping its first ``n`` blocks gives a model whose last layer is the
 old exit ``n``, with identical outputs. That is the starting point for a shallower model when the top layers of a
-deeper one add nothing that generalises (see ``examples/train_default_model.py --keep-decoder-layers``).
+deeper one add nothing that generalises (see ``scripts/train_default_model.py --keep-decoder-layers``).
 """
 
 from __future__ import annotations

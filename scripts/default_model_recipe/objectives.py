@@ -1,4 +1,4 @@
-"""The batch makers of the from-scratch recipe's stages (:mod:`hf_safe_exit.training.recipe`).
+"""The batch makers of the from-scratch recipe's stages (:mod:`.recipe`).
 
 Pretraining draws each batch from one self-supervised objective (less padding than mixing them in a batch):
 BART text infilling, T5 span corruption, lead sentences and cloze questions, in the shares of
@@ -11,10 +11,11 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from .data import qa_example, summarization_example
+from hf_safe_exit.training.data import qa_example, summarization_example
+from hf_safe_exit.training.self_supervised import cloze_question_example, lead_sentences_example
+from hf_safe_exit.training.span_corruption import span_corrupt, text_infill
+
 from .loop import encode_pairs, log, pad_batch
-from .self_supervised import cloze_question_example, lead_sentences_example
-from .span_corruption import span_corrupt, text_infill
 
 __all__ = ["OBJECTIVES", "parse_mix", "self_supervised_sources", "mixture", "finetune_batches"]
 

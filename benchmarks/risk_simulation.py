@@ -1,5 +1,7 @@
 """Vectorised validity simulations for the risk-control methods (the protocol of Jazbec, Timans et al. 2024).
 
+The engine of ``benchmarks/risk_validity.py`` and of ``tests/test_risk_validity.py``; not part of the library.
+
 A *population* of N examples with a loss per (λ, example) plays the role of the data
 distribution: calibration sets are drawn i.i.d. from it (with replacement), so the true
 risk R(λ) is exactly the population mean and the guarantee of each method can be checked
@@ -15,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import _check_level, hoeffding_bentkus_pvalue, hoeffding_ucb, wsr_rejects
-from .selection import crc_statistic, first_violation_scan, ltt_pvalues
+from hf_safe_exit.risk.bounds import check_level, hoeffding_bentkus_pvalue, hoeffding_ucb, wsr_rejects
+from hf_safe_exit.risk.selection import crc_statistic, first_violation_scan, ltt_pvalues
 
-__all__ = ["synthetic_population", "simulate", "SimulationResult", "SIM_METHODS"]
+__all__ = ["synthetic_population", "simulate", "SimulationResult", "SIM_METHODS", "mc_tolerance"]
 
 # (method, bound) pairs that simulate() understands
 SIM_METHODS = ("naive", "crc", "ucb_hoeffding", "ucb_hoeffding_bentkus", "ucb_wsr", "ltt")
@@ -83,8 +85,8 @@ def simulate(lambdas, population_losses, eps: float, delta: float, n_cal: int, n
     Vectorised over splits; each method uses the same scan-from-λ = 1, stop-at-first-violation
     rule as :mod:`hf_safe_exit.risk.selection`. ``true_risk`` defaults to the population mean.
     """
-    eps = _check_level(eps, "eps")
-    delta = _check_level(delta, "delta")
+    eps = check_level(eps, "eps")
+    delta = check_level(delta, "delta")
     lower, upper = (float(v) for v in loss_bounds)
     lam = np.asarray(lambdas, dtype=np.float64)
     order = np.argsort(-lam)

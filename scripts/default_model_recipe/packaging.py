@@ -1,4 +1,4 @@
-"""The last stages of the from-scratch recipe (:mod:`hf_safe_exit.training.recipe`): meta head, held-out evaluation
+"""The last stages of the from-scratch recipe (:mod:`.recipe`): meta head, held-out evaluation
 of every exit layer, and the package folder with its card.
 
 The evaluation draws only pool rows (CNN/DM rows 500-899, SQuAD articles 36-47), less the rows of ``eval_exclude``
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .data import qa_example, summarization_example
-from .default_model_card import write_card
-from .evaluation import (evaluate_qa, evaluate_summarization, lead3, rouge_l, teacher_forced_layer_scores,
-                         truncated_decoder_model)
+from hf_safe_exit.training.data import qa_example, summarization_example
+from hf_safe_exit.training.evaluation import (evaluate_qa, evaluate_summarization, lead3, rouge_l,
+                                              teacher_forced_layer_scores, truncated_decoder_model)
+from hf_safe_exit.training.meta_classifier import train_meta_classifier
+
+from .card import write_card
 from .loop import encode_pairs, log, pad_batch, save_tokenizer
-from .meta_classifier import train_meta_classifier
 
 __all__ = ["earlier_evaluation", "evaluate_and_package"]
 

@@ -1,7 +1,7 @@
-"""The model card of the package's default model (:mod:`hf_safe_exit.training.recipe`): architecture, data, recipe,
+"""The model card of the package's default model (:mod:`.recipe`): architecture, data, recipe,
 per-exit-layer results and limitations, rendered from the run's ``training_results.json``.
 
-:func:`rewrite_card` re-renders it (``examples/train_default_model.py --card-only``) and keeps what
+:func:`rewrite_card` re-renders it (``scripts/train_default_model.py --card-only``) and keeps what
 :func:`hf_safe_exit.cards.write_guarantee_card` added to the card since: the guarantee sections of the tasks
 calibrated under ``calibration/<task>/``, their ``model-index`` results and their tags.
 """
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .calm_loss import layer_weights
+from hf_safe_exit.training.calm_loss import layer_weights
 
 __all__ = ["write_card", "rewrite_card"]
 
@@ -218,7 +218,7 @@ vocabulary {results.get('vocab_size', args.vocab_size)} (Unigram tokenizer train
   The rows used for the numbers below are listed in `heldout_eval_ids.json`.{selection_text}
 
 ## Recipe
-`examples/train_default_model.py` (seed {args.seed}). Loss: CALM's weighted per-layer cross-entropy through the shared
+`scripts/train_default_model.py` (seed {args.seed}). Loss: CALM's weighted per-layer cross-entropy through the shared
 head, weights {args.weighting} ({', '.join(f'{x:.3f}' for x in w)}), in both stages; in training mode every exit is
 read out through the decoder's dropout after the final norm, as HF's last layer is. {getattr(args, 'optimizer', 'adamw').replace('adafactor', 'Adafactor').replace('adamw', 'AdamW')} (lr {args.lr}, warm-up
 {args.warmup_steps} steps, cosine to 10%), batch {args.batch_size}, sources truncated to {args.max_source_length} tokens,
@@ -254,7 +254,7 @@ examples and ~1.4 M tokens of unlabelled text. It has only begun to use its inpu
 ungrammatical, repetitive fragments and its answers are rarely right (see the samples above); it is far from a
 pretrained T5. {layer_text} Exit-layer scores come from small held-out subsets
 ({ev['cnndm_n']} / {ev['squad_n']}) and carry the sampling error shown as ± in the table. For a real model, run
-`examples/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
+`scripts/train_default_model.py --device cuda` with a larger budget, or fine-tune a pretrained T5 with
 `hf_safe_exit.training.CALMSeq2SeqTrainer`. The size ({results['params'] / 1e6:.1f} M parameters) is at the low end of the
 10–20 M first planned: on this CPU a larger model would have seen too few tokens in the time available.
 """
@@ -274,8 +274,8 @@ def _keep_guarantees(card, old, model_dir: Path) -> None:
     The sections (from the first guarantee marker on) follow the re-rendered text as the card writer appends them;
     this library's ``model-index`` results (:data:`hf_safe_exit.cards.METRIC_TYPES`) follow the training results.
     """
-    from ..cards import METRIC_TYPES, SECTION_START, section_markers
-    from ..risk.store import stored_tasks
+    from hf_safe_exit.cards import METRIC_TYPES, SECTION_START, section_markers
+    from hf_safe_exit.risk.store import stored_tasks
 
     starts = [old.text.find(marker) for marker in
               [SECTION_START] + [section_markers(task)[0] for task in stored_tasks(model_dir)]]

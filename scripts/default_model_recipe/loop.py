@@ -1,4 +1,4 @@
-"""The plain training loop of the from-scratch recipe (:mod:`hf_safe_exit.training.recipe`): batches, schedule,
+"""The plain training loop of the from-scratch recipe (:mod:`.recipe`): batches, schedule,
 CALM's loss, checkpoints.
 
 A pretrained T5 is better fine-tuned with :class:`~hf_safe_exit.training.CALMSeq2SeqTrainer`
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .calm_loss import calm_loss
+from hf_safe_exit.training.calm_loss import calm_loss
 
 __all__ = ["log", "LinearWarmupCosine", "save_tokenizer", "pad_batch", "encode_pairs", "save_checkpoint",
            "train_loop"]

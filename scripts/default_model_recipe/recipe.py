@@ -1,14 +1,14 @@
 """The from-scratch recipe of the package's default model: tokenizer, staged training, meta head, evaluation, package.
 
 Stages: a T5 tokenizer trained on the training text -> self-supervised pretraining (BART text infilling, lead
-sentences, cloze questions, T5 span corruption: :mod:`hf_safe_exit.training.objectives`) -> multitask CALM
+sentences, cloze questions, T5 span corruption: :mod:`.objectives`) -> multitask CALM
 fine-tuning (CNN/DM summarisation + SQuAD QA, plus a share of the self-supervised batches) -> meta-classifier ->
 evaluation on held-out pool rows (full model and every static exit layer, lead-3 for comparison) -> a package
-folder (:mod:`hf_safe_exit.training.packaging`: weights, tokenizer, meta head, card, held-out ids).
+folder (:mod:`.packaging`: weights, tokenizer, meta head, card, held-out ids).
 
 Data and splits: ``../shared/data`` (:mod:`hf_safe_exit.training.data`). Training uses only CNN/DM rows 0-499,
 SQuAD articles 0-35 and ``extra_text``; evaluation draws from the pool (CNN/DM rows 500-899, SQuAD articles
-36-47). ``examples/train_default_model.py`` is the command line over :func:`train_default_model` (and lists the
+36-47). ``scripts/train_default_model.py`` is the command line over :func:`train_default_model` (and lists the
 commands that trained the shipped model); every :class:`RecipeConfig` field is one of its options.
 """
 
@@ -23,7 +23,9 @@ from typing import Literal, Optional
 
 import torch
 
-from .data import default_data_dir, load_cnndm, load_squad, pretraining_texts, summarization_example
+from hf_safe_exit.training.data import (default_data_dir, load_cnndm, load_squad, pretraining_texts,
+                                        summarization_example)
+
 from .loop import log, save_tokenizer, train_loop
 from .objectives import finetune_batches, mixture, parse_mix, self_supervised_sources
 
@@ -35,14 +37,14 @@ def _opt(default, text: str):
 
 
 def _default_out() -> str:
-    from ..models import default_model_path
+    from hf_safe_exit.models import default_model_path
 
     return str(default_model_path())
 
 
 @dataclass
 class RecipeConfig:
-    """Settings of :func:`train_default_model`; ``examples/train_default_model.py`` has one option per field."""
+    """Settings of :func:`train_default_model`; ``scripts/train_default_model.py`` has one option per field."""
 
     out: str = field(default_factory=_default_out, metadata={"help": "final model directory"})
     work_dir: str = _opt("/work/runs/default_model", "checkpoints, logs, predictions")
@@ -139,7 +141,7 @@ def _tokenizer(cfg: RecipeConfig, work: Path, init: Path | None, pre_texts, cnn_
     """The tokenizer: the continued checkpoint's, the work dir's (resume), or one trained on the training text."""
     from transformers import AutoTokenizer
 
-    from .tokenizer import train_t5_tokenizer
+    from hf_safe_exit.training.tokenizer import train_t5_tokenizer
 
     tok_dir = work / "tokenizer"
     if init is not None:
@@ -161,8 +163,9 @@ def _continue_from(cfg: RecipeConfig, init: Path, summary: dict, device):
     """The checkpoint of an earlier run (cut to its first decoder layers if asked), its history in ``summary``."""
     from transformers import T5ForConditionalGeneration
 
+    from hf_safe_exit.training.surgery import keep_first_decoder_layers
+
     from .packaging import earlier_evaluation
-    from .surgery import keep_first_decoder_layers
 
     # --dropout applies to the continued run too (500 CNN/DM rows are memorised fast without it)
     model = T5ForConditionalGeneration.from_pretrained(init, dtype=torch.float32, dropout_rate=cfg.dropout).to(device)

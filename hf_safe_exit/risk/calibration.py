@@ -1,0 +1,237 @@
+"""``Calibration``: a risk-controlled threshold tied to what it was calibrated for, and its file.
+
+A :class:`~hf_safe_exit.risk.RiskController` knows losses only. A calibration adds what the guarantee depends on:
+the decoding family the losses were collected with (an :class:`~hf_safe_exit.EarlyExitConfig`, or BiLD's settings),
+the model (its fingerprint), the task and the lengths. It turns into the policy ``generate`` runs
+(:meth:`Calibration.policy`), and it is stored as ``risk_control.json`` (:meth:`Calibration.save_pretrained`,
+:meth:`Calibration.from_pretrained`), checked on load (:mod:`hf_safe_exit.risk.integrity`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import EarlyExitConfig, config_fields
+from ..errors import CorruptFileError, InconsistentCalibrationError
+from ..fingerprint import model_fingerprint
+from .certificate import RiskCertificate
+from .controller import RiskController
+from .integrity import FORMAT_VERSION, check_calibration_dict
+from .loss_table import CALIBRATION_FILENAME, LossTable
+from .provenance import check_fingerprint
+from .store import HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, find_stored, \
+    read_calibration_json
+
+__all__ = ["Calibration", "table_config"]
+
+_REQUEST = ("eps", "delta", "method", "bound", "risk", "monotonize")
+_LENGTHS = ("max_new_tokens", "max_input_length")
+_FIX = "Write it again with `hf-safe-exit calibrate` or Calibration.save_pretrained"
+_UNKNOWN_MEASURE = ("Unknown confidence measure: these losses record no early-exit configuration, so say which one "
+                    "they were computed with: RiskControlled(..., config=EarlyExitConfig(measure='softmax', ...)).")
+
+
+def table_config(metadata: dict) -> EarlyExitConfig | None:
+    """The early-exit configuration a loss table's losses were collected with (None: the table does not say)."""
+    if metadata.get("measure") is None:
+        return None
+    return EarlyExitConfig.from_dict(metadata)
+
+
+def _same_family(asked: EarlyExitConfig, recorded: EarlyExitConfig) -> bool:
+    # "auto" asks for what the calibration resolved it to, so it matches any recorded measure
+    mine = {**asked.to_dict(), **({"measure": recorded.measure_name} if asked.measure_name == "auto" else {})}
+    return mine == recorded.to_dict()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """λ̂ (``threshold``) and its certificate, for one decoding family, model, task and lengths.
+
+    ``config`` is the early-exit configuration (``None`` for a BiLD calibration, whose settings are ``bild``:
+    ``fallback``, ``max_draft_len``, the small model's fingerprint). ``request`` is what was asked of the
+    :class:`~hf_safe_exit.risk.RiskController` (ε, δ, method, bound, risk, monotonize).
+    """
+
+    threshold: float
+    certificate: RiskCertificate
+    request: dict
+    config: EarlyExitConfig | None
+    bild: dict | None = None
+    model_fingerprint: str | None = None
+    task: str | None = None
+    max_new_tokens: int | None = None
+    max_input_length: int | None = None
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, controller: RiskController, table: LossTable, config: EarlyExitConfig | None = None) -> "Calibration":
+        """Fit ``controller`` on ``table`` and tie the result to the table's decoding family, model, task, lengths.
+
+        ``config``: the configuration the caller means; it must be the table's (a threshold calibrated for one
+        configuration is not valid for another), or stand in for a table that records none."""
+        meta = table.metadata
+        strategy = meta.get("strategy")
+        if strategy not in (None, "early_exit", "bild"):
+            raise ValueError(f"This loss table calibrates a {strategy!r} decoding threshold, which hf_safe_exit cannot "
+                             "turn into a policy: it supports early exit and BiLD.")
+        bild = None
+        if strategy == "bild":
+            if config is not None:
+                raise ValueError("This loss table calibrates BiLD's rollback threshold, but an early-exit config= was "
+                                 "given: drop it.")
+            bild, chosen = dict(meta["policy"]), None
+        else:
+            recorded = table_config(meta)
+            if config is not None and recorded is not None and not _same_family(config, recorded):
+                raise ValueError(f"The losses were computed with {recorded.to_dict()} but config= asks for "
+                                 f"{config.to_dict()}: a threshold calibrated for one early-exit configuration is not "
+                                 "valid for another. Drop config= or recollect with it.")
+            chosen = recorded if recorded is not None else config
+            if chosen is not None and chosen.measure_name == "auto":
+                raise ValueError(_UNKNOWN_MEASURE)
+        about = {"model_fingerprint": meta.get("model_fingerprint"), "task": meta.get("task"),
+                 "measure": None if chosen is None else chosen.measure_name,
+                 **{k: int(meta[k]) for k in _LENGTHS if meta.get(k) is not None}}
+        controller.fit_table(table, about=about)
+        return cls(threshold=controller.threshold, certificate=controller.certificate,
+                   request=controller.get_params(), config=chosen, bild=bild,
+                   model_fingerprint=about["model_fingerprint"], task=about["task"],
+                   **{k: about.get(k) for k in _LENGTHS})
+
+    # ------------------------------------------------------------------ use
+    @property
+    def is_bild(self) -> bool:
+        return self.bild is not None
+
+    def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str = "This calibration") -> None:
+        """Raise unless this calibration was made for ``model`` (see :mod:`hf_safe_exit.risk.provenance`)."""
+        check_fingerprint(self.model_fingerprint, model_fingerprint(model), allow_missing_fingerprint, what,
+                          other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE)
+
+    def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False):
+        """What ``generate`` decodes ``model`` with: the bound :class:`~hf_safe_exit.EarlyExit` at λ̂ (with this
+        certificate), or for a BiLD calibration ``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback
+        and draft length. Checks the model's (and the small model's) fingerprint first."""
+        self.check_model(model, allow_missing_fingerprint=allow_missing_fingerprint)
+        if self.is_bild:
+            return self.bild_policy(small_model, small_tokenizer=small_tokenizer,
+                                    allow_missing_fingerprint=allow_missing_fingerprint)
+        if self.config is None:
+            raise ValueError(_UNKNOWN_MEASURE)
+        from ..policy import EarlyExit
+
+        return EarlyExit(self.threshold, config=self.config, certificate=self.certificate).bind(model)
+
+    def bild_policy(self, small_model, *, small_tokenizer=None, allow_missing_fingerprint: bool = False):
+        """``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback and draft length, after checking that
+        ``small_model`` is the one the losses were collected with."""
+        from ..decoding.bild import BiLD
+
+        expected = self.bild.get("small_model")
+        if small_model is None:
+            raise ValueError(f"This is a BiLD calibration: it needs the small (draft) model it was collected with "
+                             f"(fingerprint {expected}): pass RiskControlled(..., small_model=small).")
+        check_fingerprint(expected, model_fingerprint(small_model), allow_missing_fingerprint, "The BiLD calibration",
+                          role="small model", other_fix="Pass that small model, or recollect with `hf-safe-exit "
+                          "collect --strategy bild --small-model ...`")
+        return BiLD.from_lambda(small_model, self.threshold, fallback=float(self.bild["fallback"]),
+                                max_draft_len=int(self.bild["max_draft_len"]), small_tokenizer=small_tokenizer)
+
+    @property
+    def generation_settings(self) -> dict:
+        """``max_new_tokens`` / ``max_input_length`` the calibration decoded with (empty if unknown)."""
+        return {k: getattr(self, k) for k in _LENGTHS if getattr(self, k) is not None}
+
+    # ------------------------------------------------------------------ the file
+    def to_dict(self) -> dict[str, Any]:
+        """The ``risk_control.json`` content (format 1: λ̂ under ``lambda_``, the settings under ``calibration``)."""
+        from .. import __version__
+
+        if self.is_bild:
+            settings = {"strategy": "bild", "policy": dict(self.bild)}
+        else:  # a fit on raw losses may not know its configuration yet (measure None: refused when decoding)
+            settings = self.config.to_dict() if self.config is not None else {**EarlyExitConfig().to_dict(),
+                                                                              "measure": None}
+        return {"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__,
+                "params": {**self.request, "task": self.task}, "lambda_": self.threshold,
+                "calibration": {**settings, "model_fingerprint": self.model_fingerprint, "task": self.task,
+                                **self.generation_settings},
+                "certificate": self.certificate.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data, path=None) -> "Calibration":
+        """The calibration a ``risk_control.json`` (``data``, read from ``path``) describes, after checking it.
+
+        Raises :class:`~hf_safe_exit.errors.CorruptFileError` for an incomplete or malformed file and
+        :class:`~hf_safe_exit.errors.InconsistentCalibrationError` for one that contradicts itself, naming ``path``.
+        """
+        where = path if path is not None else RISK_CONTROL_FILENAME
+        certificate = check_calibration_dict(data, path)
+        params, cal = data["params"], data["calibration"]
+        request = {k: params[k] for k in _REQUEST if k in params}
+        # files written before the configuration object also list the early-exit settings among the params
+        unknown = sorted(set(params) - set(_REQUEST) - {"task", *config_fields()})
+        if unknown:
+            raise CorruptFileError.about(where, f"its params are not those of a RiskControlled (unknown {unknown})",
+                                         _FIX)
+        try:
+            RiskController(**request)
+            config = None if cal.get("strategy") == "bild" or cal.get("measure") is None else \
+                EarlyExitConfig.from_dict(cal)
+        except (TypeError, ValueError) as err:
+            raise CorruptFileError.about(where, f"its settings are not valid ({err})", _FIX) from None
+        if config is not None and config.measure_name == "auto":
+            raise InconsistentCalibrationError.about(where, "its measure is 'auto', which a calibration resolves "
+                                                     "before it is written", _FIX)
+        return cls(threshold=float(data["lambda_"]), certificate=certificate, request=request, config=config,
+                   bild=dict(cal["policy"]) if cal.get("strategy") == "bild" else None,
+                   model_fingerprint=cal.get("model_fingerprint"), task=cal.get("task"),
+                   **{k: _length(cal, certificate, k) for k in _LENGTHS})
+
+    def save_pretrained(self, save_directory) -> str:
+        """Write ``save_directory/risk_control.json``; returns its path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(os.fspath(save_directory), RISK_CONTROL_FILENAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, task: str | None = None, **hub_kwargs) -> "Calibration":
+        """Load a calibration: a directory holding ``risk_control.json`` (or the file itself), a model folder (its
+        ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task), else a Hub repo's
+        ``risk_control.json`` (``subfolder=`` as in HF). Where the loss table is stored beside the file, refitting it
+        must give the file's λ̂ (:class:`~hf_safe_exit.errors.InconsistentCalibrationError` otherwise)."""
+        path = os.fspath(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, RISK_CONTROL_FILENAME)
+            if task is not None or not os.path.isfile(path):
+                stored = find_stored(os.fspath(path_or_repo_id), task)  # checks the file and its table
+                if stored.controlled_json is None:
+                    raise MissingCalibrationError(
+                        f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r} for task {stored.task!r} (only its loss "
+                        "table): fit one with RiskControlled(eps, ...).fit_table(LossTable.load(...)).")
+                return cls.from_dict(stored.controlled_json, stored.controlled_path)
+        elif not os.path.isfile(path):
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = hf_hub_download(repo_id=path, filename=RISK_CONTROL_FILENAME, **hub_kwargs)
+            except Exception as err:  # network, missing repo or file, invalid id: all mean "not found"
+                raise MissingCalibrationError(
+                    f"Could not load a calibration from {path_or_repo_id!r}: it is not a local directory or file, "
+                    f"and downloading {RISK_CONTROL_FILENAME} from the Hub repo failed ({type(err).__name__}: {err}). "
+                    "Pass the directory you gave save_pretrained(), or a Hub repo id that holds the file.") from err
+        beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+        table = LossTable.load(beside) if os.path.isfile(beside) else None
+        return cls.from_dict(read_calibration_json(path, table, beside if table is not None else None), path)
+
+
+def _length(calibration: dict, certificate: RiskCertificate, key: str):
+    """A length from the file's ``calibration`` section, else from its certificate (files of either age)."""
+    value = calibration.get(key)
+    return value if value is not None else getattr(certificate, key)
