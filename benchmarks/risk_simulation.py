@@ -74,7 +74,7 @@ class SimulationResult:
         return float(np.mean(self.true_risk[method] > self.eps))
 
     def mean_lambda(self, method: str) -> float:
-        return float(np.mean(self.lambda_hat[method]))
+        return float(np.mean(self.threshold[method]))
 
 
 def simulate(lambdas, population_losses, eps: float, delta: float, n_cal: int, n_splits: int,

@@ -55,12 +55,12 @@ def run(epsilons=EPSILONS, n_cals=N_CALS, delta=DELTA, splits=500, population=20
                                methods=methods, seed=seed + n_cal + int(round(eps * 1000)))
                 elapsed = time.perf_counter() - start
                 for m in methods:
-                    k = np.searchsorted(lam, res.lambda_hat[m])
+                    k = np.searchsorted(lam, res.threshold[m])
                     rows.append({
                         "n_cal": n_cal, "eps": eps, "risk": label, "method": m,
                         "test_risk_mean": res.mean_risk(m), "test_risk_std": float(res.true_risk[m].std()),
                         "violation_rate": res.violation_rate(m), "lambda_hat_mean": res.mean_lambda(m),
-                        "no_exit_rate": float(np.mean(res.lambda_hat[m] == 1.0)),
+                        "no_exit_rate": float(np.mean(res.threshold[m] == 1.0)),
                         "mean_exit_layer": float(mean_exit[k].mean()),
                         "guarantee": ("mean" if m == "crc" else "none" if m == "naive" else "violation"),
                         "holds": bool(

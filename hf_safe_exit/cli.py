@@ -124,7 +124,10 @@ def _config(args):
 
 def _cmd_collect(args) -> int:
     import torch
-    from accelerate import PartialState
+
+    from .lazy import require
+
+    PartialState = require("accelerate", "hf-safe-exit collect").PartialState
 
     from .calibration.runner import collect
     from .tasks import get_task, load_split

@@ -64,7 +64,7 @@ class DemoResult:
     pieces: list[str]
     exit_layers: list[int]
     num_layers: int
-    lambda_hat: float
+    threshold: float  # λ̂
     guarantee: str
     calibration_source: str
     time_early: float
@@ -316,7 +316,7 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
     return DemoResult(
         task=task_name, prompt=prompt, text=tokenizer.decode(ids, skip_special_tokens=True),
         full_text=tokenizer.decode(full_ids, skip_special_tokens=True), pieces=_pieces(tokenizer, ids),
-        exit_layers=layers[real].tolist(), num_layers=num_layers, lambda_hat=float(early_exit.threshold),
+        exit_layers=layers[real].tolist(), num_layers=num_layers, threshold=float(early_exit.threshold),
         guarantee=guarantee_statement(rc.certificate, _METRIC.get(task_name, "task score")),
         calibration_source=source, time_early=t_early, time_full=t_full, new_tokens_early=len(ids),
         new_tokens_full=sum(1 for t in full_ids if t != tokenizer.pad_token_id), eps_reason=eps_reason,
@@ -337,7 +337,7 @@ def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> No
             print(obj, file=out)
     emit(line)
     emit(r.shown_input)
-    emit(f"{title} ({r.task}) with early exit at λ̂ = {r.lambda_hat:.4g} "
+    emit(f"{title} ({r.task}) with early exit at λ̂ = {r.threshold:.4g} "
          f"[{r.extra['method']}, {r.extra['measure']} confidence; calibration {r.calibration_source}]")
     if r.eps_reason:
         emit(f"Target: {r.eps_reason}.")

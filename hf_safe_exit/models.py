@@ -40,7 +40,7 @@ def load_default_model(*, device: str | torch.device = "cpu", dtype: torch.dtype
     if not default_model_available():
         raise FileNotFoundError(
             f"the default model is not present in {DEFAULT_MODEL_DIR}: this installation was built without it. "
-            "Train it with examples/train_default_model.py (writes that directory) or load your own checkpoint.")
+            "Train it with scripts/train_default_model.py (writes that directory) or load your own checkpoint.")
     path = str(DEFAULT_MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = T5ForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)

@@ -110,7 +110,7 @@ def results_by_dataset(card) -> dict:
 def check_numbers(text: str, rc) -> None:
     """``text`` (a guarantee section) states ``rc``'s threshold, ε, n and guarantee."""
     c = rc.certificate
-    assert f"| Threshold λ̂ | {c.lambda_hat:.6g} |" in text
+    assert f"| Threshold λ̂ | {c.threshold:.6g} |" in text
     assert f"ε = {c.eps:g}" in text and f"n = {c.n} |" in text
     assert guarantee_statement(c, "ROUGE-L" if c.task == "cnndm" else "F1") in text
 

@@ -90,7 +90,7 @@ def test_card_never_replaces_a_calibration_evaluation_or_plot_silently(calibrate
     assert {p.name for p in cal.iterdir()} == {"risk_control.json"}
     assert RiskControlled.from_pretrained(cal).certificate == other.certificate
     assert our_results(ModelCard.load(model_dir / "README.md"))["early_exit_threshold"].metric_value == \
-        other.certificate.lambda_hat
+        other.certificate.threshold
 
 
 def test_overwrite_keeps_a_table_that_still_reproduces_the_calibration(calibrated, tmp_path):
@@ -102,7 +102,7 @@ def test_overwrite_keeps_a_table_that_still_reproduces_the_calibration(calibrate
     cal = model_dir / "calibration" / "cnndm"
     assert {p.name for p in cal.iterdir()} == {"risk_control.json", "early_exit_calibration.npz"}
     text = (model_dir / "README.md").read_text(encoding="utf-8")
-    assert f"What the shipped λ̂ = {eps2.certificate.lambda_hat:.6g} does" in text  # read from the kept table
+    assert f"What the shipped λ̂ = {eps2.certificate.threshold:.6g} does" in text  # read from the kept table
 
 
 def test_push_to_hub_never_replaces_silently(calibrated, tmp_path, monkeypatch):

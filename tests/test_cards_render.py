@@ -26,7 +26,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     (directory / "README.md").write_text(USER_CARD, encoding="utf-8")
     rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
     cert = rc.certificate
-    assert cert.feasible and 0 < cert.lambda_hat < 1  # a real threshold, so the card states real numbers
+    assert cert.feasible and 0 < cert.threshold < 1  # a real threshold, so the card states real numbers
 
     import matplotlib
     matplotlib.use("Agg")
@@ -47,7 +47,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     assert len(index) == 1 and index[0]["name"] == "my-tiny-t5"
     metrics = {m["type"]: m["value"] for res in index[0]["results"] for m in res["metrics"]}
     assert metrics["rougeL"] == 0.25  # the user's own result survives
-    assert metrics["early_exit_threshold"] == cert.lambda_hat
+    assert metrics["early_exit_threshold"] == cert.threshold
     assert metrics["early_exit_calibration_risk"] == cert.empirical_risk
     assert metrics["early_exit_risk_bound"] == cert.risk_bound
     assert metrics["early_exit_test_risk"] == 0.0712
@@ -60,7 +60,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     card = ModelCard.load(path)
     ours = our_results(card)
     assert {"early_exit_threshold", "early_exit_risk_bound", "early_exit_test_risk", "early_exit_speedup"} <= set(ours)
-    assert ours["early_exit_threshold"].metric_value == cert.lambda_hat
+    assert ours["early_exit_threshold"].metric_value == cert.threshold
     assert ours["early_exit_risk_bound"].metric_value == cert.risk_bound
     assert ours["early_exit_threshold"].dataset_split == "validation"
     assert ours["early_exit_threshold"].dataset_config == "3.0.0"
@@ -76,7 +76,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     assert (f"With probability at least 1 − δ = 0.9 over the random draw of the {cert.n} calibration examples, the "
             "expected ROUGE-L drop against the full model on a new example from the same distribution is at most "
             "ε = 0.1.") in card.text
-    assert f"| Threshold λ̂ | {cert.lambda_hat:.6g} |" in card.text
+    assert f"| Threshold λ̂ | {cert.threshold:.6g} |" in card.text
     assert f"n = {cert.n} |" in card.text and "split `validation`): pool rows 0-299" in card.text
     assert f"| Risk bound at λ̂ | {cert.risk_bound:+.4f}" in card.text
     assert "| Confidence measure | softmax |" in card.text
@@ -90,7 +90,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     # --- the calibration next to the card is what from_pretrained loads, and it binds to the model
     loaded = RiskControlled.from_pretrained(directory)
     assert loaded.certificate == cert
-    assert loaded.resolve(model).threshold == cert.lambda_hat
+    assert loaded.resolve(model).threshold == cert.threshold
 
     # --- updating with another calibration of the task replaces it only when asked, then only ours changes
     crc = RiskControlled(eps=0.15, method="crc").fit_table(table)
@@ -104,7 +104,7 @@ def test_card_for_a_calibrated_tiny_model_round_trips(calibrated, tmp_path):
     assert "1 − δ" not in card2.text.split(CNNDM_START)[1]
     ours2 = our_results(card2)
     assert set(ours2) == {"early_exit_threshold", "early_exit_calibration_risk", "early_exit_risk_bound"}
-    assert ours2["early_exit_threshold"].metric_value == crc.certificate.lambda_hat
+    assert ours2["early_exit_threshold"].metric_value == crc.certificate.threshold
     assert ours2["early_exit_risk_bound"].metric_value == crc.certificate.risk_bound
     assert [r.metric_value for r in card2.data.eval_results if r.metric_type == "rougeL"] == [0.25]
     assert card2.data.license == "apache-2.0"
@@ -138,7 +138,7 @@ def test_card_from_an_evaluation_states_the_procedure_not_the_shipped_threshold(
     assert {r.dataset_split for r in ours.values()} == {"validation"}
     assert (f"Each split calibrated its own threshold (ltt, ε = 0.2, δ = 0.1) on its n_cal examples (mean λ̂ over the "
             f"splits: {row['lambda_hat_mean']:.3g})") in card.text
-    assert f"the shipped λ̂ = {rc.certificate.lambda_hat:.6g} was calibrated once, on all n = {table.n}" in card.text
+    assert f"the shipped λ̂ = {rc.certificate.threshold:.6g} was calibrated once, on all n = {table.n}" in card.text
     assert f"(mean ± sd over the 5 splits; target ε = 0.2)" in card.text
     assert f"{100 * row['violation_rate']:.1f}%" in card.text
     assert "p-value" in card.text  # LTT reports its p-value at λ̂
@@ -152,7 +152,7 @@ def test_quality_and_speed_at_the_shipped_threshold_are_like_for_like(calibrated
     """What the shipped λ̂ does: early exit and the full model on the same examples, speed per generated token."""
     _, _, table = calibrated
     rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
-    lam = rc.certificate.lambda_hat
+    lam = rc.certificate.threshold
     k, full = list(table.lambdas).index(lam), list(table.lambdas).index(1.0)
     ex = table.extras
     # the reference, computed here from the table's raw arrays
@@ -178,7 +178,7 @@ def test_quality_and_speed_at_the_shipped_threshold_are_like_for_like(calibrated
     never = RiskControlled(eps=0.001, delta=0.1, method="ucb")
     with pytest.warns(UserWarning):
         never.fit_table(table)
-    assert never.certificate.lambda_hat == 1.0
+    assert never.certificate.threshold == 1.0
     path = write_guarantee_card(tmp_path / "never", never, table=table, model_name="m")
     ours = our_results(ModelCard.load(path))
     assert ours["early_exit_calibration_score"].metric_value == ours["full_model_calibration_score"].metric_value
@@ -242,7 +242,7 @@ def test_card_command_line(calibrated, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "README.md")
     ours = our_results(card)
-    assert ours["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
+    assert ours["early_exit_threshold"].metric_value == rc.certificate.threshold
     assert ours["early_exit_split_test_risk"].metric_value == evaluation["results"][0]["test_risk_mean"]
     assert "early_exit_calibration_speedup" in ours and "(a laptop)" in ours["early_exit_calibration_speedup"].metric_name
     assert "on a laptop" in card.text
@@ -254,7 +254,7 @@ def test_to_model_card_is_the_written_card(calibrated, tmp_path):
     _, _, table = calibrated
     rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
     card = to_model_card(rc, model_name="m", table=table)
-    assert our_results(card)["early_exit_threshold"].metric_value == rc.certificate.lambda_hat
+    assert our_results(card)["early_exit_threshold"].metric_value == rc.certificate.threshold
     assert guarantee_statement(rc.certificate) in card.text
     path = write_guarantee_card(tmp_path, rc, model_name="m", table=table)
     written = ModelCard.load(path)

@@ -20,7 +20,7 @@ def test_one_guarantee_section_per_task(calibrated, squad_table, tmp_path):
     (tmp_path / "README.md").write_text(USER_CARD, encoding="utf-8")
     cnndm = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
     squad = RiskControlled(eps=0.15, delta=0.1, method="ucb").fit_table(squad_table)
-    assert cnndm.certificate.lambda_hat != squad.certificate.lambda_hat
+    assert cnndm.certificate.threshold != squad.certificate.threshold
     assert cnndm.certificate.n != squad.certificate.n
     write_guarantee_card(tmp_path, cnndm, test_results={"test_risk": 0.071, "n_test": 100},
                          efficiency={"mean_exit_layer": 3.5, "speedup": 1.4}, calibration_split="pool")
@@ -33,10 +33,10 @@ def test_one_guarantee_section_per_task(calibrated, squad_table, tmp_path):
     card = ModelCard.load(path)
     ours = results_by_dataset(card)
     cnn, sq = "abisee/cnn_dailymail", "rajpurkar/squad"
-    assert ours[(cnn, "early_exit_threshold")] == cnndm.certificate.lambda_hat
+    assert ours[(cnn, "early_exit_threshold")] == cnndm.certificate.threshold
     assert ours[(cnn, "early_exit_risk_bound")] == cnndm.certificate.risk_bound
     assert ours[(cnn, "early_exit_test_risk")] == 0.071 and ours[(cnn, "early_exit_speedup")] == 1.4
-    assert ours[(sq, "early_exit_threshold")] == squad.certificate.lambda_hat
+    assert ours[(sq, "early_exit_threshold")] == squad.certificate.threshold
     assert ours[(sq, "early_exit_calibration_risk")] == squad.certificate.empirical_risk
     assert ours[(sq, "early_exit_test_risk")] == 0.093 and ours[(sq, "early_exit_speedup")] == 1.9
     assert len(ours) == 2 * 6  # six metric types per task (no layer fraction given), nothing duplicated
@@ -56,7 +56,7 @@ def test_one_guarantee_section_per_task(calibrated, squad_table, tmp_path):
 
     # --- re-writing cnndm with another ε replaces only cnndm's section and results
     cnndm2 = RiskControlled(eps=0.2, delta=0.1, method="ucb").fit_table(table)
-    assert cnndm2.certificate.lambda_hat != cnndm.certificate.lambda_hat
+    assert cnndm2.certificate.threshold != cnndm.certificate.threshold
     write_guarantee_card(tmp_path, cnndm2, overwrite=True)
     card2 = ModelCard.load(path)
     text2 = card2.text
@@ -66,7 +66,7 @@ def test_one_guarantee_section_per_task(calibrated, squad_table, tmp_path):
     assert section(text2, SQUAD_START, SQUAD_END) == squad_section  # untouched, byte for byte
     assert text2.index(CNNDM_END) < text2.index(SQUAD_START)  # replaced in place
     ours2 = results_by_dataset(card2)
-    assert ours2[(cnn, "early_exit_threshold")] == cnndm2.certificate.lambda_hat
+    assert ours2[(cnn, "early_exit_threshold")] == cnndm2.certificate.threshold
     assert (cnn, "early_exit_test_risk") not in ours2  # the old λ̂'s test risk is not kept with the new λ̂
     assert {k: v for k, v in ours2.items() if k[0] == sq} == {k: v for k, v in ours.items() if k[0] == sq}
     assert [r.metric_value for r in card2.data.eval_results if r.metric_type == "rougeL"] == [0.25]
@@ -210,8 +210,8 @@ def test_card_command_line_one_section_per_task(calibrated, squad_table, tmp_pat
     check_numbers(section(card.text, SQUAD_START, SQUAD_END), RiskControlled.from_pretrained(
         model_dir / "calibration" / "squad"))
     ours = results_by_dataset(card)
-    assert ours[("abisee/cnn_dailymail", "early_exit_threshold")] == certs["cnndm"].lambda_hat
-    assert ours[("rajpurkar/squad", "early_exit_threshold")] == certs["squad"].lambda_hat
+    assert ours[("abisee/cnn_dailymail", "early_exit_threshold")] == certs["cnndm"].threshold
+    assert ours[("rajpurkar/squad", "early_exit_threshold")] == certs["squad"].threshold
     assert not (model_dir / "risk_control.json").exists()
     for task in ("cnndm", "squad"):  # saved back where they were, unchanged
         assert RiskControlled.from_pretrained(model_dir / "calibration" / task).certificate == certs[task]

@@ -80,7 +80,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_dir, monkeypatch):
     tok = AutoTokenizer.from_pretrained(d)
     for r in results:
         rc = rcs[r.task]
-        assert r.lambda_hat == rc.threshold and 0.3 <= rc.threshold < 1
+        assert r.threshold == rc.threshold and 0.3 <= rc.threshold < 1
         assert r.guarantee in printed and "With probability at least 1 − δ = 0.9" in r.guarantee
         # independent re-run of the same early-exit decode: the demo's tokens and layers are what generate gives
         enc = tok(r.prompt, return_tensors="pt", truncation=True, max_length=512)
@@ -157,7 +157,7 @@ def test_demo_on_the_default_model_within_a_minute():
         assert r.text.strip() and r.exit_layers and r.guarantee in printed
     # ε small next to what this weak model scores (README states these): CNN/DM ROUGE-L 0.076 -> ε = 0.02 (UCB:
     # λ̂ = 0.6), SQuAD F1 0.017 -> ε = 0.004 (λ̂ = 0.5), each printed with its reason before the output
-    assert [(r.eps_reason.split(":")[0], r.lambda_hat) for r in results] == [("ε = 0.02", 0.6), ("ε = 0.004", 0.5)]
+    assert [(r.eps_reason.split(":")[0], r.threshold) for r in results] == [("ε = 0.02", 0.6), ("ε = 0.004", 0.5)]
     assert "Target: ε = 0.02: about a quarter of the full model's ROUGE-L of 0.076 on its 200 calibration" in printed
     assert "Target: ε = 0.004: about a quarter of the full model's F1 of 0.017 on its 600 calibration" in printed
     assert printed.index("Article: The city council of Northfield") < printed.index("Summary (cnndm)")
@@ -212,7 +212,7 @@ def test_demo_picks_eps_from_the_full_models_score_and_says_why(scored_dir, recw
         eps = float(f"{score / 4:.1g}")  # a quarter of the full model's score, one significant digit
         assert demo_eps(table, r.task)[0] == eps
         rc = RiskControlled(eps, delta=0.1, method="ucb").fit_table(table)
-        assert r.lambda_hat == rc.threshold and f"at most ε = {eps:g}" in r.guarantee
+        assert r.threshold == rc.threshold and f"at most ε = {eps:g}" in r.guarantee
         metric = {"cnndm": "ROUGE-L", "squad": "F1"}[r.task]
         line = f"Target: ε = {eps:g}: about a quarter of the full model's {metric} of {score:.2g} on its 400"
         assert line in printed
@@ -224,7 +224,7 @@ def test_demo_never_swallows_the_infeasibility_warning(scored_dir, tmp_path):
     buf = io.StringIO()
     with pytest.warns(UserWarning, match=r"eps=0\.0001.*λ̂ = 1"):
         results = run_demo(model_dir=d, eps=1e-4, max_new_tokens=4, repeats=1, color=False, out=buf)
-    assert all(r.lambda_hat == 1.0 for r in results)
+    assert all(r.threshold == 1.0 for r in results)
     assert "Target: ε = 0.0001, as asked." in buf.getvalue()
     assert "No threshold below 1 passed the test" in buf.getvalue()  # and the guarantee printed says so
     with pytest.warns(UserWarning, match="λ̂ = 1"):

@@ -38,7 +38,7 @@ def test_fit_returns_self_and_matches_select(method, delta, bound):
         assert rc.fit(table.lambdas, gap) is rc
     sel = select(method, table.lambdas, gap, 0.1, delta, bound=bound, loss_bounds=(-1, 1))
     cert = rc.certificate
-    assert rc.threshold == sel.lambda_hat == cert.lambda_hat
+    assert rc.threshold == sel.threshold == cert.threshold
     assert cert.eps == 0.1 and cert.delta == delta and cert.method == method and cert.n == gap.shape[1]
     k = int(np.flatnonzero(table.lambdas == rc.threshold)[0])
     assert cert.empirical_risk == pytest.approx(gap[k].mean())

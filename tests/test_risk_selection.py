@@ -40,7 +40,7 @@ def test_crc_matches_brute_force_loop(seed, eps):
         row = losses[list(lam).index(l)]
         return (n / (n + 1)) * (sum(row) / n) + 1.0 / (n + 1) <= eps
 
-    assert select_crc(lam, losses, eps, loss_bounds=(-1, 1)).lambda_hat == _brute_force_scan(lam, ok)
+    assert select_crc(lam, losses, eps, loss_bounds=(-1, 1)).threshold == _brute_force_scan(lam, ok)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -63,7 +63,7 @@ def test_ucb_matches_brute_force_loop(seed, bound):
         return ucb(losses[list(lam).index(l)]) < eps
 
     got = select_ucb(lam, losses, eps, delta, bound=bound, loss_bounds=(-1, 1))
-    assert got.lambda_hat == _brute_force_scan(lam, ok)
+    assert got.threshold == _brute_force_scan(lam, ok)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -73,7 +73,7 @@ def test_ltt_matches_fixed_sequence_loop(seed):
     eps, delta, n = 0.08, 0.1, losses.shape[1]
     p = {l: hoeffding_bentkus_pvalue(losses[i].mean(), n, eps) for i, l in enumerate(lam)}
     got = select_ltt(lam, losses, eps, delta, loss_bounds=(0, 1))
-    assert got.lambda_hat == _brute_force_scan(lam, lambda l: p[l] <= delta)
+    assert got.threshold == _brute_force_scan(lam, lambda l: p[l] <= delta)
 
 
 def test_ltt_binary_losses_use_exact_binomial_tail_with_integer_counts():
@@ -85,7 +85,7 @@ def test_ltt_binary_losses_use_exact_binomial_tail_with_integer_counts():
     np.testing.assert_allclose(sel.statistic, binom.cdf([0, 3, 7], 100, 0.1), rtol=1e-12)
     # P(Binom(100, .1) <= 7) = 0.206 <= 0.21 rejects at λ = 0, while the count 8 (0.321) would not
     assert binom.cdf(7, 100, 0.1) <= 0.21 < binom.cdf(8, 100, 0.1)
-    assert sel.lambda_hat == 0.0
+    assert sel.threshold == 0.0
 
 
 def test_stops_at_first_violation_even_if_lower_lambdas_pass_again():
@@ -93,9 +93,9 @@ def test_stops_at_first_violation_even_if_lower_lambdas_pass_again():
     losses = np.zeros((5, 50))
     losses[2] = 0.5  # violation at λ = 0.5; λ = 0.25 and 0 are harmless again
     for fn in (select_naive, select_crc):
-        assert fn(lam, losses, 0.1).lambda_hat == 0.75
-    assert select_ucb(lam, losses, 0.3, 0.1, bound="hoeffding").lambda_hat == 0.75
-    assert select_ltt(lam, losses, 0.1, 0.1).lambda_hat == 0.75
+        assert fn(lam, losses, 0.1).threshold == 0.75
+    assert select_ucb(lam, losses, 0.3, 0.1, bound="hoeffding").threshold == 0.75
+    assert select_ltt(lam, losses, 0.1, 0.1).threshold == 0.75
 
 
 def test_grid_order_does_not_matter_and_index_maps_back():
@@ -103,8 +103,8 @@ def test_grid_order_does_not_matter_and_index_maps_back():
     order = np.argsort(lam)
     a = select_crc(lam, losses, 0.1, loss_bounds=(-1, 1))
     b = select_crc(lam[order], losses[order], 0.1, loss_bounds=(-1, 1))
-    assert a.lambda_hat == b.lambda_hat
-    assert lam[a.index] == a.lambda_hat and lam[order][b.index] == b.lambda_hat
+    assert a.threshold == b.threshold
+    assert lam[a.index] == a.threshold and lam[order][b.index] == b.threshold
     assert np.all(np.diff(a.lambdas) < 0) and a.lambdas[0] == 1.0
 
 
@@ -112,8 +112,8 @@ def test_crc_needs_eps_above_B_over_n_plus_1():
     lam = np.array([0.0, 1.0])
     losses = np.zeros((2, 9))  # B/(n+1) = 0.1
     assert not select_crc(lam, losses, 0.09).feasible
-    assert select_crc(lam, losses, 0.09).lambda_hat == 1.0
-    assert select_crc(lam, losses, 0.1).lambda_hat == 0.0
+    assert select_crc(lam, losses, 0.09).threshold == 1.0
+    assert select_crc(lam, losses, 0.1).threshold == 0.0
 
 
 def test_monotonize_per_example_is_running_max_from_lambda_one():
@@ -127,8 +127,8 @@ def test_monotonize_per_example_is_running_max_from_lambda_one():
         mono = select_crc(lam, losses, eps, loss_bounds=(-1, 1), monotonize="per_example")
         ref = select_crc(lam[order], running, eps, loss_bounds=(-1, 1))
         plain = select_crc(lam, losses, eps, loss_bounds=(-1, 1))
-        assert mono.lambda_hat == ref.lambda_hat
-        assert mono.lambda_hat >= plain.lambda_hat  # the price of the assumption-free option
+        assert mono.threshold == ref.threshold
+        assert mono.threshold >= plain.threshold  # the price of the assumption-free option
     assert np.all(running >= 0)  # the λ = 1 row is 0, so monotonized gaps are never negative
 
 
@@ -150,11 +150,11 @@ def test_unrestricted_gap_no_larger_than_zero_bounded_and_wsr_no_larger_than_ltt
     assert (gap < 0).mean() > 0.05
     bounded = np.maximum(gap, 0.0)
     for method, kw in (("crc", {}), ("ucb", {"delta": 0.1})):
-        unrestricted = select(method, lam, gap, eps, loss_bounds=(-1, 1), **kw).lambda_hat
-        zero_bounded = select(method, lam, bounded, eps, loss_bounds=(0, 1), **kw).lambda_hat
+        unrestricted = select(method, lam, gap, eps, loss_bounds=(-1, 1), **kw).threshold
+        zero_bounded = select(method, lam, bounded, eps, loss_bounds=(0, 1), **kw).threshold
         assert unrestricted <= zero_bounded
-    wsr = select("ucb", lam, gap, eps, 0.1, bound="wsr", loss_bounds=(-1, 1)).lambda_hat
-    ltt = select("ltt", lam, bounded, eps, 0.1, loss_bounds=(0, 1)).lambda_hat
+    wsr = select("ucb", lam, gap, eps, 0.1, bound="wsr", loss_bounds=(-1, 1)).threshold
+    ltt = select("ltt", lam, bounded, eps, 0.1, loss_bounds=(0, 1)).threshold
     assert wsr <= ltt
     if eps >= 0.05:  # and strictly more efficient once there is room to exit
         assert wsr < ltt

@@ -120,5 +120,5 @@ def test_simulation_agrees_with_select_split_by_split(early_exit_population):
     for s in range(splits):
         cal = gap[:, idx[s]]
         for sim_name, (method, kw) in names.items():
-            got = select(method, table.lambdas, cal, eps, loss_bounds=(-1, 1), **kw).lambda_hat
-            assert got == res.lambda_hat[sim_name][s], (sim_name, s)
+            got = select(method, table.lambdas, cal, eps, loss_bounds=(-1, 1), **kw).threshold
+            assert got == res.threshold[sim_name][s], (sim_name, s)

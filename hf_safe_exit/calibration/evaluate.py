@@ -101,7 +101,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                              bound=bound, loss_bounds=bounds, monotonize=monotonize)
                 k = sel.index
                 rec["test_risk"].append(losses[k, test].mean())
-                rec["lambda_hat"].append(sel.lambda_hat)
+                rec["lambda_hat"].append(sel.threshold)
                 rec["feasible"].append(sel.feasible)
                 for key in costs:
                     rec[key].append(table.extras[key][k, test].mean())

@@ -63,9 +63,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..decoding.enable import enable
 from ..errors import ModelMismatchError, StateMismatchError
 from ..fingerprint import model_fingerprint
+from ..lazy import require
 from .state import CELL_KEYS, open_state
 
 if TYPE_CHECKING:
@@ -203,9 +203,9 @@ def collect(
     Returns:
         the ``LossTable`` on the main process; ``None`` on the other processes.
     """
-    from accelerate import PartialState
+    from ..decoding.enable import enable  # decoding loads transformers: only when a collection runs
 
-    state = PartialState()
+    state = require("accelerate", "collect").PartialState()
     plan = _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
                  policy_factory, policy_description)
     model = enable(model)
@@ -304,8 +304,8 @@ def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
     """Decode this process's missing cells (appending each to the state), then gather every process's cells.
 
     Returns all cells keyed by (λ index, batch) on the main process, ``None`` on the others."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
+    gather_object = require("accelerate.utils", "collect").gather_object
+    tqdm = require("tqdm.auto", "collect").tqdm
 
     todo = [cell for cell in plan.mine if cell not in plan.done]
     cells_file = None

@@ -43,7 +43,7 @@ PER_TOKEN = "per generated token"  # evaluate's speedup_basis when it divided wa
 class AtThreshold:
     """The shipped λ̂ and the full model (λ = 1) on the same ``n`` calibration examples, from the loss table."""
 
-    lambda_hat: float
+    threshold: float  # λ̂
     n: int
     rows: str
     risk: float  # mean loss of the certificate's risk at λ̂ (= the calibration risk)
@@ -146,8 +146,8 @@ def table_mismatch(table, controlled) -> str | None:
         theirs = table.metadata.get(key)
         if mine is not None and theirs is not None and mine != theirs:
             return f"its {key} is {theirs!r}, the calibration's {mine!r}"
-    if c.risk not in table.losses or _lambda_index(table.lambdas, c.lambda_hat) is None:
-        return f"it has no {c.risk!r} losses at λ̂ = {c.lambda_hat:g}"
+    if c.risk not in table.losses or _lambda_index(table.lambdas, c.threshold) is None:
+        return f"it has no {c.risk!r} losses at λ̂ = {c.threshold:g}"
     params = {k: v for k, v in controlled.get_params().items() if k in ("eps", "delta", "method", "bound", "risk",
                                                                           "monotonize")}
     try:
@@ -156,9 +156,9 @@ def table_mismatch(table, controlled) -> str | None:
             refit = type(controlled)(**params).fit_table(table).certificate
     except ValueError as err:
         return f"refitting on it fails ({err})"
-    if not math.isclose(refit.lambda_hat, c.lambda_hat, abs_tol=1e-12) or \
+    if not math.isclose(refit.threshold, c.threshold, abs_tol=1e-12) or \
             not math.isclose(refit.empirical_risk, c.empirical_risk, rel_tol=1e-9, abs_tol=1e-12):
-        return f"refitting on it gives λ̂ = {refit.lambda_hat:g}, not {c.lambda_hat:g}"
+        return f"refitting on it gives λ̂ = {refit.threshold:g}, not {c.threshold:g}"
     return None
 
 
@@ -166,9 +166,9 @@ def at_threshold(table, controlled, rows: str | None = None) -> AtThreshold:
     """What the shipped λ̂ does on ``table``'s examples, against the full model on the same examples."""
     c = controlled.certificate
     lam = table.lambdas
-    k, full = _lambda_index(lam, c.lambda_hat), int(np.argmin(np.abs(lam - 1.0)))
+    k, full = _lambda_index(lam, c.threshold), int(np.argmin(np.abs(lam - 1.0)))
     meta, ex = table.metadata, table.extras
-    out = AtThreshold(lambda_hat=c.lambda_hat, n=table.n, rows=rows or rows_description(c.task, meta),
+    out = AtThreshold(threshold=c.threshold, n=table.n, rows=rows or rows_description(c.task, meta),
                       risk=float(table.losses[c.risk][k].mean()), num_layers=meta.get("num_decoder_layers"),
                       batch_size=meta.get("batch_size"), max_new_tokens=meta.get("max_new_tokens"),
                       max_input_length=meta.get("max_input_length"))

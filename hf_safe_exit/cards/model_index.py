@@ -46,13 +46,13 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     metric = task_info(c.task).metric
     ds = _dataset(c, measured, rows, dataset_name)
     level = f"ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "")
-    lam = f"λ̂ = {c.lambda_hat:.6g}"
+    lam = f"λ̂ = {c.threshold:.6g}"
 
     def result(metric_type: str, name: str, value, args: dict | None = None):
         return EvalResult(metric_type=metric_type, metric_name=name, metric_value=float(value), metric_args=args,
                           **ds)
 
-    out = [result("early_exit_threshold", f"Early-exit threshold λ̂ ({c.method}, {level}; n = {c.n})", c.lambda_hat),
+    out = [result("early_exit_threshold", f"Early-exit threshold λ̂ ({c.method}, {level}; n = {c.n})", c.threshold),
            result("early_exit_calibration_risk", f"Calibration risk at {lam}: mean {risk_words(c.risk, metric)} "
                   f"(n = {c.n} calibration examples)", c.empirical_risk),
            result("early_exit_risk_bound", f"Risk bound at {lam} ({c.method}{'/' + c.bound if c.bound else ''}, "

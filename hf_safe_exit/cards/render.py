@@ -95,7 +95,7 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
              f"| Target risk | ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "") + " |",
              f"| Risk | {risk_definition(c.risk, info.metric)}; loss range [{c.loss_bounds[0]:g}, {c.loss_bounds[1]:g}] |",
              f"| Calibration data | {data}" + (f": {rows}" if rows else "") + f"; n = {c.n} |",
-             f"| Threshold λ̂ | {c.lambda_hat:.6g}" + ("" if c.feasible else " (no early exit)") + " |",
+             f"| Threshold λ̂ | {c.threshold:.6g}" + ("" if c.feasible else " (no early exit)") + " |",
              f"| Calibration risk at λ̂ | {c.empirical_risk:+.4f} (mean over the n = {c.n} calibration examples) |"]
     if c.feasible:
         lines.append(f"| Risk bound at λ̂ | {c.risk_bound:+.4f}" + (f" (p-value {c.p_value:.3g})" if c.p_value is not None
@@ -129,11 +129,11 @@ def _layers(value: float, total: int | None) -> str:
 
 
 def _at_threshold(a: AtThreshold, metric: str, risk: str, hardware: str | None) -> list[str]:
-    lines = [f"### What the shipped λ̂ = {a.lambda_hat:.6g} does on its {a.n} calibration examples", "",
+    lines = [f"### What the shipped λ̂ = {a.threshold:.6g} does on its {a.n} calibration examples", "",
              f"Every calibration example ({a.rows}) was decoded at every threshold in one run, so early exit at λ̂ and "
              "the full model (λ = 1) are compared on the same examples. These are the examples λ̂ was chosen on: "
              "the numbers show what the threshold does; they do not test the guarantee (the next part does).", "",
-             f"| same {a.n} examples | early exit, λ̂ = {a.lambda_hat:.6g} | full model |", "|---|---|---|",
+             f"| same {a.n} examples | early exit, λ̂ = {a.threshold:.6g} | full model |", "|---|---|---|",
              f"| mean {risk_words(risk, metric)} | {a.risk:+.4f} | 0 |"]
     if a.score is not None:
         lines.append(f"| {metric} (mean per example) | {a.score:.4f} | {a.full_score:.4f} |")
@@ -164,7 +164,7 @@ def _procedure(p: Procedure, c, metric: str, hardware: str | None) -> list[str]:
              f"into n_cal = {p.n_cal} calibration and n_test = {p.n_test} test examples. Each split calibrated its "
              f"own threshold ({p.method}, {level}) on its n_cal examples (mean λ̂ over the splits: "
              f"{p.lambda_hat_mean:.3g}) and was measured on its n_test examples. These numbers describe the procedure "
-             f"with n_cal = {p.n_cal}; the shipped λ̂ = {c.lambda_hat:.6g} was calibrated once, on all n = {c.n}.", "",
+             f"with n_cal = {p.n_cal}; the shipped λ̂ = {c.threshold:.6g} was calibrated once, on all n = {c.n}.", "",
              f"* Test risk (mean {risk_words(c.risk, metric)}, on each split's test examples): **{p.test_risk:+.4f}**"
              + (f" ± {p.test_risk_std:.4f}" if p.test_risk_std is not None else "")
              + f" (mean ± sd over the {p.repeats} splits; target ε = {p.eps:g})."]
@@ -186,7 +186,7 @@ def _procedure(p: Procedure, c, metric: str, hardware: str | None) -> list[str]:
 
 
 def _held_out(h: HeldOut, c, metric: str, hardware: str | None) -> list[str]:
-    lines = [f"### The shipped λ̂ = {c.lambda_hat:.6g} on held-out examples", ""]
+    lines = [f"### The shipped λ̂ = {c.threshold:.6g} on held-out examples", ""]
     where = (f" on {h.n_test} held-out examples" if h.n_test else " on held-out examples") + \
         (f" ({h.split})" if h.split else "")
     if h.test_risk is not None:

@@ -1,10 +1,10 @@
 """Confidence measures for early exit: ``softmax``, ``softmax_shortlist``, ``saturation``, ``meta`` (CALM Sec. 3.5).
 
-The default, ``"auto"``, was chosen by measurement (``benchmarks/measure_choice.py``, README "Which confidence
-measure"): at equal risk (ε = 0.05, CRC and UCB, both tasks of the default model) the meta classifier gave the
-lowest decode time per token on the t5-small, flan-t5-base and flan-t5-large shapes, and among the measures that
-need no trained head, ``HEAD_FREE_DEFAULT``. So ``"auto"`` is ``"meta"`` on a model that carries a trained meta
-head and ``HEAD_FREE_DEFAULT`` otherwise (``"softmax"`` with Product-of-Experts predictions); the measure it
+The default, ``"auto"``, was chosen by measurement (``benchmarks/measure_choice.py``, ``docs/benchmarks.md``): at
+equal risk (ε = 0.05, CRC and UCB, both tasks of the default model) the meta classifier gave the lowest decode time
+per token on the t5-small, flan-t5-base and flan-t5-large shapes, and among the measures that need no trained head,
+``HEAD_FREE_DEFAULT``. So ``"auto"`` is ``"meta"`` on a model that carries a trained meta head and
+``HEAD_FREE_DEFAULT`` otherwise (``"softmax"`` with Product-of-Experts predictions); the measure it
 resolved to is what a calibration records.
 """
 

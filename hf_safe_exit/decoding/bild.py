@@ -36,6 +36,7 @@ Greedy and sampling
 Batches and per-sequence rollback
     Rows accept different numbers of drafted tokens, so their lengths differ after a rollback: each model's
     cache is kept right-aligned with left padding and cropped per row (:mod:`hf_safe_exit.decoding.bild_cache`).
+    The draft / verify / commit rounds run in :mod:`hf_safe_exit.decoding.bild_loop`.
 
 Statistics per call (``return_dict_in_generate=True`` → :class:`BiLDOutput`): tokens drafted,
 accepted, rolled back; rollback and fallback events; tokens produced by the large model; large- and

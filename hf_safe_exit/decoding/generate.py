@@ -23,6 +23,7 @@ from transformers import GenerationMixin
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
+from ..fingerprint import model_fingerprint
 from ..policy import EarlyExit, EarlyExitPolicy
 from ..risk.controlled import RiskControlled
 from .bild import BiLD
@@ -83,9 +84,10 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     check_supported_model(model)
     certificate = None
     if isinstance(early_exit, RiskControlled):
-        calibration = early_exit.calibration_for(model)
-        certificate = calibration.certificate
-        early_exit = calibration.policy(model, small_model=early_exit.small_model,
+        fingerprint = model_fingerprint(model)  # once per call, and cached per weights (hf_safe_exit.fingerprint)
+        calibration = early_exit.calibration_for(model, fingerprint)
+        certificate = calibration.certificate  # BiLD's too: its lengths apply below
+        early_exit = calibration.policy(model, small_model=early_exit.small_model, fingerprint=fingerprint,
                                         allow_missing_fingerprint=early_exit.allow_missing_fingerprint)
     if isinstance(early_exit, BiLD):
         if inputs is not None:

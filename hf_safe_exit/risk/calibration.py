@@ -107,16 +107,20 @@ class Calibration:
     def is_bild(self) -> bool:
         return self.bild is not None
 
-    def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str = "This calibration") -> None:
-        """Raise unless this calibration was made for ``model`` (see :mod:`hf_safe_exit.risk.provenance`)."""
-        check_fingerprint(self.model_fingerprint, model_fingerprint(model), allow_missing_fingerprint, what,
+    def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str = "This calibration",
+                    fingerprint: str | None = None) -> None:
+        """Raise unless this calibration was made for ``model`` (see :mod:`hf_safe_exit.risk.provenance`);
+        ``fingerprint``: ``model``'s, when the caller has it already."""
+        actual = fingerprint if fingerprint is not None else model_fingerprint(model)
+        check_fingerprint(self.model_fingerprint, actual, allow_missing_fingerprint, what,
                           other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE)
 
-    def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False):
+    def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False,
+               fingerprint: str | None = None):
         """What ``generate`` decodes ``model`` with: the bound :class:`~hf_safe_exit.EarlyExit` at λ̂ (with this
         certificate), or for a BiLD calibration ``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback
         and draft length. Checks the model's (and the small model's) fingerprint first."""
-        self.check_model(model, allow_missing_fingerprint=allow_missing_fingerprint)
+        self.check_model(model, allow_missing_fingerprint=allow_missing_fingerprint, fingerprint=fingerprint)
         if self.is_bild:
             return self.bild_policy(small_model, small_tokenizer=small_tokenizer,
                                     allow_missing_fingerprint=allow_missing_fingerprint)

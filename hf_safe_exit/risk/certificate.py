@@ -56,10 +56,6 @@ class RiskCertificate:
         data["loss_bounds"] = tuple(data["loss_bounds"])
         return cls(**data)
 
-    @property
-    def lambda_hat(self) -> float:  # TODO(rename sweep): callers move to .threshold
-        return self.threshold
-
 
 def guarantee_text(method: str, eps: float, delta: float | None, risk: str) -> str:
     """The guarantee of ``method`` at (ε, δ) in words, as a certificate states it."""

@@ -14,6 +14,7 @@ stores for its task (:mod:`hf_safe_exit.risk.stored_fit`, cached per model and t
 from __future__ import annotations
 
 from ..config import EarlyExitConfig
+from ..fingerprint import model_fingerprint
 from .calibration import Calibration
 from .certificate import RiskCertificate
 from .controller import RiskController
@@ -113,18 +114,20 @@ class RiskControlled:
         return self.fit_table(table)
 
     # ------------------------------------------------------------------ decoding
-    def calibration_for(self, model) -> Calibration:
+    def calibration_for(self, model, fingerprint: str | None = None) -> Calibration:
         """The calibration this request decodes ``model`` with: its own once fitted, else the fit on ``model``'s
-        stored calibration (cached per model weights, table and request)."""
+        stored calibration (cached per model weights, table and request). ``fingerprint``: ``model``'s, if known."""
         from .stored_fit import fit_from_stored
 
-        return self.calibration if self.calibration is not None else fit_from_stored(self, model)
+        return self.calibration if self.calibration is not None else fit_from_stored(self, model, fingerprint)
 
     def resolve(self, model):
         """What ``generate`` decodes ``model`` with: the bound :class:`~hf_safe_exit.EarlyExit` at λ̂ (or, for a
         BiLD calibration, the calibrated BiLD), after checking that the calibration is ``model``'s."""
-        return self.calibration_for(model).policy(model, small_model=self.small_model,
-                                                  allow_missing_fingerprint=self.allow_missing_fingerprint)
+        fingerprint = model_fingerprint(model)  # once per call (cached per weights: hf_safe_exit.fingerprint)
+        return self.calibration_for(model, fingerprint).policy(
+            model, small_model=self.small_model, allow_missing_fingerprint=self.allow_missing_fingerprint,
+            fingerprint=fingerprint)
 
     def bild(self, small_model=None, *, small_tokenizer=None):
         """The calibrated BiLD policy (``small_model`` defaults to the constructor's)."""

@@ -79,14 +79,14 @@ class RiskController:
         ascending = slice(None, None, -1)
         self.certificate = RiskCertificate(
             eps=self.eps, delta=self.delta, method=self.method, bound={"ucb": self.bound, "ltt": "hoeffding_bentkus"}
-            .get(self.method), risk=self.risk, monotonize=self.monotonize, n=sel.n, threshold=sel.lambda_hat,
+            .get(self.method), risk=self.risk, monotonize=self.monotonize, n=sel.n, threshold=sel.threshold,
             empirical_risk=empirical, risk_bound=risk_bound, p_value=p_value, feasible=sel.feasible,
             guarantee=guarantee_text(self.method, self.eps, self.delta, self.risk), loss_bounds=bounds,
             grid=sel.lambdas[ascending].tolist(), grid_empirical_risk=sel.empirical_risk[ascending].tolist(),
             grid_statistic=sel.statistic[ascending].tolist(), model_fingerprint=about.get("model_fingerprint"),
             task=about.get("task"), measure=about.get("measure"), max_new_tokens=about.get("max_new_tokens"),
             max_input_length=about.get("max_input_length"))
-        self.threshold = float(sel.lambda_hat)
+        self.threshold = float(sel.threshold)
         if not sel.feasible:
             warnings.warn(infeasible_message(self.method, self.eps, self.delta, sel, bounds[1]), UserWarning,
                           stacklevel=3)

@@ -108,8 +108,8 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
             where, f"{what} is {stored!r} but its certificate says {certified!r}: the file was edited or mixed up "
             "with another calibration", RECALIBRATE)
 
-    if not _close(lam, cert.lambda_hat):
-        raise inconsistent("lambda_ (λ̂)", lam, cert.lambda_hat)
+    if not _close(lam, cert.threshold):
+        raise inconsistent("lambda_ (λ̂)", lam, cert.threshold)
     if cert.grid and not any(_close(lam, g) for g in cert.grid):
         raise InconsistentCalibrationError.about(where, f"lambda_ = {lam!r} is not a threshold of its certificate's "
                                                  f"grid ({len(cert.grid)} thresholds): the file was edited", RECALIBRATE)
@@ -179,5 +179,5 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
                      monotonize=params.get("monotonize"))
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError.about(path, f"its params cannot be refitted ({err})", _CORRUPT_FIX) from None
-    if not _close(sel.lambda_hat, data["lambda_"]):
-        raise differs("λ̂ (lambda_)", sel.lambda_hat, data["lambda_"])
+    if not _close(sel.threshold, data["lambda_"]):
+        raise differs("λ̂ (lambda_)", sel.threshold, data["lambda_"])

@@ -54,7 +54,7 @@ class Selection:
     the UCB (ucb) or the p-value (ltt); ``passed`` marks where the condition held.
     """
 
-    lambda_hat: float
+    threshold: float  # λ̂
     index: int  # position of λ̂ in the caller's original ``lambdas``
     feasible: bool  # True iff λ̂ < 1
     lambdas: np.ndarray
@@ -66,7 +66,7 @@ class Selection:
     @property
     def position(self) -> int:
         """Position of λ̂ in the descending grid."""
-        return int(np.flatnonzero(self.lambdas == self.lambda_hat)[0])
+        return int(np.flatnonzero(self.lambdas == self.threshold)[0])
 
 
 def _check_bounds(loss_bounds) -> tuple[float, float]:
@@ -130,7 +130,7 @@ def first_violation_scan(passed) -> np.ndarray:
 def _finish(lam, order, risk, statistic, passed, n) -> Selection:
     last = int(first_violation_scan(passed))
     pos = max(last, 0)
-    return Selection(lambda_hat=float(lam[pos]), index=int(order[pos]), feasible=bool(last >= 1), lambdas=lam,
+    return Selection(threshold=float(lam[pos]), index=int(order[pos]), feasible=bool(last >= 1), lambdas=lam,
                      empirical_risk=risk, statistic=statistic, passed=np.asarray(passed, dtype=bool), n=n)
 
 

@@ -29,7 +29,7 @@ def clear_cache() -> None:
     clear_store_cache()
 
 
-def fit_from_stored(rc, model) -> Calibration:
+def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
     """``rc``'s request (a :class:`~hf_safe_exit.risk.RiskControlled`) fitted on the calibration ``model`` stores
     for ``rc.task``.
 
@@ -39,7 +39,7 @@ def fit_from_stored(rc, model) -> Calibration:
     stored = find_stored(model, rc.task)
     if stored.table is None:
         return _stored_fit(rc, stored)
-    fingerprint = model_fingerprint(model)
+    fingerprint = fingerprint if fingerprint is not None else model_fingerprint(model)
     check_fingerprint(stored.table.metadata.get("model_fingerprint"), fingerprint, rc.allow_missing_fingerprint,
                       f"The loss table at {stored.table_path}", other_fix=HOW_TO_CALIBRATE)
     request = rc.controller().get_params()
