@@ -60,9 +60,9 @@ def synthetic_population(n_examples: int = 20000, num_lambdas: int = 21, num_lay
 
 @dataclass
 class SimulationResult:
-    """Per method: λ̂ per split (S,), the true risk at λ̂ (S,), and summaries."""
+    """Per method: the threshold λ̂ per split (S,), the true risk at λ̂ (S,), and summaries."""
 
-    lambda_hat: dict
+    threshold: dict
     true_risk: dict
     eps: float
     delta: float | None

@@ -281,3 +281,15 @@ def test_an_unreadable_card_is_refused_naming_it(calibrated, tmp_path, capsys, c
     line = one_error_line(capsys, ["card", "--model", str(model_dir), "--calibration", str(tmp_path / "calibration")])
     assert str(model_dir / "README.md") in line and "YAML metadata" in line
     assert (model_dir / "README.md").read_bytes() == content
+
+
+def test_the_card_states_the_calibrated_configuration(calibrated, tmp_path):
+    # the settings row is read from the calibration's EarlyExitConfig, not assumed
+    model, directory, table = calibrated
+    meta = {**table.metadata, "schedule": "decaying", "decay_tau": 2.0, "min_exit_layer": 2, "exit_layers": [2, 4]}
+    other = type(table)(table.lambdas, table.losses, extras=table.extras, metadata=meta)
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(other)
+    text = write_guarantee_card(tmp_path / "card", rc, hardware="2-core CPU").read_text(encoding="utf-8")
+    assert "| Threshold schedule | decaying (τ = 2), first exit layer 2, confidence checked after layers 2, 4 |" \
+        in text
+    assert "| Confidence measure | softmax |" in text

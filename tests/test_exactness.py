@@ -29,11 +29,8 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest's fixture, for every test of this module
     yield
-    torch.set_num_threads(before)
 
 
 def _t5(seed=3, vocab=97, layers=(3, 3), tied=True, init=4.0):

@@ -66,7 +66,7 @@ def _reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 def test_the_graph_sees_imports():
     edges = _graph()
     assert "hf_safe_exit.risk.store" in edges["hf_safe_exit.cards.files"]  # a relative import inside a package
-    assert "hf_safe_exit.cards" in edges["hf_safe_exit.demo"]  # a function-level import
+    assert "hf_safe_exit.cards" in edges["hf_safe_exit.demo.run"]  # a function-level import
     assert "hf_safe_exit.risk.loss_table" in edges["hf_safe_exit.risk.store"]
 
 

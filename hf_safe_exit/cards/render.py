@@ -83,7 +83,7 @@ def _use_it(controlled, where: str | None, calibration_subfolder: str | None) ->
 
 
 def _settings_table(controlled, rows: str | None, dataset_name: str | None, anytime: str | None) -> list[str]:
-    c, cal = controlled.certificate, getattr(controlled, "_calibration", {}) or {}
+    c, config = controlled.certificate, controlled.calibration.config  # None for BiLD
     info = task_info(c.task)
     method = METHOD_WORDS.get(c.method, c.method)
     if c.method == "ucb" and c.bound:
@@ -102,19 +102,20 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
                                                                  else "") + f" ≤ ε = {c.eps:g} |")
     else:
         lines.append(f"| Risk bound at λ̂ | {c.risk_bound:+.4f} |")
-    lines += [f"| Confidence measure | {c.measure or cal.get('measure')} |",
-              f"| Threshold schedule | {cal.get('schedule', 'constant')}"
-              + (f" (τ = {cal.get('decay_tau'):g})" if cal.get("schedule") == "decaying" else "")
-              + f", first exit layer {cal.get('min_exit_layer', 1)}"
-              + (f", confidence checked after layers {', '.join(map(str, cal['exit_layers']))}"
-                 if cal.get("exit_layers") else "") + " |"]
+    if config is not None:
+        lines += [f"| Confidence measure | {c.measure or config.measure_name} |",
+                  f"| Threshold schedule | {config.schedule}"
+                  + (f" (τ = {config.decay_tau:g})" if config.schedule == "decaying" else "")
+                  + f", first exit layer {config.min_exit_layer}"
+                  + (f", confidence checked after layers {', '.join(map(str, config.exit_layers))}"
+                     if config.exit_layers else "") + " |"]
     lengths = controlled.generation_settings
     if lengths:
         lines.append("| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |")
-    if not anytime and cal.get("anytime"):  # the calibration decoded with Product-of-Experts predictions
-        poe = cal["anytime"]
-        anytime = (f"Product-of-Experts over the exits so far (Jazbec et al. 2023): {poe.get('activation')} "
-                   f"activation, {poe.get('weights')} weights")
+    if not anytime and config is not None and config.anytime is not None:  # decoded with PoE predictions
+        poe = config.anytime
+        anytime = (f"Product-of-Experts over the exits so far (Jazbec et al. 2023): {poe.activation} activation, "
+                   f"{poe.weights if isinstance(poe.weights, str) else list(poe.weights)} weights")
     if anytime:
         lines.append(f"| Anytime predictions | {anytime} |")
     if c.monotonize:

@@ -17,7 +17,7 @@ that stores only ``risk_control.json`` runs at the λ̂ it ships. Without a
 calibration the demo stops with :class:`DemoError` saying what is missing and how to make it; it
 never calibrates on the fly (a guarantee needs held-out data).
 
-    python -m hf_safe_exit.demo                       # built-in article and question
+    python -m hf_safe_exit.demo                       # built-in article and question (demo/__main__.py)
     python -m hf_safe_exit.demo --file article.txt --question "Who ...?"
 """
 
@@ -27,11 +27,14 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
-__all__ = ["run_demo", "find_task_calibration", "DemoError", "DemoResult", "DEMO_ARTICLE", "DEMO_QUESTION", "main"]
+from .calibration import task_calibration
+from .render import pieces, print_result
+from .result import DEFAULT_MAX_NEW_TOKENS, METRIC, DemoError, DemoResult
+
+__all__ = ["run_demo", "DEMO_ARTICLE", "DEMO_QUESTION", "build_parser", "run_from_args", "main"]
 
 # Written for this demo (not taken from any dataset).
 DEMO_ARTICLE = (
@@ -45,145 +48,12 @@ DEMO_ARTICLE = (
 )
 DEMO_QUESTION = "How much will the restoration of the depot cost?"
 
-_METRIC = {"cnndm": "ROUGE-L", "squad": "F1"}
-DEFAULT_MAX_NEW_TOKENS = 64  # caps the summary length (CNN/DM's task default is 128) to stay within a minute
-_TASK_TITLE = {"cnndm": "Summary", "squad": "Answer"}
-_DATA = {"cnndm": "CNN/DailyMail news articles", "squad": "SQuAD questions on Wikipedia paragraphs"}
 
-
-class DemoError(RuntimeError):
-    """The demo cannot run: the message says what is missing and how to get it."""
-
-
-@dataclass
-class DemoResult:
-    task: str
-    prompt: str
-    text: str
-    full_text: str
-    pieces: list[str]
-    exit_layers: list[int]
-    num_layers: int
-    threshold: float  # λ̂
-    guarantee: str
-    calibration_source: str
-    time_early: float
-    time_full: float  # the full model made to generate exactly new_tokens_early tokens (like for like)
-    new_tokens_early: int
-    new_tokens_full: int  # the full model's own output length (its text is full_text)
-    eps_reason: str = ""  # why the demo runs at this ε (printed)
-    shown_input: str = ""  # the input as printed before the output (shortened)
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def mean_exit_layer(self) -> float:
-        return sum(self.exit_layers) / max(len(self.exit_layers), 1)
-
-    @property
-    def speedup(self) -> float:
-        """The full model's time over early exit's for the same number of generated tokens (``new_tokens_early``:
-        the full model is timed with ``min_new_tokens = max_new_tokens`` = that count), encoder included."""
-        if self.time_early <= 0 or self.time_full <= 0:
-            return float("nan")
-        return self.time_full / self.time_early
-
-
-DEMO_EPS_FRACTION = 0.25  # the demo's ε: this fraction of the full model's score on the calibration rows
-_EXAMPLES = {"cnndm": "articles", "squad": "questions"}
-
-
-def full_model_score(table) -> float | None:
-    """The full model's (λ = 1) mean task score on the calibration rows of ``table``, or None when the table does
-    not record it (``collect`` stores the per-example task loss, 1 − score, as the extra ``task_loss``)."""
-    import numpy as np
-
-    task_loss = (table.extras or {}).get("task_loss")
-    if task_loss is None:
-        return None
-    at_one = np.flatnonzero(np.isclose(np.asarray(table.lambdas, dtype=float), 1.0))
-    if at_one.size == 0:
-        return None
-    return float(1.0 - np.mean(np.asarray(task_loss)[at_one[0]]))
-
-
-def demo_eps(table, task: str) -> tuple[float, str] | None:
-    """The ε the demo runs ``task`` at, and why: about a quarter of the full model's score on its calibration rows.
-
-    The guarantee bounds the mean loss of quality against the full model by ε, so ε only means something when it
-    is small next to what the model scores: at ε = 0.05 a model whose full ROUGE-L is 0.08 may lose most of it. A
-    quarter, rounded to one significant digit: the shipped model gets ε = 0.02 on CNN/DM (ROUGE-L 0.076) and
-    ε = 0.004 on SQuAD (F1 0.017). None when the table does not record the full model's score.
-    """
-    score = full_model_score(table)
-    if score is None or score <= 0:
-        return None
-    eps = float(f"{DEMO_EPS_FRACTION * score:.1g}")
-    metric = _METRIC.get(task, "task score")
-    return eps, (f"ε = {eps:g}: about a quarter of the full model's {metric} of {score:.2g} on its {table.n} "
-                 f"calibration {_EXAMPLES.get(task, 'examples')}, so that early exit may lose at most about a "
-                 "quarter of what the model scores")
-
-
-def find_task_calibration(model_dir, task: str, *, eps: float | None = None, delta: float | None = 0.1,
-                          method: str = "ucb"):
-    """The fitted ``RiskControlled`` for ``task`` stored with the model in ``model_dir``, and where it came from.
-
-    ``eps=None``: the stored ``risk_control.json`` (λ̂ at the calibrated ε) when there is one, else the stored loss
-    table fitted at :func:`demo_eps` (0.1 when the table records no full-model score). A given ``eps``: the loss
-    table fitted with ``eps``/``delta``/``method`` (a ``risk_control.json`` alone serves only its own ε). The
-    layout is :mod:`hf_safe_exit.risk.store`'s. A fit that finds no feasible λ < 1 warns (λ̂ = 1); the warning
-    is never silenced here.
-    """
-    rc, source, _ = _task_calibration(model_dir, task, eps=eps, delta=delta, method=method, prefer_stored=True)
-    return rc, source
-
-
-def _task_calibration(model_dir, task: str, *, eps: float | None, delta: float | None, method: str,
-                      prefer_stored: bool) -> tuple:
-    """(fitted RiskControlled, where it came from, why this ε) for ``task``; see :func:`find_task_calibration`.
-
-    ``prefer_stored=False`` (the demo): with ``eps=None`` the loss table is fitted at :func:`demo_eps` whenever the
-    table records the full model's score, and the stored ``risk_control.json`` is used only otherwise.
-    """
-    from .risk import MissingCalibrationError, RiskControlled, find_stored
-
-    try:
-        stored = find_stored(model_dir, task)
-    except MissingCalibrationError as err:
-        raise DemoError(f"no calibration for task {task!r} with the model in {model_dir}: {err}") from None
-    json_eps = None if stored.controlled_json is None else stored.controlled_json.get("params", {}).get("eps")
-
-    def from_json():
-        why = f"ε = {json_eps:g}: the ε this calibration was stored with"
-        if stored.table is None:
-            why += " (no loss table is stored beside it to fit another ε from)"
-        return RiskControlled.from_dict(stored.controlled_json), str(stored.controlled_path), why
-
-    if eps is None:
-        if stored.controlled_json is not None and prefer_stored:
-            return from_json()
-        chosen = demo_eps(stored.table, task) if stored.table is not None else None
-        if chosen is not None:
-            eps, why = chosen
-        elif stored.controlled_json is not None:
-            return from_json()
-        else:
-            eps, why = 0.1, "ε = 0.1: the loss table records no full-model score to size ε against"
-    elif stored.table is not None:
-        why = f"ε = {eps:g}, as asked"
-    elif json_eps == eps:
-        return from_json()
-    else:
-        raise DemoError(f"the calibration of task {task!r} in {model_dir} stores λ̂ at ε = {json_eps} but no loss "
-                        f"table, which fitting ε = {eps} needs: store it with `hf-safe-exit calibrate "
-                        "--store-in-model`, or run the demo without --eps.")
-    rc = RiskControlled(eps, delta=delta if method in ("ucb", "ltt") else None, method=method).fit_table(stored.table)
-    return rc, str(stored.table_path), why
 
 
 def _load(model_dir):
-    from . import enable
-    from .models import default_model_available, default_model_path, load_default_model
+    from ..decoding.enable import enable
+    from ..models import default_model_available, default_model_path, load_default_model
 
     if model_dir is None:
         if not default_model_available():
@@ -203,52 +73,6 @@ def _load(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = T5ForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
     return enable(model), tokenizer, path
-
-
-def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text each generated token adds (decoding prefixes, so SentencePiece spaces come out right)."""
-    out, prev = [], ""
-    for i in range(1, len(ids) + 1):
-        cur = tokenizer.decode(ids[:i], skip_special_tokens=True)
-        out.append(cur[len(prev):] if cur.startswith(prev) else cur)
-        prev = cur
-    return out
-
-
-_PALETTE = (46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)  # ANSI 256: green -> red
-
-
-def _layer_color(layer: int, num_layers: int) -> int:
-    frac = (layer - 1) / max(num_layers - 1, 1)
-    return _PALETTE[round(frac * (len(_PALETTE) - 1))]
-
-
-def _render_tokens(pieces, layers, num_layers, color: bool, use_rich: bool) -> str:
-    if not color:
-        return "".join(f"{p}⟨{l}⟩" if p.strip() else p for p, l in zip(pieces, layers))
-    if use_rich:
-        from rich.text import Text
-
-        text = Text()
-        for p, l in zip(pieces, layers):
-            text.append(p, style=f"bold color({_layer_color(l, num_layers)})")
-        return text
-    return "".join(f"\x1b[1;38;5;{_layer_color(l, num_layers)}m{p}\x1b[0m" for p, l in zip(pieces, layers))
-
-
-def _legend(num_layers: int, color: bool, use_rich: bool):
-    if not color:
-        return f"(⟨n⟩ after a token = the decoder layer it exited at, of {num_layers})"
-    if use_rich:
-        from rich.text import Text
-
-        text = Text("exit layer: ")
-        for l in range(1, num_layers + 1):
-            text.append(f" {l} ", style=f"bold black on color({_layer_color(l, num_layers)})")
-        text.append(f"  ({num_layers} = full depth)")
-        return text
-    return "exit layer: " + "".join(f"\x1b[1;30;48;5;{_layer_color(l, num_layers)}m {l} \x1b[0m"
-                                    for l in range(1, num_layers + 1)) + f"  ({num_layers} = full depth)"
 
 
 def _seconds(fn) -> float:
@@ -278,10 +102,10 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
               repeats: int, eps_reason: str = "") -> DemoResult:
     import torch
 
-    from .cards import guarantee_statement
-    from .compat import cache_kwargs
-    from .decoding.early_exit_loop import new_decoder_cache
-    from .tasks import get_task
+    from ..cards import guarantee_statement
+    from ..compat import cache_kwargs
+    from ..decoding.early_exit_loop import new_decoder_cache
+    from ..tasks import get_task
 
     task = get_task(task_name)
     prompt = task.prompt(example)
@@ -315,46 +139,13 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
     num_layers = int(out.num_decoder_layers)
     return DemoResult(
         task=task_name, prompt=prompt, text=tokenizer.decode(ids, skip_special_tokens=True),
-        full_text=tokenizer.decode(full_ids, skip_special_tokens=True), pieces=_pieces(tokenizer, ids),
+        full_text=tokenizer.decode(full_ids, skip_special_tokens=True), pieces=pieces(tokenizer, ids),
         exit_layers=layers[real].tolist(), num_layers=num_layers, threshold=float(early_exit.threshold),
-        guarantee=guarantee_statement(rc.certificate, _METRIC.get(task_name, "task score")),
+        guarantee=guarantee_statement(rc.certificate, METRIC.get(task_name, "task score")),
         calibration_source=source, time_early=t_early, time_full=t_full, new_tokens_early=len(ids),
         new_tokens_full=sum(1 for t in full_ids if t != tokenizer.pad_token_id), eps_reason=eps_reason,
         shown_input=_shown_input(task_name, example),
         extra={"measure": rc.certificate.measure, "method": rc.certificate.method})
-
-
-def _print_result(r: DemoResult, out: TextIO, color: bool, use_rich: bool) -> None:
-    title = _TASK_TITLE.get(r.task, r.task)
-    line = "─" * 78
-    if use_rich:
-        from rich.console import Console
-
-        console = Console(file=out, force_terminal=True, color_system="256", highlight=False, soft_wrap=True)
-        emit = console.print
-    else:
-        def emit(obj=""):
-            print(obj, file=out)
-    emit(line)
-    emit(r.shown_input)
-    emit(f"{title} ({r.task}) with early exit at λ̂ = {r.threshold:.4g} "
-         f"[{r.extra['method']}, {r.extra['measure']} confidence; calibration {r.calibration_source}]")
-    if r.eps_reason:
-        emit(f"Target: {r.eps_reason}.")
-    emit(_render_tokens(r.pieces, r.exit_layers, r.num_layers, color, use_rich) or "(empty output)")
-    emit(_legend(r.num_layers, color, use_rich))
-    emit(f"Full model:  {r.full_text or '(empty output)'}")
-    same = "identical to" if r.text == r.full_text else "differs from"
-    emit(f"Mean exit layer {r.mean_exit_layer:.2f} of {r.num_layers} "
-         f"({100 * r.mean_exit_layer / r.num_layers:.0f}% of the decoder); output {same} the full model's.")
-    n = max(r.new_tokens_early, 1)
-    emit(f"Time for the same {n} generated tokens (encoder included): {r.time_early * 1000:.1f} ms with early "
-         f"exit, {r.time_full * 1000:.1f} ms with the full model (HF generate made to emit {n} tokens) → "
-         f"speed-up {r.speedup:.2f}× on this input, this tiny model ({r.time_early * 1000 / n:.1f} vs "
-         f"{r.time_full * 1000 / n:.1f} ms/token; real T5 shapes: docs/benchmarks.md).")
-    emit(f"Guarantee: {r.guarantee}")
-    emit(f"  (It is a statement about inputs drawn like the calibration data, {_DATA.get(r.task, r.task)}; "
-         "a text of another kind is outside it.)")
 
 
 def run_demo(text: str | None = None, file: str | os.PathLike | None = None, question: str | None = None, *,
@@ -406,7 +197,7 @@ def run_demo(text: str | None = None, file: str | os.PathLike | None = None, que
     jobs = [("cnndm", {"article": text, "highlights": "", "id": "demo"})]
     if question:
         jobs.append(("squad", {"question": question, "context": text, "answers": {"text": [""]}, "id": "demo-q"}))
-    calibrations = {task: _task_calibration(directory, task, eps=eps, delta=delta, method=method,
+    calibrations = {task: task_calibration(directory, task, eps=eps, delta=delta, method=method,
                                             prefer_stored=False)
                     for task, _ in jobs}  # fail before any decoding if one is missing
     if model_dir is None:
@@ -420,7 +211,7 @@ def run_demo(text: str | None = None, file: str | os.PathLike | None = None, que
         rc, source, why = calibrations[task]
         results.append(_run_task(model, tokenizer, task, example, rc, source, max_new_tokens=max_new_tokens,
                                  repeats=repeats, eps_reason=why))
-        _print_result(results[-1], out, color, use_rich)
+        print_result(results[-1], out, color, use_rich)
     if not question:
         print("(no question given: pass --question to also answer one about your article)", file=out)
     return results
@@ -457,7 +248,3 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print(f"hf-safe-exit demo: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
