@@ -67,9 +67,8 @@ def test_intermediate_readout_of_last_layer_equals_model_logits():
     model = tiny_t5()
     ids = torch.tensor([[5, 6, 7, 1]])
     out = model(input_ids=ids, decoder_input_ids=torch.tensor([[0, 3, 4]]), output_hidden_states=True)
-    # HF's last decoder_hidden_states entry is already final-layer-normed
-    assert torch.allclose(intermediate_logits(model, out.decoder_hidden_states[-1], normed=True), out.logits,
-                          atol=1e-5)
+    # HF's last decoder_hidden_states entry is already final-layer-normed; the same ops: equal bit for bit
+    assert torch.equal(intermediate_logits(model, out.decoder_hidden_states[-1], normed=True), out.logits)
 
 
 def test_meta_measure_finds_head_saved_next_to_model(tmp_path):

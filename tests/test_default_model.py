@@ -10,7 +10,7 @@ from hf_safe_exit.models import default_model_available, default_model_path, loa
 pytestmark = pytest.mark.skipif(
     not default_model_available(),
     reason=f"the default model is not shipped in {default_model_path()} yet (train it with "
-           "examples/train_default_model.py)",
+           "scripts/train_default_model.py)",
 )
 
 

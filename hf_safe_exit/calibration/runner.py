@@ -23,7 +23,7 @@ Rows are in the order of ``lambdas`` as given (the default grid is ascending).
 
 **Other strategies.** ``policy_factory=`` (λ → an ``early_exit=`` object) calibrates another
 threshold through the same loop, e.g. BiLD's rollback threshold (λ = exp(−α_RB), λ = 1 ↔ the
-large model's output) with :func:`hf_safe_exit.decoding.bild.bild_policy_factory`. The losses are
+large model's greedy output except at float ties) with :func:`hf_safe_exit.decoding.bild.bild_policy_factory`. The losses are
 the same; the per-example cost extras are then ``large_calls_per_token`` and ``num_tokens``, and
 the metadata has ``strategy``, ``policy`` (the λ = 1 policy's settings, incl. the small model's
 fingerprint) and ``rollbacks`` instead of the early-exit settings. See
@@ -195,7 +195,7 @@ def collect(
             threshold through the same runner, e.g. BiLD's rollback threshold with
             ``bild_policy_factory(small_model, fallback=...)`` (λ = exp(−α_RB); see
             :mod:`hf_safe_exit.calibration.strategies`); ``config`` must then be ``None``. λ = 1 must give the
-            reference output (the large model).
+            reference output (BiLD: rollback 0, the large model's tokens except at float ties).
         policy_description: JSON-able settings of the factory's policies, stored in the run
             config (resume check) and the metadata (``"policy"``); default
             ``policy_factory(1.0).describe()``.

@@ -41,7 +41,8 @@ _BILD_ROLLBACKS = (math.inf, 8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0
 def default_bild_lambdas() -> np.ndarray:
     """The default λ grid for BiLD, ascending: λ = exp(−α_RB) for α_RB = ∞, 8, 6, 5, 4, 3.5, ..., 0.25, 0.1, 0.
 
-    λ = 0 accepts every draft (α_RB = ∞); λ = 1 is the large model's output (α_RB = 0). The
+    λ = 0 accepts every draft (α_RB = ∞); λ = 1 (α_RB = 0) is the large model's greedy output except at float ties
+    (see :mod:`hf_safe_exit.decoding.bild`). The
     BiLD paper's useful rollback thresholds are a few nats, i.e. small λ, so the grid is dense there.
     """
     return np.array([0.0 if math.isinf(r) else math.exp(-r) for r in _BILD_ROLLBACKS])

@@ -37,7 +37,7 @@ from .bounds import check_level, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb
 
 __all__ = [
     "Selection", "METHODS", "BOUNDS", "MONOTONIZE", "prepare_losses", "first_violation_scan",
-    "select_naive", "select_crc", "select_ucb", "select_ltt", "select",
+    "select_naive", "select_crc", "select_ucb", "select_ltt", "select", "crc_statistic", "ltt_pvalues",
 ]
 
 METHODS = ("naive", "crc", "ucb", "ltt")
