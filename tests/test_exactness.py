@@ -320,3 +320,28 @@ def test_stop_strings_with_a_tokenizer_stop_as_in_hf():
     assert stop in tokenizer.decode(stopped[0], skip_special_tokens=True) or stopped.shape[1] == 13
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(**inputs, max_new_tokens=12, stop_strings=[stop], early_exit=EarlyExit(threshold=1.0))
+
+
+def test_below_lambda_one_rows_stopped_without_eos_go_on_as_in_hf():
+    # without an EOS criterion HF does not pad a row that a stopping criterion finished: it goes on generating its
+    # tokens. Our loop at full depth (ForcedExit(L)) must too (it used to emit token 0 there)
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+    from hf_safe_exit import ForcedExit
+
+    class RowStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] % 3 == 0
+
+    model = _t5(seed=14)
+    ids, mask = _batch(97)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, eos_token_id=None,
+                  stopping_criteria=StoppingCriteriaList([RowStop()]), return_dict_in_generate=True)
+    theirs = _hf(model, **kwargs)
+    ours = model.generate(**kwargs, early_exit=ForcedExit(model.config.num_decoder_layers))
+    assert torch.equal(ours.sequences, theirs.sequences)
+    stopped = (theirs.sequences[:, 1:] % 3 == 0).long().cumsum(1) - (theirs.sequences[:, 1:] % 3 == 0).long() > 0
+    stopped = stopped[:, : ours.exit_layers.shape[1]]
+    assert stopped.any() and torch.equal(ours.exit_layers == 0, stopped)
+    full = model.generate(**kwargs, early_exit=EarlyExit(threshold=1.0))
+    assert torch.equal(full.sequences, theirs.sequences) and torch.equal(full.exit_layers, ours.exit_layers)

@@ -69,7 +69,8 @@ class EarlyExitGenerateOutput(GenerateEncoderDecoderOutput):
 
     Attributes:
         exit_layers: ``(batch, new_tokens)`` LongTensor, 1-based decoder layer each token exited at
-            (``num_decoder_layers`` = full model); 0 at padding after a sequence finished.
+            (``num_decoder_layers`` = full model); 0 for tokens after its sequence finished (padding, or with
+            no EOS criterion the tokens HF goes on generating).
         confidences: ``(batch, new_tokens)`` float, the confidence that triggered the exit; NaN where
             the token reached the last layer without a confidence being computed, and at padding.
         mean_exit_layer: ``(batch,)`` mean exit layer over each sequence's real (non-padding) tokens.
@@ -189,7 +190,9 @@ def early_exit_decode(
     step = 0
     while True:
         threshold = float(policy.threshold_at(step, max_new_tokens))
-        done = None if remaining == batch else unfinished == 0
+        # a finished row stops decoding only when HF pads it (an EOS criterion): without one, HF goes on generating
+        # its tokens, so the row keeps deciding (its exit layers still read 0 past its end, as at λ = 1)
+        done = None if remaining == batch or not has_eos_stopping_criteria else unfinished == 0
         if dense:
             logits, layers, conf = dense_step(decoder, input_ids[:, -1:], step=step, threshold=threshold,
                                               measure=measure, min_exit_layer=policy.min_exit_layer, done=done,
