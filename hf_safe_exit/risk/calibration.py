@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import EarlyExitConfig, config_fields
@@ -59,12 +59,13 @@ class Calibration:
     threshold: float
     certificate: RiskCertificate
     request: dict
+    # the decoding family the losses were collected with: one of the two is set
     config: EarlyExitConfig | None
     bild: dict | None = None
+    # what else the guarantee holds for: the model, the task, and the lengths decoded with (``generation_settings``)
     model_fingerprint: str | None = None
     task: str | None = None
-    max_new_tokens: int | None = None
-    max_input_length: int | None = None
+    lengths: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -100,7 +101,7 @@ class Calibration:
         return cls(threshold=controller.threshold, certificate=controller.certificate,
                    request=controller.get_params(), config=chosen, bild=bild,
                    model_fingerprint=about["model_fingerprint"], task=about["task"],
-                   **{k: about.get(k) for k in _LENGTHS})
+                   lengths={k: about[k] for k in _LENGTHS if k in about})
 
     # ------------------------------------------------------------------ use
     @property
@@ -148,7 +149,7 @@ class Calibration:
     @property
     def generation_settings(self) -> dict:
         """``max_new_tokens`` / ``max_input_length`` the calibration decoded with (empty if unknown)."""
-        return {k: getattr(self, k) for k in _LENGTHS if getattr(self, k) is not None}
+        return dict(self.lengths)
 
     # ------------------------------------------------------------------ the file
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class Calibration:
         return cls(threshold=float(data["lambda_"]), certificate=certificate, request=request, config=config,
                    bild=dict(cal["policy"]) if cal.get("strategy") == "bild" else None,
                    model_fingerprint=cal.get("model_fingerprint"), task=cal.get("task"),
-                   **{k: _length(cal, certificate, k) for k in _LENGTHS})
+                   lengths={k: v for k in _LENGTHS if (v := _length(cal, certificate, k)) is not None})
 
     def save_pretrained(self, save_directory) -> str:
         """Write ``save_directory/risk_control.json``; returns its path."""
