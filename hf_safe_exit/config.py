@@ -128,25 +128,34 @@ class EarlyExitConfig:
         if self.anytime is not None:
             self.anytime.layer_weights(num_layers)  # raises on a wrong number of weights
 
+    def accepts(self, recorded: "EarlyExitConfig") -> bool:
+        """Whether a calibration recorded with ``recorded`` serves a request for this configuration: every setting
+        equal, except that ``measure="auto"`` asks for whatever measure the calibration resolved it to."""
+        mine = self.to_dict()
+        if self.measure_name == AUTO:
+            mine["measure"] = recorded.measure_name
+        return mine == recorded.to_dict()
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able settings: the measure by name, ``exit_layers`` as a list, ``anytime`` as a dict (or None)."""
-        return {"measure": self.measure_name, "schedule": self.schedule, "decay_tau": self.decay_tau,
-                "min_exit_layer": self.min_exit_layer,
-                "exit_layers": None if self.exit_layers is None else list(self.exit_layers),
-                "anytime": None if self.anytime is None else self.anytime.to_dict()}
+        """Every setting, JSON-able (built from the fields: a new setting is written without more code). The measure
+        is written by name, tuples as lists, a PoE setting as its dict."""
+        return {f.name: _to_json(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None) -> "EarlyExitConfig":
-        """The configuration ``data`` describes. Keys other than the fields are ignored (``data`` may be a whole
-        loss-table metadata dict); a missing field takes ``defaults`` or the field's default. Raises
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> "EarlyExitConfig":
+        """The configuration ``data`` describes; a setting it leaves out takes its default (a file written before
+        the setting existed). ``strict`` (default): a key that is not a setting raises (a typo must not fall back
+        to a default); ``strict=False`` reads the settings out of a larger dict (a loss table's metadata). Raises
         :class:`InvalidConfigError` for a value of the wrong type or out of range."""
         if not isinstance(data, Mapping):
             raise InvalidConfigError(f"an early-exit configuration must be a mapping, got {type(data).__name__}.")
-        values = {**(defaults or {}), **{f.name: data[f.name] for f in fields(cls) if f.name in data}}
-        if isinstance(values.get("exit_layers"), list):
-            values["exit_layers"] = tuple(values["exit_layers"])
-        return cls(**values)
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if strict and unknown:
+            raise InvalidConfigError(f"{unknown} are not early-exit settings (they are {names}): fix the spelling or "
+                                     "drop them.")
+        return cls(**{name: data[name] for name in names if name in data})
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -170,8 +179,22 @@ class EarlyExitConfig:
         unknown = sorted(set(axes) - set(names))
         if unknown:
             raise InvalidConfigError(f"grid: {unknown} are not early-exit settings (they are {names}).")
+        for name, values in axes.items():
+            if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__") or not list(values):
+                raise InvalidConfigError(f"grid: {name}={values!r} must be a non-empty list of values, e.g. "
+                                         f"{name}=[{getattr(base, name)!r}].")
         keys = list(axes)
         return [replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _to_json(value):
+    if isinstance(value, ConfidenceMeasure):
+        return value.name
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
 
 
 def config_fields() -> tuple[str, ...]:

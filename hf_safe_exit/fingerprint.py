@@ -4,9 +4,10 @@ Computed once per model and weights: :func:`model_fingerprint` keeps the result 
 key of every parameter's storage, shape, dtype, device and version counter (``Tensor._version``, which every
 in-place change bumps: ``load_state_dict``, an optimizer step, ``p.mul_(...)``; ``p.data = ...`` changes the
 storage), so a later call on unchanged weights costs one pass over the parameter list instead of a copy of a
-sample of every tensor to the host, and any change of the weights recomputes it. One write escapes the key: through
-``param.data`` (a tensor with a version counter of its own, autograd's documented escape hatch); call
-:func:`clear_fingerprint_cache` after such a write.
+sample of every tensor to the host, and any change of the weights recomputes it. Writes through ``param.data``
+escape the key: ``param.data.copy_(...)`` (a tensor with a version counter of its own, autograd's documented escape
+hatch), and ``param.data = t`` when ``t`` reuses the old storage's address; call :func:`clear_fingerprint_cache`
+after such a write. Tensors made under ``torch.inference_mode`` have no version counter: they are never cached.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     Cached per model object until its weights change (module docstring).
     """
-    key = _state_key(model)
     try:
+        key = _state_key(model)
         hit = _CACHE.get(model)
-    except TypeError:  # an object that cannot be weakly referenced: no cache
+    except (RuntimeError, TypeError):  # inference-mode tensors (no version counter), or no weak reference: no cache
         return _compute(model)
     if hit is not None and hit[0] == key:
         return hit[1]

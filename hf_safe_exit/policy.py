@@ -12,9 +12,9 @@ model at hand,
 A row exits after a checked layer i >= ``min_exit_layer`` when ``confidence > λ_t``
 (strict, as in CALM and Jazbec et al. 2024, so that λ = 1 never exits: ``generate`` then runs HF's own loop,
 bit for bit, see :attr:`EarlyExit.is_full_model`).
-:class:`EarlyExit` is the plain fixed-threshold policy; ``RiskControlled``
-(``hf_safe_exit.risk``) binds to an :class:`EarlyExit` whose threshold was chosen
-with a statistical guarantee.
+:class:`EarlyExit` is an :class:`~hf_safe_exit.EarlyExitConfig` at a threshold; ``RiskControlled``
+(``hf_safe_exit.risk``) resolves, for a model, to an :class:`EarlyExit` whose threshold was chosen with a
+statistical guarantee.
 """
 
 from __future__ import annotations

@@ -293,3 +293,17 @@ def test_the_card_states_the_calibrated_configuration(calibrated, tmp_path):
     assert "| Threshold schedule | decaying (τ = 2), first exit layer 2, confidence checked after layers 2, 4 |" \
         in text
     assert "| Confidence measure | softmax |" in text
+
+
+def test_card_refuses_an_evaluation_or_table_of_another_configuration(calibrated, tmp_path):
+    # same examples, model and task, but collected with another early-exit configuration: not this calibration's
+    model, _, table = calibrated
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
+    meta = {**table.metadata, "schedule": "decaying", "decay_tau": 1.0}
+    decaying = type(table)(table.lambdas, table.losses, extras=table.extras, metadata=meta)
+    evaluation = evaluate_table(decaying, eps=(0.1,), methods=("ucb",), delta=0.1, repeats=2)
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation), encoding="utf-8")
+    with pytest.raises(InconsistentCalibrationError, match="early-exit configuration differs.*'schedule': 'decaying'"):
+        write_guarantee_card(tmp_path / "a", rc, test_results=str(tmp_path / "eval.json"))
+    with pytest.raises(InconsistentCalibrationError, match="not the one this calibration was fitted on"):
+        write_guarantee_card(tmp_path / "b", rc, table=decaying)

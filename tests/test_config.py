@@ -50,9 +50,14 @@ def test_json_round_trip_and_flat_metadata():
     data = json.loads(json.dumps(config.to_dict()))
     assert EarlyExitConfig.from_dict(data) == config
     assert set(data) == set(config_fields())
-    # a loss table's metadata: other keys are ignored, absent settings take the defaults
+    # a loss table's metadata: read leniently, other keys are ignored, absent settings take the defaults
     table_meta = {"measure": "meta", "schedule": "constant", "task": "cnndm", "lambdas": [0.5, 1.0]}
-    assert EarlyExitConfig.from_dict(table_meta) == EarlyExitConfig(measure="meta")
+    assert EarlyExitConfig.from_dict(table_meta, strict=False) == EarlyExitConfig(measure="meta")
+    # anything else is read strictly: a misspelt setting must not fall back to its default
+    with pytest.raises(InvalidConfigError, match=r"\['lambdas', 'task'\] are not early-exit settings"):
+        EarlyExitConfig.from_dict(table_meta)
+    with pytest.raises(InvalidConfigError, match=r"\['shedule'\] are not early-exit settings"):
+        EarlyExitConfig.from_dict({"measure": "meta", "shedule": "decaying"})
     with pytest.raises(InvalidConfigError, match="min_exit_layer='one'"):
         EarlyExitConfig.from_dict({"measure": "meta", "min_exit_layer": "one"})
     with pytest.raises(InvalidConfigError, match="must be a mapping"):
@@ -70,6 +75,9 @@ def test_grid_spans_the_product_of_settings():
         EarlyExitConfig.grid(threshold=[0.5])
     with pytest.raises(InvalidConfigError, match="schedule"):
         EarlyExitConfig.grid(schedule=["constant", "linear"])
+    for bad in ("meta", [], 3):  # a string would be iterated letter by letter; nothing to span is a mistake
+        with pytest.raises(InvalidConfigError, match="must be a non-empty list"):
+            EarlyExitConfig.grid(measure=bad)
 
 
 def test_cli_has_one_option_per_setting_and_reads_back_the_config():
@@ -94,3 +102,22 @@ def test_early_exit_is_a_config_at_a_threshold():
         EarlyExit(0.7, treshold=0.5)
     with pytest.raises(AttributeError):
         policy.not_a_setting  # noqa: B018
+
+
+def test_a_new_setting_needs_no_code_outside_the_class():
+    # every generic path reads the fields: subclass the configuration with one more setting and run them
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(EarlyExitConfig):
+        patience: int = dataclasses.field(default=3, metadata={"help": "tokens to wait", "cli": {"type": int}})
+
+    config = Extended(measure="softmax", patience=7)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["patience"] == 7 and Extended.from_dict(data) == config
+    assert Extended.from_dict({"measure": "softmax"}).patience == 3  # a file written before the setting existed
+    assert "patience" in Extended.cli_options() and "patience" in Extended.help()
+    assert {c.patience for c in Extended.grid(config, patience=[1, 2])} == {1, 2}
+    assert config.accepts(Extended(measure="softmax", patience=7))
+    assert not config.accepts(Extended(measure="softmax", patience=1))
+

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import config_fields
+
 __all__ = ["evaluate_table", "format_table", "read_evaluation", "DEFAULT_EPS", "DEFAULT_METHODS"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
@@ -123,8 +125,8 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 "speedup": float(np.nanmean(arr["speedup"])), "speedup_std": float(np.nanstd(arr["speedup"])),
             })
     meta = table.metadata
-    meta_keys = ("task", "model_fingerprint", "measure", "schedule", "min_exit_layer", "exit_layers",
-                 "num_decoder_layers",
+    # the early-exit configuration as the table records it (every setting), so a card can check it against its own
+    meta_keys = ("task", "model_fingerprint", *(() if bild else config_fields()), "num_decoder_layers",
                  "max_new_tokens", "versions") + (("strategy", "policy") if bild else ())
     return {
         "settings": {"eps": list(eps), "methods": list(methods), "delta": delta, "bound": bound, "risk": risk,

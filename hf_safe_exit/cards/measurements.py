@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..calibration.evaluate import read_evaluation
+from ..config import EarlyExitConfig
 from ..errors import InconsistentCalibrationError
 from .vocabulary import rows_description
 
@@ -71,7 +72,7 @@ class Procedure:
     repeats: int
     n_cal: int
     n_test: int
-    lambda_hat_mean: float
+    threshold_mean: float  # mean λ̂ over the splits
     test_risk: float
     test_risk_std: float | None = None
     violation_rate: float | None = None
@@ -146,6 +147,9 @@ def table_mismatch(table, controlled) -> str | None:
         theirs = table.metadata.get(key)
         if mine is not None and theirs is not None and mine != theirs:
             return f"its {key} is {theirs!r}, the calibration's {mine!r}"
+    differs = _config_differs(table.metadata, controlled)
+    if differs:
+        return differs
     if c.risk not in table.losses or _lambda_index(table.lambdas, c.threshold) is None:
         return f"it has no {c.risk!r} losses at λ̂ = {c.threshold:g}"
     params = {k: v for k, v in controlled.get_params().items() if k in ("eps", "delta", "method", "bound", "risk",
@@ -189,8 +193,22 @@ def at_threshold(table, controlled, rows: str | None = None) -> AtThreshold:
     return out
 
 
+def _config_differs(recorded: Mapping, controlled) -> str | None:
+    """Why the early-exit configuration ``recorded`` (a table's or an evaluation's metadata) is not the one the
+    calibration holds for (None when it is, or when either records none)."""
+    mine = controlled.calibration.config
+    if mine is None or not isinstance(recorded, Mapping) or recorded.get("measure") is None:
+        return None
+    try:  # a setting recorded as None (an evaluation lists every key) is one its table left at the default
+        theirs = EarlyExitConfig.from_dict({k: v for k, v in recorded.items() if v is not None}, strict=False).to_dict()
+    except ValueError as err:
+        return f"its early-exit configuration is not valid ({err})"
+    diff = {k: v for k, v in theirs.items() if v != mine.to_dict().get(k)}
+    return None if not diff else f"its early-exit configuration differs ({diff}, the calibration's {mine.to_dict()})"
+
+
 def _check_evaluation(evaluation: Mapping, controlled, where) -> None:
-    """Refuse an evaluation of other examples, another model, task, measure or risk than the calibration's."""
+    """Refuse an evaluation of other examples, another model, task, configuration or risk than the calibration's."""
     c = controlled.certificate
     settings, meta = evaluation.get("settings", {}), evaluation.get("metadata", {})
     pairs = (("examples", settings.get("n"), c.n), ("model fingerprint", meta.get("model_fingerprint"),
@@ -203,6 +221,11 @@ def _check_evaluation(evaluation: Mapping, controlled, where) -> None:
                 where, f"the evaluation is of another calibration: its {what} is {theirs!r}, the calibration's "
                 f"{mine!r}", "Evaluate the loss table this calibration was fitted on (`hf-safe-exit evaluate "
                 "--results <that .npz>`), or leave the evaluation out")
+    differs = _config_differs(meta, controlled)
+    if differs:
+        raise InconsistentCalibrationError.about(
+            where, f"the evaluation is of another calibration: {differs}", "Evaluate the loss table this "
+            "calibration was fitted on (`hf-safe-exit evaluate --results <that .npz>`), or leave the evaluation out")
 
 
 def _procedure(evaluation: Mapping, controlled, where) -> Procedure:
@@ -218,7 +241,7 @@ def _procedure(evaluation: Mapping, controlled, where) -> Procedure:
     r, s = rows[0], evaluation.get("settings", {})
     basis = evaluation.get("speedup_basis")
     return Procedure(method=c.method, eps=c.eps, delta=r.get("delta"), repeats=int(s["repeats"]),
-                     n_cal=int(s["n_cal"]), n_test=int(s["n_test"]), lambda_hat_mean=float(r["lambda_hat_mean"]),
+                     n_cal=int(s["n_cal"]), n_test=int(s["n_test"]), threshold_mean=float(r["lambda_hat_mean"]),
                      test_risk=float(r["test_risk_mean"]), test_risk_std=r.get("test_risk_std"),
                      violation_rate=r.get("violation_rate"), mean_exit_layer=r.get("mean_exit_layer"),
                      num_layers=evaluation.get("metadata", {}).get("num_decoder_layers"),

@@ -82,10 +82,10 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
                 out.append(result(mtype, name, getattr(h, key)))
     p = measured.procedure
     if p is not None:
-        args = {"repeats": p.repeats, "n_cal": p.n_cal, "n_test": p.n_test, "lambda_hat_mean": p.lambda_hat_mean,
+        args = {"repeats": p.repeats, "n_cal": p.n_cal, "n_test": p.n_test, "lambda_hat_mean": p.threshold_mean,
                 "method": p.method, "eps": p.eps, "delta": p.delta}
         splits = (f"{p.repeats} random splits, n_cal = {p.n_cal}, n_test = {p.n_test}, a λ̂ per split "
-                  f"(mean {p.lambda_hat_mean:.3g})")
+                  f"(mean {p.threshold_mean:.3g})")
         out.append(result("early_exit_split_test_risk", f"Repeated-split test risk: mean {risk_words(c.risk, metric)}"
                           f" over {splits}; target ε = {c.eps:g}", p.test_risk, args))
         if p.violation_rate is not None:

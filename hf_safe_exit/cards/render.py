@@ -109,6 +109,12 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
                   + f", first exit layer {config.min_exit_layer}"
                   + (f", confidence checked after layers {', '.join(map(str, config.exit_layers))}"
                      if config.exit_layers else "") + " |"]
+    if config is not None:  # settings the rows above do not describe (added later): listed as they are
+        described = {"measure", "schedule", "decay_tau", "min_exit_layer", "exit_layers", "anytime"}
+        default = type(config)().to_dict()
+        rest = {k: v for k, v in config.to_dict().items() if k not in described and v != default.get(k)}
+        if rest:
+            lines.append("| Other early-exit settings | " + ", ".join(f"{k} = {v}" for k, v in rest.items()) + " |")
     lengths = controlled.generation_settings
     if lengths:
         lines.append("| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |")
@@ -164,7 +170,7 @@ def _procedure(p: Procedure, c, metric: str, hardware: str | None) -> list[str]:
              f"To test the guarantee, the same {p.n_cal + p.n_test} examples were split at random {p.repeats} times "
              f"into n_cal = {p.n_cal} calibration and n_test = {p.n_test} test examples. Each split calibrated its "
              f"own threshold ({p.method}, {level}) on its n_cal examples (mean λ̂ over the splits: "
-             f"{p.lambda_hat_mean:.3g}) and was measured on its n_test examples. These numbers describe the procedure "
+             f"{p.threshold_mean:.3g}) and was measured on its n_test examples. These numbers describe the procedure "
              f"with n_cal = {p.n_cal}; the shipped λ̂ = {c.threshold:.6g} was calibrated once, on all n = {c.n}.", "",
              f"* Test risk (mean {risk_words(c.risk, metric)}, on each split's test examples): **{p.test_risk:+.4f}**"
              + (f" ± {p.test_risk_std:.4f}" if p.test_risk_std is not None else "")

@@ -2,12 +2,12 @@
 
 Two functions:
 
-* :func:`generate` is the engine: ``generate(model, **inputs, early_exit=policy, ...)`` decodes with
-  per-token early exit. An early-exit policy (anything with ``bind(model)``, see
-  :mod:`hf_safe_exit.policy`) runs through HF's ``custom_generate`` hook, so HF prepares the
-  encoder pass, the generation config, logits processors and stopping criteria exactly as usual.
-  A decoding strategy with its own loop (an object with ``decode(model, **kwargs)``, e.g.
-  :class:`hf_safe_exit.decoding.bild.BiLD`) is called directly.
+* :func:`generate` is the engine: ``generate(model, **inputs, early_exit=..., ...)`` decodes with
+  per-token early exit. ``early_exit`` is a configuration at a threshold (``EarlyExit``, or any policy with
+  ``bind(model)``, see :mod:`hf_safe_exit.policy`), which runs through HF's ``custom_generate`` hook (HF prepares
+  the encoder pass, the generation config, logits processors and stopping criteria as usual); a
+  ``RiskControlled``, which resolves to one (or to a calibrated BiLD); or a
+  :class:`~hf_safe_exit.decoding.bild.BiLD`, whose own loop is called directly.
 * :func:`model_generate` is what an early-exit model's ``generate`` is (:func:`hf_safe_exit.enable`
   installs it on an instance, and ``from_pretrained(..., trust_remote_code=True)`` on a folder with
   ``custom_generate/generate.py`` installs the same function, see :mod:`hf_safe_exit.decoding.enable`):
@@ -23,6 +23,7 @@ from transformers import GenerationMixin
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
+from ..config import EarlyExitConfig
 from ..fingerprint import model_fingerprint
 from ..policy import EarlyExit, EarlyExitPolicy
 from ..risk.controlled import RiskControlled
@@ -96,6 +97,9 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         apply_calibrated_lengths(model, certificate, None, kwargs)
         check_generation_mode(model, kwargs.get("generation_config"), {**kwargs, "assistant_model": None})
         return early_exit.decode(model, **kwargs)
+    if isinstance(early_exit, EarlyExitConfig):
+        raise TypeError("early_exit got an EarlyExitConfig, which has no threshold: pass EarlyExit(λ, config=...) or "
+                        "RiskControlled(eps, config=...).")
     if not isinstance(early_exit, EarlyExitPolicy):
         raise TypeError(
             f"early_exit must be an early-exit policy (hf_safe_exit.EarlyExit, hf_safe_exit.RiskControlled, "

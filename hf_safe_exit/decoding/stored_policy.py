@@ -36,10 +36,13 @@ def policy_to_dict(policy) -> dict:
         if policy.small_model is not None or policy.is_bild:
             raise InvalidStoredPolicyError("a BiLD calibration cannot be stored on generation_config: it needs the "
                                            "small model at run time; pass early_exit= in each call.")
-        if policy.config is not None:
-            _check_named(policy.config, "RiskControlled")
+        # a fitted request is stored with the configuration it was fitted for (refitted, it must find that one)
+        config = policy.calibration.config if policy.is_fitted else policy.config
+        if config is not None:
+            _check_named(config, "RiskControlled")
         spec = {"type": "RiskControlled", **policy.controller().get_params(), "task": policy.task,
-                "config": None if policy.config is None else policy.config.to_dict()}
+                "config": None if config is None else config.to_dict(),
+                "allow_missing_fingerprint": policy.allow_missing_fingerprint}
         if policy.is_fitted and spec["task"] is None:  # refit on the task it was fitted for, never the primary one
             spec["task"] = policy.certificate.task
             if spec["task"] is None:
@@ -70,18 +73,22 @@ def policy_from_dict(spec: dict):
     kind = spec.get("type") if isinstance(spec, dict) else None
     try:
         if kind == "EarlyExit":
-            return EarlyExit(spec.get("threshold", 0.9),
-                             config=EarlyExitConfig.from_dict({k: v for k, v in spec.items() if k != "threshold"}))
+            settings = {k: v for k, v in spec.items() if k not in ("type", "threshold")}
+            return EarlyExit(spec.get("threshold", 0.9), config=EarlyExitConfig.from_dict(settings))
         if kind == "RiskControlled":
             params = {k: v for k, v in spec.items() if k not in ("type", "config", *config_fields())}
+            # specs written before the configuration object listed the settings flat, None meaning "the table's";
+            # a partial list has no meaning now (a configuration is whole): it is refused rather than guessed
+            flat = {k: spec[k] for k in config_fields() if spec.get(k) is not None}
+            if flat:
+                raise ValueError(f"it sets {sorted(flat)} outside \"config\" (written by an older hf_safe_exit): move "
+                                 "the whole early-exit configuration into \"config\": {...}, or drop them to take the "
+                                 "calibration's.")
             config = spec.get("config")
-            flat = {k: spec[k] for k in config_fields() if spec.get(k) is not None}  # specs written before config=
-            if config is None and flat:
-                config = flat
             return RiskControlled(**params, config=None if config is None else EarlyExitConfig.from_dict(config))
     except (TypeError, ValueError) as err:
-        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} is not a valid {kind}: {err} Fix or "
-                                       "remove it in generation_config.json.") from None
+        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} is not a valid {kind}: "
+                                       f"{str(err).rstrip('.')}. Fix or remove it in generation_config.json.") from None
     raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} names no policy type: it needs "
                                    "\"type\": one of ['EarlyExit', 'RiskControlled'].")
 

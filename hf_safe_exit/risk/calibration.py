@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..confidence import AUTO, ConfidenceMeasure
 from ..config import EarlyExitConfig, config_fields
 from ..errors import CorruptFileError, InconsistentCalibrationError
 from ..fingerprint import model_fingerprint
@@ -34,17 +35,18 @@ _UNKNOWN_MEASURE = ("Unknown confidence measure: these losses record no early-ex
                     "they were computed with: RiskControlled(..., config=EarlyExitConfig(measure='softmax', ...)).")
 
 
-def table_config(metadata: dict) -> EarlyExitConfig | None:
-    """The early-exit configuration a loss table's losses were collected with (None: the table does not say)."""
+def table_config(metadata: dict, asked: EarlyExitConfig | None = None) -> EarlyExitConfig | None:
+    """The early-exit configuration a loss table's losses were collected with (None: the table does not say).
+
+    A custom measure is recorded by its name only: when ``asked`` holds that measure's instance, the instance
+    stands for the name (the caller vouches that it is the measure the losses were computed with)."""
     if metadata.get("measure") is None:
         return None
-    return EarlyExitConfig.from_dict(metadata)
-
-
-def _same_family(asked: EarlyExitConfig, recorded: EarlyExitConfig) -> bool:
-    # "auto" asks for what the calibration resolved it to, so it matches any recorded measure
-    mine = {**asked.to_dict(), **({"measure": recorded.measure_name} if asked.measure_name == "auto" else {})}
-    return mine == recorded.to_dict()
+    custom = asked is not None and isinstance(asked.measure, ConfidenceMeasure) and \
+        asked.measure_name == metadata["measure"]
+    if custom:
+        return replace(EarlyExitConfig.from_dict({**metadata, "measure": AUTO}, strict=False), measure=asked.measure)
+    return EarlyExitConfig.from_dict(metadata, strict=False)
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ class Calibration:
                                  "given: drop it.")
             bild, chosen = dict(meta["policy"]), None
         else:
-            recorded = table_config(meta)
-            if config is not None and recorded is not None and not _same_family(config, recorded):
+            recorded = table_config(meta, config)
+            if config is not None and recorded is not None and not config.accepts(recorded):
                 raise ValueError(f"The losses were computed with {recorded.to_dict()} but config= asks for "
                                  f"{config.to_dict()}: a threshold calibrated for one early-exit configuration is not "
                                  "valid for another. Drop config= or recollect with it.")
@@ -156,6 +158,10 @@ class Calibration:
         """The ``risk_control.json`` content (format 1: λ̂ under ``lambda_``, the settings under ``calibration``)."""
         from .. import __version__
 
+        if self.config is not None and isinstance(self.config.measure, ConfidenceMeasure):
+            raise ValueError(f"a calibration with the custom measure {self.config.measure_name!r} cannot be written: "
+                             "a file names its measure, and only the built-in ones can be rebuilt from a name. Keep "
+                             "the fitted object in memory, or calibrate a built-in measure.")
         if self.is_bild:
             settings = {"strategy": "bild", "policy": dict(self.bild)}
         else:  # a fit on raw losses may not know its configuration yet (measure None: refused when decoding)
@@ -186,7 +192,7 @@ class Calibration:
         try:
             RiskController(**request)
             config = None if cal.get("strategy") == "bild" or cal.get("measure") is None else \
-                EarlyExitConfig.from_dict(cal)
+                EarlyExitConfig.from_dict(cal, strict=False)
         except (TypeError, ValueError) as err:
             raise CorruptFileError.about(where, f"its settings are not valid ({err})", _FIX) from None
         if config is not None and config.measure_name == "auto":
@@ -199,10 +205,13 @@ class Calibration:
 
     def save_pretrained(self, save_directory) -> str:
         """Write ``save_directory/risk_control.json``; returns its path."""
+        data = self.to_dict()  # raises before anything is written
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(os.fspath(save_directory), RISK_CONTROL_FILENAME)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
+        tmp = f"{path}.tmp"  # written whole, then renamed: a reader never sees half a file
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
         return path
 
     @classmethod

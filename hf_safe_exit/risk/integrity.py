@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import fields
 
-from ..config import EarlyExitConfig
+from .. import __version__
+from ..config import EarlyExitConfig, config_fields
 from ..errors import CorruptFileError, InconsistentCalibrationError
 from .certificate import RiskCertificate
 from .loss_table import LossTable
@@ -35,6 +35,9 @@ RECALIBRATE = ("Recalibrate: `hf-safe-exit calibrate --results <table>.npz --eps
 _CORRUPT_FIX = ("Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained, or delete it (a model "
                 "folder's calibration/<task>/early_exit_calibration.npz alone is enough for RiskControlled(eps))")
 _TOLERANCE = 1e-12
+_FORMAT_1_SETTINGS = ("measure", "schedule", "min_exit_layer", "decay_tau")  # the settings of the first format
+# what a calibration section holds besides the early-exit settings
+_CALIBRATION_KEYS = ("model_fingerprint", "task", "max_new_tokens", "max_input_length")
 
 
 def _number(value) -> bool:
@@ -54,16 +57,17 @@ def _check_settings(calibration: dict, path) -> None:
             raise CorruptFileError.about(path, "a BiLD calibration whose 'calibration.policy' lacks a numeric "
                                          "'fallback' or 'max_draft_len'", _CORRUPT_FIX)
         return
-    # a setting that is off by default (None: exit_layers, anytime) may be absent, as in files written before it
-    # existed; any other one missing means a truncated or hand-made file
-    missing = [f.name for f in fields(EarlyExitConfig) if f.default is not None and f.name not in calibration]
-    if missing:
-        raise CorruptFileError.about(path, f"its early-exit settings are incomplete: {missing} are missing",
-                                     _CORRUPT_FIX)
+    # every format-1 file lists these; a setting added since may be absent (it then takes its default, the behaviour
+    # before it existed), so a missing one of these means a truncated or hand-made file
+    missing = [name for name in _FORMAT_1_SETTINGS if name not in calibration]
+    unknown = sorted(set(calibration) - set(config_fields()) - set(_CALIBRATION_KEYS))
+    if missing or unknown:
+        problem = f"{missing} are missing" if missing else f"{unknown} are not settings of hf_safe_exit {__version__}"
+        raise CorruptFileError.about(path, f"its early-exit settings are wrong: {problem}", _CORRUPT_FIX)
     if calibration.get("measure") is None:  # a fit on raw losses that named no configuration (refused when used)
         return
     try:
-        EarlyExitConfig.from_dict(calibration)  # the one validation of the early-exit settings
+        EarlyExitConfig.from_dict(calibration, strict=False)  # the one validation of the early-exit settings
     except (TypeError, ValueError) as err:
         raise CorruptFileError.about(path, f"its early-exit settings are not valid: {err}", _CORRUPT_FIX) from None
 
@@ -166,8 +170,9 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
             raise _table_differs(path, table_path, key, calibration.get(key), table.metadata.get(key))
     if not bild and table.metadata.get("measure") is not None:  # the table records its early-exit configuration
         # a table leaves out settings at their default (anytime, exit_layers): read both through the one format
-        recorded = EarlyExitConfig.from_dict(table.metadata).to_dict()
-        stored = EarlyExitConfig.from_dict(calibration).to_dict() if calibration.get("measure") is not None else {}
+        recorded = EarlyExitConfig.from_dict(table.metadata, strict=False).to_dict()
+        stored = EarlyExitConfig.from_dict(calibration, strict=False).to_dict() if calibration.get("measure") is not \
+            None else {}
         for key, value in recorded.items():
             if not _close(stored.get(key), value):
                 raise _table_differs(path, table_path, key, stored.get(key), value)

@@ -59,10 +59,11 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
 def _stored_fit(rc, stored: StoredCalibration) -> Calibration:
     fitted = Calibration.from_dict(stored.controlled_json, stored.controlled_path)
     asked, has = rc.controller().get_params(), dict(fitted.request)
-    if rc.config is not None:  # a config the request names must be the file's
+    differ = [k for k in asked if asked[k] != has.get(k)]
+    if rc.config is not None and (fitted.config is None or not rc.config.accepts(fitted.config)):
+        differ.append("config")  # a config the request names must be the file's ("auto" takes the file's measure)
         asked["config"] = rc.config.to_dict()
         has["config"] = None if fitted.config is None else fitted.config.to_dict()
-    differ = [k for k in asked if asked[k] != has.get(k)]
     if differ:
         want = ", ".join(f"{k}={asked[k]!r}" for k in differ)
         have = ", ".join(f"{k}={has.get(k)!r}" for k in differ)
