@@ -4,6 +4,7 @@ fingerprint; the CLI reports each in one line with exit status 2. (Meta heads: t
 calibration's lengths: test_calibrated_lengths.py; evaluations and cards: test_plotting.py, test_cards_render.py.)"""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -167,6 +168,11 @@ def test_a_consistent_edit_is_caught_by_refitting_the_table_beside_it(tmp_path):
     assert RiskControlled.from_pretrained(folder).threshold == rc.threshold  # untouched: accepted
     other = float(table.lambdas[0])  # λ̂ and certificate both edited to another grid point
     _edit(folder, lambda d: (d.update(lambda_=other), d["certificate"].update(lambda_hat=other)))
+    with pytest.raises(InconsistentCalibrationError, match=rf"states λ̂ = {other!r}, but its own grid statistics give "
+                                                           rf"{rc.threshold!r}"):
+        RiskControlled.from_pretrained(folder)  # the certificate's own statistics already contradict it
+    # forged consistently (λ̂, every statistic passing, the bound and risk at λ̂): only the table beside it can tell
+    _edit(folder, _forge_to(other))
     with pytest.raises(InconsistentCalibrationError) as caught:
         RiskControlled.from_pretrained(folder)
     message = str(caught.value)
@@ -176,6 +182,18 @@ def test_a_consistent_edit_is_caught_by_refitting_the_table_beside_it(tmp_path):
     table.subset(np.arange(100)).save(folder2 / CALIBRATION_FILENAME)
     with pytest.raises(InconsistentCalibrationError, match="number of calibration examples n is 400.*gives 100"):
         RiskControlled.from_pretrained(folder2)
+
+
+def _forge_to(threshold: float):
+    """An edit of a UCB calibration to ``threshold`` that its certificate cannot see: every grid statistic passes."""
+    def change(d):
+        cert = d["certificate"]
+        cert["grid_statistic"] = [0.0] * len(cert["grid"])
+        cert["lambda_hat"] = d["lambda_"] = threshold
+        pos = cert["grid"].index(threshold)
+        cert["risk_bound"], cert["empirical_risk"] = 0.0, cert["grid_empirical_risk"][pos]
+        cert["feasible"] = threshold < 1.0
+    return change
 
 
 def _in_both(key, value):
@@ -240,7 +258,7 @@ def test_model_folder_calibrations_are_checked_when_the_one_liner_loads_them(tmp
     assert RiskControlled(0.05).resolve(reloaded).threshold == RiskControlled(0.05).fit_table(table).threshold
     stored_json = tmp_path / "calibration" / "cnndm" / RISK_CONTROL_FILENAME
     data = json.loads(stored_json.read_text())
-    data["lambda_"] = data["certificate"]["lambda_hat"] = 0.0
+    _forge_to(0.0)(data)
     stored_json.write_text(json.dumps(data))
     clear_cache()
     for load in (lambda: RiskControlled(0.05).resolve(reloaded), lambda: RiskControlled.from_pretrained(tmp_path)):
@@ -321,3 +339,34 @@ def test_the_shipped_calibrations_pass_every_check(task, tmp_path):
     _edit(copy, lambda d: (d.update(lambda_=edited), d["certificate"].update(lambda_hat=edited, feasible=edited < 1)))
     with pytest.raises(InconsistentCalibrationError):
         RiskControlled.from_pretrained(copy)
+
+
+@pytest.mark.parametrize("method,delta", [("crc", None), ("ucb", 0.1), ("ltt", 0.1), ("naive", None)])
+@pytest.mark.parametrize("edit,needle", [
+    ("forge_threshold", "states λ̂ = "),               # λ̂ moved to a grid point its statistics reject
+    ("risk_bound", "states the risk bound at λ̂"),
+    ("guarantee", "states the guarantee"),
+    ("empirical_risk", "states the empirical risk at λ̂"),
+])
+def test_a_calibration_without_its_table_checks_its_own_certificate(tmp_path, method, delta, edit, needle):
+    # no loss table beside the file: what the certificate states must be what its own grid statistics give
+    table = toy_table(fingerprint="f00d")
+    rc = RiskControlled(0.05, delta=delta, method=method).fit_table(table)
+    folder = tmp_path / "rc"
+    rc.save_pretrained(folder)
+    assert RiskControlled.from_pretrained(folder).threshold == rc.threshold  # intact: accepted
+
+    def change(d):
+        cert = d["certificate"]
+        if edit == "forge_threshold":  # the smallest threshold, which the statistics do not select
+            lowest = min(g for g in cert["grid"] if not math.isclose(g, cert["lambda_hat"]))
+            d["lambda_"] = cert["lambda_hat"] = lowest
+            cert["feasible"] = lowest < 1.0
+        elif edit == "guarantee":
+            cert["guarantee"] = "E[risk] ≤ 0.5"
+        else:
+            cert[edit] = cert[edit] - 0.01
+
+    _edit(folder, change)
+    with pytest.raises(InconsistentCalibrationError, match=needle):
+        RiskControlled.from_pretrained(folder)

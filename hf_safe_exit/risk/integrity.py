@@ -23,9 +23,10 @@ import numbers
 from .. import __version__
 from ..config import EarlyExitConfig, config_fields
 from ..errors import CorruptFileError, InconsistentCalibrationError
-from .certificate import RiskCertificate
+from .bounds import hoeffding_bentkus_ucb
+from .certificate import RiskCertificate, guarantee_text
 from .loss_table import LossTable
-from .selection import select
+from .selection import crc_statistic, first_violation_scan, passes, select
 
 __all__ = ["FORMAT_VERSION", "RECALIBRATE", "check_calibration_dict", "check_refit"]
 
@@ -70,6 +71,47 @@ def _check_settings(calibration: dict, path) -> None:
         EarlyExitConfig.from_dict(calibration, strict=False)  # the one validation of the early-exit settings
     except (TypeError, ValueError) as err:
         raise CorruptFileError.about(path, f"its early-exit settings are not valid: {err}", _CORRUPT_FIX) from None
+
+
+def _check_certificate(cert: RiskCertificate, where) -> None:
+    """A certificate must state what its own grid statistics give: the method's test (``selection.passes``) scanned
+    from λ = 1 down selects its λ̂; the empirical risk and bound at λ̂ are the grid's there; CRC's statistics are
+    n/(n+1)·R̂ + B/(n+1) of its risks, naive's the risks; LTT's bound is the Hoeffding–Bentkus UCB at δ; the
+    guarantee is the method's text. A forged λ̂, bound or text is refused even with no loss table beside the file
+    (the statistics themselves are checked against the losses only by a refit, :func:`check_refit`)."""
+    grid, stat, risk = list(cert.grid), list(cert.grid_statistic), list(cert.grid_empirical_risk)
+    if not grid or not (len(grid) == len(stat) == len(risk)) or not _close(grid[-1], 1.0) or any(
+            not _number(v) or math.isnan(v) for v in grid + stat + risk) or any(a >= b for a, b in zip(grid, grid[1:])):
+        raise CorruptFileError.about(where, "its certificate's grid is missing, unordered, without λ = 1, or not "
+                                     "numbers, so its λ̂ cannot be checked", _CORRUPT_FIX)
+
+    def forged(what: str, stated, recomputed):
+        return InconsistentCalibrationError.about(
+            where, f"its certificate states {what} = {stated!r}, but its own grid statistics give {recomputed!r}: the "
+            "file was edited", RECALIBRATE)
+
+    last = int(first_violation_scan(passes(cert.method, stat[::-1], cert.eps, cert.delta)))
+    selected = grid[::-1][max(last, 0)]
+    if not _close(selected, cert.threshold):
+        raise forged("λ̂", cert.threshold, selected)
+    pos = grid.index(selected)
+    upper = cert.loss_bounds[1]
+    expected = {"crc": [float(v) for v in crc_statistic(risk, cert.n, upper)], "naive": risk}.get(cert.method)
+    if expected is not None and not all(_close(a, b) for a, b in zip(stat, expected)):
+        raise forged(f"the {cert.method} statistics", stat, expected)
+    if not _close(cert.empirical_risk, risk[pos]):
+        raise forged("the empirical risk at λ̂", cert.empirical_risk, risk[pos])
+    if cert.method == "ltt":
+        bound = float(hoeffding_bentkus_ucb(cert.empirical_risk, cert.n, cert.delta, *cert.loss_bounds))
+        if not _close(cert.p_value, stat[pos]):
+            raise forged("the p-value at λ̂", cert.p_value, stat[pos])
+    else:
+        bound = stat[pos]
+    if not _close(cert.risk_bound, bound):
+        raise forged("the risk bound at λ̂", cert.risk_bound, bound)
+    text = guarantee_text(cert.method, cert.eps, cert.delta, cert.risk)
+    if cert.guarantee != text:
+        raise forged("the guarantee", cert.guarantee, text)
 
 
 def check_calibration_dict(data, path=None) -> RiskCertificate:
@@ -117,6 +159,7 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
     if cert.grid and not any(_close(lam, g) for g in cert.grid):
         raise InconsistentCalibrationError.about(where, f"lambda_ = {lam!r} is not a threshold of its certificate's "
                                                  f"grid ({len(cert.grid)} thresholds): the file was edited", RECALIBRATE)
+    _check_certificate(cert, where)
     if cert.feasible != (lam < 1.0):
         raise inconsistent("feasible (λ̂ < 1)", lam < 1.0, cert.feasible)
     for key in ("eps", "delta", "method", "risk", "monotonize"):

@@ -36,7 +36,7 @@ import numpy as np
 from .bounds import check_level, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
 
 __all__ = [
-    "Selection", "METHODS", "BOUNDS", "MONOTONIZE", "prepare_losses", "first_violation_scan",
+    "Selection", "METHODS", "BOUNDS", "MONOTONIZE", "prepare_losses", "passes", "first_violation_scan",
     "select_naive", "select_crc", "select_ucb", "select_ltt", "select", "crc_statistic", "ltt_pvalues",
 ]
 
@@ -117,6 +117,17 @@ def prepare_losses(lambdas, losses, loss_bounds=(0.0, 1.0), monotonize=None):
     return lam_sorted, arr_sorted, order, (lower, upper)
 
 
+def passes(method: str, statistic, eps: float, delta: float | None) -> np.ndarray:
+    """Where each λ's ``statistic`` passes ``method``'s test (the table in the module docstring): R̂ ≤ ε (naive),
+    the CRC-adjusted risk ≤ ε (crc), the UCB < ε (ucb), the p-value ≤ δ (ltt)."""
+    stat = np.asarray(statistic, dtype=np.float64)
+    if method == "ucb":
+        return stat < eps
+    if method == "ltt":
+        return stat <= delta
+    return stat <= eps
+
+
 def first_violation_scan(passed) -> np.ndarray:
     """Index (in descending-λ order) of the last λ before the first failure; −1 if λ = 1 fails.
 
@@ -143,7 +154,7 @@ def select_naive(lambdas, losses, eps, *, loss_bounds=(0.0, 1.0), monotonize=Non
     eps = _check_eps(eps)
     lam, arr, order, _ = prepare_losses(lambdas, losses, loss_bounds, monotonize)
     risk = arr.mean(axis=1)
-    return _finish(lam, order, risk, risk, risk <= eps, arr.shape[1])
+    return _finish(lam, order, risk, risk, passes("naive", risk, eps, None), arr.shape[1])
 
 
 def crc_statistic(risk, n: int, upper: float):
@@ -165,7 +176,7 @@ def select_crc(lambdas, losses, eps, *, loss_bounds=(0.0, 1.0), monotonize=None)
     n = arr.shape[1]
     risk = arr.mean(axis=1)
     stat = crc_statistic(risk, n, upper)
-    return _finish(lam, order, risk, stat, stat <= eps, n)
+    return _finish(lam, order, risk, stat, passes("crc", stat, eps, None), n)
 
 
 def _binary_counts(arr):
@@ -205,7 +216,7 @@ def select_ucb(lambdas, losses, eps, delta, *, bound="wsr", loss_bounds=(0.0, 1.
         raise ValueError(f"bound={bound!r} is unknown: use one of {BOUNDS}.")
     lam, arr, order, (lower, upper) = prepare_losses(lambdas, losses, loss_bounds, monotonize)
     ucb = np.asarray(ucb_bound(arr, delta, bound, lower, upper), dtype=np.float64)
-    return _finish(lam, order, arr.mean(axis=1), ucb, ucb < eps, arr.shape[1])
+    return _finish(lam, order, arr.mean(axis=1), ucb, passes("ucb", ucb, eps, delta), arr.shape[1])
 
 
 def ltt_pvalues(arr, eps, lower, upper):
@@ -230,7 +241,7 @@ def select_ltt(lambdas, losses, eps, delta, *, loss_bounds=(0.0, 1.0), monotoniz
     eps, delta = _check_eps(eps), check_level(delta, "delta")
     lam, arr, order, (lower, upper) = prepare_losses(lambdas, losses, loss_bounds, monotonize)
     pvals = np.asarray(ltt_pvalues(arr, eps, lower, upper), dtype=np.float64)
-    return _finish(lam, order, arr.mean(axis=1), pvals, pvals <= delta, arr.shape[1])
+    return _finish(lam, order, arr.mean(axis=1), pvals, passes("ltt", pvals, eps, delta), arr.shape[1])
 
 
 def check_method_and_delta(method, delta):
