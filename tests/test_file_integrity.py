@@ -370,3 +370,36 @@ def test_a_calibration_without_its_table_checks_its_own_certificate(tmp_path, me
     _edit(folder, change)
     with pytest.raises(InconsistentCalibrationError, match=needle):
         RiskControlled.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("max_new_tokens", 1e30, r"max_new_tokens=1e\+30 must be a whole number in \[1, 65536\]"),
+    ("max_new_tokens", 2.5, "max_new_tokens=2.5 must be a whole number"),
+    ("max_input_length", 0, "max_input_length=0 must be a whole number"),
+    ("min_exit_layer", "one", "min_exit_layer='one' must be a positive integer"),
+    ("schedule", "sometimes", "schedule='sometimes' is unknown"),
+    ("measure", "entropy", None),  # an unknown name may be a custom measure: refused when fitted without it
+    ("decay_tau", -1, "decay_tau=-1 must be"),
+    ("strategy", "beam", "strategy='beam' is unknown"),
+    ("task", "two words", "cannot name a model-card section"),
+    ("num_decoder_layers", 2, r"min_exit_layer=3 / exit_layers=None lie outside the decoder it records \(2 layers\)"),
+])
+def test_a_loss_table_header_is_validated_on_load_naming_the_file(tmp_path, key, value, needle):
+    # issue 26, root cause 1: what a table's header says is typed and range-checked, with the file named
+    table = toy_table(fingerprint="f00d", min_exit_layer=3, num_decoder_layers=4)
+    path = tmp_path / "t.npz"
+    table.save(path)
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    header = json.loads(str(arrays["header_json"]))
+    header["metadata"][key] = value
+    arrays["header_json"] = np.array(json.dumps(header))
+    np.savez(path, **arrays)
+    if needle is None:
+        loaded = LossTable.load(path)
+        with pytest.raises(ValueError, match="Unknown confidence measure 'entropy'"):
+            RiskControlled(0.1).fit_table(loaded)
+        return
+    with pytest.raises(CorruptFileError, match=needle) as caught:
+        LossTable.load(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)

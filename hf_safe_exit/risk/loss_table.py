@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -27,13 +28,56 @@ import numpy as np
 from ..errors import CalibrationFileError, CorruptFileError, MissingCalibrationError
 from .selection import prepare_losses
 
-__all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME", "json_ready"]
+__all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME", "MAX_TOKENS", "check_metadata", "check_task_name",
+           "json_ready"]
 
 CALIBRATION_FILENAME = "early_exit_calibration.npz"
 RISKS = ("performance_gap", "performance_gap_bounded", "consistency")
 DEFAULT_LOSS_BOUNDS = {"performance_gap": (-1.0, 1.0), "performance_gap_bounded": (0.0, 1.0),
                        "consistency": (0.0, 1.0)}
 _FORMAT_VERSION = 1
+
+
+# task names that fit an HTML comment and a directory name: no spaces, ':', '--', '/', leading or doubled dots
+_TASK_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
+MAX_TOKENS = 65536  # a length a calibration may record: more is a corrupt header (generate would not end), not a run
+
+
+def check_task_name(task: str) -> str:
+    """``task`` if it can name a model-card section and a calibration directory, else ``ValueError``."""
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"task {task!r} cannot name a model-card section or a calibration directory: use letters, "
+                         "digits, '_', and single '.' or '-' between them (e.g. 'cnndm').")
+    return task
+
+
+def _count(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and \
+        1 <= value <= MAX_TOKENS
+
+
+def check_metadata(meta: dict) -> None:
+    """Raise ``ValueError`` (one line: the key, the value, what it must be) unless what ``meta`` says can be used:
+    the early-exit settings valid (:class:`~hf_safe_exit.EarlyExitConfig`; a custom measure is recorded by name),
+    a known strategy, a task name, lengths and a depth that are counts, a first exit layer within that depth."""
+    from ..config import EarlyExitConfig
+
+    strategy = meta.get("strategy")
+    if strategy not in (None, "early_exit", "bild"):
+        raise ValueError(f"metadata strategy={strategy!r} is unknown: early_exit or bild.")
+    if meta.get("task") is not None:
+        check_task_name(meta["task"])
+    for key in ("max_new_tokens", "max_input_length", "num_decoder_layers"):
+        if meta.get(key) is not None and not _count(meta[key]):
+            raise ValueError(f"metadata {key}={meta[key]!r} must be a whole number in [1, {MAX_TOKENS}].")
+    if strategy != "bild" and meta.get("measure") is not None:
+        if not isinstance(meta["measure"], str):
+            raise ValueError(f"metadata measure={meta['measure']!r} must be a measure's name.")
+        config = EarlyExitConfig.from_dict({**meta, "measure": "auto"}, strict=False)  # settings typed, in range
+        depth = meta.get("num_decoder_layers")
+        if depth is not None and (config.min_exit_layer > depth or any(v > depth for v in config.exit_layers or ())):
+            raise ValueError(f"metadata min_exit_layer={config.min_exit_layer} / exit_layers={config.exit_layers} lie "
+                             f"outside the decoder it records ({depth} layers).")
 
 
 def json_ready(obj, what: str):
@@ -85,6 +129,7 @@ class LossTable:
                 raise ValueError(f"extras[{name!r}] has shape {arr.shape}; its first axis must follow lambdas "
                                  f"({self.lambdas.size}).")
         self.metadata = json_ready(dict(self.metadata), "metadata")
+        check_metadata(self.metadata)
         ids = self.metadata.get("example_ids")
         if ids is not None and len(ids) != self.n:
             raise ValueError(f"metadata['example_ids'] has {len(ids)} entries for {self.n} examples.")

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError, MissingCalibrationError, read_json_object
 from ..hub_files import clear_hub_cache, hub_file
 from .integrity import check_calibration_dict, check_refit
-from .loss_table import CALIBRATION_FILENAME, LossTable
+from .loss_table import CALIBRATION_FILENAME, LossTable, check_task_name
 
 __all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "MissingCalibrationError",
            "calibration_dir", "check_task_name", "read_calibration_json", "stored_tasks", "primary_task", "set_primary_task",
@@ -37,8 +36,6 @@ __all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "Missi
 CALIBRATION_SUBDIR = "calibration"
 RISK_CONTROL_FILENAME = "risk_control.json"
 STORE_CONFIG = "config.json"  # calibration/config.json: which task a bare RiskControlled(eps) uses
-# task names that fit an HTML comment and a directory name: no spaces, ':', '--', '/', leading or doubled dots
-_TASK_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
 
 HOW_TO_CALIBRATE = (
     "Calibrate it once: `hf-safe-exit collect --model <model> --task <task> --output <task>.npz && "
@@ -47,13 +44,6 @@ HOW_TO_CALIBRATE = (
     "`RiskControlled(eps=...).fit_table(LossTable.load(path))`, or attach one with "
     "`model.early_exit_calibration = LossTable.load(path)`."
 )
-
-
-def check_task_name(task: str) -> str:
-    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
-        raise ValueError(f"task {task!r} cannot name a model-card section or a calibration directory: use letters, "
-                         "digits, '_', and single '.' or '-' between them (e.g. 'cnndm').")
-    return task
 
 
 def calibration_dir(model_dir, task: str) -> Path:
