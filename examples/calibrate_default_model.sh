@@ -44,11 +44,12 @@ while read -r task n new_tokens eps; do
   if [[ -z "${CARD_ONLY:-}" ]]; then
     hf-safe-exit collect --model "$MODEL" --task "$task" --data "$DATA" --split pool --n "$n" "${EXCLUDE[@]}" \
         --lambdas "$GRID" --max-new-tokens "$new_tokens" --max-input-length 160 --batch-size 8 \
-        --output "$WORK/$task.npz" --no-progress
+        --output "$WORK/$task.npz" --no-progress --overwrite
+    # this recipe regenerates the shipped calibrations: it replaces them deliberately
     hf-safe-exit calibrate --results "$WORK/$task.npz" --eps "$eps" --delta "$DELTA" --method ucb \
-        --model "$MODEL" --store-in-model
+        --model "$MODEL" --store-in-model --overwrite
     hf-safe-exit evaluate --results "$WORK/$task.npz" --eps "0.02,0.05,0.1,0.15,0.2" --delta "$DELTA" \
-        --repeats 200 --output "$out/evaluation.json"
+        --repeats 200 --output "$out/evaluation.json" --overwrite
   fi
   # the figures go where the card shows them; the card reads the loss table stored in $out (the rows it was
   # collected on, what λ̂ does against the full model) and refuses to replace any file there with other content

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -132,6 +133,7 @@ def _cmd_collect(args) -> int:
     from .calibration.runner import collect
     from .tasks import get_task, load_split
 
+    _refuse_existing(Path(args.output), args.overwrite, "the result of a finished collect run")
     task = get_task(args.task)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1.")
@@ -184,12 +186,22 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _refuse_existing(path: Path, overwrite: bool, what: str) -> None:
+    """Raise :class:`~hf_safe_exit.errors.WouldOverwriteError` if ``path`` exists and ``--overwrite`` was not given."""
+    from .errors import WouldOverwriteError
+
+    if Path(path).exists() and not overwrite:
+        raise WouldOverwriteError(f"'{path}' exists ({what}): pass --overwrite to replace it, or write elsewhere.")
+
+
 def _cmd_calibrate(args) -> int:
     from .calibration.runner import check_model_matches
-    from .risk import RiskControlled, store_calibration
+    from .risk import RISK_CONTROL_FILENAME, RiskControlled, calibration_dir, store_calibration
 
     table = _load_table(args.results)
     store = args.store_in_model or (args.output is None and args.model is not None)
+    if args.output is not None:
+        _refuse_existing(Path(args.output) / RISK_CONTROL_FILENAME, args.overwrite, "a calibration")
     if args.output is None and args.model is None:
         raise UsageError("say where to write the calibration: pass --model DIR (stored under DIR/calibration/<task>/) "
                          "or --output DIR.")
@@ -211,6 +223,11 @@ def _cmd_calibrate(args) -> int:
     if args.output is not None:
         print(f"wrote {rc.save_pretrained(args.output)}")
     if store:
+        folder = calibration_dir(args.model, args.task or rc.certificate.task) if (args.task or rc.certificate.task) \
+            else None
+        if folder is not None and folder.is_dir() and any(folder.iterdir()):
+            _refuse_existing(folder, args.overwrite, "the model's calibration of this task")
+            shutil.rmtree(folder)  # --overwrite replaces the task's whole calibration, never half of it
         for path in store_calibration(args.model, table=table, controlled=rc, task=args.task,
                                       primary=True if args.primary else None):
             print(f"wrote {path}")
@@ -220,13 +237,16 @@ def _cmd_calibrate(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .calibration.evaluate import DEFAULT_EPS, DEFAULT_METHODS, evaluate_table, format_table
 
+    _refuse_existing(Path(args.output), args.overwrite, "an evaluation")
     table = _load_table(args.results)
     result = evaluate_table(table, eps=args.eps or DEFAULT_EPS, methods=args.methods or DEFAULT_METHODS,
                             delta=args.delta, bound=args.bound, risk=args.risk, n_cal=args.n_cal,
                             repeats=args.repeats, seed=args.seed, monotonize=args.monotonize)
     result["results_file"] = os.fspath(args.results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    tmp = Path(f"{args.output}.tmp")  # written whole, then renamed
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.output)
     print(format_table(result))
     print(f"wrote {args.output}")
     return 0

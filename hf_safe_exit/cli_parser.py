@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier run")
+    _overwrite_option(p, "an existing --output file (a finished run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("calibrate", help="choose the threshold λ̂ for a target risk and save risk_control.json",
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the first task stored is primary by default)")
     p.add_argument("--allow-missing-fingerprint", action="store_true", help="accept results that do not record the "
                    "model they were collected on (no model_fingerprint) for --model: only if you know they were")
+    _overwrite_option(p, "an existing --output calibration, or the model's whole calibration/<task>/ folder")
 
     p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up",
                        description="Split the examples of a loss table at random into calibration and test parts, "
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=100, help="random splits (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
     p.add_argument("--output", required=True, help="JSON file for the results")
+    _overwrite_option(p, "an existing --output file")
 
     p = sub.add_parser("plot", help="PNG figures from an evaluation: risk, exit layer and speed-up vs ε",
                        description="Three PNG figures of the repeated-split procedure in an evaluation: test risk, "
@@ -173,3 +176,9 @@ def _add_config_options(p) -> None:
 
     for name, options in EarlyExitConfig.cli_options().items():
         p.add_argument("--" + name.replace("_", "-"), default=None, **options)
+
+
+def _overwrite_option(p, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what}; without it the command refuses, "
+                   "naming the file")
+

@@ -31,7 +31,7 @@ import os
 
 __all__ = ["CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
            "ModelMismatchError", "MissingCalibrationError", "StateMismatchError", "InvalidStoredPolicyError",
-           "MissingMetaHeadError", "HubFileError", "file_message", "read_json_object"]
+           "MissingMetaHeadError", "HubFileError", "WouldOverwriteError", "file_message", "read_json_object"]
 
 
 class CalibrationFileError(ValueError):
@@ -115,3 +115,8 @@ def read_json_object(path, *, what: str, fix: str, cls: type[CalibrationFileErro
     if not isinstance(data, dict):
         raise cls.about(path, f"not {what}: it holds a JSON {type(data).__name__}, not an object", fix)
     return data
+
+
+class WouldOverwriteError(FileExistsError):
+    """A command or a card would replace an existing file or calibration without ``--overwrite`` (``overwrite=True``)."""
+

@@ -1,6 +1,7 @@
 """Each CLI command on tiny inputs (in-process ``main([...])``), and bad input giving one line on stderr, exit 2."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -67,12 +68,15 @@ def test_collect_exclude_ids_keeps_the_rows_disjoint(workdir, tmp_path, capsys):
     assert sorted(table.metadata["example_ids"]) == sorted(keep)  # --n 6 > 3 rows left: all of them
     assert table.metadata["excluded_ids"]["n_excluded"] == len(pool_ids) - 3
     exclude.write_text(json.dumps({"cnndm_ids": used}))
-    assert main([*argv, "--exclude-ids", str(exclude), "--fresh"]) == 0
+    # a finished result is never replaced silently (issue 26): --overwrite says so
+    assert "pass --overwrite" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh"])
+    assert main([*argv, "--exclude-ids", str(exclude), "--fresh", "--overwrite"]) == 0
     assert not set(LossTable.load(out).metadata["example_ids"]) & set(used)
     exclude.write_text(json.dumps({"squad_ids": ["x"]}))
-    assert "cnndm_ids" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh"])
+    assert "cnndm_ids" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh", "--overwrite"])
     exclude.write_text(json.dumps(pool_ids))
-    assert "leaves no example" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh"])
+    assert "leaves no example" in one_error_line(capsys, [*argv, "--exclude-ids", str(exclude), "--fresh",
+                                                          "--overwrite"])
 
 
 def test_calibrate_then_generate_with_the_saved_policy(workdir, capsys, tmp_path):
@@ -214,3 +218,31 @@ def test_two_processes_under_accelerate_give_the_same_file(workdir, tmp_path):
             np.testing.assert_array_equal(one.extras[name], two.extras[name])
     drop = lambda m: {k: v for k, v in m.items() if k != "device"}  # noqa: E731
     assert drop(one.metadata) == drop(two.metadata)
+
+
+def test_calibrate_and_evaluate_never_overwrite_silently(workdir, tmp_path, capsys):
+    # issue 26, root cause 5: an existing calibration or evaluation is replaced only with --overwrite, and then whole
+    root, model_dir, results = workdir
+    model_copy = tmp_path / "model"
+    shutil.copytree(model_dir, model_copy)
+    argv = ["calibrate", "--results", str(results), "--eps", "0.5", "--model", str(model_copy), "--store-in-model"]
+    assert main(argv) == 0
+    folder = model_copy / "calibration" / "cnndm"
+    (folder / "evaluation.json").write_text("{}")  # an evaluation of the old calibration, beside it
+    before = (folder / "risk_control.json").read_text()
+    line = one_error_line(capsys, [*argv[:4], "0.4", *argv[5:]])
+    assert "pass --overwrite" in line and str(folder) in line
+    assert (folder / "risk_control.json").read_text() == before  # nothing was touched
+    assert main([*argv[:4], "0.4", *argv[5:], "--overwrite"]) == 0
+    assert not (folder / "evaluation.json").exists()  # the whole task folder was replaced, not half of it
+    assert json.loads((folder / "risk_control.json").read_text())["params"]["eps"] == 0.4
+    out = tmp_path / "rc"
+    assert main(["calibrate", "--results", str(results), "--eps", "0.5", "--output", str(out)]) == 0
+    assert "pass --overwrite" in one_error_line(capsys, ["calibrate", "--results", str(results), "--eps", "0.5",
+                                                         "--output", str(out)])
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text("{}")
+    ev = ["evaluate", "--results", str(results), "--eps", "0.5", "--repeats", "2", "--output", str(evaluation)]
+    assert "pass --overwrite" in one_error_line(capsys, ev)
+    assert evaluation.read_text() == "{}"
+    assert main([*ev, "--overwrite"]) == 0 and json.loads(evaluation.read_text())["results"]

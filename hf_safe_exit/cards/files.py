@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import WouldOverwriteError
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from ..risk.store import RISK_CONTROL_FILENAME
 from ..risk.store import calibration_dir as store_calibration_dir
@@ -27,8 +28,6 @@ EVALUATION_FILENAME = "evaluation.json"
 PLOTS_DIR = "hf_safe_exit_plots"
 
 
-class WouldOverwriteError(FileExistsError):
-    """The card would replace an existing calibration, evaluation or plot that has other content."""
 
 
 def calibration_directory(model_dir, task: str | None) -> Path:

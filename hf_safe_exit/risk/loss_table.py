@@ -201,8 +201,10 @@ class LossTable:
         header = {"format_version": _FORMAT_VERSION, "bounds": {k: list(v) for k, v in self.bounds.items()},
                   "metadata": self.metadata}
         arrays["header_json"] = np.array(json.dumps(header))
-        with open(path, "wb") as fh:
+        tmp = f"{path}.tmp"  # written whole, then renamed: a reader (or a killed run) never leaves half a table
+        with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
         return path
 
     @classmethod
