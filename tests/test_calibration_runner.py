@@ -220,3 +220,38 @@ def test_poe_collection_records_its_decoder_and_fits_a_poe_policy(cnndm):
     text = tokenizer.decode(out[0], skip_special_tokens=True).strip()
     assert poe.extras["task_loss"][k, 0] == pytest.approx(task.loss(text, task.reference(rows[0])), abs=1e-12)
     assert RiskControlled(0.2).fit_table(poe).resolve(model).anytime == PoEConfig()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("no_config", "no config.json"),
+    ("short_list", r"\['predictions'\] do not hold one value per example"),
+    ("wrong_type", "k, batch, ids or seconds have the wrong type"),
+    ("missing_cost", "differ from the other cells'"),
+    ("directory", "not a file of finished cells"),
+])
+def test_a_state_folder_resumes_only_what_is_provably_this_run(cnndm, tmp_path, damage, needle):
+    # issue 26, root cause 4: cells without their settings, or cells that are not well formed, are refused by name
+    from hf_safe_exit.errors import CalibrationFileError
+
+    rows, tokenizer, model = cnndm
+    state, out = tmp_path / "state", tmp_path / "out.npz"
+    with pytest.raises(KeyboardInterrupt), interrupted_after(3):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    cells = next(state.glob("cells-*.jsonl"))
+    lines = [json.loads(line) for line in cells.read_text().splitlines()]
+    if damage == "no_config":
+        (state / "config.json").unlink()
+    elif damage == "directory":
+        (state / "cells-009-of-010.jsonl").mkdir()
+    else:
+        cell = lines[1]
+        if damage == "short_list":
+            cell["predictions"] = cell["predictions"][:-1]
+        elif damage == "wrong_type":
+            cell["ids"] = "not a list"
+        else:
+            cell.pop("mean_exit_layer")
+        cells.write_text("".join(json.dumps(c) + "\n" for c in lines))
+    with pytest.raises((StateMismatchError, CalibrationFileError), match=needle) as caught:
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    assert "\n" not in str(caught.value)
