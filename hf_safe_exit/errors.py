@@ -31,7 +31,7 @@ import os
 
 __all__ = ["CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
            "ModelMismatchError", "MissingCalibrationError", "StateMismatchError", "InvalidStoredPolicyError",
-           "MissingMetaHeadError", "HubFileError", "WouldOverwriteError", "file_message", "read_json_object"]
+           "MissingMetaHeadError", "HubFileError", "WouldOverwriteError", "RunInProgressError", "file_message", "read_json_object"]
 
 
 class CalibrationFileError(ValueError):
@@ -119,4 +119,8 @@ def read_json_object(path, *, what: str, fix: str, cls: type[CalibrationFileErro
 
 class WouldOverwriteError(FileExistsError):
     """A command or a card would replace an existing file or calibration without ``--overwrite`` (``overwrite=True``)."""
+
+
+class RunInProgressError(RuntimeError):
+    """Another ``collect`` run is writing the same state folder (the message names it)."""
 

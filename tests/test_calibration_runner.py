@@ -255,3 +255,32 @@ def test_a_state_folder_resumes_only_what_is_provably_this_run(cnndm, tmp_path, 
     with pytest.raises((StateMismatchError, CalibrationFileError), match=needle) as caught:
         collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
     assert "\n" not in str(caught.value)
+
+
+def test_one_writer_per_state_folder(cnndm, tmp_path):
+    # issue 26, root cause 6: a second run on the same state folder stops, naming the running one; a lock left by a
+    # run that died is taken over; the lock goes when the run ends, finished or interrupted
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from hf_safe_exit.errors import RunInProgressError
+
+    rows, tokenizer, model = cnndm
+    state, out = tmp_path / "state", tmp_path / "out.npz"
+    state.mkdir()
+    host = socket.gethostname()
+    (state / "lock").write_text(json.dumps({"pid": os.getppid(), "host": host, "started": "then"}))  # alive
+    with pytest.raises(RunInProgressError, match=rf"being written by another collect run \(pid {os.getppid()} on "):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    assert not out.exists() and (state / "lock").exists()  # the other run's lock is left alone
+    with pytest.raises(RunInProgressError):  # --fresh does not take it either
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, fresh=True, **COMMON)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (state / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": host, "started": "then"}))
+    with pytest.raises(KeyboardInterrupt), interrupted_after(2):
+        collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    assert not (state / "lock").exists()  # taken over from the dead run, released on the interruption
+    collect(model, tokenizer, "cnndm", rows, output=out, state_dir=state, **COMMON)
+    assert out.exists() and not (state / "lock").exists()

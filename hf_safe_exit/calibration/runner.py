@@ -63,44 +63,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ModelMismatchError, StateMismatchError
+from ..errors import ModelMismatchError, RunInProgressError, StateMismatchError
 from ..fingerprint import model_fingerprint
 from ..lazy import require
+from ..risk.provenance import check_model_matches
+from .lock import acquire_lock, release_lock
 from .state import CELL_KEYS, open_state
+from .strategies import default_lambdas
 
 if TYPE_CHECKING:
     from ..risk.loss_table import LossTable
 
 __all__ = ["collect", "decode_cell", "default_lambdas", "StateMismatchError", "ModelMismatchError",
            "check_model_matches"]
-
-
-def default_lambdas() -> np.ndarray:
-    """The default grid: 20 thresholds, ascending, including λ = 0 and λ = 1.
-
-    ``0, 0.1, ..., 0.9`` and then a denser top end ``0.92, 0.94, 0.96, 0.98, 0.99, 0.995,
-    0.998, 0.999, 0.9995, 1``: the softmax-margin and saturation confidences of a trained
-    model pile up close to 1, where most of the trade-off between speed and risk happens.
-    """
-    low = np.round(np.arange(0.0, 0.95, 0.1), 10)
-    high = np.array([0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0])
-    return np.concatenate([low, high])
-
-
-def check_model_matches(table_or_metadata, model, *, allow_missing: bool = False) -> None:
-    """Raise unless the table was collected on ``model`` (same fingerprint; see :mod:`hf_safe_exit.risk.provenance`).
-
-    Another model's fingerprint: :class:`ModelMismatchError`. None recorded: :class:`MissingFingerprintError`,
-    unless ``allow_missing`` (the user vouches for the table).
-    """
-    from ..fingerprint import model_fingerprint
-    from ..risk.provenance import check_fingerprint
-
-    meta = getattr(table_or_metadata, "metadata", table_or_metadata)
-    check_fingerprint(meta.get("model_fingerprint"), model_fingerprint(model), allow_missing, "The results file",
-                      missing_fix="Recollect it with `hf-safe-exit collect` on this model, or, if you know it was "
-                      "collected on it, pass --allow-missing-fingerprint (allow_missing=True)",
-                      other_fix="Run `hf-safe-exit collect` on this model, or pass the model it was collected on")
 
 
 def _versions() -> dict[str, str]:
@@ -210,17 +185,21 @@ def collect(
                  policy_factory, policy_description)
     model = enable(model)
     model.eval()
-    _open_state(plan, output, state_dir, fresh, state)
-    cells = _run(plan, model, tokenizer, state, progress)
-    if cells is None:  # not the main process
-        return None
-    table = _assemble(plan, cells, model, metadata)
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        table.save(output)
-        if plan.state_is_default and plan.state_path.is_dir():
-            shutil.rmtree(plan.state_path)  # the result file holds everything now; the state was only for resuming
-    return table
+    lock = _open_state(plan, output, state_dir, fresh, state)
+    try:
+        cells = _run(plan, model, tokenizer, state, progress)
+        if cells is None:  # not the main process
+            return None
+        table = _assemble(plan, cells, model, metadata)
+        if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            table.save(output)
+            if plan.state_is_default and plan.state_path.is_dir():
+                shutil.rmtree(plan.state_path)  # the result file holds everything now; the state was for resuming
+        return table
+    finally:
+        if lock is not None:
+            release_lock(lock)
 
 
 def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
@@ -278,16 +257,40 @@ def _grid(lambdas, default) -> np.ndarray:
     return lam
 
 
-def _open_state(plan: _Plan, output, state_dir, fresh: bool, state) -> None:
-    """Read the cells an earlier run finished (resuming) and list the cells of this process."""
+def _open_state(plan: _Plan, output, state_dir, fresh: bool, state) -> Path | None:
+    """Take the state folder (the main process: its lock, one writer), read the cells an earlier run finished
+    (resuming) and list the cells of this process. Returns the lock to release (None: no folder, or not main)."""
     plan.state_is_default = state_dir is None and output is not None
     if plan.state_is_default:
         state_dir = Path(output).with_name(Path(output).name + ".partial")
     plan.state_path = Path(state_dir) if state_dir is not None else None
+    lock = None
     if plan.state_path is not None:
-        plan.done = open_state(plan.state_path, plan.config, state, fresh)
+        lock = _take(plan.state_path, state)
+        try:
+            plan.done = open_state(plan.state_path, plan.config, state, fresh)
+        except BaseException:
+            if lock is not None:
+                release_lock(lock)
+            raise
     plan.mine = [(k, b) for b in range(len(plan.batches)) if b % state.num_processes == state.process_index
                  for k in plan.order]
+    return lock
+
+
+def _take(state_path: Path, state) -> Path | None:
+    """The main process takes the state folder's lock; its refusal reaches every process (none waits at a barrier)."""
+    error, lock = None, None
+    if state.is_main_process:
+        try:
+            lock = acquire_lock(state_path)
+        except RunInProgressError as err:
+            error = str(err)
+    if state.num_processes > 1:
+        error = require("accelerate.utils", "collect").broadcast_object_list([error])[0]
+    if error is not None:
+        raise RunInProgressError(error)
+    return lock
 
 
 def decode_cell(model, encoded, policy, max_new_tokens: int):

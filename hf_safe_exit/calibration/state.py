@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CorruptFileError, StateMismatchError, read_json_object
+from .lock import LOCK_FILENAME
 
 __all__ = ["CELL_KEYS", "open_state", "read_cells", "repair_torn_tail"]
 
@@ -95,12 +96,14 @@ def read_cells(state_dir: Path) -> dict[tuple[int, int], dict]:
 def open_state(state_path: Path, config: dict, state, fresh: bool) -> dict[tuple[int, int], dict]:
     """Prepare ``state_path`` for this run (``config``: its settings) and return the cells finished before.
 
-    ``state``: accelerate's ``PartialState``; every process calls this, the main one writes. ``fresh`` discards the
-    folder first. Raises :class:`StateMismatchError` if the folder holds a run with other settings.
+    ``state``: accelerate's ``PartialState``; every process calls this, the main one writes (and holds the folder's
+    lock, :mod:`.lock`, taken before this is called). ``fresh`` discards the folder's content first. Raises :class:`StateMismatchError` if the folder holds a run with other settings.
     """
     if state.is_main_process:
-        if fresh and state_path.exists():
-            shutil.rmtree(state_path)
+        if fresh and state_path.exists():  # everything but this run's lock
+            for child in state_path.iterdir():
+                if child.name != LOCK_FILENAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         state_path.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     # every process checks (and raises) alike, so that none is left waiting at a barrier

@@ -32,10 +32,22 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["EarlyExitStrategy", "FactoryStrategy", "default_bild_lambdas"]
+__all__ = ["EarlyExitStrategy", "FactoryStrategy", "default_bild_lambdas", "default_lambdas"]
 
 # BiLD rollback thresholds α_RB (nats) of the default grid, from "accept every draft" down to the large model.
 _BILD_ROLLBACKS = (math.inf, 8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
+
+
+def default_lambdas() -> np.ndarray:
+    """The default grid: 20 thresholds, ascending, including λ = 0 and λ = 1.
+
+    ``0, 0.1, ..., 0.9`` and then a denser top end ``0.92, 0.94, 0.96, 0.98, 0.99, 0.995,
+    0.998, 0.999, 0.9995, 1``: the softmax-margin and saturation confidences of a trained
+    model pile up close to 1, where most of the trade-off between speed and risk happens.
+    """
+    low = np.round(np.arange(0.0, 0.95, 0.1), 10)
+    high = np.array([0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0])
+    return np.concatenate([low, high])
 
 
 def default_bild_lambdas() -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import MissingFingerprintError, ModelMismatchError
 
-__all__ = ["NO_FINGERPRINT_FIX", "check_fingerprint"]
+__all__ = ["NO_FINGERPRINT_FIX", "check_fingerprint", "check_model_matches"]
 
 NO_FINGERPRINT_FIX = (
     "Use a loss table from `hf-safe-exit collect` (it records the model), add "
@@ -35,3 +35,18 @@ def check_fingerprint(recorded: str | None, actual: str, allow_missing: bool, wh
     elif recorded != actual:
         raise ModelMismatchError(f"{what} was calibrated for another {role} (fingerprint {recorded}, this {role} is "
                                  f"{actual}): its guarantee does not transfer. {other_fix.rstrip('.')}.")
+
+
+def check_model_matches(table_or_metadata, model, *, allow_missing: bool = False) -> None:
+    """Raise unless the table was collected on ``model`` (same fingerprint; see :mod:`hf_safe_exit.risk.provenance`).
+
+    Another model's fingerprint: :class:`ModelMismatchError`. None recorded: :class:`MissingFingerprintError`,
+    unless ``allow_missing`` (the user vouches for the table).
+    """
+    from ..fingerprint import model_fingerprint
+
+    meta = getattr(table_or_metadata, "metadata", table_or_metadata)
+    check_fingerprint(meta.get("model_fingerprint"), model_fingerprint(model), allow_missing, "The results file",
+                      missing_fix="Recollect it with `hf-safe-exit collect` on this model, or, if you know it was "
+                      "collected on it, pass --allow-missing-fingerprint (allow_missing=True)",
+                      other_fix="Run `hf-safe-exit collect` on this model, or pass the model it was collected on")
