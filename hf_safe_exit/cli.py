@@ -91,6 +91,11 @@ def _excluded_ids(path: str, task: str) -> set[str]:
     ids = content.get(f"{task}_ids") if isinstance(content, dict) else content
     if not isinstance(ids, list) or not ids:
         raise CorruptFileError.about(path, "--exclude-ids: no list of ids in it", expected)
+    # an id is a string or a whole number: anything else ({"id": 1}, null, 1e400) would silently exclude nothing
+    bad = [i for i in ids if not (isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool)))]
+    if bad:
+        raise CorruptFileError.about(path, f"--exclude-ids: {bad[:3]!r} are not ids (strings or whole numbers)",
+                                     expected)
     return {str(i) for i in ids}
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 import hf_safe_exit
-from hf_safe_exit import PoEConfig
+from hf_safe_exit import EarlyExit, PoEConfig
 from hf_safe_exit.cli import main
 from hf_safe_exit.errors import (CalibrationFileError, CorruptFileError, InconsistentCalibrationError,
                                  InvalidStoredPolicyError, MissingCalibrationError, MissingFingerprintError,
@@ -403,3 +403,24 @@ def test_a_loss_table_header_is_validated_on_load_naming_the_file(tmp_path, key,
     with pytest.raises(CorruptFileError, match=needle) as caught:
         LossTable.load(path)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_smaller_refusals_of_issue_26(tmp_path, capsys):
+    # a string format_version, --exclude-ids entries that are not ids, a batch of 0 rows: each one clear line
+    folder, _, table = _saved(tmp_path, with_table=False)
+    _edit(folder, lambda d: d.update(format_version="1"))
+    with pytest.raises(CorruptFileError, match="format_version '1' is not a format number"):
+        RiskControlled.from_pretrained(folder)
+    from hf_safe_exit.cli import _excluded_ids
+
+    for content in ([{"id": 1}], [None], [1e400], [True]):
+        path = tmp_path / "ids.json"
+        path.write_text(json.dumps(content).replace("Infinity", "1e400"))
+        with pytest.raises(CorruptFileError, match="are not ids"):
+            _excluded_ids(str(path), "cnndm")
+    path.write_text(json.dumps(["a", 3]))
+    assert _excluded_ids(str(path), "cnndm") == {"a", "3"}
+    model = hf_safe_exit.enable(random_t5(initializer_factor=4.0))
+    with pytest.raises(ValueError, match=r"empty batch \(inputs of shape \(0, 5\)\)") as caught:
+        model.generate(input_ids=torch.zeros(0, 5, dtype=torch.long), early_exit=EarlyExit(0.5))
+    assert "\n" not in str(caught.value)

@@ -83,6 +83,7 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     sets a length, and warns when the call departs from them (see :mod:`hf_safe_exit.decoding.calibrated_lengths`).
     """
     check_supported_model(model)
+    _check_not_empty(inputs, kwargs)
     certificate = None
     if isinstance(early_exit, RiskControlled):
         fingerprint = model_fingerprint(model)  # once per call, and cached per weights (hf_safe_exit.fingerprint)
@@ -117,6 +118,14 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
         out.early_exit = policy
         out.certificate = getattr(policy, "certificate", None)
     return out
+
+
+def _check_not_empty(inputs, kwargs: dict) -> None:
+    """A batch of 0 rows has nothing to decode: one clear error rather than a tensor error deep inside."""
+    for given in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if hasattr(given, "shape") and len(given.shape) >= 1 and given.shape[0] == 0:
+            raise ValueError(f"generate got an empty batch (inputs of shape {tuple(given.shape)}): pass at least "
+                             "one row.")
 
 
 def _stop_strings_as_criterion(kwargs: dict) -> None:

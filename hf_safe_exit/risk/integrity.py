@@ -126,7 +126,10 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
         raise CorruptFileError.about(where, f"a calibration must be a JSON object, got {type(data).__name__}",
                                      _CORRUPT_FIX)
     version = data.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CorruptFileError.about(where, f"format_version {version!r} is not a format number (an integer)",
+                                     _CORRUPT_FIX)
+    if version > FORMAT_VERSION:
         raise CorruptFileError.about(where, f"format {version!r} is newer than this hf_safe_exit reads "
                                      f"({FORMAT_VERSION})", "Upgrade hf_safe_exit to read it")
     missing = [k for k in ("params", "lambda_", "calibration", "certificate") if k not in data]

@@ -221,7 +221,10 @@ class LossTable:
             raise MissingCalibrationError.about(path, "no loss table there", _LOAD_FIX)
         arrays, header = _read_npz(path)
         version = header.get("format_version", 0)
-        if not isinstance(version, int) or version > _FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CorruptFileError.about(path, f"its format_version {version!r} is not a format number (an integer)",
+                                         _LOAD_FIX)
+        if version > _FORMAT_VERSION:
             raise CorruptFileError.about(path, f"written by a newer hf_safe_exit (format {version!r}, this one reads "
                                          f"{_FORMAT_VERSION})", "Upgrade hf_safe_exit to read it")
         losses = {k[len("loss__"):]: v for k, v in arrays.items() if k.startswith("loss__")}
