@@ -32,6 +32,8 @@ def test_a_fitted_request_is_stored_with_the_configuration_it_was_fitted_for():
     ({"type": "EarlyExit", "threshold": 0.5, "shedule": "decaying"}, r"\['shedule'\] are not early-exit settings"),
     ({"type": "RiskControlled", "eps": 0.05, "config": {"exit_layer": [2]}}, r"\['exit_layer'\] are not early-exit"),
     ({"type": "RiskControlled", "eps": 0.05, "measure": "meta", "schedule": None}, "outside \"config\""),
+    ({"type": "EarlyExit", "threshold": 2}, r"threshold=2 is outside \[0, 1\]"),      # issue 26, root cause 8
+    ({"type": "EarlyExit", "threshold": 0.5, "min_exit_layer": 0}, "min_exit_layer=0 must be a positive integer"),
 ])
 def test_a_misspelt_or_old_partial_spec_is_refused_naming_the_file(spec, match):
     with pytest.raises(InvalidStoredPolicyError, match=match) as info:
