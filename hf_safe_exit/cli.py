@@ -26,7 +26,8 @@ import warnings
 from pathlib import Path
 
 from .cli_parser import UsageError, build_parser
-from .config import config_fields
+from .atomic import atomic_write
+from .config import EarlyExitConfig, config_fields
 
 __all__ = ["main", "build_parser"]
 
@@ -121,11 +122,9 @@ def _print_collect_summary(table) -> None:
 
 
 # ------------------------------------------------------------------------------------------- commands
-def _config(args):
-    """The early-exit configuration the ``--<setting>`` options of ``args`` describe (unset ones: the defaults)."""
-    from .config import EarlyExitConfig
-
-    return EarlyExitConfig.from_dict({k: getattr(args, k) for k in config_fields() if getattr(args, k) is not None})
+def _config_options(args) -> dict:
+    """The early-exit settings given as ``--<setting>`` options (unset ones take the configuration's defaults)."""
+    return {k: getattr(args, k) for k in config_fields() if getattr(args, k) is not None}
 
 
 def _cmd_collect(args) -> int:
@@ -147,9 +146,10 @@ def _cmd_collect(args) -> int:
         raise UsageError("--strategy bild needs --small-model DIR (the small draft model; --model is the large one).")
     if not bild and (args.small_model or args.fallback is not None or args.max_draft_len is not None):
         raise UsageError("--small-model, --fallback and --max-draft-len are for --strategy bild.")
-    given = [name for name in config_fields() if getattr(args, name) is not None]
-    if bild and given:
-        raise UsageError(f"--{given[0].replace('_', '-')} is an early-exit setting: drop it for --strategy bild.")
+    settings = _config_options(args)
+    if bild and settings:
+        raise UsageError(f"--{next(iter(settings)).replace('_', '-')} is an early-exit setting: drop it for "
+                         "--strategy bild.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.cpu or (world > 1 and not torch.cuda.is_available()))
     data = load_split(task, args.split, path=args.data)
@@ -180,7 +180,7 @@ def _cmd_collect(args) -> int:
             max_draft_len=DEFAULT_MAX_DRAFT_LEN if args.max_draft_len is None else args.max_draft_len,
             small_tokenizer=small_tokenizer)
         metadata["small_model_path"] = os.fspath(args.small_model)
-    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, config=None if bild else _config(args),
+    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, config=None if bild else EarlyExitConfig.from_dict(settings),
                     batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
@@ -207,6 +207,10 @@ def _cmd_calibrate(args) -> int:
     store = args.store_in_model or (args.output is None and args.model is not None)
     if args.output is not None:
         _refuse_existing(Path(args.output) / RISK_CONTROL_FILENAME, args.overwrite, "a calibration")
+    task = args.task or table.metadata.get("task")  # store_calibration refuses a table without one, naming the fix
+    stored = calibration_dir(args.model, task) if store and task and args.model is not None else None
+    if stored is not None and stored.is_dir() and any(stored.iterdir()):  # refused before anything is written
+        _refuse_existing(stored, args.overwrite, "the model's calibration of this task")
     if args.output is None and args.model is None:
         raise UsageError("say where to write the calibration: pass --model DIR (stored under DIR/calibration/<task>/) "
                          "or --output DIR.")
@@ -228,11 +232,8 @@ def _cmd_calibrate(args) -> int:
     if args.output is not None:
         print(f"wrote {rc.save_pretrained(args.output)}")
     if store:
-        folder = calibration_dir(args.model, args.task or rc.certificate.task) if (args.task or rc.certificate.task) \
-            else None
-        if folder is not None and folder.is_dir() and any(folder.iterdir()):
-            _refuse_existing(folder, args.overwrite, "the model's calibration of this task")
-            shutil.rmtree(folder)  # --overwrite replaces the task's whole calibration, never half of it
+        if stored is not None and stored.is_dir():
+            shutil.rmtree(stored)  # --overwrite replaces the task's whole calibration, never half of it
         for path in store_calibration(args.model, table=table, controlled=rc, task=args.task,
                                       primary=True if args.primary else None):
             print(f"wrote {path}")
@@ -249,9 +250,8 @@ def _cmd_evaluate(args) -> int:
                             repeats=args.repeats, seed=args.seed, monotonize=args.monotonize)
     result["results_file"] = os.fspath(args.results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{args.output}.tmp")  # written whole, then renamed
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.output)
+    with atomic_write(args.output) as fh:
+        fh.write(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {args.output}")
     return 0

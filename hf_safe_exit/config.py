@@ -179,12 +179,15 @@ class EarlyExitConfig:
         unknown = sorted(set(axes) - set(names))
         if unknown:
             raise InvalidConfigError(f"grid: {unknown} are not early-exit settings (they are {names}).")
-        for name, values in axes.items():
-            if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__") or not list(values):
-                raise InvalidConfigError(f"grid: {name}={values!r} must be a non-empty list of values, e.g. "
+        values = {}
+        for name, given in axes.items():  # listed once: an iterator given as an axis is read only here
+            values[name] = [] if isinstance(given, (str, bytes, Mapping)) or not hasattr(given, "__iter__") \
+                else list(given)
+            if not values[name]:
+                raise InvalidConfigError(f"grid: {name}={given!r} must be a non-empty list of values, e.g. "
                                          f"{name}=[{getattr(base, name)!r}].")
-        keys = list(axes)
-        return [replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*(axes[k] for k in keys))]
+        keys = list(values)
+        return [replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*values.values())]
 
 
 def _to_json(value):

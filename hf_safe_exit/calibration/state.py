@@ -102,8 +102,12 @@ def open_state(state_path: Path, config: dict, state, fresh: bool) -> dict[tuple
     if state.is_main_process:
         if fresh and state_path.exists():  # everything but this run's lock
             for child in state_path.iterdir():
-                if child.name != LOCK_FILENAME:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.name == LOCK_FILENAME:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         state_path.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     # every process checks (and raises) alike, so that none is left waiting at a barrier

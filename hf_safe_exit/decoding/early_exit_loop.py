@@ -57,7 +57,8 @@ from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig
 from .step_decoder import StepDecoder
 
-__all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "new_decoder_cache"]
+__all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "exit_fields",
+           "new_decoder_cache"]
 
 class UnsupportedDecoderPromptError(ValueError):
     """Raised for decoder prompts early-exit decoding cannot continue exactly (rows of different lengths)."""
@@ -227,9 +228,6 @@ def early_exit_decode(
 
     if not return_dict:
         return input_ids
-    exit_layers_t = torch.stack(exit_layers, dim=1)
-    real = (exit_layers_t > 0).sum(dim=1).clamp(min=1)
-    mean_exit = exit_layers_t.sum(dim=1).float() / real
     encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None
     return EarlyExitGenerateOutput(
         sequences=input_ids,
@@ -237,9 +235,14 @@ def early_exit_decode(
         logits=raw_logits if output_logits else None,
         encoder_hidden_states=encoder_hidden_states,
         **{cache_field(EarlyExitGenerateOutput): cache},
-        exit_layers=exit_layers_t,
-        confidences=torch.stack(confidences, dim=1),
-        mean_exit_layer=mean_exit,
-        layer_fraction=mean_exit / decoder.num_layers,
-        num_decoder_layers=decoder.num_layers,
+        **exit_fields(torch.stack(exit_layers, dim=1), torch.stack(confidences, dim=1), decoder.num_layers),
     )
+
+
+def exit_fields(exit_layers: torch.Tensor, confidences: torch.Tensor, num_layers: int) -> dict:
+    """The early-exit fields of :class:`EarlyExitGenerateOutput` from the ``(batch, new_tokens)`` exit layers (0
+    for tokens after a row finished) and confidences: the per-row means over real tokens, and the fraction."""
+    real = (exit_layers > 0).sum(dim=1).clamp(min=1)
+    mean_exit = exit_layers.sum(dim=1).float() / real
+    return {"exit_layers": exit_layers, "confidences": confidences, "mean_exit_layer": mean_exit,
+            "layer_fraction": mean_exit / num_layers, "num_decoder_layers": num_layers}

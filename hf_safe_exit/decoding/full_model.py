@@ -27,7 +27,7 @@ from transformers import GenerationMixin
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
-from .early_exit_loop import EarlyExitGenerateOutput, new_decoder_cache
+from .early_exit_loop import EarlyExitGenerateOutput, exit_fields, new_decoder_cache
 
 __all__ = ["full_model_generate"]
 
@@ -70,14 +70,7 @@ def _early_exit_fields(sequences: torch.Tensor, record: dict, num_layers: int) -
         finished = finished | is_done.to(finished.device)
     real_t = torch.stack(real, dim=1) if real else torch.zeros((batch, 0), dtype=torch.bool, device=sequences.device)
     exit_layers = real_t.long() * num_layers
-    mean_exit = exit_layers.sum(dim=1).float() / real_t.sum(dim=1).clamp(min=1)
-    return {
-        "exit_layers": exit_layers,
-        "confidences": torch.full(exit_layers.shape, float("nan"), device=sequences.device),
-        "mean_exit_layer": mean_exit,
-        "layer_fraction": mean_exit / num_layers,
-        "num_decoder_layers": num_layers,
-    }
+    return exit_fields(exit_layers, torch.full(exit_layers.shape, float("nan"), device=sequences.device), num_layers)
 
 
 def _builds_cache(model, kwargs: dict) -> bool:

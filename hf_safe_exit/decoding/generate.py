@@ -24,7 +24,6 @@ from transformers.generation.stopping_criteria import StopStringCriteria, Stoppi
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
 from ..config import EarlyExitConfig
-from ..fingerprint import model_fingerprint
 from ..policy import EarlyExit, EarlyExitPolicy
 from ..risk.controlled import RiskControlled
 from .bild import BiLD
@@ -86,11 +85,8 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     _check_not_empty(inputs, kwargs)
     certificate = None
     if isinstance(early_exit, RiskControlled):
-        fingerprint = model_fingerprint(model)  # once per call, and cached per weights (hf_safe_exit.fingerprint)
-        calibration = early_exit.calibration_for(model, fingerprint)
+        calibration, early_exit = early_exit.policy_for(model)  # an EarlyExit at λ̂ (bound below, once), or a BiLD
         certificate = calibration.certificate  # BiLD's too: its lengths apply below
-        early_exit = calibration.policy(model, small_model=early_exit.small_model, fingerprint=fingerprint,
-                                        allow_missing_fingerprint=early_exit.allow_missing_fingerprint)
     if isinstance(early_exit, BiLD):
         if inputs is not None:
             kwargs["input_ids"] = inputs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..confidence import AUTO, ConfidenceMeasure
+from ..atomic import atomic_write
 from ..config import EarlyExitConfig, config_fields
 from ..errors import CorruptFileError, InconsistentCalibrationError
 from ..fingerprint import model_fingerprint
@@ -120,9 +121,10 @@ class Calibration:
 
     def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False,
                fingerprint: str | None = None):
-        """What ``generate`` decodes ``model`` with: the bound :class:`~hf_safe_exit.EarlyExit` at λ̂ (with this
-        certificate), or for a BiLD calibration ``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback
-        and draft length. Checks the model's (and the small model's) fingerprint first."""
+        """What ``generate`` decodes ``model`` with: :class:`~hf_safe_exit.EarlyExit` at λ̂ with this certificate
+        (not yet bound: ``generate`` binds it, once), or for a BiLD calibration ``BiLD.from_lambda(small_model, λ̂,
+        ...)`` with the table's fallback and draft length. Checks the model's (and the small model's) fingerprint
+        first."""
         self.check_model(model, allow_missing_fingerprint=allow_missing_fingerprint, fingerprint=fingerprint)
         if self.is_bild:
             return self.bild_policy(small_model, small_tokenizer=small_tokenizer,
@@ -131,7 +133,7 @@ class Calibration:
             raise ValueError(_UNKNOWN_MEASURE)
         from ..policy import EarlyExit
 
-        return EarlyExit(self.threshold, config=self.config, certificate=self.certificate).bind(model)
+        return EarlyExit(self.threshold, config=self.config, certificate=self.certificate)
 
     def bild_policy(self, small_model, *, small_tokenizer=None, allow_missing_fingerprint: bool = False):
         """``BiLD.from_lambda(small_model, λ̂, ...)`` with the table's fallback and draft length, after checking that
@@ -208,10 +210,8 @@ class Calibration:
         data = self.to_dict()  # raises before anything is written
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(os.fspath(save_directory), RISK_CONTROL_FILENAME)
-        tmp = f"{path}.tmp"  # written whole, then renamed: a reader never sees half a file
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_write(path, encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
         return path
 
     @classmethod

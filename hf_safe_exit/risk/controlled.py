@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..config import EarlyExitConfig
 from ..fingerprint import model_fingerprint
+from ..policy import EarlyExit
 from .calibration import Calibration
 from .certificate import RiskCertificate
 from .controller import RiskController
@@ -121,13 +122,19 @@ class RiskControlled:
 
         return self.calibration if self.calibration is not None else fit_from_stored(self, model, fingerprint)
 
-    def resolve(self, model):
-        """What ``generate`` decodes ``model`` with: the bound :class:`~hf_safe_exit.EarlyExit` at λ̂ (or, for a
-        BiLD calibration, the calibrated BiLD), after checking that the calibration is ``model``'s."""
+    def policy_for(self, model) -> tuple[Calibration, object]:
+        """The calibration for ``model`` (:meth:`calibration_for`) and what it decodes with (:meth:`Calibration.policy`:
+        an unbound ``EarlyExit`` at λ̂, or a BiLD), after checking that the calibration is ``model``'s."""
         fingerprint = model_fingerprint(model)  # once per call (cached per weights: hf_safe_exit.fingerprint)
-        return self.calibration_for(model, fingerprint).policy(
-            model, small_model=self.small_model, allow_missing_fingerprint=self.allow_missing_fingerprint,
-            fingerprint=fingerprint)
+        calibration = self.calibration_for(model, fingerprint)
+        return calibration, calibration.policy(model, small_model=self.small_model, fingerprint=fingerprint,
+                                               allow_missing_fingerprint=self.allow_missing_fingerprint)
+
+    def resolve(self, model):
+        """What ``generate`` decodes ``model`` with, ready: the :class:`~hf_safe_exit.EarlyExit` at λ̂ bound to it
+        (or, for a BiLD calibration, the calibrated BiLD)."""
+        policy = self.policy_for(model)[1]
+        return policy.bind(model) if isinstance(policy, EarlyExit) else policy
 
     def bild(self, small_model=None, *, small_tokenizer=None):
         """The calibrated BiLD policy (``small_model`` defaults to the constructor's)."""

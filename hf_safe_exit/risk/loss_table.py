@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import CalibrationFileError, CorruptFileError, MissingCalibrationError
 from .selection import prepare_losses
 
@@ -60,7 +61,7 @@ def check_metadata(meta: dict) -> None:
     """Raise ``ValueError`` (one line: the key, the value, what it must be) unless what ``meta`` says can be used:
     the early-exit settings valid (:class:`~hf_safe_exit.EarlyExitConfig`; a custom measure is recorded by name),
     a known strategy, a task name, lengths and a depth that are counts, a first exit layer within that depth."""
-    from ..config import EarlyExitConfig
+    from ..config import EarlyExitConfig  # here, not at the top: reading a table's numbers needs no torch
 
     strategy = meta.get("strategy")
     if strategy not in (None, "early_exit", "bild"):
@@ -201,10 +202,8 @@ class LossTable:
         header = {"format_version": _FORMAT_VERSION, "bounds": {k: list(v) for k, v in self.bounds.items()},
                   "metadata": self.metadata}
         arrays["header_json"] = np.array(json.dumps(header))
-        tmp = f"{path}.tmp"  # written whole, then renamed: a reader (or a killed run) never leaves half a table
-        with open(tmp, "wb") as fh:
+        with atomic_write(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod
