@@ -4,8 +4,10 @@ On the flan-t5-large shape (random weights, ``speed_shapes.build_model``), with 
 (``model.early_exit_calibration``, fingerprinted for it), ``--calls`` generate calls with an unfitted
 ``RiskControlled(eps)`` (which finds the stored table, fits λ̂ once and fingerprints the model) against the same
 calls with the fitted threshold passed directly (``EarlyExit(λ̂, config=...)``), interleaved call by call, after one
-warm-up of each. Reported: total seconds of each side, their ratio (target ≤ 1.01), and, as the cost that caching
-removes, the time of one uncached fingerprint of the model. End to end (encoder included), batch 1, one thread.
+warm-up of each. Reported: total seconds of each side and their ratio (target ≤ 1.01), the median of the paired
+per-call ratios, the work that differs between the sides timed alone (resolving the request vs binding the
+threshold, as a fraction of a call: whole calls vary by more than 1% from call to call), and, as the cost that
+caching removes, the time of one uncached fingerprint. End to end (encoder included), batch 1, one thread.
 
     OMP_NUM_THREADS=1 python benchmarks/bind_once.py   # writes benchmarks/results/bind_once.json
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +44,17 @@ def attach_table(model, config: EarlyExitConfig, seed: int = 0) -> LossTable:
     return table
 
 
+def timed_many(fn, repeats: int = 50) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="large", choices=sorted(speed_shapes.SHAPES))
@@ -64,11 +78,17 @@ def main(argv=None) -> dict:
     outputs = {name: fn() for name, fn in sides.items()}  # warm-up: the fit and the first fingerprint happen here
     assert torch.equal(outputs["risk_controlled"], outputs["threshold"]), "both sides must decode the same tokens"
     seconds = {name: [] for name in sides}
-    for _ in range(args.calls):  # interleaved: load drifts hit both alike
-        for name, fn in sides.items():
+    order = list(sides.items())
+    for i in range(args.calls):  # interleaved, and the order alternated: drifts and going first hit both alike
+        for name, fn in (order if i % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
+    # what differs between the two sides, timed alone (whole calls vary by ±15% here, which a 20-call sum cannot
+    # resolve to 1%): the request's resolution (fingerprint key, cached fit, policy) against binding the threshold
+    dispatch = {name: timed_many(fn) for name, fn in (
+        ("risk_controlled", lambda: RiskControlled(args.eps).policy_for(model)[1].bind(model)),
+        ("threshold", lambda: EarlyExit(threshold, config=config).bind(model)))}
     fp.clear_fingerprint_cache()
     start = time.perf_counter()
     fp.model_fingerprint(model)
@@ -79,6 +99,11 @@ def main(argv=None) -> dict:
         "shape": args.shape, "batch": 1, "input_length": args.input_length, "new_tokens": args.new_tokens,
         "calls": args.calls, "threads": args.threads, "eps": args.eps, "threshold": threshold,
         "total_seconds": totals, "ratio": totals["risk_controlled"] / totals["threshold"],
+        "ratio_paired_median": statistics.median(a / b for a, b in zip(seconds["risk_controlled"],
+                                                                       seconds["threshold"])),
+        "dispatch_seconds_per_call": dispatch,
+        "dispatch_overhead_fraction": (dispatch["risk_controlled"] - dispatch["threshold"])
+        / statistics.median(seconds["threshold"]),
         "seconds_per_call": seconds, "uncached_fingerprint_seconds": uncached,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -89,7 +114,9 @@ def main(argv=None) -> dict:
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=2)
     print(f"{args.calls} calls, {args.shape} shape: RiskControlled {totals['risk_controlled']:.2f} s, threshold "
-          f"{totals['threshold']:.2f} s, ratio {doc['ratio']:.4f}; one uncached fingerprint {uncached:.3f} s")
+          f"{totals['threshold']:.2f} s, ratio {doc['ratio']:.4f} (median paired {doc['ratio_paired_median']:.4f}); "
+          f"dispatch {1000 * dispatch['risk_controlled']:.2f} vs {1000 * dispatch['threshold']:.2f} ms per call = "
+          f"{100 * doc['dispatch_overhead_fraction']:.2f}% of a call; one uncached fingerprint {uncached:.3f} s")
     return doc
 
 
