@@ -20,7 +20,7 @@ _EXPORTS = {
     ".anytime": ("PoEConfig",),
     ".decoding": ("BiLD", "EarlyExitGenerateOutput", "enable", "generate"),
     ".confidence": ("ConfidenceMeasure", "MetaClassifierHead", "MetaHeadConfig"),
-    ".fingerprint": ("model_fingerprint",),
+    ".fingerprint": ("model_fingerprint", "meta_head_fingerprint"),
     ".models": ("default_model_path", "load_default_model"),
     ".config": ("EarlyExitConfig",),
     ".policy": ("EarlyExit", "EarlyExitPolicy", "ForcedExit"),
@@ -40,7 +40,7 @@ __all__ = [
     "CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
     "ModelMismatchError",
     "Calibration", "ConfidenceMeasure", "EarlyExit", "EarlyExitConfig", "EarlyExitPolicy", "RiskController", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
-    "model_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
+    "model_fingerprint", "meta_head_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
     "collect", "get_task", "load_split", "default_model_path", "load_default_model",
     "PoEConfig", "write_guarantee_card", "run_demo", "__version__",
 ]

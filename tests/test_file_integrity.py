@@ -424,3 +424,28 @@ def test_smaller_refusals_of_issue_26(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"empty batch \(inputs of shape \(0, 5\)\)") as caught:
         model.generate(input_ids=torch.zeros(0, 5, dtype=torch.long), early_exit=EarlyExit(0.5))
     assert "\n" not in str(caught.value)
+
+
+def test_with_the_table_beside_it_a_statistic_the_scan_never_reached_is_checked_too(tmp_path):
+    """Issue 26, root cause 3: a UCB statistic below λ̂ (past the first violation) does not change the selection, so
+    the file alone cannot show it was forged; the loss table beside it can."""
+    from hf_safe_exit.risk import store_calibration
+    from hf_safe_exit.risk.store import clear_store_cache, find_stored
+
+    model = random_t5(seed=0)
+    model.save_pretrained(tmp_path)
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path)  # a model that knows its folder
+    table = toy_table(model_fingerprint(model))
+    rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)
+    store_calibration(tmp_path, table=table, controlled=rc, task="cnndm")
+    path = tmp_path / "calibration" / "cnndm" / "risk_control.json"
+    data = json.loads(path.read_text())
+    cert = data["certificate"]
+    below = cert["grid"].index(cert["lambda_hat"]) - 2  # one past the first violation below λ̂
+    assert below >= 0
+    cert["grid_statistic"][below] = 0.001  # a passing value where the scan stopped: λ̂ is unchanged
+    path.write_text(json.dumps(data))
+    clear_store_cache()
+    assert RiskControlled.from_dict(data).calibration.threshold == rc.calibration.threshold  # the file alone agrees
+    with pytest.raises(InconsistentCalibrationError, match=rf"grid_statistic\[{below}\]"):
+        find_stored(model, "cnndm")

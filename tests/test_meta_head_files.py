@@ -141,7 +141,8 @@ def test_a_model_from_the_hub_finds_the_head_in_its_repo(tmp_path, monkeypatch):
     x = torch.randn(3, 16)
     torch.testing.assert_close(find_meta_head(model).prob_agree(x), head.prob_agree(x))
     # the case: a calibration made with the fine-tuned model's head (measure "meta"), used from the Hub
-    table = toy_table(fingerprint=model_fingerprint(model), measure="meta")
+    table = toy_table(fingerprint=model_fingerprint(model), measure="meta",
+                      meta_head_fingerprint=hf_safe_exit.meta_head_fingerprint(head))
     store_calibration(tmp_path, table=table)
     fresh, _ = _from_hub(monkeypatch, tmp_path)
     fresh = hf_safe_exit.enable(fresh)

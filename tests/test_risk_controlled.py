@@ -139,18 +139,30 @@ def test_save_unfitted_raises(tmp_path):
 
 
 def test_from_pretrained_missing_wraps_hub_error(monkeypatch, tmp_path):
+    """A Hub repo that answers "no such file" is no calibration (MissingCalibrationError, a FileNotFoundError); one
+    that cannot be asked is an error saying so (HubFileError), never "no calibration" (issue 26, root cause 9)."""
     import huggingface_hub
+
+    from hf_safe_exit.errors import HubFileError, MissingCalibrationError
 
     calls = []
 
     def fake_download(repo_id, filename, **kw):
-        calls.append((repo_id, filename))
+        calls.append((repo_id, filename, kw.get("revision")))
         raise huggingface_hub.errors.EntryNotFoundError("404")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    with pytest.raises(FileNotFoundError, match="Hub"):
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: ["config.json"])
+    with pytest.raises(MissingCalibrationError):
+        RiskControlled.from_pretrained("someone/model", revision="v1")
+    assert calls[0] == ("someone/model", RISK_CONTROL_FILENAME, "v1")
+
+    def offline(repo_id, filename, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(HubFileError, match=r"someone/model.*risk_control\.json.*could not be looked up"):
         RiskControlled.from_pretrained("someone/model")
-    assert calls == [("someone/model", RISK_CONTROL_FILENAME)]
     with pytest.raises(FileNotFoundError, match="hf-safe-exit calibrate"):
         RiskControlled.from_pretrained(tmp_path)  # a directory without the file, and no calibration/ either
 
@@ -275,8 +287,8 @@ def test_unfitted_one_liner_downloads_from_hub(monkeypatch, tmp_path):
     def fake_download(repo_id, filename, **kw):  # a Hub repo holding exactly the files under tmp_path
         calls.append((repo_id, filename))
         path = tmp_path / filename
-        if not path.is_file():
-            raise FileNotFoundError(filename)
+        if not path.is_file():  # what the Hub answers for a file the repo does not hold
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)

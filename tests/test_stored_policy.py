@@ -75,3 +75,50 @@ def test_a_custom_measure_calibrates_but_cannot_be_written(tmp_path):
         rc.save_pretrained(tmp_path)
     assert not (tmp_path / "risk_control.json").exists()
     assert isinstance(EarlyExit(0.5, config=rc.calibration.config).measure, Mine)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_generation_config_holding_a_policy_is_refused_not_dropped(tmp_path, damage):
+    """Issue 26, root cause 8: transformers reads an unreadable generation_config.json as none (defaults from
+    config.json), which dropped the policy stored there and decoded the full model without a word."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from hf_safe_exit import enable
+
+    model = enable(random_t5(seed=0))
+    model.generation_config.early_exit = EarlyExit(0.5, measure="softmax")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "generation_config.json"
+    text = path.read_text()
+    assert '"early_exit"' in text
+    path.write_text(text[: len(text) // 2] if damage == "truncated" else "\x00garbage{")
+    reloaded = enable(T5ForConditionalGeneration.from_pretrained(tmp_path))
+    assert getattr(reloaded.generation_config, "early_exit", None) is None  # what transformers does with it
+    with pytest.raises(InvalidStoredPolicyError, match=r"generation_config\.json'.*(invalid or truncated JSON)"):
+        reloaded.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2)
+    # the policy given in the call does not need the file
+    reloaded.generate(input_ids=torch.tensor([[5, 6, 1]]), max_new_tokens=2, early_exit=EarlyExit(0.5))
+
+
+def test_a_saved_copy_decodes_as_the_model_it_was_saved_from(tmp_path):
+    """A model saved with save_pretrained keeps its meta head and the calibrations of the folder it was loaded from:
+    before, the copy had neither, so measure='auto' resolved to softmax and RiskControlled(eps) found nothing."""
+    import shutil
+
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from hf_safe_exit import enable
+    from hf_safe_exit.models import default_model_path
+
+    source = tmp_path / "source"
+    shutil.copytree(default_model_path(), source)
+    model = enable(T5ForConditionalGeneration.from_pretrained(source))
+    assert EarlyExitConfig().resolve(model).measure_name == "meta"
+    ids = torch.tensor([[37, 8, 5, 12, 1]])
+    before = model.generate(input_ids=ids, early_exit=RiskControlled(eps=0.05)).tolist()
+    model.save_pretrained(tmp_path / "copy")
+    copy = enable(T5ForConditionalGeneration.from_pretrained(tmp_path / "copy"))
+    assert EarlyExitConfig().resolve(copy).measure_name == "meta"
+    assert copy.generate(input_ids=ids, early_exit=RiskControlled(eps=0.05)).tolist() == before

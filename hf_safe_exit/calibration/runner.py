@@ -64,9 +64,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ModelMismatchError, RunInProgressError, StateMismatchError
-from ..fingerprint import model_fingerprint
 from ..lazy import require
-from ..risk.provenance import check_model_matches
+from ..risk.provenance import check_model_matches, record_provenance
 from .lock import acquire_lock, release_lock
 from .state import CELL_KEYS, open_state
 from .strategies import default_lambdas
@@ -234,7 +233,8 @@ def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new
     n = len(rows)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     run_config = {
-        "model_fingerprint": model_fingerprint(model), "task": task.name, "lambdas": [float(x) for x in lam],
+        **record_provenance(model, getattr(strategy, "early_exit_config", None)), "task": task.name,
+        "lambdas": [float(x) for x in lam],
         **strategy.config, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "max_input_length": max_input_length, "examples": _digest({"ids": ids, "prompts": prompts}),
     }
@@ -392,7 +392,7 @@ def _assemble(plan: _Plan, cells: dict, model, metadata) -> LossTable:
                             for k in range(K)])
     meta = {key: value for key, value in plan.config.items() if key != "examples"}
     meta.update({"num_decoder_layers": int(model.config.num_decoder_layers), "example_ids": plan.ids, "n": n,
-                 "versions": _versions(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                 "versions": _versions(),
                  "device": next(model.parameters()).device.type, "task_loss": f"1 - {type(task).__name__}.score",
                  "lambda_order": "as given"})
     meta.update(plan.strategy.metadata(plan.lam))

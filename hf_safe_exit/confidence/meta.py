@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CorruptFileError, HubFileError, MissingMetaHeadError, read_json_object
-from ..hub_files import hub_file
+from ..hub_files import hub_file, hub_path, loaded_revision
 from .base import ConfidenceMeasure, LayerView
 
 META_WEIGHTS_NAME = "meta_head.safetensors"
@@ -100,6 +100,10 @@ class MetaClassifierHead(nn.Module):
             first = str(err).strip().splitlines()[0]
             raise CorruptFileError.about(weights, f"these weights are not those of the head {raw} describes ({first})",
                                          _HEAD_FIX) from None
+        bad = sorted(name for name, value in state.items() if not torch.isfinite(value).all())
+        if bad:  # a head that outputs NaN exits nowhere or everywhere, never as calibrated
+            raise CorruptFileError.about(weights, f"{bad} hold NaN or infinite values", _HEAD_FIX)
+        head.source = os.fspath(weights)
         return head.eval()
 
 
@@ -121,21 +125,22 @@ def _local_head_files(directory) -> tuple[str, str] | None:
     return files if present else None
 
 
-def _saved_head_files(path: str) -> tuple[str, str] | None:
-    """(weights, config) of the head saved with the model loaded from ``path``, a local folder or a Hub repo id;
-    None when it has neither file. Half a head raises ``CorruptFileError``; a Hub repo that could not be asked,
-    ``HubFileError`` (both, rather than "no head": ``measure="auto"`` must not fall back silently)."""
+def _saved_head_files(path: str, revision: str | None = None) -> tuple[str, str] | None:
+    """(weights, config) of the head saved with the model loaded from ``path``, a local folder or a Hub repo id
+    (looked up at ``revision``, e.g. :func:`~hf_safe_exit.hub_files.loaded_revision` of the model; None: the repo's
+    default branch); None when it has neither file. Half a head raises ``CorruptFileError``; a Hub repo that could
+    not be asked, ``HubFileError`` (both, rather than "no head": ``measure="auto"`` must not fall back silently)."""
     if not path:
         return None  # built in memory: nothing saved with it
     if os.path.isdir(path):
         return _local_head_files(path)
     try:
-        found = [hub_file(path, name, strict=True) for name in (META_WEIGHTS_NAME, META_CONFIG_NAME)]
+        found = [hub_file(path, name, revision=revision) for name in (META_WEIGHTS_NAME, META_CONFIG_NAME)]
     except HubFileError as err:  # say how to decode without asking the Hub
         from . import HEAD_FREE_DEFAULT  # the package, initialised by now (it imports this module first)
 
-        again = HubFileError(f"{err} Or name the measure (e.g. measure='{HEAD_FREE_DEFAULT}'): measure='auto' and "
-                             "'meta' look for the model's meta head.")
+        again = HubFileError(f"{str(err).rstrip('. ')}. Or name the measure (e.g. measure='{HEAD_FREE_DEFAULT}'): "
+                             "measure='auto' and 'meta' look for the model's meta head.")
         again.path = err.path
         raise again from None
     if not any(found):
@@ -143,7 +148,7 @@ def _saved_head_files(path: str) -> tuple[str, str] | None:
     if not all(found):
         names = (META_WEIGHTS_NAME, META_CONFIG_NAME)
         missing, present = (names[0], names[1]) if found[0] is None else (names[1], names[0])
-        raise _half_head(f"hub:{path}/{missing}", present)
+        raise _half_head(hub_path(path, missing, revision), present)
     return found[0], found[1]
 
 
@@ -159,7 +164,7 @@ def find_meta_head(model) -> MetaClassifierHead:
     if isinstance(head, MetaClassifierHead):
         return head
     path = os.fspath(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
-    files = _saved_head_files(path)
+    files = _saved_head_files(path, loaded_revision(model))  # the head of the commit the weights came from
     if files is not None:
         head = MetaClassifierHead.from_files(*files)
         param = next(model.parameters())
@@ -185,11 +190,16 @@ class MetaConfidence(ConfidenceMeasure):
 
     def bind(self, model) -> "MetaConfidence":
         head = self.head if self.head is not None else find_meta_head(model)
+        where = getattr(head, "source", None)
         if head.config.d_model != model.config.d_model:
-            raise MissingMetaHeadError(
-                f"meta head has d_model={head.config.d_model} but the model has d_model={model.config.d_model}: "
-                "it was trained for another model; retrain it for this one."
-            )
+            problem = (f"a meta head of width d_model={head.config.d_model}, while {type(model).__name__} has "
+                       f"d_model={model.config.d_model}: it was trained for another model")
+            fix = "Train one for this model with hf_safe_exit.training.train_meta_classifier, or use measure='softmax'"
+            raise MissingMetaHeadError.about(where, problem, fix) if where else MissingMetaHeadError(
+                f"The attached model.meta_head is {problem}. {fix}.")
+        if where is None and not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+            raise MissingMetaHeadError("The attached model.meta_head has NaN or infinite weights: its confidences "
+                                       "would not be probabilities. Attach a trained head, or use measure='softmax'.")
         return MetaConfidence(head)
 
     def __call__(self, view: LayerView) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .full_model import full_model_generate
 from .modes import check_generation_mode
 from .readout import check_supported_model
 from .saving import switch_on_saving
-from .stored_policy import policy_from_config
+from .stored_policy import check_saved_generation_config, policy_from_config
 
 __all__ = ["generate", "model_generate"]
 
@@ -54,6 +54,7 @@ def model_generate(*args, model, early_exit=None, **kwargs):
         call_config = kwargs.get("generation_config")
         early_exit = policy_from_config(call_config) if call_config is not None else None
         if early_exit is None:
+            check_saved_generation_config(model)  # an unreadable file would drop its policy without a word
             early_exit = policy_from_config(model.generation_config)
     if early_exit is None or early_exit is False:
         return type(model).generate(model, *args, **kwargs)

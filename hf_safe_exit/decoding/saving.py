@@ -8,11 +8,12 @@ uploads the folder too. The class's ``save_pretrained`` is never replaced (see :
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from .stored_policy import POLICY_ATTRIBUTE, policy_to_dict
 
-__all__ = ["CUSTOM_GENERATE_DIR", "save_early_exit_model", "switch_on_saving", "write_custom_generate"]
+__all__ = ["CUSTOM_GENERATE_DIR", "save_add_ons", "save_early_exit_model", "switch_on_saving", "write_custom_generate"]
 
 CUSTOM_GENERATE_DIR = "custom_generate"
 _GENERATE_PY = '''"""Early-exit decoding (CALM with risk control) for this checkpoint: https://pypi.org/project/hf_safe_exit
@@ -56,11 +57,40 @@ def save_early_exit_model(model, save_directory, *args, **kwargs):
         # HF drops every non-standard key of a generation config marked as derived from the model config
         config._from_model_config = False
     try:
-        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
     finally:
         if stored is not None:
             setattr(config, POLICY_ATTRIBUTE, stored)
             config._from_model_config = from_model_config
+    if kwargs.get("is_main_process", True):
+        save_add_ons(model, save_directory)
+    return result
+
+
+def save_add_ons(model, save_directory) -> None:
+    """Save what decoding ``model`` reads besides its weights, so that the saved folder decodes the same: the
+    attached meta head (``measure="auto"`` would otherwise resolve to another measure after a reload), and the
+    calibrations of the local folder it was loaded from (``calibration/``, copied as they are, unless the target
+    has its own; they stay tied to the weights they were made for: changed weights are refused when used)."""
+    import shutil
+
+    from ..confidence import MetaClassifierHead
+    from ..confidence.meta import META_CONFIG_NAME, META_WEIGHTS_NAME
+    from ..risk.store import CALIBRATION_SUBDIR
+
+    origin = os.fspath(getattr(model, "name_or_path", "") or "")
+    source = Path(origin) if origin and os.path.isdir(origin) else None
+    if source is not None and source.resolve() == Path(save_directory).resolve():
+        source = None  # saved over the folder it came from: its files are there already
+    head = getattr(model, "meta_head", None)
+    if isinstance(head, MetaClassifierHead):
+        head.save_pretrained(save_directory)
+    elif source is not None and (source / META_WEIGHTS_NAME).is_file() and (source / META_CONFIG_NAME).is_file():
+        for name in (META_WEIGHTS_NAME, META_CONFIG_NAME):  # a head not loaded yet (find_meta_head loads on use)
+            shutil.copyfile(source / name, Path(save_directory) / name)
+    target = Path(save_directory) / CALIBRATION_SUBDIR
+    if source is not None and (source / CALIBRATION_SUBDIR).is_dir() and not target.exists():
+        shutil.copytree(source / CALIBRATION_SUBDIR, target)
 
 
 def switch_on_saving(model) -> None:

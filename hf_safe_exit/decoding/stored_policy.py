@@ -12,11 +12,15 @@ Only what can be rebuilt from the checkpoint is stored: an ``EarlyExit`` with a 
 
 from __future__ import annotations
 
-from ..errors import InvalidStoredPolicyError
+import os
 
-__all__ = ["POLICY_ATTRIBUTE", "InvalidStoredPolicyError", "policy_from_config", "policy_to_dict"]
+from ..errors import InvalidStoredPolicyError, read_json_object
+
+__all__ = ["POLICY_ATTRIBUTE", "InvalidStoredPolicyError", "policy_from_config", "policy_to_dict",
+           "check_saved_generation_config"]
 
 POLICY_ATTRIBUTE = "early_exit"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def policy_to_dict(policy) -> dict:
@@ -108,3 +112,28 @@ def policy_from_config(generation_config):
         return stored
     raise InvalidStoredPolicyError(f"generation_config.early_exit = {stored!r} is not an early-exit policy: set it "
                                    "to hf_safe_exit.EarlyExit(...) or hf_safe_exit.RiskControlled(eps=...), or None.")
+
+
+def check_saved_generation_config(model) -> None:
+    """Raise when the ``generation_config.json`` saved with ``model`` (a local folder) was not loaded.
+
+    transformers reads an unreadable ``generation_config.json`` (truncated, not JSON) as no file at all and builds
+    the generation config from ``config.json`` (``_from_model_config``): a policy stored in it would be dropped
+    without a word, and the model would decode in full. Such a file gets
+    :class:`~hf_safe_exit.errors.InvalidStoredPolicyError` naming it; a readable one that holds a policy transformers
+    did not load, too. Costs an attribute read unless the config came from ``config.json``.
+    """
+    config = getattr(model, "generation_config", None)
+    folder = os.fspath(getattr(model, "name_or_path", "") or "")
+    if not getattr(config, "_from_model_config", False) or not folder:
+        return
+    path = os.path.join(folder, GENERATION_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return
+    fix = ("Fix it or write it again (model.generation_config.save_pretrained(folder)); delete it to decode "
+           "without a stored policy")
+    data = read_json_object(path, what="a generation config (transformers ignored it and used default settings, "
+                            "dropping any early-exit policy stored there)", fix=fix, cls=InvalidStoredPolicyError)
+    if POLICY_ATTRIBUTE in data and data[POLICY_ATTRIBUTE] is not None:
+        raise InvalidStoredPolicyError.about(path, "holds an early-exit policy that transformers did not load (the "
+                                             "generation config in use was built from config.json)", fix)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from ..errors import CalibrationFileError
 from .calibration import task_calibration
 from .render import pieces, print_result
 from .result import DEFAULT_MAX_NEW_TOKENS, METRIC, DemoError, DemoResult
@@ -245,6 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_from_args(args)
-    except DemoError as exc:
-        print(f"hf-safe-exit demo: error: {exc}", file=sys.stderr)
+    except (DemoError, CalibrationFileError) as exc:  # a file that cannot be used: one line naming it, as the CLI
+        print(f"hf-safe-exit demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

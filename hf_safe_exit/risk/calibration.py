@@ -23,7 +23,7 @@ from .certificate import RiskCertificate
 from .controller import RiskController
 from .integrity import FORMAT_VERSION, check_calibration_dict
 from .loss_table import CALIBRATION_FILENAME, LossTable
-from .provenance import check_fingerprint
+from .provenance import check_fingerprint, check_provenance
 from .store import HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, find_stored, \
     read_calibration_json
 
@@ -65,8 +65,11 @@ class Calibration:
     # the decoding family the losses were collected with: one of the two is set
     config: EarlyExitConfig | None
     bild: dict | None = None
-    # what else the guarantee holds for: the model, the task, and the lengths decoded with (``generation_settings``)
+    # what else the guarantee holds for: the model (its weights, their dtype, the meta head the measure reads; see
+    # hf_safe_exit.risk.provenance), the task, and the lengths decoded with (``generation_settings``)
     model_fingerprint: str | None = None
+    dtype: str | None = None
+    meta_head_fingerprint: str | None = None
     task: str | None = None
     lengths: dict = field(default_factory=dict)
 
@@ -103,8 +106,9 @@ class Calibration:
         controller.fit_table(table, about=about)
         return cls(threshold=controller.threshold, certificate=controller.certificate,
                    request=controller.get_params(), config=chosen, bild=bild,
-                   model_fingerprint=about["model_fingerprint"], task=about["task"],
-                   lengths={k: about[k] for k in _LENGTHS if k in about})
+                   model_fingerprint=about["model_fingerprint"], dtype=meta.get("dtype"),
+                   meta_head_fingerprint=meta.get("meta_head_fingerprint") if chosen is not None else None,
+                   task=about["task"], lengths={k: about[k] for k in _LENGTHS if k in about})
 
     # ------------------------------------------------------------------ use
     @property
@@ -113,11 +117,13 @@ class Calibration:
 
     def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str = "This calibration",
                     fingerprint: str | None = None) -> None:
-        """Raise unless this calibration was made for ``model`` (see :mod:`hf_safe_exit.risk.provenance`);
-        ``fingerprint``: ``model``'s, when the caller has it already."""
-        actual = fingerprint if fingerprint is not None else model_fingerprint(model)
-        check_fingerprint(self.model_fingerprint, actual, allow_missing_fingerprint, what,
-                          other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE)
+        """Raise unless this calibration was made for ``model``: its weights, their dtype and, for the meta measure,
+        its meta head (see :mod:`hf_safe_exit.risk.provenance`); ``fingerprint``: ``model``'s, when the caller has
+        it already."""
+        recorded = {"model_fingerprint": self.model_fingerprint, "dtype": self.dtype,
+                    "meta_head_fingerprint": self.meta_head_fingerprint}
+        check_provenance(recorded, model, self.config, allow_missing=allow_missing_fingerprint, what=what,
+                         fingerprint=fingerprint, other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE)
 
     def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False,
                fingerprint: str | None = None):
@@ -151,6 +157,12 @@ class Calibration:
                                 max_draft_len=int(self.bild["max_draft_len"]), small_tokenizer=small_tokenizer)
 
     @property
+    def _provenance_extras(self) -> dict:
+        """The weights' dtype and the meta head's fingerprint, where known (files before them lack them)."""
+        extras = {"dtype": self.dtype, "meta_head_fingerprint": self.meta_head_fingerprint}
+        return {k: v for k, v in extras.items() if v is not None}
+
+    @property
     def generation_settings(self) -> dict:
         """``max_new_tokens`` / ``max_input_length`` the calibration decoded with (empty if unknown)."""
         return dict(self.lengths)
@@ -171,8 +183,8 @@ class Calibration:
                                                                               "measure": None}
         return {"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__,
                 "params": {**self.request, "task": self.task}, "lambda_": self.threshold,
-                "calibration": {**settings, "model_fingerprint": self.model_fingerprint, "task": self.task,
-                                **self.generation_settings},
+                "calibration": {**settings, "model_fingerprint": self.model_fingerprint, **self._provenance_extras,
+                                "task": self.task, **self.generation_settings},
                 "certificate": self.certificate.to_dict()}
 
     @classmethod
@@ -202,7 +214,8 @@ class Calibration:
                                                      "before it is written", _FIX)
         return cls(threshold=float(data["lambda_"]), certificate=certificate, request=request, config=config,
                    bild=dict(cal["policy"]) if cal.get("strategy") == "bild" else None,
-                   model_fingerprint=cal.get("model_fingerprint"), task=cal.get("task"),
+                   model_fingerprint=cal.get("model_fingerprint"), dtype=cal.get("dtype"),
+                   meta_head_fingerprint=cal.get("meta_head_fingerprint"), task=cal.get("task"),
                    lengths={k: v for k in _LENGTHS if (v := _length(cal, certificate, k)) is not None})
 
     def save_pretrained(self, save_directory) -> str:
@@ -215,34 +228,41 @@ class Calibration:
         return path
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, task: str | None = None, **hub_kwargs) -> "Calibration":
+    def from_pretrained(cls, path_or_repo_id, task: str | None = None, *, revision: str | None = None,
+                        subfolder: str | None = None) -> "Calibration":
         """Load a calibration: a directory holding ``risk_control.json`` (or the file itself), a model folder (its
-        ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task), else a Hub repo's
-        ``risk_control.json`` (``subfolder=`` as in HF). Where the loss table is stored beside the file, refitting it
-        must give the file's λ̂ (:class:`~hf_safe_exit.errors.InconsistentCalibrationError` otherwise)."""
+        ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task), else a Hub repo at
+        ``revision`` (default: its default branch): its root or ``subfolder``'s ``risk_control.json`` when ``task``
+        is None and there is one, else its ``calibration/<task>/`` as in a model folder. Where the loss table is
+        stored beside the file, refitting it must give the file's λ̂
+        (:class:`~hf_safe_exit.errors.InconsistentCalibrationError` otherwise). A Hub that cannot be asked raises
+        :class:`~hf_safe_exit.errors.HubFileError`; nothing there, :class:`MissingCalibrationError`."""
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, RISK_CONTROL_FILENAME)
             if task is not None or not os.path.isfile(path):
-                stored = find_stored(os.fspath(path_or_repo_id), task)  # checks the file and its table
-                if stored.controlled_json is None:
-                    raise MissingCalibrationError(
-                        f"No {RISK_CONTROL_FILENAME} in {path_or_repo_id!r} for task {stored.task!r} (only its loss "
-                        "table): fit one with RiskControlled(eps, ...).fit_table(LossTable.load(...)).")
-                return cls.from_dict(stored.controlled_json, stored.controlled_path)
-        elif not os.path.isfile(path):
-            try:
-                from huggingface_hub import hf_hub_download
+                return cls._from_stored(find_stored(os.fspath(path_or_repo_id), task))
+            beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+        elif os.path.isfile(path):
+            beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+        else:  # a Hub repo id
+            from ..hub_files import hub_file
 
-                path = hf_hub_download(repo_id=path, filename=RISK_CONTROL_FILENAME, **hub_kwargs)
-            except Exception as err:  # network, missing repo or file, invalid id: all mean "not found"
-                raise MissingCalibrationError(
-                    f"Could not load a calibration from {path_or_repo_id!r}: it is not a local directory or file, "
-                    f"and downloading {RISK_CONTROL_FILENAME} from the Hub repo failed ({type(err).__name__}: {err}). "
-                    "Pass the directory you gave save_pretrained(), or a Hub repo id that holds the file.") from err
-        beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
-        table = LossTable.load(beside) if os.path.isfile(beside) else None
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            found = None if task is not None else hub_file(path, prefix + RISK_CONTROL_FILENAME, revision=revision)
+            if found is None:
+                return cls._from_stored(find_stored(path, task, revision=revision))
+            path, beside = found, hub_file(path_or_repo_id, prefix + CALIBRATION_FILENAME, revision=revision)
+        table = LossTable.load(beside) if beside is not None and os.path.isfile(beside) else None
         return cls.from_dict(read_calibration_json(path, table, beside if table is not None else None), path)
+
+    @classmethod
+    def _from_stored(cls, stored) -> "Calibration":
+        if stored.controlled_json is None:
+            raise MissingCalibrationError(
+                f"No {RISK_CONTROL_FILENAME} beside {stored.table_path} for task {stored.task!r} (only the loss table): fit "
+                "one with RiskControlled(eps, ...).fit_table(LossTable.load(...)).")
+        return cls.from_dict(stored.controlled_json, stored.controlled_path)
 
 
 def _length(calibration: dict, certificate: RiskCertificate, key: str):

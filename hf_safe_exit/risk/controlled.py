@@ -173,8 +173,10 @@ class RiskControlled:
                                     allow_missing_fingerprint=allow_missing_fingerprint)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, task: str | None = None, *, allow_missing_fingerprint: bool = False,
-                        **hub_kwargs) -> "RiskControlled":
-        """Load a fitted calibration (see :meth:`Calibration.from_pretrained`)."""
-        return cls.from_calibration(Calibration.from_pretrained(path_or_repo_id, task, **hub_kwargs),
-                                    allow_missing_fingerprint=allow_missing_fingerprint)
+    def from_pretrained(cls, path_or_repo_id, task: str | None = None, *, revision: str | None = None,
+                        subfolder: str | None = None, allow_missing_fingerprint: bool = False) -> "RiskControlled":
+        """Load a fitted calibration (see :meth:`Calibration.from_pretrained`); a Hub repo is read at ``revision``
+        (a branch, tag or commit; default: its default branch), so that the calibration is that of the weights you
+        loaded with the same ``revision``."""
+        calibration = Calibration.from_pretrained(path_or_repo_id, task, revision=revision, subfolder=subfolder)
+        return cls.from_calibration(calibration, allow_missing_fingerprint=allow_missing_fingerprint)

@@ -38,7 +38,8 @@ _CORRUPT_FIX = ("Write it again with `hf-safe-exit calibrate` or RiskControlled.
 _TOLERANCE = 1e-12
 _FORMAT_1_SETTINGS = ("measure", "schedule", "min_exit_layer", "decay_tau")  # the settings of the first format
 # what a calibration section holds besides the early-exit settings
-_CALIBRATION_KEYS = ("model_fingerprint", "task", "max_new_tokens", "max_input_length")
+_CALIBRATION_KEYS = ("model_fingerprint", "dtype", "meta_head_fingerprint", "task", "max_new_tokens",
+                     "max_input_length")
 
 
 def _number(value) -> bool:
@@ -143,6 +144,10 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
     if not _number(lam) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
         raise CorruptFileError.about(where, f"lambda_={lam!r} is not a threshold in [0, 1]", _CORRUPT_FIX)
     _check_settings(calibration, where)
+    for key in ("model_fingerprint", "dtype", "meta_head_fingerprint"):
+        if calibration.get(key) is not None and not isinstance(calibration[key], str):
+            raise CorruptFileError.about(where, f"calibration.{key}={calibration[key]!r} is not a string",
+                                         _CORRUPT_FIX)
     try:
         cert = RiskCertificate.from_dict(data["certificate"])
     except (TypeError, KeyError, ValueError) as err:
@@ -179,8 +184,9 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
 # what a calibration decodes with that a loss table's metadata records besides the early-exit configuration: λ̂ is
 # only valid with what the losses were collected with (an edited min_exit_layer, or a measure edited in both places
 # of the json, passes every check of the json alone). Older tables lack some: only the keys a table records count.
-_SETTINGS = ("task", "max_new_tokens", "max_input_length")
-_BILD_SETTINGS = ("task", "policy", "max_new_tokens", "max_input_length")  # BiLD's decoding has no exit settings
+_SETTINGS = ("task", "dtype", "meta_head_fingerprint", "max_new_tokens", "max_input_length")
+_BILD_SETTINGS = ("task", "dtype", "policy", "max_new_tokens", "max_input_length")
+_LATER_KEYS = ("dtype", "meta_head_fingerprint")  # recorded since the full-weight fingerprint: older files lack them  # BiLD's decoding has no exit settings
 
 
 def _table_differs(path, table_path, key, stored, recorded) -> InconsistentCalibrationError:
@@ -194,7 +200,8 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
     """Raise ``InconsistentCalibrationError`` unless refitting ``table`` (stored beside ``path``) gives ``data``'s λ̂.
 
     ``data`` must have passed :func:`check_calibration_dict`. Compares the model fingerprint, the decoding
-    settings the table records (``_SETTINGS``), the number of examples and λ̂.
+    settings the table records (``_SETTINGS``), the number of examples, λ̂, and the certificate's grid, statistics,
+    empirical risks and loss bounds (those at λ̂ are tied to these by :func:`check_calibration_dict`).
     """
     params, cert = data["params"], data["certificate"]
     risk = params.get("risk", "performance_gap")
@@ -212,6 +219,8 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
     calibration = data["calibration"]
     bild = calibration.get("strategy") == "bild"
     for key in _BILD_SETTINGS if bild else _SETTINGS:
+        if key in _LATER_KEYS and key not in calibration:
+            continue  # a file written before it recorded them (refused at use if that matters: see provenance)
         if key in table.metadata and not _close(calibration.get(key), table.metadata.get(key)):
             raise _table_differs(path, table_path, key, calibration.get(key), table.metadata.get(key))
     if not bild and table.metadata.get("measure") is not None:  # the table records its early-exit configuration
@@ -232,3 +241,14 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
         raise CorruptFileError.about(path, f"its params cannot be refitted ({err})", _CORRUPT_FIX) from None
     if not _close(sel.threshold, data["lambda_"]):
         raise differs("λ̂ (lambda_)", sel.threshold, data["lambda_"])
+    # with the losses at hand every number of the certificate is recomputed, not only λ̂: a statistic at a threshold
+    # the scan never reached cannot be checked from the file alone (see _check_certificate), but it can be here
+    ascending = slice(None, None, -1)
+    for key, refit in (("grid", sel.lambdas[ascending]), ("grid_statistic", sel.statistic[ascending]),
+                       ("grid_empirical_risk", sel.empirical_risk[ascending]), ("loss_bounds", table.bounds[risk])):
+        stored = cert.get(key)
+        if not isinstance(stored, (list, tuple)) or len(stored) != len(refit):
+            raise differs(f"its certificate's {key}", f"{len(refit)} values", stored)
+        wrong = [i for i, (a, b) in enumerate(zip(refit, stored)) if not _close(float(a), b)]
+        if wrong:
+            raise differs(f"its certificate's {key}[{wrong[0]}]", float(refit[wrong[0]]), stored[wrong[0]])

@@ -68,6 +68,9 @@ def check_metadata(meta: dict) -> None:
         raise ValueError(f"metadata strategy={strategy!r} is unknown: early_exit or bild.")
     if meta.get("task") is not None:
         check_task_name(meta["task"])
+    for key in ("model_fingerprint", "dtype", "meta_head_fingerprint"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ValueError(f"metadata {key}={meta[key]!r} must be a string.")
     for key in ("max_new_tokens", "max_input_length", "num_decoder_layers"):
         if meta.get(key) is not None and not _count(meta[key]):
             raise ValueError(f"metadata {key}={meta[key]!r} must be a whole number in [1, {MAX_TOKENS}].")
@@ -183,12 +186,14 @@ class LossTable:
                          extras, meta)
 
     def digest(self) -> str:
-        """A content hash (grid, losses, bounds), used to cache fits made from this table."""
+        """A content hash of what a fit and its checks read (grid, losses, bounds, metadata), used to cache fits and
+        integrity checks made from this table: two tables that differ in any of these never share one."""
         h = hashlib.sha256(self.lambdas.tobytes())
         for name in sorted(self.losses):
             h.update(name.encode())
             h.update(np.ascontiguousarray(self.losses[name]).tobytes())
             h.update(repr(self.bounds[name]).encode())
+        h.update(json.dumps(self.metadata, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def save(self, path) -> str:

@@ -12,6 +12,14 @@
 calibration per task; ``RiskControlled(eps, task=...)`` picks one, and without ``task=`` the
 model's primary task (``calibration/config.json``, or the only task stored) is used.
 
+A file in ``calibration/<task>/`` that records another task (the folders of two tasks swapped or mixed up) is
+refused with :class:`~hf_safe_exit.errors.InconsistentCalibrationError`: its λ̂ holds for the task it records.
+
+A model loaded from the Hub keeps the same layout in its repo, read at the commit its weights were loaded from when
+transformers recorded it (:func:`~hf_safe_exit.hub_files.loaded_revision`), else at ``revision=`` or the default
+branch. A repo that cannot be asked (offline with nothing cached, no access, no such repo or revision) raises
+:class:`~hf_safe_exit.errors.HubFileError`, never "no calibration" (see :mod:`hf_safe_exit.hub_files`).
+
 Checkpoints written before this layout kept one calibration at the model's root
 (``<model>/early_exit_calibration.npz``, ``<model>/risk_control.json``); they are still read, as the
 calibration of the task their metadata names, when the model has no ``calibration/`` folder.
@@ -24,8 +32,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CorruptFileError, MissingCalibrationError, read_json_object
-from ..hub_files import clear_hub_cache, hub_file
+from ..errors import CorruptFileError, HubFileError, InconsistentCalibrationError, MissingCalibrationError, \
+    read_json_object
+from ..hub_files import HUB_FIX, clear_hub_cache, hub_file, hub_path, loaded_revision
 from .integrity import check_calibration_dict, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable, check_task_name
 
@@ -72,54 +81,88 @@ def _load_table(path: str) -> LossTable:
     return _TABLES[key]
 
 
-class _Source:
-    """A model's files: a local directory or a Hub repo (downloaded on demand)."""
+# what to do when the Hub cannot be asked, besides connecting: whether the repo stores a calibration is unknown
+_OFFLINE_FIX = ("Or attach the calibration yourself: model.early_exit_calibration = LossTable.load(path), or "
+                "RiskControlled(eps).fit_table(LossTable.load(path))")
 
-    def __init__(self, root: str, local: bool):
+
+def _unreachable(err: HubFileError) -> HubFileError:
+    again = HubFileError(f"{str(err).rstrip('. ')}. {_OFFLINE_FIX}")
+    again.path = err.path
+    return again
+
+
+class _Source:
+    """A model's files: a local directory, or a Hub repo at a revision (downloaded on demand)."""
+
+    def __init__(self, root: str, local: bool, revision: str | None = None):
         self.root, self.local = root, local
+        self.revision = None if local else revision  # a folder has one state: its files
 
     def __str__(self) -> str:
-        return self.root if self.local else f"hub:{self.root}"
+        return self.root if self.local else hub_path(self.root, revision=self.revision)
 
     def get(self, relpath: str) -> str | None:
-        """A local path to ``relpath``, or None when the model has no such file (or the Hub is unreachable)."""
+        """A local path to ``relpath``, or None when the model has no such file; raises ``HubFileError`` when its
+        Hub repo cannot be asked (unknown is not "none": the caller would say no calibration is stored)."""
         if self.local:
             path = os.path.join(self.root, relpath)
             return path if os.path.isfile(path) else None
-        # once per process (generate() binds the policy at every call); a repo that could not be asked (offline, no
-        # such repo) also means "not there": find_stored then says no calibration was found, and how to make one
-        return hub_file(self.root, relpath, strict=False)
+        try:  # kept per process (generate() binds the policy at every call); failures are not kept
+            return hub_file(self.root, relpath, revision=self.revision)
+        except HubFileError as err:
+            raise _unreachable(err) from None
 
     def tasks(self) -> list[str]:
+        """The task folders under ``calibration/``; a Hub repo that cannot be listed raises ``HubFileError``."""
         if self.local:
             base = Path(self.root) / CALIBRATION_SUBDIR
             return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-        try:
-            from huggingface_hub import list_repo_files
+        from huggingface_hub import list_repo_files
+        from huggingface_hub.errors import HFValidationError
 
-            files = list_repo_files(self.root)
-        except Exception:  # offline: only the primary task (from calibration/config.json) can be found
+        try:
+            files = list_repo_files(self.root, revision=self.revision)
+        except HFValidationError:  # not a repo id: no Hub repo, no calibration
             return []
+        except Exception as err:  # noqa: BLE001 - network, access, missing repo or revision: the tasks are unknown
+            detail = " ".join(str(err).split())[:300]
+            raise _unreachable(HubFileError.about(hub_path(self.root, CALIBRATION_SUBDIR + "/", self.revision),
+                                                  f"could not be listed ({type(err).__name__}: {detail})",
+                                                  HUB_FIX)) from None
         return sorted({f.split("/")[1] for f in files if f.startswith(CALIBRATION_SUBDIR + "/") and f.count("/") >= 2})
 
 
-def _source_of(model) -> _Source | None:
+def _source_of(model, revision: str | None) -> _Source | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     name = os.fspath(name)
     if not name:
         return None
-    return _Source(name, local=os.path.isdir(name))
+    # the calibration read from the commit the weights were loaded from, when known (else revision=, else main)
+    revision = revision if revision is not None else loaded_revision(model)
+    return _Source(name, local=os.path.isdir(name), revision=revision)
 
 
-def read_calibration_json(path, table: LossTable | None = None, table_path=None) -> dict:
+def _check_recorded_task(path, recorded, task: str | None) -> None:
+    """A file found in ``calibration/<task>/`` must be for ``task``: λ̂ holds only for the task it was fitted on."""
+    if task is not None and recorded is not None and recorded != task:
+        raise InconsistentCalibrationError.about(
+            path, f"it is stored in the folder of task {task!r} but records task {recorded!r}: the task folders were "
+            "swapped or mixed up", f"Move it to {CALIBRATION_SUBDIR}/{recorded}/ (with the files beside it), or store "
+            f"the calibration of task {task!r} there (`hf-safe-exit calibrate ... --store-in-model --overwrite`)")
+
+
+def read_calibration_json(path, table: LossTable | None = None, table_path=None, *, task: str | None = None) -> dict:
     """The content of the ``risk_control.json`` at ``path``, checked (see :mod:`hf_safe_exit.risk.integrity`).
 
     With ``table`` (the loss table stored beside it, at ``table_path``) it must also be what refitting the table
-    gives. Raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming the file otherwise.
+    gives; with ``task`` (the task folder it was found in) the task it records, if any, must be ``task``. Raises a
+    :class:`~hf_safe_exit.errors.CalibrationFileError` naming the file otherwise.
     """
     data = read_json_object(path, what=f"a calibration ({RISK_CONTROL_FILENAME})",
                             fix="Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained")
     check_calibration_dict(data, path)
+    _check_recorded_task(path, data["calibration"].get("task") or data["certificate"].get("task"), task)
     if table is not None:
         key = (json.dumps(data, sort_keys=True), table.digest(), table.metadata.get("model_fingerprint"))
         if key not in _CHECKED:
@@ -225,22 +268,27 @@ def _from_attached(model, task: str | None) -> StoredCalibration | None:
     return StoredCalibration(stored if stored is not None else task, table, where)
 
 
-def find_stored(model, task: str | None = None) -> StoredCalibration:
+def find_stored(model, task: str | None = None, *, revision: str | None = None) -> StoredCalibration:
     """The calibration ``model`` stores for ``task`` (default: its primary task); raises with the fix if none.
 
-    ``model``: a loaded model, or the path of a model folder (or a Hub repo id). Looks at ``model.early_exit_calibration`` (a :class:`LossTable` or a path), then at the folder or Hub repo
-    ``model.name_or_path`` in the layout of this module. Raises :class:`MissingCalibrationError` naming the tasks
-    that are stored when ``task`` is missing or cannot be chosen.
+    ``model``: a loaded model, or the path of a model folder (or a Hub repo id). Looks at
+    ``model.early_exit_calibration`` (a :class:`LossTable` or a path), then at the folder or Hub repo
+    ``model.name_or_path`` in the layout of this module. A Hub repo is read at ``revision`` (default: the commit the
+    loaded model's weights came from, when transformers recorded it, else the default branch).
+
+    Raises :class:`MissingCalibrationError` naming the tasks that are stored when ``task`` is missing or cannot be
+    chosen, :class:`~hf_safe_exit.errors.InconsistentCalibrationError` when a file of ``calibration/<task>/`` records
+    another task, :class:`~hf_safe_exit.errors.HubFileError` when the Hub repo cannot be asked.
     """
     if task is not None:
         check_task_name(task)
     if isinstance(model, (str, os.PathLike)):  # a model folder or Hub repo id rather than a loaded model
-        src = _Source(os.fspath(model), local=os.path.isdir(model))
+        src = _Source(os.fspath(model), local=os.path.isdir(model), revision=revision)
     else:
         attached = _from_attached(model, task)
         if attached is not None:
             return attached
-        src = _source_of(model)
+        src = _source_of(model, revision)
     if src is None:
         raise MissingCalibrationError(
             "RiskControlled(eps=...) without fit() needs the model's stored calibration, and this model has none: it "
@@ -256,9 +304,11 @@ def find_stored(model, task: str | None = None) -> StoredCalibration:
         table_path, json_path = src.get(f"{sub}/{CALIBRATION_FILENAME}"), src.get(f"{sub}/{RISK_CONTROL_FILENAME}")
         if table_path is not None or json_path is not None:
             table = _load_table(table_path) if table_path else None
+            if table is not None:
+                _check_recorded_task(table_path, table.metadata.get("task"), chosen)
             return StoredCalibration(chosen, table, table_path,
-                                     read_calibration_json(json_path, table, table_path) if json_path else None,
-                                     json_path)
+                                     read_calibration_json(json_path, table, table_path, task=chosen) if json_path
+                                     else None, json_path)
         tasks = src.tasks() if tasks is None else tasks
         if tasks or task is not None and src.local and (Path(src.root) / CALIBRATION_SUBDIR).is_dir():
             raise MissingCalibrationError(
