@@ -247,11 +247,12 @@ def _cmd_evaluate(args) -> int:
     table = _load_table(args.results)
     result = evaluate_table(table, eps=args.eps or DEFAULT_EPS, methods=args.methods or DEFAULT_METHODS,
                             delta=args.delta, bound=args.bound, risk=args.risk, n_cal=args.n_cal,
-                            repeats=args.repeats, seed=args.seed, monotonize=args.monotonize)
+                            repeats=args.repeats, seed=args.seed, monotonize=args.monotonize, source=args.results)
     result["results_file"] = os.fspath(args.results)
+    text = json.dumps(result, indent=1, allow_nan=False)  # never a NaN or Infinity token: evaluate_table has none
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output) as fh:
-        fh.write(json.dumps(result, indent=1))
+        fh.write(text)
     print(format_table(result))
     print(f"wrote {args.output}")
     return 0

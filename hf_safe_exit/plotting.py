@@ -15,6 +15,10 @@ Every figure says what it measures: the repeated-split procedure (a λ̂ calibra
 n_cal, n_test and the number of splits. Methods that give the same numbers (UCB and LTT often do) stay
 distinguishable: each has its own marker, marker size and dash pattern, drawn from the largest hollow
 marker to the smallest filled one, and the legend says which coincide.
+
+Only finite numbers are drawn: an evaluation with a NaN, an infinity or a value out of range is refused
+(:func:`~hf_safe_exit.calibration.evaluate.validate_evaluation`), and a speed-up the evaluation records as
+null (no time per generated token) is left out, the figure saying how many points are missing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .calibration.evaluate import validate_evaluation
 from .lazy import require
 
 __all__ = ["plot_evaluation", "build_figures", "METHOD_STYLES"]
@@ -51,7 +56,7 @@ def _labels(series: dict, key: str) -> dict[str, str]:
     """Legend labels; a method whose values equal an earlier method's at every ε says so ("LTT (= UCB)")."""
     out, seen = {}, {}
     for method, rows in series.items():
-        values = tuple((r["eps"], round(float(r[key]), 12)) for r in rows)
+        values = tuple((r["eps"], None if r[key] is None else round(float(r[key]), 12)) for r in rows)
         label = _LABELS.get(method, method)
         out[method] = label + (f" (= {seen[values]})" if values in seen else "")
         seen.setdefault(values, label)
@@ -73,6 +78,7 @@ def build_figures(evaluation: dict) -> list:
 
     if not evaluation.get("results"):
         raise ValueError("the evaluation has no results to plot: run `hf-safe-exit evaluate` first.")
+    validate_evaluation(evaluation)  # a CorruptFileError for a NaN, an infinity or a malformed row
     series = _series(evaluation)
     settings, meta = evaluation.get("settings", {}), evaluation.get("metadata", {})
     title = " · ".join(str(x) for x in (meta.get("task"), settings.get("risk"), meta.get("measure")) if x)
@@ -84,6 +90,9 @@ def build_figures(evaluation: dict) -> list:
         labels = _labels(series, key)
         for i, (method, rows) in enumerate(series.items()):
             marker, size, dashes, hollow = _style(method, i)
+            rows = [r for r in rows if r[key] is not None]  # a null speed-up: not measured, not drawn
+            if not rows:
+                continue
             eps, values = [r["eps"] for r in rows], [r[key] for r in rows]
             style = dict(marker=marker, ms=size, ls=dashes, lw=1.4, label=labels[method], zorder=2 + i)
             if hollow:
@@ -100,6 +109,11 @@ def build_figures(evaluation: dict) -> list:
         if name == "risk_vs_eps.png":
             ax.plot([0, max(all_eps)], [0, max(all_eps)], color="black", lw=1, ls="--", label="risk = ε", zorder=1)
         draw(ax, key, err)
+        missing = sum(r[key] is None for r in evaluation["results"])
+        if missing:  # said on the figure: a point left out is not a point measured elsewhere
+            ax.text(0.02, 0.02, f"{missing} of {len(evaluation['results'])} points not measured: the evaluation "
+                    "records none\n(no time per generated token at some split's threshold)", ha="left", va="bottom",
+                    transform=ax.transAxes, fontsize=7)
         ax.set_xlabel("target risk ε")
         ax.set_ylabel(ylabel)
         fig.suptitle(title, fontsize=9)

@@ -15,6 +15,12 @@ means and standard deviations over the splits, the rate of splits whose test ris
 CRC controls the mean test risk (≤ ε in expectation); UCB and LTT control the violation
 rate (≤ δ).
 
+Every number in an evaluation is finite: a loss table whose extras hold NaN, infinity or out-of-range values
+(a failed measurement) is refused, and ``speedup``/``speedup_std`` are ``null`` when some split's threshold
+has no time per generated token (its whole pool generated no token, or took no time): a mean over the other
+splits would describe another procedure. :func:`validate_evaluation` checks the whole shape and every value;
+:func:`read_evaluation` and every reader of an evaluation (cards, plots) go through it.
+
 A BiLD results file (``collect --strategy bild``: λ = exp(−rollback)) is evaluated the same way;
 its cost column is ``large_calls_per_token`` (large-model passes per generated token, 1 = the large
 model alone) instead of the exit layer and layer fraction, and "no exit" means λ̂ = 1 (rollback 0).
@@ -22,38 +28,189 @@ model alone) instead of the exit layer and layer fraction, and "no exit" means �
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from typing import Mapping
+
 import numpy as np
 
 from ..config import config_fields
+from ..errors import CorruptFileError, read_json_object
 
-__all__ = ["evaluate_table", "format_table", "read_evaluation", "DEFAULT_EPS", "DEFAULT_METHODS"]
+__all__ = ["evaluate_table", "format_table", "read_evaluation", "validate_evaluation", "DEFAULT_EPS",
+           "DEFAULT_METHODS"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
 DEFAULT_METHODS = ("crc", "ucb", "ltt")
 
 
+_WHAT = "an evaluation written by `hf-safe-exit evaluate`"
+_FIX = "Write one with `hf-safe-exit evaluate ... --output FILE`"
+
+# the values a field can take: (test, words); "loss" is checked against the evaluation's own loss bounds
+_RANGES = {
+    "open_unit": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "unit": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "non_negative": (lambda v: v >= 0.0, "a number >= 0"),
+    "positive": (lambda v: v > 0.0, "a number > 0"),
+    "any": (lambda v: True, "a number"),
+}
+# every field of a result row since the first release: (name, range, may be null)
+_ROW_FIELDS = (("eps", "open_unit", False), ("delta", "open_unit", True), ("test_risk_mean", "loss", False),
+               ("test_risk_std", "non_negative", False), ("violation_rate", "unit", False),
+               ("lambda_hat_mean", "unit", False), ("no_exit_rate", "unit", False), ("task_loss", "any", False),
+               ("speedup", "positive", True), ("speedup_std", "non_negative", True))
+_EARLY_EXIT_COSTS = (("mean_exit_layer", "non_negative", False), ("mean_exit_layer_std", "non_negative", False),
+                     ("layer_fraction", "unit", False))
+_BILD_COSTS = (("large_calls_per_token", "non_negative", False), ("large_calls_per_token_std", "non_negative", False))
+
+
+class _Refused(Exception):
+    """What is wrong with an evaluation, before the file it came from is known."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _non_finite(value, at: str):
+    """``(where, value)`` of the first number in ``value`` that is NaN or infinite, else None."""
+    if isinstance(value, Mapping):
+        items = ((f"{at}.{k}" if at else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
+    elif _is_number(value) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return at, value
+    else:
+        return None
+    for where, item in items:
+        found = _non_finite(item, where)
+        if found:
+            return found
+    return None
+
+
+def _check_fields(record: Mapping, at: str, fields, loss_bounds) -> None:
+    for name, kind, nullable in fields:
+        if name not in record:
+            raise _Refused(f"{at} has no {name!r}")
+        value = record[name]
+        if value is None and nullable:
+            continue
+        test, words = _RANGES.get(kind, (None, None))
+        if kind == "loss":
+            lo, hi = loss_bounds
+            test, words = (lambda v: lo - 1e-9 <= v <= hi + 1e-9), f"a number in the loss range [{lo:g}, {hi:g}]"
+        if not _is_number(value) or not test(float(value)):
+            raise _Refused(f"{at}.{name} is {value!r}, not {words}")
+
+
+def _check_settings(settings) -> tuple[float, float]:
+    """The settings' loss bounds, once every setting a reader uses is there and in range."""
+    if not isinstance(settings, Mapping):
+        raise _Refused(f"'settings' is {type(settings).__name__}, not an object")
+    for name in ("n", "n_cal", "n_test", "repeats"):
+        if name not in settings:
+            raise _Refused(f"settings has no {name!r}")
+        if not _is_count(settings[name]):
+            raise _Refused(f"settings.{name} is {settings[name]!r}, not a whole number >= 1")
+    if settings["n_cal"] + settings["n_test"] != settings["n"]:
+        raise _Refused(f"settings.n_cal + settings.n_test = {settings['n_cal'] + settings['n_test']}, not "
+                       f"settings.n = {settings['n']}")
+    if not isinstance(settings.get("risk"), str):
+        raise _Refused(f"settings.risk is {settings.get('risk')!r}, not a risk name")
+    _check_fields(settings, "settings", (("delta", "open_unit", True),), None)
+    bounds = settings.get("loss_bounds")
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(_is_number(b) for b in bounds)
+            and bounds[0] < bounds[1]):
+        raise _Refused(f"settings.loss_bounds is {bounds!r}, not [lower, upper] with lower < upper")
+    return float(bounds[0]), float(bounds[1])
+
+
+def _check_shape(data) -> None:
+    if not isinstance(data, Mapping):
+        raise _Refused(f"it holds a {type(data).__name__}, not an object")
+    found = _non_finite(data, "")
+    if found:  # json.loads reads NaN, Infinity and 1e999 as floats: none of them is a measurement
+        raise _Refused(f"{found[0]} is {found[1]!r}, not a finite number")
+    results = data.get("results")
+    if not isinstance(results, list) or not results:
+        raise _Refused("it has no 'results' list" if not isinstance(results, list) else "its 'results' list is empty")
+    loss_bounds = _check_settings(data.get("settings"))
+    for name in ("metadata", "full_model"):
+        if not isinstance(data.get(name), Mapping):
+            raise _Refused(f"{name!r} is {type(data.get(name)).__name__}, not an object")
+    layers = data["metadata"].get("num_decoder_layers")
+    if layers is not None and not _is_count(layers):
+        raise _Refused(f"metadata.num_decoder_layers is {layers!r}, not a whole number >= 1")
+    costs = _EARLY_EXIT_COSTS if "mean_exit_layer" in data["full_model"] else _BILD_COSTS
+    _check_fields(data["full_model"], "full_model", (("task_loss", "any", False), costs[0]), None)
+    if not isinstance(data.get("speedup_basis", ""), (str, type(None))):
+        raise _Refused(f"speedup_basis is {data['speedup_basis']!r}, not text")
+    for i, row in enumerate(results):
+        if not isinstance(row, Mapping):
+            raise _Refused(f"results[{i}] is {type(row).__name__}, not an object")
+        if not isinstance(row.get("method"), str):
+            raise _Refused(f"results[{i}].method is {row.get('method')!r}, not a method name")
+        _check_fields(row, f"results[{i}]", _ROW_FIELDS + costs, loss_bounds)
+
+
+def validate_evaluation(data, path=None) -> dict:
+    """``data`` when it is an evaluation every reader can use, else :class:`~hf_safe_exit.errors.CorruptFileError`.
+
+    Checked: the shape :func:`evaluate_table` writes (``settings``, ``metadata``, ``full_model`` and a non-empty
+    ``results`` list of rows with every field), every number finite (no NaN, no infinity) and each in its range
+    (ε and δ in (0, 1), rates and λ̂ in [0, 1], the test risk within the loss bounds, counts whole and positive,
+    speed-ups > 0 or null). The error names ``path`` (the file it came from; None: a dict given in Python).
+    """
+    try:
+        _check_shape(data)
+    except _Refused as refused:
+        raise CorruptFileError.about(path, f"not a usable evaluation: {refused}", _FIX) from None
+    return data
+
+
 def read_evaluation(path) -> dict:
     """The evaluation stored at ``path`` (the JSON of :func:`evaluate_table`, ``hf-safe-exit evaluate --output``).
 
-    Raises :class:`~hf_safe_exit.errors.CorruptFileError` naming the file when it is garbage, empty, truncated
-    or another JSON (no ``results`` list), and ``MissingCalibrationError`` when there is no such file.
+    Raises :class:`~hf_safe_exit.errors.CorruptFileError` naming the file when it is garbage, empty, truncated,
+    another JSON, or an evaluation of another shape or with a value that is not a finite number in its range
+    (:func:`validate_evaluation`), and ``MissingCalibrationError`` when there is no such file.
     """
-    from ..errors import CorruptFileError, read_json_object
+    return validate_evaluation(read_json_object(path, what=_WHAT, fix=_FIX), path)
 
-    what = "an evaluation written by `hf-safe-exit evaluate`"
-    fix = "Write one with `hf-safe-exit evaluate ... --output FILE`"
-    data = read_json_object(path, what=what, fix=fix)
-    if not isinstance(data.get("results"), list):
-        raise CorruptFileError.about(path, f"not {what}: it has no 'results' list", fix)
-    return data
+
+def _check_extras(table, keys, source) -> None:
+    """Refuse extras that hold a value that is not a finite number in range: a measurement that failed in collect."""
+    for key in keys:
+        values = np.asarray(table.extras[key], dtype=np.float64)
+        if key == "task_loss":  # a task's own loss: any finite number
+            good, words = np.isfinite(values), "finite numbers"
+        elif key == "layer_fraction":
+            good, words = np.isfinite(values) & (values >= 0) & (values <= 1), "finite numbers in [0, 1]"
+        else:  # layers, large-model calls, tokens and seconds
+            good, words = np.isfinite(values) & (values >= 0), "finite numbers >= 0"
+        if not good.all():
+            k = int(np.argwhere(~good)[0][0])
+            raise CorruptFileError.about(
+                source, f"the results file's extras[{key!r}] holds {int((~good).sum())} value(s) that are not {words} "
+                f"(the first at λ = {table.lambdas[k]:g}: {float(values[~good][0])!r}); collect did not measure them",
+                "Recollect it with `hf-safe-exit collect`")
 
 
 def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float = 0.1, bound: str = "wsr",
                    risk: str = "performance_gap", n_cal: int | None = None, repeats: int = 100, seed: int = 0,
-                   monotonize: str | None = None) -> dict:
+                   monotonize: str | None = None, *, source: str | os.PathLike | None = None) -> dict:
     """Repeated random calibration/test splits of ``table``; returns a JSON-able dict (see the module docstring).
 
-    ``n_cal`` defaults to half the examples. ``delta`` applies to ``ucb`` and ``ltt`` only.
+    ``n_cal`` defaults to half the examples. ``delta`` applies to ``ucb`` and ``ltt`` only. ``source`` is the
+    table's file, named when its extras are refused. The dict passes :func:`validate_evaluation`: every number
+    in it is finite (``json.dumps(..., allow_nan=False)`` writes it).
     """
     from ..risk.selection import METHODS, select
 
@@ -73,12 +230,16 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                          "examples in the results file).")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be a positive integer.")
+    if delta is not None and not 0.0 < float(delta) < 1.0:
+        raise ValueError(f"delta={delta!r} must lie in (0, 1).")
     bild = "large_calls_per_token" in table.extras and "mean_exit_layer" not in table.extras
     costs = ("large_calls_per_token",) if bild else ("mean_exit_layer", "layer_fraction")
     for key in (*costs, "wall_time", "task_loss"):
         if key not in table.extras:
             raise ValueError(f"the results file lacks extras[{key!r}]: it was not written by `hf-safe-exit collect`; "
                              "recollect it.")
+    _check_extras(table, (*costs, "wall_time", "task_loss", *(("num_tokens",) if "num_tokens" in table.extras else ())),
+                  source)
 
     lam = table.lambdas
     losses = table.losses[risk]
@@ -108,7 +269,8 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 for key in costs:
                     rec[key].append(table.extras[key][k, test].mean())
                 rec["task_loss"].append(task_loss[k, test].mean())
-                rec["speedup"].append(per_token[full] / per_token[k] if per_token[k] > 0 else float("nan"))
+                rec["speedup"].append(per_token[full] / per_token[k] if per_token[k] > 0 and per_token[full] > 0
+                                      else float("nan"))
             arr = {k: np.asarray(v, dtype=np.float64) for k, v in rec.items()}
             first = costs[0]
             cost_stats = {first: float(arr[first].mean()), f"{first}_std": float(arr[first].std()),
@@ -122,13 +284,13 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
                 "no_exit_rate": float(1.0 - arr["feasible"].mean()),
                 **cost_stats,
                 "task_loss": float(arr["task_loss"].mean()),
-                "speedup": float(np.nanmean(arr["speedup"])), "speedup_std": float(np.nanstd(arr["speedup"])),
+                **_speedup(arr["speedup"]),
             })
     meta = table.metadata
     # the early-exit configuration as the table records it (every setting), so a card can check it against its own
     meta_keys = ("task", "model_fingerprint", *(() if bild else config_fields()), "num_decoder_layers",
                  "max_new_tokens", "versions") + (("strategy", "policy") if bild else ())
-    return {
+    result = {
         "settings": {"eps": list(eps), "methods": list(methods), "delta": delta, "bound": bound, "risk": risk,
                      "n": n, "n_cal": n_cal, "n_test": n - n_cal, "repeats": repeats, "seed": seed,
                      "monotonize": monotonize, "loss_bounds": list(bounds)},
@@ -139,6 +301,19 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
         "speedup_basis": "per generated token" if "num_tokens" in table.extras else "per call (no token counts)",
         "results": rows,
     }
+    try:  # what readers refuse is never written; losses and extras were checked, so only the metadata can fail here
+        _check_shape(result)
+    except _Refused as refused:
+        raise CorruptFileError.about(source, f"the results file gives an evaluation that is not usable: {refused}",
+                                     "Recollect it with `hf-safe-exit collect`") from None
+    return result
+
+
+def _speedup(per_split: np.ndarray) -> dict:
+    """The mean and sd of the splits' speed-ups; null when a split has none (its threshold has no time per token)."""
+    if not np.isfinite(per_split).all():
+        return {"speedup": None, "speedup_std": None}
+    return {"speedup": float(per_split.mean()), "speedup_std": float(per_split.std())}
 
 
 def format_table(evaluation: dict) -> str:
@@ -166,5 +341,5 @@ def format_table(evaluation: dict) -> str:
         lines.append(" ".join([
             f"{r['method']:>10}", f"{r['eps']:>10.3g}", f"{r['test_risk_mean']:>+10.4f}", f"{r['violation_rate']:>10.2f}",
             f"{r['lambda_hat_mean']:>10.4f}", f"{r['no_exit_rate']:>10.2f}", *cost,
-            f"{r['speedup']:>10.2f}", f"{r['task_loss']:>10.4f}"]))
+            f"{r['speedup']:>10.2f}" if r["speedup"] is not None else f"{'—':>10}", f"{r['task_loss']:>10.4f}"]))
     return "\n".join(lines)

@@ -42,7 +42,8 @@ def calibration_directory(model_dir, task: str | None) -> Path:
 
 
 def _json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    # allow_nan=False: a NaN or Infinity token is not JSON, and never a number we publish
+    return (json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _same_json(path: Path, data: dict) -> bool:

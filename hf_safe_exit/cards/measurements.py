@@ -13,12 +13,16 @@ Three kinds, never mixed:
   dict of numbers, ``efficiency``).
 
 :func:`gather` builds them from the caller's inputs and refuses an evaluation or loss table that belongs
-to another calibration.
+to another calibration. No number that is not one reaches a card: an evaluation with a NaN, an infinity or
+a value out of range is refused (:func:`~hf_safe_exit.calibration.evaluate.validate_evaluation`), so are
+held-out numbers that are not finite, and a loss table's extras that hold such values are left out of the
+card, which says so (:attr:`AtThreshold.unmeasured`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import platform
 import warnings
@@ -27,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..calibration.evaluate import read_evaluation
+from ..calibration.evaluate import read_evaluation, validate_evaluation
 from ..config import EarlyExitConfig
 from ..errors import InconsistentCalibrationError
 from .vocabulary import rows_description
@@ -60,6 +64,7 @@ class AtThreshold:
     batch_size: int | None = None
     max_new_tokens: int | None = None
     max_input_length: int | None = None
+    unmeasured: tuple = ()  # the table's extras left out: they hold values that are not finite numbers (>= 0)
 
 
 @dataclass
@@ -166,30 +171,55 @@ def table_mismatch(table, controlled) -> str | None:
     return None
 
 
+def _measured(table, key: str, unmeasured: list) -> np.ndarray | None:
+    """``extras[key]`` as floats when every value is a finite number (>= 0 but for ``task_loss``); else None, and
+    ``key`` goes into ``unmeasured`` when the table has it (collect failed to measure it)."""
+    if key not in table.extras:
+        return None
+    try:
+        values = np.asarray(table.extras[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([np.nan])
+    good = np.isfinite(values) & ((values >= 0) if key != "task_loss" else True)
+    if good.all():
+        return values
+    unmeasured.append(key)
+    return None
+
+
+def _count(value) -> int | None:
+    """``value`` when it is a whole number >= 1, else None (a NaN or a text is not a count to print)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return int(value) if ok else None
+
+
 def at_threshold(table, controlled, rows: str | None = None) -> AtThreshold:
-    """What the shipped λ̂ does on ``table``'s examples, against the full model on the same examples."""
+    """What the shipped λ̂ does on ``table``'s examples, against the full model on the same examples.
+
+    Only finite numbers: an extra that holds NaN, an infinity or a negative count or time is left out and named
+    in :attr:`AtThreshold.unmeasured`; a speed-up needs a positive time and token count on both sides.
+    """
     c = controlled.certificate
     lam = table.lambdas
     k, full = _lambda_index(lam, c.threshold), int(np.argmin(np.abs(lam - 1.0)))
-    meta, ex = table.metadata, table.extras
+    meta, unmeasured = table.metadata, []
+    task_loss, tokens, layers, wall = (_measured(table, key, unmeasured) for key in
+                                       ("task_loss", "num_tokens", "mean_exit_layer", "wall_time"))
     out = AtThreshold(threshold=c.threshold, n=table.n, rows=rows or rows_description(c.task, meta),
-                      risk=float(table.losses[c.risk][k].mean()), num_layers=meta.get("num_decoder_layers"),
-                      batch_size=meta.get("batch_size"), max_new_tokens=meta.get("max_new_tokens"),
-                      max_input_length=meta.get("max_input_length"))
-    if "task_loss" in ex:
-        out.score, out.full_score = (float(1.0 - np.mean(ex["task_loss"][i])) for i in (k, full))
-    tokens = np.asarray(ex["num_tokens"], dtype=np.float64) if "num_tokens" in ex else None
-    if "mean_exit_layer" in ex:
-        layers = np.asarray(ex["mean_exit_layer"][k], dtype=np.float64)
+                      risk=float(table.losses[c.risk][k].mean()), num_layers=_count(meta.get("num_decoder_layers")),
+                      batch_size=_count(meta.get("batch_size")), max_new_tokens=_count(meta.get("max_new_tokens")),
+                      max_input_length=_count(meta.get("max_input_length")), unmeasured=tuple(unmeasured))
+    if task_loss is not None:
+        out.score, out.full_score = (float(1.0 - np.mean(task_loss[i])) for i in (k, full))
+    if layers is not None:
         # per generated token: each example's mean exit layer weighted by the tokens it generated
-        out.layers_per_token = float((layers * tokens[k]).sum() / tokens[k].sum()) if tokens is not None \
-            and tokens[k].sum() > 0 else float(layers.mean())
+        out.layers_per_token = float((layers[k] * tokens[k]).sum() / tokens[k].sum()) if tokens is not None \
+            and tokens[k].sum() > 0 else float(layers[k].mean())
     if tokens is not None:
-        out.tokens, out.full_tokens = int(tokens[k].sum()), int(tokens[full].sum())
-        if "wall_time" in ex and out.tokens > 0 and out.full_tokens > 0:
-            wall = np.asarray(ex["wall_time"], dtype=np.float64)
+        out.tokens, out.full_tokens = int(round(tokens[k].sum())), int(round(tokens[full].sum()))
+        if wall is not None and out.tokens > 0 and out.full_tokens > 0 and wall[k] > 0 and wall[full] > 0:
             out.ms_per_token, out.full_ms_per_token = 1e3 * wall[k] / out.tokens, 1e3 * wall[full] / out.full_tokens
-            out.speedup = out.full_ms_per_token / out.ms_per_token if out.ms_per_token > 0 else None
+            out.speedup = out.full_ms_per_token / out.ms_per_token
     return out
 
 
@@ -267,9 +297,30 @@ def _held_out(test_results: Mapping | None, efficiency: Mapping | None) -> HeldO
             raise ValueError(f"efficiency has unknown keys {sorted(unknown)}: use {EFFICIENCY_KEYS}.")
         values.update({k: v for k, v in efficiency.items() if k != "hardware"})
     for k, v in values.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{k}={v!r} is not a finite number.")
+        _check_held_out(k, v)
     return HeldOut(**values)
+
+
+# the held-out values a card prints, and what each may be (None: any finite number)
+_COUNTS = ("n_test", "num_decoder_layers", "batch_size")
+_HELD_OUT_RANGES = {"test_risk_std": (lambda v: v >= 0, ">= 0"), "mean_exit_layer": (lambda v: v >= 0, ">= 0"),
+                    "layer_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "speedup": (lambda v: v > 0, "> 0")}
+
+
+def _check_held_out(key: str, value) -> None:
+    """Refuse a held-out value a card could not state as a number: NaN, an infinity, text, a negative time."""
+    if value is None or (key == "split" and isinstance(value, str)):
+        return
+    if key in _COUNTS:
+        if _count(value) is None:
+            raise ValueError(f"{key}={value!r} is not a whole number >= 1.")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} is not a finite number: a card states only measured numbers.")
+    test, words = _HELD_OUT_RANGES.get(key, (lambda v: True, ""))
+    if not test(value):
+        raise ValueError(f"{key}={value!r} is out of range: it must be {words}.")
 
 
 def gather(controlled, *, test_results=None, efficiency: Mapping | None = None, table=None, table_path=None,
@@ -283,9 +334,11 @@ def gather(controlled, *, test_results=None, efficiency: Mapping | None = None, 
     out = Measurements()
     if isinstance(test_results, (str, os.PathLike)):
         where = os.fspath(test_results)
-        test_results = read_evaluation(where)
+        test_results = read_evaluation(where)  # shape and values checked, naming the file
     else:
         where = None
+        if isinstance(test_results, Mapping) and "results" in test_results:
+            validate_evaluation(test_results)  # the same checks for an evaluation given as a dict
     if test_results is not None and "results" in test_results:
         _check_evaluation(test_results, controlled, where)
         out.procedure, out.evaluation = _procedure(test_results, controlled, where), dict(test_results)

@@ -9,6 +9,7 @@ held-out examples (``early_exit_test_risk``, ``early_exit_mean_layers``, …), o
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from .measurements import Measurements
@@ -49,8 +50,11 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     lam = f"λ̂ = {c.threshold:.6g}"
 
     def result(metric_type: str, name: str, value, args: dict | None = None):
-        return EvalResult(metric_type=metric_type, metric_name=name, metric_value=float(value), metric_args=args,
-                          **ds)
+        value = float(value)
+        if not math.isfinite(value):  # the inputs are checked before this: reaching here is a bug, never published
+            raise ValueError(f"model-index value {metric_type} = {value!r} is not a finite number; the card is not "
+                             "written.")
+        return EvalResult(metric_type=metric_type, metric_name=name, metric_value=value, metric_args=args, **ds)
 
     out = [result("early_exit_threshold", f"Early-exit threshold λ̂ ({c.method}, {level}; n = {c.n})", c.threshold),
            result("early_exit_calibration_risk", f"Calibration risk at {lam}: mean {risk_words(c.risk, metric)} "

@@ -154,13 +154,20 @@ def _at_threshold(a: AtThreshold, metric: str, risk: str, hardware: str | None) 
         lines.append(f"| speed-up per generated token | **{a.speedup:.2f}×** | 1× |")
     lines.append("")
     notes = []
+    if a.unmeasured:  # said, not hidden: the rows these extras give are missing from the table above
+        names = ", ".join(f"`{k}`" for k in a.unmeasured)
+        notes.append(f"Not shown: the loss table's {names} hold values that are not finite numbers (a measurement "
+                     "that failed in collect); recollect the table to show what they measure.")
     if a.ms_per_token is not None:
         notes.append("Times: the whole set decoded at each threshold" + (f", batch size {a.batch_size}"
                                                                         if a.batch_size else "")
                      + (f", on {hardware}" if hardware else "") + "; divided by the tokens generated, since early "
                      "exit can change the output length.")
-    elif a.tokens is None:
+    elif a.tokens is None and "num_tokens" not in a.unmeasured:
         notes.append("The loss table records no token counts, so no speed-up per generated token is shown.")
+    elif a.tokens is not None and "wall_time" not in a.unmeasured:
+        notes.append("No speed-up per generated token is shown: the loss table records no times, or no token or no "
+                     "time at λ̂ or at λ = 1.")
     return lines + ([" ".join(notes), ""] if notes else [])
 
 
@@ -189,6 +196,9 @@ def _procedure(p: Procedure, c, metric: str, hardware: str | None) -> list[str]:
         basis = p.speedup_basis or "per call (the evaluation records no basis)"
         lines.append(f"* No speed-up is shown for the splits: this evaluation's is {basis}, not per generated token "
                      "(rerun `hf-safe-exit evaluate` on a loss table with token counts).")
+    else:  # evaluate records null where a split's threshold has no time per generated token
+        lines.append("* No speed-up is shown for the splits: the evaluation records none (at some split's threshold "
+                     "no token was generated, so there is no time per token to compare).")
     return lines + [""]
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -68,8 +70,31 @@ def to_model_card(controlled, card=None, *, test_results=None, efficiency: Mappi
 
 
 def _card_path(model_dir_or_card_path) -> Path:
+    """The card's file (``<dir>/README.md``, or the ``.md`` path given); :class:`~hf_safe_exit.errors.CorruptFileError`
+    naming it when what is there cannot be a card file (a directory, a symbolic-link loop, a path through a file),
+    before anything is written. A path with nothing there yet is a new card."""
     path = Path(model_dir_or_card_path)
-    return path if path.suffix.lower() == ".md" else path / "README.md"
+    path = path if path.suffix.lower() == ".md" else path / "README.md"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as err:  # stat follows links: a loop (ELOOP) or a file where a folder should be (ENOTDIR)
+        problem, fix = {
+            errno.ELOOP: ("a symbolic link that loops, not a model card file",
+                          "Remove the link (or point it at a file), or pass another path"),
+            errno.ENOTDIR: ("a path through a file, not a folder", "Pass a model directory (its README.md is "
+                            "written) or the path of a .md file"),
+        }.get(err.errno, (f"cannot be reached ({err.strerror or type(err).__name__})",
+                          "Check the path and its permissions, or pass another path"))
+        raise CorruptFileError.about(path, problem, fix) from None
+    if stat.S_ISDIR(mode):
+        raise CorruptFileError.about(path, "a directory, not a model card file", "Move the directory away, or pass "
+                                     "the model directory (its README.md is written) or another .md file path")
+    if not stat.S_ISREG(mode):
+        raise CorruptFileError.about(path, "not a regular file, so not a model card",
+                                     "Move it away, or pass another path")
+    return path
 
 
 def load_card(path: Path):
@@ -80,6 +105,9 @@ def load_card(path: Path):
 
     try:
         return ModelCard.load(path)
+    except OSError as err:  # e.g. no permission to read it
+        raise CorruptFileError.about(path, f"the model card cannot be read ({err.strerror or type(err).__name__})",
+                                     "Make it readable, or pass another path") from None
     except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as err:  # UnicodeDecodeError: a ValueError
         detail = " ".join(str(err).split())[:200]
         raise CorruptFileError.about(path, f"not a readable model card ({type(err).__name__}: {detail})",

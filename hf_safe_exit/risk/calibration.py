@@ -245,6 +245,10 @@ class Calibration:
             beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
         elif os.path.isfile(path):
             beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+        elif os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+            raise MissingCalibrationError.about(path, "no such file or folder (and not a Hub repo id)",
+                                                f"Pass the folder you gave save_pretrained() (holding "
+                                                f"{RISK_CONTROL_FILENAME}), a model folder, or a Hub repo id")
         else:  # a Hub repo id
             from ..hub_files import hub_file
 

@@ -299,7 +299,7 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     rc, evaluation = fit_calibration(config, table)
     store_calibration(out, table=table, controlled=rc, task=task.name, primary=True)
     cal_dir = calibration_dir(out, task.name)
-    (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1), encoding="utf-8")
+    (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, allow_nan=False), encoding="utf-8")
     log(f"λ̂ = {rc.threshold:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")
 
     results = {"config": asdict(config), "command": command_line(config), "training": training,
@@ -307,7 +307,7 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
                "calibration": {"n": table.n, "threshold": rc.threshold, "measure": table.metadata.get("measure"),
                                "pool_ids": list(table.metadata["example_ids"])},
                "params": n_params, "num_decoder_layers": int(model.config.num_decoder_layers)}
-    (out / RESULTS_FILENAME).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / RESULTS_FILENAME).write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
     from .finetune_card import write_finetune_card
 
     write_finetune_card(out, results, rc, evaluation, plots=config.plots)
