@@ -7,7 +7,8 @@ CPU needs; :func:`dense_step` instead runs each block on every row and keeps the
 exit state with ``torch.where``:
 
 * a row that exited after layer i keeps ``x = h_i``; the skipped layers' K/V of every row still come from
-  ``LayerNorm_j(x)`` (:meth:`StepDecoder.fill_kv`), so CALM's state propagation is unchanged;
+  ``LayerNorm_j(x)`` (:meth:`StepDecoder.fill_kv`), so CALM's state propagation is unchanged; once no row
+  decides, the remaining layers' K/V are left pending until a later step reads them (:mod:`.deferred_kv`);
 * a deciding row's arithmetic is the same as in :meth:`StepDecoder.step` (the same block, run on the whole
   batch as at λ = 1, where the two are the same code);
 * the exit states are kept in one ``(batch, d_model)`` tensor and read out by one projection onto the vocabulary
@@ -47,11 +48,13 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measur
     # no host check here: the loop stops before every sequence is finished, and a step with all rows done would
     # still be right (blocks run for nothing, zero logits, exit layers 0)
     may_exit, stopped = threshold < 1.0, False
+    position, filled = dec.cache.self_attention_cache.get_seq_length(0), dec.num_layers
     for idx in range(dec.num_layers):
         layer = idx + 1
-        normed_all, keys, values = dec.fill_kv(idx, x)
         if stopped:
-            continue  # no row decides: only the remaining layers' K/V (state propagation)
+            dec.skip_kv(idx, x)  # no row decides: the remaining layers' K/V (state propagation), or pending
+            continue
+        normed_all, keys, values = dec.fill_kv(idx, x)
         h = dec.run_block(idx, x, normed_all, keys, values, position_bias, None)
         prev = x
         x = h if deciding is None else torch.where(deciding[:, None, None], h, x)
@@ -78,6 +81,8 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measur
         deciding = ~exiting if deciding is None else deciding & ~exiting
         if layer < dec.num_layers:
             stopped = not bool(deciding.any())  # the one host round trip of a checked layer
+            filled = layer if stopped else filled
+    dec.finish_step(position, x, [filled] * batch)  # every row's K/V were appended up to where all stopped
     if exit_normed is None:  # every row was already done: nothing to read out
         return (torch.zeros((batch, dec.model.config.vocab_size), dtype=dec.logits_dtype, device=device),
                 exit_layer, confidence)

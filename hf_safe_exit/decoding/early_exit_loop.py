@@ -6,11 +6,12 @@ One new token per step, one decoder block at a time, over HF's
 * every row of the batch keeps a *state* ``x``: while the row is still deciding,
   ``x`` is the output of the last block it ran; once it exited after layer i,
   ``x`` stays the exit hidden state h_i;
-* at block j the self-attention K/V of **all** rows are computed from
-  ``LayerNorm_j(x)`` and appended to the cache in one batched update. For rows
-  that already exited this *is* CALM's state propagation (Schuster et al. 2022,
-  Sec. 4.2): the skipped layer's K/V come from the exit state through that layer's
-  own pre-attention layer norm and k/v projections;
+* a row that exited after layer i gets, at every skipped layer j > i, the self-attention
+  K/V of its exit state through layer j's own pre-attention layer norm and k/v projections:
+  CALM's state propagation (Schuster et al. 2022, Sec. 4.2). They are computed only when a
+  later token of the row runs layer j, together with that token's own K/V in one product
+  (:mod:`.deferred_kv`); K/V no token reads are never computed, and the cache handed back
+  is completed first. ``DEFER_FILLS = False`` computes them at once, every layer, every token;
 * only the rows still deciding run the rest of the block (query, attention,
   cross-attention, feed-forward) — the batch never waits for its slowest row. Their
   attention reads the self- and cross-attention caches through slices of the batch
@@ -110,6 +111,9 @@ def _check_decoder_prompt(model_kwargs: dict) -> None:
 
 
 _KV_BUFFER_NEW_TOKENS = 512  # positions preallocated past the prompt (a long max_new_tokens grows on demand)
+# Skipped layers' K/V filled when a later token reads them, in one product per layer (deferred_kv). False: at once,
+# per token (the path before it), kept for side-by-side measurements (benchmarks/speed_shapes.py) and tests.
+DEFER_FILLS = True
 
 
 def early_exit_decode(
@@ -174,7 +178,8 @@ def early_exit_decode(
     # whole generation up to a cap, beyond which it grows by doubling
     install_kv_buffers(cache, model.config.num_decoder_layers,
                        capacity=min(int(generation_config.max_length), input_ids.shape[1] + _KV_BUFFER_NEW_TOKENS))
-    decoder = StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"))
+    decoder = StepDecoder(model, cache, encoder_outputs.last_hidden_state, model_kwargs.get("attention_mask"),
+                          defer_fills=DEFER_FILLS)
     decoder.prefill(input_ids[:, :-1])  # the step loop below feeds the last prompt token
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
@@ -228,6 +233,7 @@ def early_exit_decode(
 
     if not return_dict:
         return input_ids
+    decoder.complete_cache()  # the cache leaves the loop: no K/V may be pending in it
     encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None
     return EarlyExitGenerateOutput(
         sequences=input_ids,

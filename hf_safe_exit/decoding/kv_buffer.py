@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
-__all__ = ["PreallocatedLayer", "install_kv_buffers"]
+__all__ = ["PENDING_VALUE", "PreallocatedLayer", "install_kv_buffers"]
+
+# What a slot whose keys and values are pending (appended for other rows only) holds until it is written; tests set
+# it to NaN, so that a read before the write shows.
+PENDING_VALUE = 0.0
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -64,6 +68,23 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, :stop]
         self.values = self._value_buffer[:, :, :stop]
         return self.keys, self.values
+
+    def append_rows(self, rows: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, batch: int):
+        """Append one position to a cache of ``batch`` rows, with keys/values ``(n, heads, 1, d_kv)`` for the batch
+        indices ``rows`` only; the other rows' slot holds :data:`PENDING_VALUE` until :meth:`write` fills it
+        (deferred state propagation, :mod:`hf_safe_exit.decoding.deferred_kv`). Returns ``(keys, values)``."""
+        full_keys = key_states.new_full((batch, *key_states.shape[1:]), PENDING_VALUE)
+        full_values = value_states.new_full((batch, *value_states.shape[1:]), PENDING_VALUE)
+        if rows.numel():
+            full_keys[rows] = key_states
+            full_values[rows] = value_states
+        return self.update(full_keys, full_values)
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys`` / ``values`` ``(n, heads, d_kv)`` at the cached ``positions`` of the batch ``rows`` (index
+        tensors of length n), in place."""
+        self.keys[rows, :, positions] = keys.to(self.keys.dtype)
+        self.values[rows, :, positions] = values.to(self.values.dtype)
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

@@ -54,6 +54,7 @@ class DecidingRows:
         self.batch, self.device = batch, device
         self.plans: tuple[RowPlan, RowPlan] | None = None
         self._all_rows: torch.Tensor | None = None  # arange(batch), made once when first needed
+        self._row_list: list[int] | None = None
 
     @property
     def none_left(self) -> bool:
@@ -70,13 +71,19 @@ class DecidingRows:
     def plan(self, keys: torch.Tensor, cross_keys: torch.Tensor) -> tuple[RowPlan, RowPlan]:
         """Make and keep the self- and cross-attention plans of ``rows`` over caches shaped like ``keys`` and
         ``cross_keys`` ``(batch, heads, length, d_kv)``."""
-        row_list = self.rows.tolist()
+        row_list = self.row_list()
         call_bytes = CALL_COST_BYTES.get(self.device.type, CALL_COST_BYTES_DEFAULT)
         self.plans = (RowPlan(row_list, 2 * keys[0].numel() * keys.element_size(), call_bytes, self.device),
                       RowPlan(row_list, 2 * cross_keys[0].numel() * cross_keys.element_size(), call_bytes,
                               self.device))
         return self.plans
 
+    def row_list(self) -> list[int]:
+        """The deciding rows' batch indices as a list (read back from the device once per set)."""
+        if self._row_list is None:
+            self._row_list = self.ids().tolist()
+        return self._row_list
+
     def drop(self, exiting: torch.Tensor) -> None:
         """Remove the rows that ``exiting`` (a bool per deciding row) marks."""
-        self.rows, self.plans = self.ids()[~exiting], None
+        self.rows, self.plans, self._row_list = self.ids()[~exiting], None, None

@@ -5,7 +5,7 @@ The step's algorithm is described in :mod:`hf_safe_exit.decoding.early_exit_loop
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import EncoderDecoderCache
@@ -15,10 +15,13 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 from ..compat import cache_kwargs
 from ..confidence import LayerView
+from .deferred_kv import DeferredFills
 from .head_projection import project
+from .kv_buffer import PreallocatedLayer
 from .poe import PoEConfig, PoEState
 from .readout import decoder_output_scale
 from .row_plan import DecidingRows, RowPlan
+from .step_exits import StepExits
 
 __all__ = ["StepDecoder"]
 
@@ -49,66 +52,11 @@ class _PoERead(NamedTuple):
         return self.logp if poe.prediction else self.logits
 
 
-class _StepExits:
-    """Where each row of one step exits, with what confidence, and its logits.
-
-    Logits an exit already has (the measure's or the PoE read-out's) are set at once; the other exits are read out
-    together after the last block: one projection onto the vocabulary per step, not one per exit layer.
-    """
-
-    def __init__(self, batch: int, dtype: torch.dtype, device: torch.device):
-        self.batch, self.dtype, self.device = batch, dtype, device
-        self.exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
-        self.confidence = torch.full((batch,), float("nan"), device=device)
-        self.logits: torch.Tensor | None = None
-        self.pending_rows: list[torch.Tensor | None] = []  # batch indices (None: the whole batch, in batch order)
-        self.pending_normed: list[torch.Tensor] = []  # their final-normed states
-
-    def set_layer(self, rows: torch.Tensor, layer: int, conf: torch.Tensor | None) -> None:
-        self.exit_layer[rows] = layer
-        if conf is not None:
-            self.confidence[rows] = conf
-
-    def set_logits(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        if self.logits is None:
-            self.logits = torch.zeros((self.batch, logits.shape[-1]), dtype=self.dtype, device=self.device)
-        self.logits[rows] = logits.to(self.dtype)
-
-    def defer(self, rows: torch.Tensor | None, normed: torch.Tensor) -> None:
-        self.pending_rows.append(rows)
-        self.pending_normed.append(normed)
-
-    def read_out(self, project: Callable[[torch.Tensor], torch.Tensor], vocab_size: int) -> torch.Tensor:
-        """The ``(batch, vocab)`` logits of every row's exit, the deferred ones projected by ``project`` in one call
-        (zeros for rows that ran no block)."""
-        if self.pending_rows:
-            rows, normed = self.pending_rows, self.pending_normed
-            normed = normed[0] if len(normed) == 1 else torch.cat(normed)
-            in_order = len(rows) == 1 and rows[0] is None  # the whole batch exited at the last layer
-            order = None if in_order else rows[0] if len(rows) == 1 else torch.cat(rows)
-            if self.logits is None and normed.shape[0] == self.batch:
-                # Every row is pending (each row exits once per step, so `order` is a permutation of the batch):
-                # put the small normed states into batch order and project them as one batch, HF's own read-out
-                # call, rather than scattering a (batch, vocab) result into a zeroed one.
-                if order is not None:
-                    normed = normed.index_copy(0, order, normed)
-                self.logits = project(normed).to(self.dtype)
-            else:
-                row_logits = project(normed).to(self.dtype)
-                if self.logits is None:
-                    self.logits = torch.zeros((self.batch, row_logits.shape[-1]), dtype=self.dtype,
-                                              device=self.device)
-                self.logits[order] = row_logits
-        if self.logits is None:  # every row was already done: nothing to read out
-            self.logits = torch.zeros((self.batch, vocab_size), dtype=self.dtype, device=self.device)
-        return self.logits
-
-
 class StepDecoder:
     """Runs the decoder blocks of one T5 model for one new token, with per-row exits."""
 
     def __init__(self, model, cache: EncoderDecoderCache, encoder_hidden: torch.Tensor,
-                 encoder_mask: torch.Tensor | None):
+                 encoder_mask: torch.Tensor | None, *, defer_fills: bool = True):
         self.model = model
         self.decoder = model.decoder
         self.blocks = list(model.decoder.block)
@@ -130,6 +78,12 @@ class StepDecoder:
         self.scale = decoder_output_scale(model.config)
         # HF processes logits in float32; keep float64 when the model runs in float64 (exactness checks).
         self.logits_dtype = torch.promote_types(encoder_hidden.dtype, torch.float32)
+        self.batch = encoder_hidden.shape[0]
+        # skipped layers' K/V filled when read, in one product per layer (deferred_kv); needs the in-place buffers
+        layers = cache.self_attention_cache.layers
+        deferrable = len(layers) == self.num_layers and all(isinstance(layer, PreallocatedLayer) for layer in layers)
+        self.fills = DeferredFills(self.blocks, layers, self.batch, self.head_dim) if defer_fills and deferrable \
+            else None
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
@@ -183,15 +137,64 @@ class StepDecoder:
                                                                   past_seen_tokens=past)
         return bias.to(dtype)
 
-    def fill_kv(self, idx: int, x: torch.Tensor):
-        """Append block ``idx``'s self-attention K/V of every row's state ``x`` ``(batch, 1, d)`` to the cache: for
-        rows that already exited this is CALM's state propagation. Returns (normed x, keys, values)."""
+    def fill_kv(self, idx: int, x: torch.Tensor, rows: DecidingRows | None = None):
+        """Append block ``idx``'s self-attention K/V of this position to the cache, before ``rows`` (None: the whole
+        batch) run the block; returns (their pre-attention normed states, keys, values of the whole batch).
+
+        Eager (``fills`` None): the K/V of every row's state ``x`` ``(batch, 1, d)``; for rows that already exited
+        this is CALM's state propagation. Deferred: only the K/V of ``rows``, computed in one product with those of
+        the positions still pending at ``idx`` for them (:class:`DeferredFills`), which are written first; the
+        other rows' stay pending."""
         layer = self.blocks[idx].layer[0]
         att = layer.SelfAttention
-        normed = layer.layer_norm(x)
-        keys, values = self.cache.self_attention_cache.update(
-            _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim), idx)
-        return normed, keys, values
+        subset = rows is not None and rows.rows is not None
+        if self.fills is None:
+            normed = layer.layer_norm(x)
+            keys, values = self.cache.self_attention_cache.update(
+                _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim), idx)
+            return (normed[rows.rows] if subset else normed), keys, values
+        own = x[rows.rows] if subset else x
+        taken = self.fills.take(idx, rows.row_list() if subset else None)
+        if taken is None:
+            states = own[:, 0]
+        else:  # in the wider dtype of the two (a half-precision T5 may carry float32 states): no state is rounded
+            dtype = torch.promote_types(taken.states.dtype, own.dtype)
+            states = torch.cat([taken.states.to(dtype), own[:, 0].to(dtype)])
+        normed = layer.layer_norm(states)
+        k, v = att.k(normed), att.v(normed)
+        if taken is not None:
+            n = taken.rows.shape[0]
+            self.fills.write(idx, taken, k[:n], v[:n])
+            normed, k, v = normed[n:], k[n:], v[n:]
+        k, v = _split_heads(k[:, None], self.head_dim), _split_heads(v[:, None], self.head_dim)
+        cache_layer = self.cache.self_attention_cache.layers[idx]
+        keys, values = cache_layer.append_rows(rows.rows, k, v, self.batch) if subset else cache_layer.update(k, v)
+        return normed[:, None], keys, values
+
+    def skip_kv(self, idx: int, x: torch.Tensor) -> None:
+        """Block ``idx`` runs for no row at this position: eager, fill every row's K/V (state propagation);
+        deferred, append a pending slot for every row."""
+        if self.fills is None:
+            self.fill_kv(idx, x)
+            return
+        att = self.blocks[idx].layer[0].SelfAttention
+        empty = x.new_empty((0, att.n_heads, 1, self.head_dim), dtype=att.k.weight.dtype)
+        self.cache.self_attention_cache.layers[idx].append_rows(self.no_rows, empty, empty, self.batch)
+
+    @property
+    def no_rows(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.long, device=self.cross_bias.device)
+
+    def finish_step(self, position: int, x: torch.Tensor, filled_layers: list[int]) -> None:
+        """After the step that decoded ``position``: with deferred fills, keep every row's state ``x`` and mark its
+        K/V pending at the layers after the first ``filled_layers[r]`` (those appended for it at this step)."""
+        if self.fills is not None:
+            self.fills.keep(position, x, filled_layers)
+
+    def complete_cache(self) -> None:
+        """Fill every pending K/V (before the cache is handed back): the cache then holds what eager fills give."""
+        if self.fills is not None:
+            self.fills.fill_all()
 
     def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   position_bias: torch.Tensor, plans: "tuple[RowPlan, RowPlan] | None") -> torch.Tensor:
@@ -268,9 +271,10 @@ class StepDecoder:
         """
         batch, device = tokens.shape[0], tokens.device
         x = self.decoder.dropout(self.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
+        position = self.cache.self_attention_cache.get_seq_length(0)
         position_bias = self.position_bias(x.dtype)
         deciding = DecidingRows(done, batch, device)
-        exits = _StepExits(batch, self.logits_dtype, device)
+        exits = StepExits(batch, self.logits_dtype, device)
         may_exit = threshold < 1.0
         poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
         poe_state = None
@@ -278,10 +282,11 @@ class StepDecoder:
             poe_state = PoEState(poe, self.num_layers, batch, self.logits_dtype, device)
         for idx in range(self.num_layers):
             layer = idx + 1
-            normed_all, keys, values = self.fill_kv(idx, x)
             if deciding.none_left:
-                continue  # every row exited: only fill the remaining layers' K/V (state propagation)
-            h, prev, x = self._run_deciding(idx, x, normed_all, keys, values, position_bias, deciding)
+                self.skip_kv(idx, x)  # every row exited: the remaining layers' K/V (state propagation)
+                continue
+            normed, keys, values = self.fill_kv(idx, x, deciding)
+            h, prev, x = self._run_deciding(idx, x, normed, keys, values, position_bias, deciding)
             poe_read = None
             if poe_state is not None and (layer < self.num_layers or poe_last):
                 poe_read = self._poe_readout(poe_state, layer, deciding.rows, h)
@@ -298,21 +303,24 @@ class StepDecoder:
             self._record_exits(exits, layer, h, deciding, exiting, conf, normed, known)
             if exiting is not None:
                 deciding.drop(exiting)
+        if self.fills is not None:  # a row's K/V were appended at the layers it ran: up to its exit (0 if done)
+            self.finish_step(position, x, exits.exit_layer.tolist())
         return exits.read_out(self.logits, self.model.config.vocab_size), exits.exit_layer, exits.confidence
 
-    def _run_deciding(self, idx: int, x: torch.Tensor, normed_all: torch.Tensor, keys: torch.Tensor,
+    def _run_deciding(self, idx: int, x: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, position_bias: torch.Tensor, deciding: DecidingRows):
-        """Block ``idx`` (after :meth:`fill_kv`) for the deciding rows of the batch's states ``x``: returns their new
-        states, their states before the block, and ``x`` with theirs replaced."""
+        """Block ``idx`` (after :meth:`fill_kv`, whose ``normed`` states of the deciding rows it takes) for the
+        deciding rows of the batch's states ``x``: returns their new states, their states before the block, and
+        ``x`` with theirs replaced."""
         rows = deciding.rows
         if rows is None:
-            h = self.run_block(idx, x, normed_all, keys, values, position_bias, None)
+            h = self.run_block(idx, x, normed, keys, values, position_bias, None)
             return h, x, h
         # Only the deciding rows' states are gathered (b x d_model); the caches are never copied: attention runs on
         # batch slices of them (see _attend / RowPlan).
         prev = x[rows]
         plans = deciding.plans or deciding.plan(keys, self._cross_kv(idx)[0])
-        h = self.run_block(idx, prev, normed_all[rows], keys, values, position_bias, plans)
+        h = self.run_block(idx, prev, normed, keys, values, position_bias, plans)
         # a half-precision T5 loaded by from_pretrained keeps `wo` in float32 (_keep_in_fp32_modules), so a block
         # can return float32 states for float16 ones; the whole batch then moves to that dtype, as in HF's stack
         return h, prev, x.to(h.dtype).index_copy(0, rows, h)
@@ -337,7 +345,7 @@ class StepDecoder:
                                prev_hidden=prev[:, 0], normed=normed, cached=cached, batch=batch)
         return conf, normed, cached.get("logits") if poe_read is None else poe_read.prediction(poe)
 
-    def _record_exits(self, exits: _StepExits, layer: int, h: torch.Tensor, deciding: DecidingRows,
+    def _record_exits(self, exits: StepExits, layer: int, h: torch.Tensor, deciding: DecidingRows,
                       exiting: torch.Tensor | None, conf: torch.Tensor | None, normed: torch.Tensor | None,
                       known: torch.Tensor | None) -> None:
         """Record the exit at ``layer`` of the deciding rows ``exiting`` selects (None: all of them), with their
