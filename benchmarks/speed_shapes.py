@@ -30,8 +30,10 @@ attention cache of N/2 entries and cross-attention over the input; one skipped l
 k/v projections + cache append; one read-out = final_layer_norm + lm_head on (batch, 1, d), projected as our loop
 projects it (decoding/head_projection.py: in vocabulary chunks on a CPU at 4-15 rows); one layer's cross-
 attention K/V over the encoder output, paid once per sequence for each layer that ever runs in full):
-floor(k) = encoder + k_max * cross_kv + N * (k * block + (L - k) * kv_fill + projection). The brief's formula plus
-the cross K/V term, which both loops pay and which dominates at 512 input tokens. Rows with per-token tables use
+floor(k) = encoder + k_max * cross_kv + N * (k * block + projection): what is read per token is k blocks and the
+read-out; the skipped layers' K/V fills (kv_fill, still measured) are deferred until a later token reads them and
+then computed in that token's own K/V product (issue 27; before it the floor had + (L - k) * kv_fill). The cross
+K/V term is paid by both loops and dominates at 512 input tokens. Rows with per-token tables use
 k = their mean exit layer (exact for batch 1; for mixed batches only an estimate).
 
     python benchmarks/speed_shapes.py --quick  # smoke run, ~30 s: results/speed_shapes_quick.{json,png}
@@ -171,8 +173,12 @@ def floor_parts(model, ids, mask, new_tokens: int, samples: int, budget_s: float
 
 
 def floor_ms(parts: dict, L: int, k: float, k_max: int, n: int) -> tuple[float, float]:
-    """(decode floor ms per token, total floor ms incl. encoder) for exit layer k (or mean k)."""
-    decode = k_max * parts["cross_kv"] + n * (k * parts["block"] + (L - k) * parts["kv_fill"] + parts["projection"])
+    """(decode floor ms per token, total floor ms incl. encoder) for exit layer k (or mean k).
+
+    The skipped layers' K/V are not in it: they are filled only when a later token reads them, together with that
+    token's own K/V in one product (hf_safe_exit/decoding/deferred_kv.py), which reads no weights beyond the
+    block's own. Before that they cost (L - k) * kv_fill per token (benchmarks/deferred_fills.py compares both)."""
+    decode = k_max * parts["cross_kv"] + n * (k * parts["block"] + parts["projection"])
     return 1000 * decode / n, 1000 * (parts["encoder"] + decode)
 
 
