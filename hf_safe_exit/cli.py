@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 from .cli_parser import UsageError, build_parser
-from .atomic import atomic_write
 from .config import EarlyExitConfig, config_fields
 
 __all__ = ["main", "build_parser"]
@@ -100,6 +99,19 @@ def _excluded_ids(path: str, task: str) -> set[str]:
     return {str(i) for i in ids}
 
 
+def _check_excluded_ids(path: str, drop: set[str], data, where: str) -> None:
+    """Refuse ids that are no example of ``data``: an id that matches nothing would exclude nothing, silently (a
+    typo, a deleted id, the ids of another split or task)."""
+    from .errors import CorruptFileError
+
+    unknown = sorted(drop - {str(i) for i in data["id"]})
+    if unknown:
+        raise CorruptFileError.about(path, f"--exclude-ids: {len(unknown)} of its {len(drop)} ids are no example of "
+                                     f"{where} (e.g. {unknown[:3]!r}): they would exclude nothing",
+                                     "List ids of examples of that split (a model's heldout_eval_ids.json lists pool "
+                                     "rows), or drop those ids")
+
+
 def _print_collect_summary(table) -> None:
     import numpy as np
 
@@ -156,6 +168,7 @@ def _cmd_collect(args) -> int:
     excluded = 0
     if args.exclude_ids:
         drop = _excluded_ids(args.exclude_ids, task.name)
+        _check_excluded_ids(args.exclude_ids, drop, data, f"the {args.split} split of {task.name}")
         before = len(data)
         data = data.filter(lambda example: str(example["id"]) not in drop)
         excluded = before - len(data)
@@ -202,8 +215,10 @@ def _refuse_existing(path: Path, overwrite: bool, what: str) -> None:
 def _cmd_calibrate(args) -> int:
     from .calibration.runner import check_model_matches
     from .risk import RISK_CONTROL_FILENAME, RiskControlled, calibration_dir, store_calibration
+    from .risk.stored_fit import check_table_settings
 
     table = _load_table(args.results)
+    check_table_settings(table, args.results)  # a measure the CLI cannot rebuild is the file's problem, named
     store = args.store_in_model or (args.output is None and args.model is not None)
     if args.output is not None:
         _refuse_existing(Path(args.output) / RISK_CONTROL_FILENAME, args.overwrite, "a calibration")
@@ -218,7 +233,7 @@ def _cmd_calibrate(args) -> int:
         raise UsageError("--store-in-model needs --model DIR.")
     if args.model is not None:
         _, model = _load_model(args.model)
-        check_model_matches(table, model, allow_missing=args.allow_missing_fingerprint)
+        check_model_matches(table, model, allow_missing=args.allow_missing_fingerprint, path=args.results)
     rc = RiskControlled(args.eps, delta=args.delta, method=args.method, bound=args.bound, risk=args.risk,
                         monotonize=args.monotonize)
     with warnings.catch_warnings(record=True) as caught:
@@ -241,7 +256,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .calibration.evaluate import DEFAULT_EPS, DEFAULT_METHODS, evaluate_table, format_table
+    from .calibration.evaluate import DEFAULT_EPS, DEFAULT_METHODS, evaluate_table, format_table, write_evaluation
 
     _refuse_existing(Path(args.output), args.overwrite, "an evaluation")
     table = _load_table(args.results)
@@ -249,10 +264,7 @@ def _cmd_evaluate(args) -> int:
                             delta=args.delta, bound=args.bound, risk=args.risk, n_cal=args.n_cal,
                             repeats=args.repeats, seed=args.seed, monotonize=args.monotonize, source=args.results)
     result["results_file"] = os.fspath(args.results)
-    text = json.dumps(result, indent=1, allow_nan=False)  # never a NaN or Infinity token: evaluate_table has none
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.output) as fh:
-        fh.write(text)
+    write_evaluation(result, args.output)  # with its digest; never a NaN or Infinity token: evaluate_table has none
     print(format_table(result))
     print(f"wrote {args.output}")
     return 0

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
     p.add_argument("--exclude-ids", default=None, help="JSON file of example ids to leave out before the subset is "
                    "drawn: a list, or an object with a '<task>_ids' list (e.g. a model's heldout_eval_ids.json), "
-                   "so that calibration rows stay disjoint from rows that were used to choose the model")
+                   "so that calibration rows stay disjoint from rows that were used to choose the model; an id "
+                   "that is not an example of the split is refused")
     p.add_argument("--lambdas", type=_floats, default=None, help="comma-separated grid incl. 1.0; default 20 levels "
                    "(bild: λ = exp(-rollback) for rollback = inf, 8, 6, ..., 0.1, 0)")
     p.add_argument("--strategy", default="early_exit", choices=("early_exit", "bild"),

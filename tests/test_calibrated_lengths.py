@@ -89,6 +89,7 @@ def test_calibrated_lengths_survive_save_and_load_from_old_files(calibrated, tmp
     _, rc, _ = calibrated
     rc.save_pretrained(tmp_path)
     data = json.loads((tmp_path / RISK_CONTROL_FILENAME).read_text())
+    data.pop("digest")  # a file written before digests, as before the certificate recorded the lengths
     for key in ("max_new_tokens", "max_input_length"):
         del data["certificate"][key]
     (tmp_path / RISK_CONTROL_FILENAME).write_text(json.dumps(data))

@@ -1,6 +1,7 @@
 """No number that is not one is published (issue 26, root causes 7 and 8): an evaluation with NaN or infinity, or
 of another shape, is refused naming its file (card and plot, Python and CLI); a loss table whose extras are NaN
-gives a card without NaN, saying what it left out; ``evaluate --output`` never writes a NaN or Infinity token;
+is refused (built, saved or read; see tests/test_loss_table_content.py), and one changed in place after it was built
+still gives a card without NaN, saying what it left out; ``evaluate --output`` never writes a NaN or Infinity token;
 a card path that is a directory or a symbolic-link loop is a one-line CorruptFileError naming it."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_safe_exit import RiskControlled
+from hf_safe_exit import LossTable, RiskControlled
 from hf_safe_exit.calibration.evaluate import evaluate_table
 from hf_safe_exit.cards import write_guarantee_card
 from hf_safe_exit.errors import CorruptFileError
@@ -127,7 +128,7 @@ def test_the_check_accepts_the_shipped_evaluations_and_a_bild_one():
     for task in ("cnndm", "squad"):
         path = root / task / "evaluation.json"
         assert validate_evaluation(strict_json(path.read_text(encoding="utf-8")), path)["results"]
-    table = synthetic_table("fp", "cnndm")
+    table = synthetic_table("0123456789abcdef", "cnndm")
     layers = table.extras.pop("mean_exit_layer")
     table.extras.pop("layer_fraction")
     table.extras["large_calls_per_token"] = layers / 6  # a BiLD table's cost column
@@ -141,12 +142,17 @@ def test_the_check_accepts_the_shipped_evaluations_and_a_bild_one():
     pytest.param(lambda ex: {**ex, "task_loss": np.full(np.shape(ex["task_loss"]), np.nan)}, id="task-loss-nan"),
     pytest.param(lambda ex: {**ex, "wall_time": np.full(np.shape(ex["wall_time"]), np.inf)}, id="wall-time-inf"),
 ])
-def test_a_table_with_nan_extras_gives_a_card_without_nan(calibrated, tmp_path, spoil):
+def test_a_table_with_nan_extras_is_refused_and_a_card_never_shows_nan(calibrated, tmp_path, spoil):
     _, _, good = calibrated
     table = synthetic_table(good.metadata["model_fingerprint"], "cnndm")
-    table.extras = spoil(table.extras)
+    with pytest.raises(ValueError, match="NaN or infinite"):  # such a table cannot be built (nor saved, nor read)
+        LossTable(table.lambdas, table.losses, table.bounds, spoil(table.extras), table.metadata)
+    table.extras = spoil(table.extras)  # changed in place after it was built: the card still shows no NaN
     rc = RiskControlled(eps=0.1, delta=0.1, method="ucb").fit_table(table)  # the losses are fine: it calibrates
-    path = write_guarantee_card(tmp_path, rc, table=table, model_name="m")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        table.save(tmp_path / "t.npz")
+    assert not (tmp_path / "t.npz").exists()
+    path = write_guarantee_card(tmp_path, rc, table=table, model_name="m", save_calibration=False)
     text = path.read_text(encoding="utf-8")
     assert not NOT_A_NUMBER.search(text), NOT_A_NUMBER.search(text)
     values = [r.metric_value for r in ModelCard.load(path).data.eval_results]
@@ -194,8 +200,16 @@ def test_evaluate_output_holds_no_nan_and_null_speedups_reach_card_and_plot(cali
 def test_evaluate_refuses_a_table_with_nan_extras_naming_it(calibrated, tmp_path, capsys):
     _, _, good = calibrated
     table = synthetic_table(good.metadata["model_fingerprint"], "cnndm")
-    table.extras["mean_exit_layer"] = np.full(np.shape(table.extras["mean_exit_layer"]), np.nan)
     table.save(tmp_path / "cnndm.npz")
+    # a file written by hand (no digest): LossTable.save writes no NaN
+    with np.load(tmp_path / "cnndm.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    header = json.loads(str(arrays["header_json"]))
+    del header["digest"]
+    arrays["header_json"] = np.array(json.dumps(header))
+    arrays["extra__mean_exit_layer"] = np.full(np.shape(arrays["extra__mean_exit_layer"]), np.nan)
+    np.savez(tmp_path / "cnndm.npz", **arrays)
+    table.extras["mean_exit_layer"] = arrays["extra__mean_exit_layer"]  # in place: refused by evaluate itself
     line = one_error_line(capsys, ["evaluate", "--results", str(tmp_path / "cnndm.npz"), "--output",
                                    str(tmp_path / "evaluation.json"), "--repeats", "2"])
     assert str(tmp_path / "cnndm.npz") in line and "extras['mean_exit_layer']" in line and "collect" in line

@@ -143,8 +143,10 @@ def test_card_from_an_evaluation_states_the_procedure_not_the_shipped_threshold(
     assert f"{100 * row['violation_rate']:.1f}%" in card.text
     assert "p-value" in card.text  # LTT reports its p-value at λ̂
     # the evaluation is saved beside the calibration the card states, where the card's numbers can be checked
-    assert json.loads((tmp_path / "new_model" / "calibration" / "cnndm" / "evaluation.json").read_text()) == \
-        json.loads(json.dumps(evaluation))
+    from hf_safe_exit.calibration.evaluate import read_evaluation
+
+    saved = tmp_path / "new_model" / "calibration" / "cnndm" / "evaluation.json"
+    assert read_evaluation(saved) == json.loads(json.dumps(evaluation))  # and its digest matches what it holds
     yaml_header(path.read_text(encoding="utf-8"))
 
 

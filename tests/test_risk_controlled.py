@@ -168,7 +168,7 @@ def test_from_pretrained_missing_wraps_hub_error(monkeypatch, tmp_path):
 
 
 def test_loss_table_round_trip_and_subset(tmp_path):
-    table = _table(fingerprint="x", example_ids=[f"ex{i}" for i in range(400)])
+    table = _table(fingerprint="0123456789abcdef", example_ids=[f"ex{i}" for i in range(400)])
     path = table.save(tmp_path)
     assert path.endswith(CALIBRATION_FILENAME)
     back = LossTable.load(tmp_path)

@@ -19,7 +19,9 @@ Every number in an evaluation is finite: a loss table whose extras hold NaN, inf
 (a failed measurement) is refused, and ``speedup``/``speedup_std`` are ``null`` when some split's threshold
 has no time per generated token (its whole pool generated no token, or took no time): a mean over the other
 splits would describe another procedure. :func:`validate_evaluation` checks the whole shape and every value;
-:func:`read_evaluation` and every reader of an evaluation (cards, plots) go through it.
+:func:`read_evaluation` and every reader of an evaluation (cards, plots) go through it. The evaluation records
+the digest of the table it evaluated (``table_digest``), and :func:`write_evaluation` writes it with its own
+content digest (see :mod:`hf_safe_exit.calibration.evaluation_file`).
 
 A BiLD results file (``collect --strategy bild``: λ = exp(−rollback)) is evaluated the same way;
 its cost column is ``large_calls_per_token`` (large-model passes per generated token, 1 = the large
@@ -28,161 +30,19 @@ model alone) instead of the exit layer and layer fraction, and "no exit" means �
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
-from typing import Mapping
 
 import numpy as np
 
 from ..config import config_fields
-from ..errors import CorruptFileError, read_json_object
+from ..errors import CorruptFileError
+from .evaluation_file import BASES, evaluation_problem, read_evaluation, validate_evaluation, write_evaluation
 
-__all__ = ["evaluate_table", "format_table", "read_evaluation", "validate_evaluation", "DEFAULT_EPS",
-           "DEFAULT_METHODS"]
+__all__ = ["evaluate_table", "format_table", "read_evaluation", "validate_evaluation", "write_evaluation",
+           "DEFAULT_EPS", "DEFAULT_METHODS", "BASES"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
 DEFAULT_METHODS = ("crc", "ucb", "ltt")
-
-
-_WHAT = "an evaluation written by `hf-safe-exit evaluate`"
-_FIX = "Write one with `hf-safe-exit evaluate ... --output FILE`"
-
-# the values a field can take: (test, words); "loss" is checked against the evaluation's own loss bounds
-_RANGES = {
-    "open_unit": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
-    "unit": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
-    "non_negative": (lambda v: v >= 0.0, "a number >= 0"),
-    "positive": (lambda v: v > 0.0, "a number > 0"),
-    "any": (lambda v: True, "a number"),
-}
-# every field of a result row since the first release: (name, range, may be null)
-_ROW_FIELDS = (("eps", "open_unit", False), ("delta", "open_unit", True), ("test_risk_mean", "loss", False),
-               ("test_risk_std", "non_negative", False), ("violation_rate", "unit", False),
-               ("lambda_hat_mean", "unit", False), ("no_exit_rate", "unit", False), ("task_loss", "any", False),
-               ("speedup", "positive", True), ("speedup_std", "non_negative", True))
-_EARLY_EXIT_COSTS = (("mean_exit_layer", "non_negative", False), ("mean_exit_layer_std", "non_negative", False),
-                     ("layer_fraction", "unit", False))
-_BILD_COSTS = (("large_calls_per_token", "non_negative", False), ("large_calls_per_token_std", "non_negative", False))
-
-
-class _Refused(Exception):
-    """What is wrong with an evaluation, before the file it came from is known."""
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def _non_finite(value, at: str):
-    """``(where, value)`` of the first number in ``value`` that is NaN or infinite, else None."""
-    if isinstance(value, Mapping):
-        items = ((f"{at}.{k}" if at else str(k), v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
-    elif _is_number(value) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
-        return at, value
-    else:
-        return None
-    for where, item in items:
-        found = _non_finite(item, where)
-        if found:
-            return found
-    return None
-
-
-def _check_fields(record: Mapping, at: str, fields, loss_bounds) -> None:
-    for name, kind, nullable in fields:
-        if name not in record:
-            raise _Refused(f"{at} has no {name!r}")
-        value = record[name]
-        if value is None and nullable:
-            continue
-        test, words = _RANGES.get(kind, (None, None))
-        if kind == "loss":
-            lo, hi = loss_bounds
-            test, words = (lambda v: lo - 1e-9 <= v <= hi + 1e-9), f"a number in the loss range [{lo:g}, {hi:g}]"
-        if not _is_number(value) or not test(float(value)):
-            raise _Refused(f"{at}.{name} is {value!r}, not {words}")
-
-
-def _check_settings(settings) -> tuple[float, float]:
-    """The settings' loss bounds, once every setting a reader uses is there and in range."""
-    if not isinstance(settings, Mapping):
-        raise _Refused(f"'settings' is {type(settings).__name__}, not an object")
-    for name in ("n", "n_cal", "n_test", "repeats"):
-        if name not in settings:
-            raise _Refused(f"settings has no {name!r}")
-        if not _is_count(settings[name]):
-            raise _Refused(f"settings.{name} is {settings[name]!r}, not a whole number >= 1")
-    if settings["n_cal"] + settings["n_test"] != settings["n"]:
-        raise _Refused(f"settings.n_cal + settings.n_test = {settings['n_cal'] + settings['n_test']}, not "
-                       f"settings.n = {settings['n']}")
-    if not isinstance(settings.get("risk"), str):
-        raise _Refused(f"settings.risk is {settings.get('risk')!r}, not a risk name")
-    _check_fields(settings, "settings", (("delta", "open_unit", True),), None)
-    bounds = settings.get("loss_bounds")
-    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(_is_number(b) for b in bounds)
-            and bounds[0] < bounds[1]):
-        raise _Refused(f"settings.loss_bounds is {bounds!r}, not [lower, upper] with lower < upper")
-    return float(bounds[0]), float(bounds[1])
-
-
-def _check_shape(data) -> None:
-    if not isinstance(data, Mapping):
-        raise _Refused(f"it holds a {type(data).__name__}, not an object")
-    found = _non_finite(data, "")
-    if found:  # json.loads reads NaN, Infinity and 1e999 as floats: none of them is a measurement
-        raise _Refused(f"{found[0]} is {found[1]!r}, not a finite number")
-    results = data.get("results")
-    if not isinstance(results, list) or not results:
-        raise _Refused("it has no 'results' list" if not isinstance(results, list) else "its 'results' list is empty")
-    loss_bounds = _check_settings(data.get("settings"))
-    for name in ("metadata", "full_model"):
-        if not isinstance(data.get(name), Mapping):
-            raise _Refused(f"{name!r} is {type(data.get(name)).__name__}, not an object")
-    layers = data["metadata"].get("num_decoder_layers")
-    if layers is not None and not _is_count(layers):
-        raise _Refused(f"metadata.num_decoder_layers is {layers!r}, not a whole number >= 1")
-    costs = _EARLY_EXIT_COSTS if "mean_exit_layer" in data["full_model"] else _BILD_COSTS
-    _check_fields(data["full_model"], "full_model", (("task_loss", "any", False), costs[0]), None)
-    if not isinstance(data.get("speedup_basis", ""), (str, type(None))):
-        raise _Refused(f"speedup_basis is {data['speedup_basis']!r}, not text")
-    for i, row in enumerate(results):
-        if not isinstance(row, Mapping):
-            raise _Refused(f"results[{i}] is {type(row).__name__}, not an object")
-        if not isinstance(row.get("method"), str):
-            raise _Refused(f"results[{i}].method is {row.get('method')!r}, not a method name")
-        _check_fields(row, f"results[{i}]", _ROW_FIELDS + costs, loss_bounds)
-
-
-def validate_evaluation(data, path=None) -> dict:
-    """``data`` when it is an evaluation every reader can use, else :class:`~hf_safe_exit.errors.CorruptFileError`.
-
-    Checked: the shape :func:`evaluate_table` writes (``settings``, ``metadata``, ``full_model`` and a non-empty
-    ``results`` list of rows with every field), every number finite (no NaN, no infinity) and each in its range
-    (ε and δ in (0, 1), rates and λ̂ in [0, 1], the test risk within the loss bounds, counts whole and positive,
-    speed-ups > 0 or null). The error names ``path`` (the file it came from; None: a dict given in Python).
-    """
-    try:
-        _check_shape(data)
-    except _Refused as refused:
-        raise CorruptFileError.about(path, f"not a usable evaluation: {refused}", _FIX) from None
-    return data
-
-
-def read_evaluation(path) -> dict:
-    """The evaluation stored at ``path`` (the JSON of :func:`evaluate_table`, ``hf-safe-exit evaluate --output``).
-
-    Raises :class:`~hf_safe_exit.errors.CorruptFileError` naming the file when it is garbage, empty, truncated,
-    another JSON, or an evaluation of another shape or with a value that is not a finite number in its range
-    (:func:`validate_evaluation`), and ``MissingCalibrationError`` when there is no such file.
-    """
-    return validate_evaluation(read_json_object(path, what=_WHAT, fix=_FIX), path)
 
 
 def _check_extras(table, keys, source) -> None:
@@ -212,6 +72,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
     table's file, named when its extras are refused. The dict passes :func:`validate_evaluation`: every number
     in it is finite (``json.dumps(..., allow_nan=False)`` writes it).
     """
+    from ..risk.provenance import PROVENANCE_KEYS
     from ..risk.selection import METHODS, select
 
     if risk not in table.losses:
@@ -288,7 +149,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
             })
     meta = table.metadata
     # the early-exit configuration as the table records it (every setting), so a card can check it against its own
-    meta_keys = ("task", "model_fingerprint", *(() if bild else config_fields()), "num_decoder_layers",
+    meta_keys = ("task", *PROVENANCE_KEYS, *(() if bild else config_fields()), "num_decoder_layers",
                  "max_new_tokens", "versions") + (("strategy", "policy") if bild else ())
     result = {
         "settings": {"eps": list(eps), "methods": list(methods), "delta": delta, "bound": bound, "risk": risk,
@@ -298,14 +159,14 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
         "full_model": {costs[0]: float(table.extras[costs[0]][full].mean()),
                        "task_loss": float(task_loss[full].mean()), "wall_time": float(wall[full]),
                        "generated_tokens": float(tokens[full]) if "num_tokens" in table.extras else None},
-        "speedup_basis": "per generated token" if "num_tokens" in table.extras else "per call (no token counts)",
+        "speedup_basis": BASES[0] if "num_tokens" in table.extras else BASES[1],
+        "table_digest": table.digest(),  # which table it evaluated: a card checks it against the one it shows
         "results": rows,
     }
-    try:  # what readers refuse is never written; losses and extras were checked, so only the metadata can fail here
-        _check_shape(result)
-    except _Refused as refused:
-        raise CorruptFileError.about(source, f"the results file gives an evaluation that is not usable: {refused}",
-                                     "Recollect it with `hf-safe-exit collect`") from None
+    problem = evaluation_problem(result)  # what readers refuse is never written; only the metadata can fail here
+    if problem is not None:
+        raise CorruptFileError.about(source, f"the results file gives an evaluation that is not usable: {problem}",
+                                     "Recollect it with `hf-safe-exit collect`")
     return result
 
 

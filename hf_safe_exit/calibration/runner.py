@@ -44,7 +44,9 @@ stopped and yields the same result file; pass ``fresh=True`` / ``--fresh`` to di
 killed while writing leaves a torn last line, which the next run drops before appending. Once the
 result file is written, the default state directory is removed (see :mod:`hf_safe_exit.calibration.state`). Settings that change the results (model
 fingerprint, task, grid, measure, schedule, batch size, lengths, examples) are checked
-against the state's ``config.json``; a mismatch raises :class:`StateMismatchError`.
+against the state's ``config.json``; a mismatch raises :class:`StateMismatchError`. Each cell is
+written with its content digest and read back only when it is unchanged and a cell of this run (its λ, its
+batch's ids, its costs in range); else a ``CorruptFileError`` names the cells file and line.
 
 **Deterministic.** Greedy decoding; losses are computed from the decoded text after all
 cells are in. Only the wall times vary from run to run.
@@ -63,6 +65,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..digest import with_digest
 from ..errors import ModelMismatchError, RunInProgressError, StateMismatchError
 from ..lazy import require
 from ..risk.provenance import check_model_matches, record_provenance
@@ -120,6 +123,7 @@ class _Plan:
     max_new_tokens: int
     max_input_length: int
     order: list[int]
+    depth: int | None = None  # the decoder's layers: the range of a cell's exit layers
     state_path: Path | None = None
     state_is_default: bool = False
     done: dict = field(default_factory=dict)
@@ -241,8 +245,9 @@ def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new
     # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
     # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
     order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
+    depth = getattr(model.config, "num_decoder_layers", None)
     return _Plan(task, strategy, lam, ids, prompts, [task.reference(r) for r in rows], batches, run_config,
-                 max_new_tokens, max_input_length, order)
+                 max_new_tokens, max_input_length, order, depth=int(depth) if depth else None)
 
 
 def _grid(lambdas, default) -> np.ndarray:
@@ -268,7 +273,8 @@ def _open_state(plan: _Plan, output, state_dir, fresh: bool, state) -> Path | No
     if plan.state_path is not None:
         lock = _take(plan.state_path, state)
         try:
-            plan.done = open_state(plan.state_path, plan.config, state, fresh)
+            batch_ids = [[plan.ids[j] for j in batch] for batch in plan.batches]  # what each cell read must hold
+            plan.done = open_state(plan.state_path, plan.config, state, fresh, batch_ids=batch_ids, depth=plan.depth)
         except BaseException:
             if lock is not None:
                 release_lock(lock)
@@ -347,7 +353,7 @@ def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
             plan.done[(k, b)] = cell
             if cells_file is not None:
                 with open(cells_file, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(cell) + "\n")
+                    fh.write(json.dumps(with_digest(cell)) + "\n")  # read back only if it is still this
             bar.update(1)
     finally:
         bar.close()

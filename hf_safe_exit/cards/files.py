@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..digest import DIGEST_KEY, with_digest
 from ..errors import WouldOverwriteError
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from ..risk.store import RISK_CONTROL_FILENAME
@@ -47,11 +48,14 @@ def _json_bytes(data: dict) -> bytes:
 
 
 def _same_json(path: Path, data: dict) -> bool:
+    """Whether ``path`` holds ``data``, its digest aside (a file written before digests holds the same content)."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return old == json.loads(json.dumps(data))
+    new = json.loads(json.dumps(data))
+    return isinstance(old, dict) and {k: v for k, v in old.items() if k != DIGEST_KEY} == \
+        {k: v for k, v in new.items() if k != DIGEST_KEY}
 
 
 def _same_calibration(path: Path, controlled) -> bool:
@@ -65,6 +69,7 @@ def _same_calibration(path: Path, controlled) -> bool:
     old = json.loads(json.dumps(old))
     for data in (old, new):
         data.pop("hf_safe_exit_version", None)
+        data.pop("digest", None)  # it covers the version: a file of another release is still the same calibration
     return old == new
 
 
@@ -123,6 +128,8 @@ def plan_files(card_dir, controlled, *, evaluation: dict | None = None, table: L
     """The files a card write adds, replaces or removes; raises :class:`WouldOverwriteError` (nothing written)
     when it would replace a file of other content and ``overwrite`` is False."""
     card_dir = Path(card_dir)
+    if table is not None and save_calibration:  # a table changed in place since it was built: checked before any write
+        LossTable(table.lambdas, table.losses, dict(table.bounds), table.extras, table.metadata)
     plan = FilePlan()
     conflicts = _plots(plots, card_dir, controlled.certificate.task, plan)
     if not save_calibration:
@@ -139,7 +146,7 @@ def plan_files(card_dir, controlled, *, evaluation: dict | None = None, table: L
         if eval_path.is_file() and not _same_json(eval_path, evaluation):
             conflicts.append(eval_path)
         if not eval_path.is_file() or eval_path in conflicts:
-            plan.writes[eval_path] = _json_bytes(evaluation)
+            plan.writes[eval_path] = _json_bytes(with_digest(evaluation))  # as `hf-safe-exit evaluate` writes it
     elif replaced and eval_path.is_file():
         plan.removals.append(eval_path)  # it evaluated the calibration being replaced
     if table is not None:

@@ -258,6 +258,28 @@ def _check_evaluation(evaluation: Mapping, controlled, where) -> None:
             "calibration was fitted on (`hf-safe-exit evaluate --results <that .npz>`), or leave the evaluation out")
 
 
+def _check_evaluated_table(evaluation: Mapping, table, where) -> None:
+    """Refuse an evaluation made from another loss table than ``table`` (the one the card shows, else the one stored
+    beside the evaluation file), by the table digest the evaluation records (none recorded: an older evaluation,
+    checked by its settings and metadata only)."""
+    recorded = evaluation.get("table_digest")
+    if recorded is None:
+        return
+    source = "the loss table the card shows"
+    if table is None and where is not None:
+        from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
+
+        beside = os.path.join(os.path.dirname(os.fspath(where)), CALIBRATION_FILENAME)
+        if not os.path.isfile(beside):
+            return
+        table, source = LossTable.load(beside), f"the loss table beside it ({beside})"
+    if table is not None and table.digest() != recorded:
+        raise InconsistentCalibrationError.about(
+            where, f"the evaluation was made from another loss table than {source}: it records table digest "
+            f"{recorded!r}, that table's is {table.digest()!r}", "Evaluate the loss table this calibration was fitted "
+            "on (`hf-safe-exit evaluate --results <that .npz>`), or leave the evaluation out")
+
+
 def _procedure(evaluation: Mapping, controlled, where) -> Procedure:
     c = controlled.certificate
     rows = [r for r in evaluation.get("results", []) if r.get("method") == c.method
@@ -329,7 +351,9 @@ def gather(controlled, *, test_results=None, efficiency: Mapping | None = None, 
 
     ``test_results`` is the evaluation written by ``hf-safe-exit evaluate`` (a dict, or the path of its JSON
     file), or a dict of :data:`HELD_OUT_KEYS`. An evaluation or table of another calibration is refused with
-    an :class:`~hf_safe_exit.errors.InconsistentCalibrationError` naming it.
+    an :class:`~hf_safe_exit.errors.InconsistentCalibrationError` naming it; so is an evaluation whose
+    ``table_digest`` is not that of ``table`` (or, with no ``table``, of the loss table stored beside the
+    evaluation file).
     """
     out = Measurements()
     if isinstance(test_results, (str, os.PathLike)):
@@ -351,6 +375,8 @@ def gather(controlled, *, test_results=None, efficiency: Mapping | None = None, 
                 table_path, f"the loss table is not the one this calibration was fitted on: {reason}",
                 "Pass the table the calibration was fitted on, or none")
         out.at_threshold = at_threshold(table, controlled, rows)
+    if out.evaluation is not None:  # once the table is known to be the calibration's: the evaluation must be of it
+        _check_evaluated_table(out.evaluation, table, where)
     hw = (efficiency or {}).get("hardware") if hardware is None else hardware
     if hw is None and table is not None:  # where the table's times were measured, as far as collect recorded it
         meta = table.metadata

@@ -9,6 +9,7 @@ backbone frozen (see ``hf_safe_exit.training``) and saved next to the model as
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -24,11 +25,27 @@ META_WEIGHTS_NAME = "meta_head.safetensors"
 META_CONFIG_NAME = "meta_head_config.json"
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class MetaHeadConfig:
+    """The shape of a meta head. Validated on construction (``ValueError`` naming the field): ``d_model`` a whole
+    number >= 1, ``hidden_size`` a whole number >= 0, ``dropout`` a number in [0, 1); a bool is not a number here."""
+
     d_model: int
     hidden_size: int = 0  # 0: a single Linear(d_model, 2); > 0: Linear -> GELU -> Linear
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _whole(self.d_model) or self.d_model < 1:
+            raise ValueError(f"d_model={self.d_model!r} must be a whole number >= 1 (the model's width)")
+        if not _whole(self.hidden_size) or self.hidden_size < 0:
+            raise ValueError(f"hidden_size={self.hidden_size!r} must be a whole number >= 0 (0: one linear layer)")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
 
 
 class MetaClassifierHead(nn.Module):
@@ -94,6 +111,7 @@ class MetaClassifierHead(nn.Module):
             state = load_file(weights)
         except Exception as err:  # safetensors raises its own error type for empty, truncated or foreign files
             raise CorruptFileError.about(weights, f"not readable as safetensors weights ({err})", _HEAD_FIX) from None
+        _check_dtypes(state, weights)
         try:
             head.load_state_dict(state)
         except RuntimeError as err:
@@ -105,6 +123,24 @@ class MetaClassifierHead(nn.Module):
             raise CorruptFileError.about(weights, f"{bad} hold NaN or infinite values", _HEAD_FIX)
         head.source = os.fspath(weights)
         return head.eval()
+
+
+def _check_dtypes(state: dict, weights) -> None:
+    """Refuse weights that are not floating point (an int head is not a trained one), or of several dtypes (one head
+    has one; :meth:`MetaClassifierHead.save_pretrained` writes them so, in the dtype the head had: float32, or the
+    model's when it was saved with a model cast to half precision). Weights of one floating dtype are cast to the
+    head's float32 on load (and by :func:`find_meta_head` to the model's dtype); a calibration records the head's
+    fingerprint (:func:`hf_safe_exit.meta_head_fingerprint`), so a half-precision copy of a float32 head, whose
+    values differ, is refused by the calibrations made with the original."""
+    dtypes = {name: value.dtype for name, value in state.items()}
+    ints = sorted(name for name, dtype in dtypes.items() if not dtype.is_floating_point)
+    if ints:
+        raise CorruptFileError.about(weights, f"{ints} are not floating-point weights "
+                                     f"({', '.join(str(dtypes[n]).removeprefix('torch.') for n in ints)})", _HEAD_FIX)
+    if len(set(dtypes.values())) > 1:
+        found = ", ".join(f"{n}: {str(d).removeprefix('torch.')}" for n, d in sorted(dtypes.items()))
+        raise CorruptFileError.about(weights, f"its weights are of several dtypes ({found}), while one head's are of "
+                                     "one: the file was edited or put together from two heads", _HEAD_FIX)
 
 
 _HEAD_FIX = ("Save the head again with MetaClassifierHead.save_pretrained(dir) (train one with "

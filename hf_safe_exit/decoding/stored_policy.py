@@ -7,7 +7,9 @@ honours either (:func:`policy_from_config`); a model that was not switched on re
 (:mod:`hf_safe_exit.decoding.enable`), since HF's own ``generate`` would silently ignore it.
 
 Only what can be rebuilt from the checkpoint is stored: an ``EarlyExit`` with a named measure, or a
-``RiskControlled`` by its parameters (it refits from the calibration the model folder stores).
+``RiskControlled`` by its parameters (it refits from the calibration the model folder stores). A stored value that
+is no such spec is refused with :class:`~hf_safe_exit.errors.InvalidStoredPolicyError`, whose one line names
+``generation_config.json`` and how to fix it, never dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ __all__ = ["POLICY_ATTRIBUTE", "InvalidStoredPolicyError", "policy_from_config",
 
 POLICY_ATTRIBUTE = "early_exit"
 GENERATION_CONFIG_NAME = "generation_config.json"
+_STORED_FIX = (f"Fix or remove \"early_exit\" in the model's {GENERATION_CONFIG_NAME}, or set "
+               "model.generation_config.early_exit to hf_safe_exit.EarlyExit(...) or "
+               "hf_safe_exit.RiskControlled(eps=...) (None: no stored policy)")
+
+
+def _invalid_stored(spec, problem: str) -> InvalidStoredPolicyError:
+    """The refusal of a stored policy spec: what is wrong, in one line naming generation_config.json, and the fix."""
+    return InvalidStoredPolicyError(" ".join(f"generation_config.early_exit = {spec!r} (the early-exit policy stored "
+                                             f"in {GENERATION_CONFIG_NAME}) {problem.rstrip('.')}. {_STORED_FIX}."
+                                             .split()))
 
 
 def policy_to_dict(policy) -> dict:
@@ -91,10 +103,8 @@ def policy_from_dict(spec: dict):
             config = spec.get("config")
             return RiskControlled(**params, config=None if config is None else EarlyExitConfig.from_dict(config))
     except (TypeError, ValueError) as err:
-        raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} is not a valid {kind}: "
-                                       f"{str(err).rstrip('.')}. Fix or remove it in generation_config.json.") from None
-    raise InvalidStoredPolicyError(f"generation_config.early_exit = {spec!r} names no policy type: it needs "
-                                   "\"type\": one of ['EarlyExit', 'RiskControlled'].")
+        raise _invalid_stored(spec, f"is not a valid {kind}: {err}") from None
+    raise _invalid_stored(spec, "names no policy type: it needs \"type\": one of ['EarlyExit', 'RiskControlled']")
 
 
 def policy_from_config(generation_config):
@@ -110,8 +120,7 @@ def policy_from_config(generation_config):
 
     if isinstance(stored, (EarlyExitPolicy, RiskControlled, BiLD)):
         return stored
-    raise InvalidStoredPolicyError(f"generation_config.early_exit = {stored!r} is not an early-exit policy: set it "
-                                   "to hf_safe_exit.EarlyExit(...) or hf_safe_exit.RiskControlled(eps=...), or None.")
+    raise _invalid_stored(stored, "is not an early-exit policy or the spec of one (a JSON object with a \"type\")")
 
 
 def check_saved_generation_config(model) -> None:

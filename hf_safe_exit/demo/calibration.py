@@ -75,7 +75,8 @@ def task_calibration(model_dir, task: str, *, eps: float | None, delta: float | 
         why = f"ε = {json_eps:g}: the ε this calibration was stored with"
         if stored.table is None:
             why += " (no loss table is stored beside it to fit another ε from)"
-        return RiskControlled.from_dict(stored.controlled_json), str(stored.controlled_path), why
+        path = str(stored.controlled_path)
+        return RiskControlled.from_dict(stored.controlled_json, path), path, why
 
     if eps is None:
         if stored.controlled_json is not None and prefer_stored:

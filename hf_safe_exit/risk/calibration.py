@@ -4,7 +4,9 @@ A :class:`~hf_safe_exit.risk.RiskController` knows losses only. A calibration ad
 the decoding family the losses were collected with (an :class:`~hf_safe_exit.EarlyExitConfig`, or BiLD's settings),
 the model (its fingerprint), the task and the lengths. It turns into the policy ``generate`` runs
 (:meth:`Calibration.policy`), and it is stored as ``risk_control.json`` (:meth:`Calibration.save_pretrained`,
-:meth:`Calibration.from_pretrained`), checked on load (:mod:`hf_safe_exit.risk.integrity`).
+:meth:`Calibration.from_pretrained`), checked on load (:mod:`hf_safe_exit.risk.integrity`). The file carries the
+digest of its content (:mod:`hf_safe_exit.digest`), so that an edit made after it was written is refused; a digest
+is no defence against someone who edits the file and computes the digest again, which the content checks are for.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 
 from ..confidence import AUTO, ConfidenceMeasure
 from ..atomic import atomic_write
-from ..config import EarlyExitConfig, config_fields
-from ..errors import CorruptFileError, InconsistentCalibrationError
+from ..config import EarlyExitConfig
+from ..digest import with_digest
+from ..errors import CalibrationFileError
 from ..fingerprint import model_fingerprint
 from .certificate import RiskCertificate
 from .controller import RiskController
-from .integrity import FORMAT_VERSION, check_calibration_dict
+from .integrity import FORMAT_VERSION, REQUEST_KEYS, check_calibration_dict
 from .loss_table import CALIBRATION_FILENAME, LossTable
 from .provenance import check_fingerprint, check_provenance
 from .store import HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationError, find_stored, \
@@ -29,9 +32,7 @@ from .store import HOW_TO_CALIBRATE, RISK_CONTROL_FILENAME, MissingCalibrationEr
 
 __all__ = ["Calibration", "table_config"]
 
-_REQUEST = ("eps", "delta", "method", "bound", "risk", "monotonize")
 _LENGTHS = ("max_new_tokens", "max_input_length")
-_FIX = "Write it again with `hf-safe-exit calibrate` or Calibration.save_pretrained"
 _UNKNOWN_MEASURE = ("Unknown confidence measure: these losses record no early-exit configuration, so say which one "
                     "they were computed with: RiskControlled(..., config=EarlyExitConfig(measure='softmax', ...)).")
 
@@ -72,6 +73,9 @@ class Calibration:
     meta_head_fingerprint: str | None = None
     task: str | None = None
     lengths: dict = field(default_factory=dict)
+    # where it was read from (a risk_control.json, or the loss table it was fitted on), for refusals to name: not part
+    # of what it is (not compared, not written)
+    source: str | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -104,26 +108,32 @@ class Calibration:
                  "measure": None if chosen is None else chosen.measure_name,
                  **{k: int(meta[k]) for k in _LENGTHS if meta.get(k) is not None}}
         controller.fit_table(table, about=about)
+        source = getattr(table, "source", None)  # set where a table was read from a file
         return cls(threshold=controller.threshold, certificate=controller.certificate,
                    request=controller.get_params(), config=chosen, bild=bild,
                    model_fingerprint=about["model_fingerprint"], dtype=meta.get("dtype"),
                    meta_head_fingerprint=meta.get("meta_head_fingerprint") if chosen is not None else None,
-                   task=about["task"], lengths={k: about[k] for k in _LENGTHS if k in about})
+                   task=about["task"], lengths={k: about[k] for k in _LENGTHS if k in about},
+                   source=None if source is None else os.fspath(source))
 
     # ------------------------------------------------------------------ use
     @property
     def is_bild(self) -> bool:
         return self.bild is not None
 
-    def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str = "This calibration",
+    def check_model(self, model, *, allow_missing_fingerprint: bool = False, what: str | None = None,
                     fingerprint: str | None = None) -> None:
         """Raise unless this calibration was made for ``model``: its weights, their dtype and, for the meta measure,
         its meta head (see :mod:`hf_safe_exit.risk.provenance`); ``fingerprint``: ``model``'s, when the caller has
-        it already."""
+        it already. A refusal names the file the calibration was read from (``source``), when it was."""
         recorded = {"model_fingerprint": self.model_fingerprint, "dtype": self.dtype,
                     "meta_head_fingerprint": self.meta_head_fingerprint}
+        if what is None:  # the refusal names the file first: say how the calibration comes from it
+            what = "This calibration" if self.source is None else "The calibration it holds" if \
+                os.path.basename(self.source) == RISK_CONTROL_FILENAME else "The calibration fitted on this loss table"
         check_provenance(recorded, model, self.config, allow_missing=allow_missing_fingerprint, what=what,
-                         fingerprint=fingerprint, other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE)
+                         fingerprint=fingerprint, other_fix="Recalibrate on this model. " + HOW_TO_CALIBRATE,
+                         path=self.source)
 
     def policy(self, model, *, small_model=None, small_tokenizer=None, allow_missing_fingerprint: bool = False,
                fingerprint: str | None = None):
@@ -169,7 +179,8 @@ class Calibration:
 
     # ------------------------------------------------------------------ the file
     def to_dict(self) -> dict[str, Any]:
-        """The ``risk_control.json`` content (format 1: λ̂ under ``lambda_``, the settings under ``calibration``)."""
+        """The ``risk_control.json`` content (format 1: λ̂ under ``lambda_``, the settings under ``calibration``),
+        with the digest of that content under ``digest`` (:func:`hf_safe_exit.digest.with_digest`)."""
         from .. import __version__
 
         if self.config is not None and isinstance(self.config.measure, ConfidenceMeasure):
@@ -181,48 +192,42 @@ class Calibration:
         else:  # a fit on raw losses may not know its configuration yet (measure None: refused when decoding)
             settings = self.config.to_dict() if self.config is not None else {**EarlyExitConfig().to_dict(),
                                                                               "measure": None}
-        return {"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__,
-                "params": {**self.request, "task": self.task}, "lambda_": self.threshold,
-                "calibration": {**settings, "model_fingerprint": self.model_fingerprint, **self._provenance_extras,
-                                "task": self.task, **self.generation_settings},
-                "certificate": self.certificate.to_dict()}
+        return with_digest({"format_version": FORMAT_VERSION, "hf_safe_exit_version": __version__,
+                            "params": {**self.request, "task": self.task}, "lambda_": self.threshold,
+                            "calibration": {**settings, "model_fingerprint": self.model_fingerprint,
+                                            **self._provenance_extras, "task": self.task, **self.generation_settings},
+                            "certificate": self.certificate.to_dict()})
 
     @classmethod
     def from_dict(cls, data, path=None) -> "Calibration":
         """The calibration a ``risk_control.json`` (``data``, read from ``path``) describes, after checking it.
 
-        Raises :class:`~hf_safe_exit.errors.CorruptFileError` for an incomplete or malformed file and
-        :class:`~hf_safe_exit.errors.InconsistentCalibrationError` for one that contradicts itself, naming ``path``.
+        Raises :class:`~hf_safe_exit.errors.CorruptFileError` for an incomplete or malformed file, or one edited after
+        it was written (its digest), and :class:`~hf_safe_exit.errors.InconsistentCalibrationError` for one that
+        contradicts itself, naming ``path`` (which the calibration keeps as ``source``, for later refusals to name).
         """
-        where = path if path is not None else RISK_CONTROL_FILENAME
-        certificate = check_calibration_dict(data, path)
+        certificate = check_calibration_dict(data, path)  # every field, the request and the settings included
         params, cal = data["params"], data["calibration"]
-        request = {k: params[k] for k in _REQUEST if k in params}
-        # files written before the configuration object also list the early-exit settings among the params
-        unknown = sorted(set(params) - set(_REQUEST) - {"task", *config_fields()})
-        if unknown:
-            raise CorruptFileError.about(where, f"its params are not those of a RiskControlled (unknown {unknown})",
-                                         _FIX)
-        try:
-            RiskController(**request)
-            config = None if cal.get("strategy") == "bild" or cal.get("measure") is None else \
-                EarlyExitConfig.from_dict(cal, strict=False)
-        except (TypeError, ValueError) as err:
-            raise CorruptFileError.about(where, f"its settings are not valid ({err})", _FIX) from None
-        if config is not None and config.measure_name == "auto":
-            raise InconsistentCalibrationError.about(where, "its measure is 'auto', which a calibration resolves "
-                                                     "before it is written", _FIX)
+        request = {k: params[k] for k in REQUEST_KEYS if k in params}
+        config = None if cal.get("strategy") == "bild" or cal.get("measure") is None else \
+            EarlyExitConfig.from_dict(cal, strict=False)
         return cls(threshold=float(data["lambda_"]), certificate=certificate, request=request, config=config,
                    bild=dict(cal["policy"]) if cal.get("strategy") == "bild" else None,
                    model_fingerprint=cal.get("model_fingerprint"), dtype=cal.get("dtype"),
                    meta_head_fingerprint=cal.get("meta_head_fingerprint"), task=cal.get("task"),
-                   lengths={k: v for k in _LENGTHS if (v := _length(cal, certificate, k)) is not None})
+                   lengths={k: v for k in _LENGTHS if (v := _length(cal, certificate, k)) is not None},
+                   source=None if path is None else os.fspath(path))
 
     def save_pretrained(self, save_directory) -> str:
-        """Write ``save_directory/risk_control.json``; returns its path."""
-        data = self.to_dict()  # raises before anything is written
-        os.makedirs(save_directory, exist_ok=True)
+        """Write ``save_directory/risk_control.json``; returns its path. What is written passes the checks of reading
+        it (:func:`~hf_safe_exit.risk.integrity.check_calibration_dict`): one that would not raises before writing."""
         path = os.path.join(os.fspath(save_directory), RISK_CONTROL_FILENAME)
+        data = self.to_dict()
+        try:  # a file we write is one we can read back
+            check_calibration_dict(json.loads(json.dumps(data)), path)
+        except CalibrationFileError as err:
+            raise ValueError(f"This calibration cannot be written: reading it back would be refused ({err})") from None
+        os.makedirs(save_directory, exist_ok=True)
         with atomic_write(path, encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False)
         return path

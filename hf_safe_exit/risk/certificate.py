@@ -1,10 +1,23 @@
-"""``RiskCertificate``: what a risk-controlled threshold guarantees, for which model, data and decoding."""
+"""``RiskCertificate``: what a risk-controlled threshold guarantees, for which model, data and decoding.
+
+Its JSON form (the ``certificate`` of a ``risk_control.json``) is checked field by field when read
+(:func:`check_certificate_fields`): every number typed and in range, the method's δ, bound and p-value as the method
+has them, before anything computes with them. Whether the numbers agree with each other is
+:mod:`hf_safe_exit.risk.integrity`'s check.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["RiskCertificate", "guarantee_text", "infeasible_message"]
+from .loss_table import MAX_TOKENS, RISKS, check_task_name
+from .provenance import is_fingerprint
+from .selection import BOUNDS, METHODS, MONOTONIZE, check_method_and_delta
+
+__all__ = ["RiskCertificate", "check_certificate_fields", "guarantee_text", "infeasible_message", "is_length",
+           "is_task_name"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,100 @@ class RiskCertificate:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RiskCertificate":
+        """The certificate of a JSON form, after :func:`check_certificate_fields` (``ValueError`` naming the first
+        field that is missing, unknown, mistyped or out of range)."""
+        check_certificate_fields(data)
         data = dict(data)
         data["threshold"] = data.pop("lambda_hat")
-        data["loss_bounds"] = tuple(data["loss_bounds"])
+        data["loss_bounds"] = tuple(float(v) for v in data["loss_bounds"])
         return cls(**data)
+
+
+# ------------------------------------------------------------------------------------------ the JSON form's fields
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _real(value) and math.isfinite(value)
+
+
+def _numbers(value, each) -> bool:
+    return isinstance(value, (list, tuple)) and all(each(v) for v in value)
+
+
+def is_length(value) -> bool:
+    """Whether ``value`` can be a recorded length (``max_new_tokens``, ``max_input_length``): a whole number in
+    [1, ``MAX_TOKENS``]."""
+    return _real(value) and math.isfinite(value) and float(value).is_integer() and 1 <= value <= MAX_TOKENS
+
+
+def is_task_name(value) -> bool:
+    """Whether ``value`` can name a task (:func:`~hf_safe_exit.risk.loss_table.check_task_name`)."""
+    try:
+        return check_task_name(value) is not None
+    except ValueError:
+        return False
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+# field (as the JSON form names it) -> (its check, what it must be); the certificate's every field, in one place
+_FIELD_CHECKS = {
+    "eps": (lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    "delta": (_optional(lambda v: _finite(v) and 0 < v < 1), "null or a number in (0, 1)"),
+    "method": (lambda v: isinstance(v, str) and v in METHODS, f"one of {list(METHODS)}"),
+    "bound": (_optional(lambda v: isinstance(v, str) and v in BOUNDS), f"null or one of {list(BOUNDS)}"),
+    "risk": (lambda v: isinstance(v, str) and v in RISKS, f"one of {list(RISKS)}"),
+    "monotonize": (lambda v: v is None or isinstance(v, str) and v in MONOTONIZE, f"one of {list(MONOTONIZE)}"),
+    "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          "a positive integer (the number of calibration examples)"),
+    "lambda_hat": (lambda v: _finite(v) and 0 <= v <= 1, "a threshold in [0, 1]"),
+    "empirical_risk": (_finite, "a finite number"),
+    "risk_bound": (lambda v: _real(v) and not math.isnan(v), "a number"),
+    "p_value": (_optional(lambda v: _finite(v) and 0 <= v <= 1), "null or a probability in [0, 1]"),
+    "feasible": (lambda v: isinstance(v, bool), "true or false"),
+    "guarantee": (lambda v: isinstance(v, str), "a string"),
+    "loss_bounds": (lambda v: _numbers(v, _finite) and len(v) == 2 and v[0] < v[1],
+                    "two finite numbers [lower, upper] with lower < upper"),
+    "grid": (lambda v: _numbers(v, lambda x: _finite(x) and 0 <= x <= 1), "a list of thresholds in [0, 1]"),
+    "grid_empirical_risk": (lambda v: _numbers(v, _finite), "a list of finite numbers"),
+    "grid_statistic": (lambda v: _numbers(v, lambda x: _real(x) and not math.isnan(x)), "a list of numbers"),
+    "model_fingerprint": (_optional(is_fingerprint), "null or a model fingerprint (lowercase hex digits)"),
+    "task": (_optional(is_task_name), "null or a task name"),
+    "measure": (_optional(lambda v: isinstance(v, str)), "null or a measure's name"),
+    "max_new_tokens": (_optional(is_length), f"null or a whole number in [1, {MAX_TOKENS}]"),
+    "max_input_length": (_optional(is_length), f"null or a whole number in [1, {MAX_TOKENS}]"),
+}
+# written since the first format; the lengths came later (a certificate without them takes its calibration's)
+_LATER_FIELDS = ("max_new_tokens", "max_input_length")
+
+
+def check_certificate_fields(data) -> None:
+    """Raise ``ValueError`` (one line: the field, its value, what it must be) unless ``data``, a certificate's JSON
+    form, has every field a certificate has (the lengths may be absent), none else, each of its type and in its range,
+    and the method's own δ, bound and p-value: δ for ucb and ltt only, the bound a UCB's for ucb, Hoeffding–Bentkus
+    for ltt and none otherwise, a p-value for ltt only (what :class:`~hf_safe_exit.risk.RiskController` writes)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a certificate must be a JSON object, not {type(data).__name__}")
+    names = {"lambda_hat" if f.name == "threshold" else f.name for f in fields(RiskCertificate)}
+    missing = sorted(names - set(data) - set(_LATER_FIELDS))
+    unknown = sorted(set(data) - names)
+    if missing or unknown:
+        raise ValueError(f"no {missing}" if missing else f"{unknown} are not fields of a certificate")
+    for key, (check, must) in _FIELD_CHECKS.items():
+        if key in data and not check(data[key]):
+            raise ValueError(f"{key}={data[key]!r} must be {must}")
+    method = data["method"]
+    check_method_and_delta(method, data["delta"])
+    bound = {"ltt": "hoeffding_bentkus", "crc": None, "naive": None}.get(method, data["bound"])
+    if data["bound"] != bound or (method == "ucb" and bound is None):
+        raise ValueError(f"bound={data['bound']!r} is not the bound of method {method!r} "
+                         f"({'one of ' + str(list(BOUNDS)) if method == 'ucb' else bound!r})")
+    if (data["p_value"] is None) != (method != "ltt"):
+        raise ValueError(f"p_value={data['p_value']!r}: only method 'ltt' tests a p-value, and it records one")
 
 
 def guarantee_text(method: str, eps: float, delta: float | None, risk: str) -> str:

@@ -2,11 +2,18 @@
 
 A calibration is only as trustworthy as its file. Before one is used it must
 
-* be complete: the fields ``RiskControlled.to_dict`` writes, of the right types
-  (:class:`~hf_safe_exit.errors.CorruptFileError` otherwise);
+* match its digest, when it records one (every file :meth:`~hf_safe_exit.risk.Calibration.to_dict` writes does: see
+  :mod:`hf_safe_exit.digest`): a file edited after it was written is refused whatever the edit
+  (:class:`~hf_safe_exit.errors.CorruptFileError`). The checks below are what protects a file without one (written
+  before digests, or by hand), and a forger who recomputes the digest;
+* be complete: the fields ``RiskControlled.to_dict`` writes, each of its type and in its range (the certificate's:
+  :func:`~hf_safe_exit.risk.certificate.check_certificate_fields`; fingerprints hex digits, the dtype a torch
+  dtype's name, the task a task name) (:class:`~hf_safe_exit.errors.CorruptFileError` otherwise);
 * agree with itself: λ̂ (``lambda_``) equals its certificate's ``lambda_hat`` and is a point of the
   certificate's grid, the certificate was fitted with the file's (ε, δ, method, risk, monotonize) and
-  for the file's model, task, measure and lengths, and ``feasible`` says whether λ̂ < 1;
+  for the file's model, task, measure and lengths (the two copies of each equal, a missing one reading as null;
+  ``params.task`` null, as older files write it, or the task), its empirical risks lie within its loss bounds, and
+  ``feasible`` says whether λ̂ < 1;
 * where the loss table is stored beside it (``early_exit_calibration.npz`` in the same folder): be what
   refitting that table gives (same λ̂, n and model), with the settings the table's losses were collected
   with (task, measure, schedule, minimum exit layer, decay τ, PoE, lengths; those the table records).
@@ -22,15 +29,20 @@ import numbers
 
 from .. import __version__
 from ..config import EarlyExitConfig, config_fields
+from ..digest import check_digest
 from ..errors import CorruptFileError, InconsistentCalibrationError
 from .bounds import hoeffding_bentkus_ucb
-from .certificate import RiskCertificate, guarantee_text
-from .loss_table import LossTable
+from .certificate import RiskCertificate, guarantee_text, is_length, is_task_name
+from .controller import RiskController
+from .loss_table import MAX_TOKENS, LossTable
+from .provenance import is_dtype_name, is_fingerprint
 from .selection import crc_statistic, first_violation_scan, passes, select
 
-__all__ = ["FORMAT_VERSION", "RECALIBRATE", "check_calibration_dict", "check_refit"]
+__all__ = ["FORMAT_VERSION", "RECALIBRATE", "REQUEST_KEYS", "check_calibration_dict", "check_calibration_digest",
+           "check_refit"]
 
 FORMAT_VERSION = 1
+REQUEST_KEYS = ("eps", "delta", "method", "bound", "risk", "monotonize")  # a RiskController's request, under "params"
 RECALIBRATE = ("Recalibrate: `hf-safe-exit calibrate --results <table>.npz --eps ... --model <model> --store-in-model` "
                "(or RiskControlled(...).fit_table(table).save_pretrained(dir)); never edit risk_control.json by hand")
 _CORRUPT_FIX = ("Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained, or delete it (a model "
@@ -69,9 +81,12 @@ def _check_settings(calibration: dict, path) -> None:
     if calibration.get("measure") is None:  # a fit on raw losses that named no configuration (refused when used)
         return
     try:
-        EarlyExitConfig.from_dict(calibration, strict=False)  # the one validation of the early-exit settings
+        config = EarlyExitConfig.from_dict(calibration, strict=False)  # the one validation of the early-exit settings
     except (TypeError, ValueError) as err:
         raise CorruptFileError.about(path, f"its early-exit settings are not valid: {err}", _CORRUPT_FIX) from None
+    if config.measure_name == "auto":
+        raise InconsistentCalibrationError.about(path, "its measure is 'auto', which a calibration resolves before it "
+                                                 "is written", _CORRUPT_FIX)
 
 
 def _check_certificate(cert: RiskCertificate, where) -> None:
@@ -96,7 +111,12 @@ def _check_certificate(cert: RiskCertificate, where) -> None:
     if not _close(selected, cert.threshold):
         raise forged("λ̂", cert.threshold, selected)
     pos = grid.index(selected)
-    upper = cert.loss_bounds[1]
+    lower, upper = cert.loss_bounds
+    outside = [r for r in risk if not lower - _TOLERANCE <= r <= upper + _TOLERANCE]
+    if outside:  # a mean of losses in [lower, upper] lies in it
+        raise InconsistentCalibrationError.about(
+            where, f"its certificate's empirical risk {outside[0]!r} lies outside its loss bounds "
+            f"{list(cert.loss_bounds)}: the file was edited", RECALIBRATE)
     expected = {"crc": [float(v) for v in crc_statistic(risk, cert.n, upper)], "naive": risk}.get(cert.method)
     if expected is not None and not all(_close(a, b) for a, b in zip(stat, expected)):
         raise forged(f"the {cert.method} statistics", stat, expected)
@@ -115,12 +135,13 @@ def _check_certificate(cert: RiskCertificate, where) -> None:
         raise forged("the guarantee", cert.guarantee, text)
 
 
-def check_calibration_dict(data, path=None) -> RiskCertificate:
+def check_calibration_dict(data, path=None, *, digest: bool = True) -> RiskCertificate:
     """Check the content of a ``risk_control.json`` (see the module docstring); returns its certificate.
 
     The certificate's ``max_new_tokens``/``max_input_length`` are taken from ``calibration`` when the
     certificate predates those fields. Raises ``CorruptFileError`` or ``InconsistentCalibrationError``
-    naming ``path`` (or "risk_control.json" when the dict came from elsewhere).
+    naming ``path`` (or "risk_control.json" when the dict came from elsewhere). The digest is checked last
+    (``digest=False``: by the caller, after further checks), so that an edit the content checks can name is named.
     """
     where = path if path is not None else "risk_control.json"
     if not isinstance(data, dict):
@@ -143,11 +164,9 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
                                      _CORRUPT_FIX)
     if not _number(lam) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
         raise CorruptFileError.about(where, f"lambda_={lam!r} is not a threshold in [0, 1]", _CORRUPT_FIX)
+    _check_request(params, where)
     _check_settings(calibration, where)
-    for key in ("model_fingerprint", "dtype", "meta_head_fingerprint"):
-        if calibration.get(key) is not None and not isinstance(calibration[key], str):
-            raise CorruptFileError.about(where, f"calibration.{key}={calibration[key]!r} is not a string",
-                                         _CORRUPT_FIX)
+    _check_provenance_fields(calibration, where)
     try:
         cert = RiskCertificate.from_dict(data["certificate"])
     except (TypeError, KeyError, ValueError) as err:
@@ -175,10 +194,57 @@ def check_calibration_dict(data, path=None) -> RiskCertificate:
             raise inconsistent(f"params.{key}", params[key], getattr(cert, key))
     if cert.method == "ucb" and "bound" in params and params["bound"] != cert.bound:
         raise inconsistent("params.bound", params["bound"], cert.bound)
-    for key in ("model_fingerprint", "task", "measure", "max_new_tokens", "max_input_length"):
+    # what the guarantee is for is recorded twice, and every file written records both copies (null where unknown):
+    # copies that differ, or one left out, mean an edit (a null fingerprint, task or measure changes what is checked)
+    for key in ("model_fingerprint", "task", "measure"):
+        if calibration.get(key) != data["certificate"].get(key):
+            raise inconsistent(f"calibration.{key}", calibration.get(key), data["certificate"].get(key))
+    for key in ("max_new_tokens", "max_input_length"):  # older certificates lack these: only two values can differ
         if calibration.get(key) is not None and getattr(cert, key) is not None and calibration[key] != getattr(cert, key):
             raise inconsistent(f"calibration.{key}", calibration[key], getattr(cert, key))
+    if params.get("task") not in (None, calibration.get("task")):  # older files wrote the request's task= (None)
+        raise InconsistentCalibrationError.about(
+            where, f"params.task is {params['task']!r} but calibration.task is {calibration.get('task')!r}: the file "
+            "was edited or mixed up with another calibration", RECALIBRATE)
+    if digest:
+        check_calibration_digest(data, where)
     return cert
+
+
+def check_calibration_digest(data: dict, path) -> None:
+    """Raise ``CorruptFileError`` naming ``path`` if ``data`` records a digest that its content does not give."""
+    check_digest(data, path, "the calibration", RECALIBRATE)
+
+
+def _check_request(params: dict, where) -> None:
+    """``params`` is a :class:`~hf_safe_exit.risk.RiskController` request (and its task; files written before the
+    configuration object also list the early-exit settings there)."""
+    unknown = sorted(set(params) - set(REQUEST_KEYS) - {"task", *config_fields()})
+    if unknown:
+        raise CorruptFileError.about(where, f"its params are not those of a RiskControlled (unknown {unknown})",
+                                     _CORRUPT_FIX)
+    try:
+        RiskController(**{k: params[k] for k in REQUEST_KEYS if k in params})
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError.about(where, f"its params are not a valid request ({err})", _CORRUPT_FIX) from None
+
+
+def _check_provenance_fields(calibration: dict, where) -> None:
+    """The model fingerprint, dtype, meta head fingerprint, task and lengths of a calibration section are of their
+    form. The dtype and the meta head's fingerprint are left out by files written before them, and never written as
+    null; a model fingerprint and a task may be null (a calibration that does not know them, refused where used)."""
+    checks = {"model_fingerprint": (is_fingerprint, "a model fingerprint (lowercase hex digits)"),
+              "meta_head_fingerprint": (is_fingerprint, "a meta head fingerprint (lowercase hex digits)"),
+              "dtype": (is_dtype_name, "the name of a floating-point torch dtype ('float32', 'bfloat16', ...) or "
+                        "'mixed'"),
+              "task": (is_task_name, "a task name"),
+              "max_new_tokens": (is_length, f"a whole number in [1, {MAX_TOKENS}]"),
+              "max_input_length": (is_length, f"a whole number in [1, {MAX_TOKENS}]")}
+    never_null = ("dtype", "meta_head_fingerprint")
+    for key, (check, must) in checks.items():
+        value = calibration.get(key)
+        if key in calibration and (value is not None or key in never_null) and not check(value):
+            raise CorruptFileError.about(where, f"calibration.{key}={value!r} is not {must}", _CORRUPT_FIX)
 
 
 # what a calibration decodes with that a loss table's metadata records besides the early-exit configuration: λ̂ is
@@ -225,7 +291,11 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
             raise _table_differs(path, table_path, key, calibration.get(key), table.metadata.get(key))
     if not bild and table.metadata.get("measure") is not None:  # the table records its early-exit configuration
         # a table leaves out settings at their default (anytime, exit_layers): read both through the one format
-        recorded = EarlyExitConfig.from_dict(table.metadata, strict=False).to_dict()
+        try:
+            recorded = EarlyExitConfig.from_dict(table.metadata, strict=False).to_dict()
+        except ValueError as err:  # e.g. a measure name no built-in measure answers to
+            raise CorruptFileError.about(table_path, f"the early-exit settings it records cannot be used ({err})",
+                                         RECALIBRATE) from None
         stored = EarlyExitConfig.from_dict(calibration, strict=False).to_dict() if calibration.get("measure") is not \
             None else {}
         for key, value in recorded.items():

@@ -12,21 +12,29 @@ Risks (Jazbec, Timans et al. 2024, Sec. 3), with ℓ the task loss and ŷ_λ the
 * ``"consistency"``: ℓ(ŷ_λ, ŷ_1), in [0, 1] by default (no labels needed);
 
 for task losses in [a, b] (default [0, 1], so the gap lies in [−1, 1]).
+
+A table is checked whole when built (shapes, grid, bounds, every number finite, what its metadata says agrees with
+its arrays) and when read; a file carries the content digest it was written with (:mod:`hf_safe_exit.digest`),
+so that an edit made after writing is refused even where the edited table would still be well formed. A digest
+shows an edit, not a forgery: whoever recomputes it after editing gets past it (then only the content checks, and
+the model's fingerprint at use, stand in the way). A file without one (older, or hand-made) is read on its content.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..atomic import atomic_write
+from ..digest import DIGEST_KEY, check_digest, content_digest
 from ..errors import CalibrationFileError, CorruptFileError, MissingCalibrationError
+from .provenance import is_fingerprint
 from .selection import prepare_losses
 
 __all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME", "MAX_TOKENS", "check_metadata", "check_task_name",
@@ -84,6 +92,96 @@ def check_metadata(meta: dict) -> None:
                              f"outside the decoder it records ({depth} layers).")
 
 
+def _check_extra(name, arr: np.ndarray, K: int, n: int) -> None:
+    """Raise ``ValueError`` unless ``extras[name]`` holds finite numbers, one per λ or one per (λ, example)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"extras are named by non-empty strings, got {name!r}.")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"extras[{name!r}] holds {arr.dtype} values, not numbers.")
+    if arr.shape not in ((K,), (K, n)):
+        raise ValueError(f"extras[{name!r}] has shape {arr.shape}: its first axis must follow lambdas and any second "
+                         f"the examples, ({K},) or ({K}, {n}).")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"extras[{name!r}] holds {int((~np.isfinite(arr)).sum())} NaN or infinite value(s): every "
+                         "measurement a table records is a number.")
+
+
+def _check_agreement(table: "LossTable") -> None:
+    """Raise ``ValueError`` where the metadata contradicts the arrays: the examples (``n``, ``example_ids``), the
+    grid (``lambdas``), the task loss's range (``task_loss_bounds``: the risks' bounds and ``extras['task_loss']``
+    follow from it), or a fingerprint that cannot be one."""
+    meta, K, n = table.metadata, table.lambdas.size, table.n
+    if meta.get("n") is not None and (isinstance(meta["n"], bool) or meta["n"] != n):
+        raise ValueError(f"metadata n={meta['n']!r} but the losses hold {n} examples.")
+    ids = meta.get("example_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != n):
+        raise ValueError(f"metadata['example_ids'] must be a list of the {n} examples' ids, got "
+                         f"{len(ids) if isinstance(ids, list) else type(ids).__name__} entries.")
+    if ids is not None and (not all(_id(i) for i in ids) or len(set(ids)) != n):
+        # the guarantee assumes n distinct examples: one counted twice (or an id that is none) is no calibration set
+        raise ValueError("metadata['example_ids'] must name each example once, by a string or an integer.")
+    grid = meta.get("lambdas")
+    if grid is not None and not (_numbers(grid, K) and np.array_equal(grid, table.lambdas)):
+        raise ValueError(f"metadata lambdas={grid!r} is not the grid the losses are on ({table.lambdas.tolist()}).")
+    for key in ("model_fingerprint", "meta_head_fingerprint"):
+        if meta.get(key) is not None and not is_fingerprint(meta[key]):
+            raise ValueError(f"metadata {key}={meta[key]!r} is not a fingerprint (lowercase hex digits, as "
+                             "hf_safe_exit.model_fingerprint gives).")
+    if meta.get("task_loss_bounds") is not None:
+        _check_task_loss_bounds(table, meta["task_loss_bounds"])
+    for key, (ok, what) in _RECORDED.items():
+        if meta.get(key) is not None and not ok(meta[key]):
+            raise ValueError(f"metadata {key}={meta[key]!r} must be {what}.")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError("metadata holds a NaN or infinite number: nothing a table records is one.") from None
+
+
+def _id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _natural(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# what collect records beside the settings (a card and a reader show it as it is): a type, where it is there
+_RECORDED = {"batch_size": (lambda v: _natural(v, 1), "a whole number >= 1"),
+             "subset_seed": (lambda v: _natural(v, 0), "a whole number >= 0"),
+             **{key: (lambda v: isinstance(v, str), "a string")
+                for key in ("split", "device", "data_source", "model_path", "task_loss", "lambda_order")},
+             "versions": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                          "an object of version strings")}
+
+
+def _numbers(values, size: int) -> bool:
+    return isinstance(values, list) and len(values) == size and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+
+
+def _check_task_loss_bounds(table: "LossTable", recorded) -> None:
+    """The task loss's range [a, b] fixes the gaps' ranges ([a − b, b − a], [0, b − a]) and holds the task loss."""
+    if not (_numbers(recorded, 2) and recorded[0] < recorded[1]):
+        raise ValueError(f"metadata task_loss_bounds={recorded!r} must be [lower, upper], finite, lower < upper.")
+    a, b = (float(v) for v in recorded)
+    implied = {"performance_gap": (a - b, b - a), "performance_gap_bounded": (0.0, b - a)}
+    for risk, bounds in implied.items():
+        if risk in table.bounds and not np.allclose(table.bounds[risk], bounds, rtol=0, atol=1e-12):
+            raise ValueError(f"the {risk} bounds {list(table.bounds[risk])} contradict metadata task_loss_bounds="
+                             f"{recorded} (which give {list(bounds)}).")
+    task = table.extras.get("task_loss")
+    if task is not None and task.size and (task.min() < a - 1e-9 or task.max() > b + 1e-9):
+        raise ValueError(f"extras['task_loss'] lies in [{task.min():.6g}, {task.max():.6g}], outside metadata "
+                         f"task_loss_bounds={recorded}.")
+
+
+def _digested(arrays: dict, header: dict) -> dict:
+    """What a file's digest covers: every array (dtype, shape, bytes) and the header, but for the digest itself."""
+    return {"arrays": {k: v for k, v in arrays.items() if k != "header_json"},
+            "header": {k: v for k, v in header.items() if k != DIGEST_KEY}}
+
+
 def json_ready(obj, what: str):
     try:
         return json.loads(json.dumps(obj))
@@ -99,10 +197,13 @@ class LossTable:
         lambdas: (K,) thresholds in [0, 1], containing 1.0.
         losses: ``{risk name: (K, n) array}``; names from :data:`RISKS`.
         bounds: ``{risk name: (lower, upper)}``; defaults from :data:`DEFAULT_LOSS_BOUNDS`.
-        extras: other arrays, e.g. ``task_loss``/``mean_exit_layer``/``layer_fraction`` (K, n),
-            ``wall_time`` (K,).
+        extras: other arrays of finite numbers, e.g. ``task_loss``/``mean_exit_layer``/``layer_fraction``
+            (K, n), ``wall_time`` (K,); each (K,) or (K, n).
         metadata: JSON-able dict (``model_fingerprint``, ``task``, ``measure``, ``schedule``,
-            ``min_exit_layer``, ``num_decoder_layers``, ``example_ids``, ``versions``, ...).
+            ``min_exit_layer``, ``num_decoder_layers``, ``example_ids``, ``versions``, ...); what it says of the
+            arrays (``n``, ``lambdas``, ``example_ids``, ``task_loss_bounds``) must be what they hold.
+
+    The checks run when the table is built; a table changed in place afterwards is checked again by :meth:`save`.
     """
 
     lambdas: np.ndarray
@@ -129,14 +230,10 @@ class LossTable:
             raise ValueError(f"All loss matrices must cover the same examples; got n = {sorted(sizes)}.")
         self.extras = {name: np.asarray(arr) for name, arr in self.extras.items()}
         for name, arr in self.extras.items():
-            if arr.ndim == 0 or arr.shape[0] != self.lambdas.size:
-                raise ValueError(f"extras[{name!r}] has shape {arr.shape}; its first axis must follow lambdas "
-                                 f"({self.lambdas.size}).")
+            _check_extra(name, arr, self.lambdas.size, self.n)
         self.metadata = json_ready(dict(self.metadata), "metadata")
         check_metadata(self.metadata)
-        ids = self.metadata.get("example_ids")
-        if ids is not None and len(ids) != self.n:
-            raise ValueError(f"metadata['example_ids'] has {len(ids)} entries for {self.n} examples.")
+        _check_agreement(self)
 
     @property
     def n(self) -> int:
@@ -181,42 +278,47 @@ class LossTable:
         meta = dict(self.metadata)
         if meta.get("example_ids") is not None:
             meta["example_ids"] = [meta["example_ids"][int(i)] for i in idx]
+        if meta.get("n") is not None:
+            meta["n"] = int(idx.size)  # what it records must stay what it holds
         extras = {k: (v[:, idx] if v.ndim >= 2 and v.shape[1] == self.n else v) for k, v in self.extras.items()}
         return LossTable(self.lambdas.copy(), {k: v[:, idx] for k, v in self.losses.items()}, dict(self.bounds),
                          extras, meta)
 
     def digest(self) -> str:
-        """A content hash of what a fit and its checks read (grid, losses, bounds, metadata), used to cache fits and
-        integrity checks made from this table: two tables that differ in any of these never share one."""
-        h = hashlib.sha256(self.lambdas.tobytes())
-        for name in sorted(self.losses):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(self.losses[name]).tobytes())
-            h.update(repr(self.bounds[name]).encode())
-        h.update(json.dumps(self.metadata, sort_keys=True).encode())
-        return h.hexdigest()[:16]
+        """A content hash of the whole table (grid, losses, bounds, extras, metadata), used to cache fits and
+        integrity checks made from it and to compare tables: two tables that differ in any value, dtype or shape
+        never share one. It does not depend on how (or whether) the table was written to a file."""
+        return content_digest({"lambdas": self.lambdas, "losses": self.losses, "extras": self.extras,
+                               "bounds": {k: list(v) for k, v in self.bounds.items()},
+                               "metadata": self.metadata})[:16]
 
     def save(self, path) -> str:
-        """Write one ``.npz`` (no pickles); a directory path gets :data:`CALIBRATION_FILENAME`."""
+        """Write one ``.npz`` (no pickles, no dates: the same table gives the same bytes) with its content digest;
+        a directory path gets :data:`CALIBRATION_FILENAME`. A table changed in place since it was built is checked
+        again first: nothing is written that :meth:`load` would refuse."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, CALIBRATION_FILENAME)
-        arrays = {"lambdas": self.lambdas}
-        arrays.update({f"loss__{k}": v for k, v in self.losses.items()})
-        arrays.update({f"extra__{k}": v for k, v in self.extras.items()})
-        header = {"format_version": _FORMAT_VERSION, "bounds": {k: list(v) for k, v in self.bounds.items()},
-                  "metadata": self.metadata}
+        table = LossTable(self.lambdas, self.losses, self.bounds, self.extras, self.metadata)
+        arrays = {"lambdas": table.lambdas}
+        arrays.update({f"loss__{k}": v for k, v in table.losses.items()})
+        arrays.update({f"extra__{k}": v for k, v in table.extras.items()})
+        header = {"format_version": _FORMAT_VERSION, "bounds": {k: list(v) for k, v in table.bounds.items()},
+                  "metadata": table.metadata}
+        header[DIGEST_KEY] = content_digest(_digested(arrays, header))
         arrays["header_json"] = np.array(json.dumps(header))
         with atomic_write(path, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, **arrays)  # members dated 1980: the same table gives the same bytes
         return path
 
     @classmethod
     def load(cls, path) -> "LossTable":
         """Read a table written by :meth:`save` (a file, or a directory holding :data:`CALIBRATION_FILENAME`).
 
-        Never unpickles. A file that is missing, empty, truncated, not a loss table, or whose arrays or
-        header are missing or malformed raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming it.
+        Never unpickles. A file that is missing, empty, truncated, damaged, not a loss table, whose arrays or
+        header are missing or malformed, whose content is not a valid table (see the class), or that does not match
+        the digest it was written with raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming it. A file
+        without a digest (written before digests, or by hand) is held to the content checks alone.
         """
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -237,17 +339,23 @@ class LossTable:
             missing = "'lambdas'" if "lambdas" not in arrays else "a 'loss__<risk>' array"
             raise CorruptFileError.about(path, f"not a complete loss table: it has no {missing}", _LOAD_FIX)
         for name, arr in {"lambdas": arrays["lambdas"], **{f"loss__{k}": v for k, v in losses.items()}}.items():
-            if arr.dtype.kind not in "fiu":
-                raise CorruptFileError.about(path, f"array {name!r} holds {arr.dtype} values, not numbers", _LOAD_FIX)
+            if arr.dtype.kind != "f":  # save writes float64: integers here were converted (values truncated?)
+                what = "not numbers" if arr.dtype.kind not in "iub" else ("not the floating-point numbers a loss "
+                                                                          "table stores (converted after writing?)")
+                raise CorruptFileError.about(path, f"array {name!r} holds {arr.dtype} values, {what}", _LOAD_FIX)
         bounds, metadata = header.get("bounds", {}), header.get("metadata", {})
         if not isinstance(bounds, dict) or not isinstance(metadata, dict) or not all(
                 isinstance(v, list) and len(v) == 2 for v in bounds.values()):
             raise CorruptFileError.about(path, "its header's 'bounds' or 'metadata' is malformed (bounds: "
                                          "{risk: [lower, upper]}, metadata: an object)", _LOAD_FIX)
         try:
-            return cls(arrays["lambdas"], losses, {k: tuple(v) for k, v in bounds.items()}, extras, metadata)
-        except (ValueError, TypeError) as err:  # the constructor's checks: shapes, grid, bounds, risk names
+            table = cls(arrays["lambdas"], losses, {k: tuple(v) for k, v in bounds.items()}, extras, metadata)
+        except (ValueError, TypeError) as err:  # the constructor's checks: shapes, grid, bounds, extras, metadata
             raise CorruptFileError.about(path, f"its arrays do not form a loss table ({err})", _LOAD_FIX) from None
+        # last: a table that is not valid is refused saying why, a valid one that was edited for being edited
+        check_digest({**_digested(arrays, header), DIGEST_KEY: header.get(DIGEST_KEY)}, path, "the loss table",
+                     _LOAD_FIX)
+        return table
 
 
 _LOAD_FIX = ("Pass a loss table written by `hf-safe-exit collect --output` (or LossTable.save), or recollect it with "
@@ -267,7 +375,7 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise
     except EOFError:
         raise CorruptFileError.about(path, "the file is empty, not a loss table", _LOAD_FIX) from None
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError):  # a damaged member cannot be decompressed
         raise CorruptFileError.about(path, "truncated or damaged .npz archive (incomplete download or copy?)",
                                      _LOAD_FIX) from None
     except (ValueError, OSError, KeyError) as err:

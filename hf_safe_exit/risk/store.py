@@ -14,6 +14,8 @@ model's primary task (``calibration/config.json``, or the only task stored) is u
 
 A file in ``calibration/<task>/`` that records another task (the folders of two tasks swapped or mixed up) is
 refused with :class:`~hf_safe_exit.errors.InconsistentCalibrationError`: its λ̂ holds for the task it records.
+A ``calibration/config.json`` must name a task that is stored (:class:`~hf_safe_exit.errors.CorruptFileError` naming
+it otherwise): it is written by :func:`set_primary_task` and may be edited by hand, so it carries no digest.
 
 A model loaded from the Hub keeps the same layout in its repo, read at the commit its weights were loaded from when
 transformers recorded it (:func:`~hf_safe_exit.hub_files.loaded_revision`), else at ``revision=`` or the default
@@ -35,7 +37,7 @@ from pathlib import Path
 from ..errors import CorruptFileError, HubFileError, InconsistentCalibrationError, MissingCalibrationError, \
     read_json_object
 from ..hub_files import HUB_FIX, clear_hub_cache, hub_file, hub_path, loaded_revision
-from .integrity import check_calibration_dict, check_refit
+from .integrity import check_calibration_dict, check_calibration_digest, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable, check_task_name
 
 __all__ = ["CALIBRATION_SUBDIR", "RISK_CONTROL_FILENAME", "STORE_CONFIG", "MissingCalibrationError",
@@ -77,7 +79,10 @@ def _load_table(path: str) -> LossTable:
     if key not in _TABLES:
         if len(_TABLES) > 64:
             _TABLES.clear()
-        _TABLES[key] = LossTable.load(path)
+        table = LossTable.load(path)
+        if getattr(table, "source", None) is None:  # where it was read from: a calibration fitted on it names it
+            table.source = os.fspath(path)
+        _TABLES[key] = table
     return _TABLES[key]
 
 
@@ -161,7 +166,7 @@ def read_calibration_json(path, table: LossTable | None = None, table_path=None,
     """
     data = read_json_object(path, what=f"a calibration ({RISK_CONTROL_FILENAME})",
                             fix="Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained")
-    check_calibration_dict(data, path)
+    check_calibration_dict(data, path, digest=False)
     _check_recorded_task(path, data["calibration"].get("task") or data["certificate"].get("task"), task)
     if table is not None:
         key = (json.dumps(data, sort_keys=True), table.digest(), table.metadata.get("model_fingerprint"))
@@ -170,22 +175,46 @@ def read_calibration_json(path, table: LossTable | None = None, table_path=None,
             if len(_CHECKED) > 64:
                 _CHECKED.clear()
             _CHECKED.add(key)
+    check_calibration_digest(data, path)  # last: an edit the checks above can name (a setting, λ̂) is named
     return data
 
 
-def primary_task(source) -> str | None:
-    """The task ``calibration/config.json`` names, else the only task stored, else None."""
-    src = source if isinstance(source, _Source) else _Source(os.fspath(source), local=True)
+_STORE_CONFIG_FIX = (f"Rewrite it as {{\"primary_task\": \"<task>\"}} (one of the folders beside it), e.g. with "
+                     "hf_safe_exit.risk.store.set_primary_task(model_dir, task), or delete it")
+
+
+def _configured_primary(src: _Source) -> tuple[str | None, str | None]:
+    """(the task ``calibration/config.json`` names, its path), or (None, None) without one. A config that names no
+    task, or not a task name, or (in a folder) a task with no folder, is a ``CorruptFileError`` naming it."""
     path = src.get(f"{CALIBRATION_SUBDIR}/{STORE_CONFIG}")
-    if path is not None:
-        fix = (f"Rewrite it as {{\"primary_task\": \"<task>\"}} (one of the folders beside it), e.g. with "
-               "hf_safe_exit.risk.store.set_primary_task(model_dir, task), or delete it")
-        task = read_json_object(path, what="a calibration config ({\"primary_task\": ...})", fix=fix).get("primary_task")
-        if task is not None:
-            try:
-                return check_task_name(task)
-            except ValueError as err:
-                raise CorruptFileError.about(path, f"its primary_task is not a task name ({err})", fix) from None
+    if path is None:
+        return None, None
+    data = read_json_object(path, what="a calibration config ({\"primary_task\": ...})", fix=_STORE_CONFIG_FIX)
+    task = data.get("primary_task")
+    if task is None:  # set_primary_task always writes one: null or left out is an edit, not "no primary task"
+        raise CorruptFileError.about(path, "it names no primary_task", _STORE_CONFIG_FIX)
+    try:
+        check_task_name(task)
+    except ValueError as err:
+        raise CorruptFileError.about(path, f"its primary_task is not a task name ({err})", _STORE_CONFIG_FIX) from None
+    if src.local and task not in src.tasks():  # a Hub repo's folders are looked at when its files are (find_stored)
+        raise _unstored_primary(path, task, src.tasks())
+    return task, path
+
+
+def _unstored_primary(path, task: str, tasks: list[str]) -> CorruptFileError:
+    return CorruptFileError.about(path, f"its primary_task {task!r} has no calibration stored beside it (nothing in "
+                                  f"{CALIBRATION_SUBDIR}/{task}/; the tasks stored: {tasks or 'none'})",
+                                  _STORE_CONFIG_FIX)
+
+
+def primary_task(source) -> str | None:
+    """The task ``calibration/config.json`` names, else the only task stored, else None. A config that names no
+    stored task raises :class:`~hf_safe_exit.errors.CorruptFileError` naming it."""
+    src = source if isinstance(source, _Source) else _Source(os.fspath(source), local=True)
+    task = _configured_primary(src)[0]
+    if task is not None:
+        return task
     tasks = src.tasks()
     return tasks[0] if len(tasks) == 1 else None
 
@@ -293,7 +322,8 @@ def find_stored(model, task: str | None = None, *, revision: str | None = None) 
         raise MissingCalibrationError(
             "RiskControlled(eps=...) without fit() needs the model's stored calibration, and this model has none: it "
             "has no name_or_path (built in memory) and no early_exit_calibration attached. " + HOW_TO_CALIBRATE)
-    chosen = task if task is not None else primary_task(src)
+    configured, config_path = (None, None) if task is not None else _configured_primary(src)
+    chosen = task if task is not None else configured if configured is not None else primary_task(src)
     tasks = src.tasks() if chosen is None or src.local else None  # listing a Hub repo only when it must be
     if chosen is None and tasks:
         raise MissingCalibrationError(
@@ -310,6 +340,8 @@ def find_stored(model, task: str | None = None, *, revision: str | None = None) 
                                      read_calibration_json(json_path, table, table_path, task=chosen) if json_path
                                      else None, json_path)
         tasks = src.tasks() if tasks is None else tasks
+        if configured is not None:  # the task calibration/config.json names holds nothing
+            raise _unstored_primary(config_path, chosen, tasks)
         if tasks or task is not None and src.local and (Path(src.root) / CALIBRATION_SUBDIR).is_dir():
             raise MissingCalibrationError(
                 f"{src} has no calibration for task {chosen!r}"

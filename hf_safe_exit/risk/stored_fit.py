@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ..errors import CorruptFileError
 from ..fingerprint import model_fingerprint
-from .calibration import Calibration
+from .calibration import Calibration, table_config
 from .loss_table import LossTable
 from .provenance import check_fingerprint
 from .store import HOW_TO_CALIBRATE, MissingCalibrationError, StoredCalibration, clear_store_cache, find_stored
 
-__all__ = ["clear_cache", "fit_from_stored", "find_calibration"]
+__all__ = ["check_table_settings", "clear_cache", "fit_from_stored", "find_calibration"]
 
 _FIT_CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
@@ -34,7 +35,8 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
     for ``rc.task``.
 
     Raises :class:`~hf_safe_exit.errors.MissingFingerprintError` / ``ModelMismatchError`` when the stored table is not
-    this model's (see :mod:`hf_safe_exit.risk.provenance`), :class:`MissingCalibrationError` when nothing fits.
+    this model's (see :mod:`hf_safe_exit.risk.provenance`), :class:`MissingCalibrationError` when nothing fits,
+    :class:`~hf_safe_exit.errors.CorruptFileError` naming the table when the settings it records cannot be used.
     """
     stored = find_stored(model, rc.task)
     if stored.table is None:
@@ -42,6 +44,7 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
     fingerprint = fingerprint if fingerprint is not None else model_fingerprint(model)
     check_fingerprint(stored.table.metadata.get("model_fingerprint"), fingerprint, rc.allow_missing_fingerprint,
                       f"The loss table at {stored.table_path}", other_fix=HOW_TO_CALIBRATE)
+    check_table_settings(stored.table, stored.table_path, rc.config)
     request = rc.controller().get_params()
     # a config instance with a custom measure object is keyed by identity (it cannot be compared by value)
     config_key = None if rc.config is None else (rc.config.to_dict(), id(rc.config.measure))
@@ -54,6 +57,23 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
             _FIT_CACHE.popitem(last=False)
     _FIT_CACHE.move_to_end(key)
     return hit
+
+
+def check_table_settings(table: LossTable, path, config=None) -> None:
+    """Raise :class:`~hf_safe_exit.errors.CorruptFileError` naming ``path`` unless the early-exit configuration
+    ``table`` records can be rebuilt (with ``config``, the caller's, standing in for a custom measure of its name).
+
+    A loss table may name a measure this hf_safe_exit does not know (a custom one, recorded by name): reading it is
+    fine, turning it into a policy is not, unless the caller hands that measure over."""
+    if table.metadata.get("strategy") == "bild":
+        return
+    try:
+        table_config(table.metadata, config)
+    except ValueError as err:  # InvalidConfigError: e.g. a measure name no built-in or given measure answers to
+        raise CorruptFileError.about(path, f"the early-exit settings it records cannot be used ({err})",
+                                     "Pass the custom measure it was collected with (RiskControlled(..., config="
+                                     "EarlyExitConfig(measure=<that ConfidenceMeasure>))), or " +
+                                     HOW_TO_CALIBRATE[0].lower() + HOW_TO_CALIBRATE[1:]) from None
 
 
 def _stored_fit(rc, stored: StoredCalibration) -> Calibration:

@@ -252,6 +252,7 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
 
     import hf_safe_exit
 
+    from ..calibration.evaluate import write_evaluation
     from ..calibration.runner import collect
     from ..decoding.readout import check_supported_model
     from ..risk import store_calibration
@@ -299,7 +300,7 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     rc, evaluation = fit_calibration(config, table)
     store_calibration(out, table=table, controlled=rc, task=task.name, primary=True)
     cal_dir = calibration_dir(out, task.name)
-    (cal_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, allow_nan=False), encoding="utf-8")
+    write_evaluation(evaluation, cal_dir / "evaluation.json")  # with its digest, as `hf-safe-exit evaluate` writes
     log(f"λ̂ = {rc.threshold:.4g} at ε = {config.eps:g} ({config.method}): {rc.certificate.guarantee}")
 
     results = {"config": asdict(config), "command": command_line(config), "training": training,
