@@ -174,3 +174,40 @@ def test_half_precision_deferred_fills_match_the_eager_ones(dtype, step_kind, wa
     first = (out.sequences != eager.sequences).any(0).nonzero()
     upto = int(first[0]) - 1 if first.numel() else logits.shape[1]
     assert (logits[:, :upto] - ref[:, :upto]).abs().max().item() < 0.1
+
+
+def test_under_autocast_the_cache_keeps_one_dtype_and_does_not_regrow(monkeypatch):
+    """A pending slot takes the dtype a fill appends (autocast's), not the weight's: before, every step alternating
+    between skipping and running a layer switched the buffer's dtype and doubled its capacity (11 M positions after
+    20 steps of this case)."""
+    model = _model(torch.float32)
+    ids, _ = _batch(rows=2)
+    table = torch.ones((2, STEPS), dtype=torch.long)
+    table[:, 1::2] = LAYERS  # skipped and run in turn at every layer above the first
+    caches = {}
+    for defer in (False, True):
+        monkeypatch.setattr(early_exit_loop, "DEFER_FILLS", defer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(input_ids=ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                 early_exit=ForcedExit(table), return_dict_in_generate=True)
+        caches[defer] = out.past_key_values.self_attention_cache.layers
+    for ours, eager in zip(caches[True], caches[False]):
+        assert ours.keys.dtype == eager.keys.dtype == torch.bfloat16
+        assert ours._key_buffer.shape[2] == eager._key_buffer.shape[2]
+
+
+def test_a_cache_the_caller_passed_is_completed_even_without_return_dict(monkeypatch):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model = _model()
+    ids, mask = _batch()
+    layers = {}
+    for defer in (False, True):
+        monkeypatch.setattr(early_exit_loop, "DEFER_FILLS", defer)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, early_exit=ForcedExit(1),
+                       past_key_values=cache)
+        layers[defer] = cache.self_attention_cache.layers
+    for ours, eager in zip(layers[True], layers[False]):
+        assert (ours.keys - eager.keys).abs().max().item() < 1e-10
+        assert (ours.values - eager.values).abs().max().item() < 1e-10

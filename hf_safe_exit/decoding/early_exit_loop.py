@@ -126,6 +126,7 @@ def early_exit_decode(
     streamer=None,
     early_exit_policy=None,
     early_exit_streamer=None,
+    early_exit_complete_cache: bool = False,
     **model_kwargs,
 ):
     """HF ``custom_generate`` callable: greedy or sampled decoding with per-token early exit.
@@ -143,7 +144,8 @@ def early_exit_decode(
     ``max_new_tokens`` counts tokens after the prompt; ``exit_layers`` / ``confidences`` have one
     column per new token. Prompts must have equal lengths: a ``decoder_attention_mask`` with zeros
     raises :class:`UnsupportedDecoderPromptError`. The cache is taken from ``model_kwargs["cache"]``
-    (transformers >= 5.24) or ``model_kwargs["past_key_values"]`` (older).
+    (transformers >= 5.24) or ``model_kwargs["past_key_values"]`` (older). ``early_exit_complete_cache``: the cache
+    is the caller's (complete it even when only the sequences are returned; see :mod:`.deferred_kv`).
     """
     if early_exit_policy is None:
         raise ValueError("early_exit_decode needs early_exit_policy (a bound EarlyExit policy).")
@@ -231,9 +233,10 @@ def early_exit_decode(
     if streamer is not None:
         streamer.end()
 
+    if return_dict or early_exit_complete_cache:  # the cache leaves the loop (output, or the caller's own object)
+        decoder.complete_cache()  # no K/V may be pending in it
     if not return_dict:
         return input_ids
-    decoder.complete_cache()  # the cache leaves the loop: no K/V may be pending in it
     encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None
     return EarlyExitGenerateOutput(
         sequences=input_ids,

@@ -157,5 +157,7 @@ def _early_exit_generate(model, inputs, policy, kwargs: dict):
     for name in CACHE_NAMES:
         kwargs.pop(name, None)
     kwargs[cache_kwarg()] = cache if cache is not None else new_decoder_cache(model)
+    # a cache the caller passed is theirs after the call: no K/V may be left pending in it (deferred_kv)
     return GenerationMixin.generate(model, inputs, custom_generate=early_exit_decode, early_exit_policy=policy,
-                                    early_exit_streamer=streamer, **kwargs)
+                                    early_exit_streamer=streamer, early_exit_complete_cache=cache is not None,
+                                    **kwargs)

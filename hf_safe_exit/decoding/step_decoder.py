@@ -84,6 +84,7 @@ class StepDecoder:
         deferrable = len(layers) == self.num_layers and all(isinstance(layer, PreallocatedLayer) for layer in layers)
         self.fills = DeferredFills(self.blocks, layers, self.batch, self.head_dim) if defer_fills and deferrable \
             else None
+        self._slot_dtypes: dict[int, torch.dtype] = {}  # per layer, the dtype of its K/V (skip_kv)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
@@ -177,8 +178,11 @@ class StepDecoder:
         if self.fills is None:
             self.fill_kv(idx, x)
             return
-        att = self.blocks[idx].layer[0].SelfAttention
-        empty = x.new_empty((0, att.n_heads, 1, self.head_dim), dtype=att.k.weight.dtype)
+        if idx not in self._slot_dtypes:  # the dtype a fill appends: under autocast not the weight's
+            att = self.blocks[idx].layer[0].SelfAttention
+            self._slot_dtypes[idx] = torch.nn.functional.linear(x[:0, 0].to(att.k.weight.dtype), att.k.weight).dtype
+        empty = x.new_empty((0, self.blocks[idx].layer[0].SelfAttention.n_heads, 1, self.head_dim),
+                            dtype=self._slot_dtypes[idx])
         self.cache.self_attention_cache.layers[idx].append_rows(self.no_rows, empty, empty, self.batch)
 
     @property
