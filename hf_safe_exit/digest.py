@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import CorruptFileError
 
-__all__ = ["DIGEST_KEY", "content_digest", "with_digest", "check_digest"]
+__all__ = ["DIGEST_KEY", "content_digest", "with_digest", "without_digest", "digest_matches", "check_digest"]
 
 DIGEST_KEY = "digest"
 
@@ -50,7 +50,7 @@ def content_digest(content) -> str:
     JSON formatting do not matter, every value and array byte does. The key :data:`DIGEST_KEY` at the top level is
     left out (a file's digest does not cover itself)."""
     if isinstance(content, dict):
-        content = {k: v for k, v in content.items() if k != DIGEST_KEY}
+        content = without_digest(content)
     digest = hashlib.sha256()
     _feed(digest, content)
     return digest.hexdigest()
@@ -58,15 +58,23 @@ def content_digest(content) -> str:
 
 def with_digest(data: dict) -> dict:
     """``data`` with its :func:`content_digest` under :data:`DIGEST_KEY` (a new dict)."""
-    return {**{k: v for k, v in data.items() if k != DIGEST_KEY}, DIGEST_KEY: content_digest(data)}
+    return {**without_digest(data), DIGEST_KEY: content_digest(data)}
+
+
+def without_digest(data: dict) -> dict:
+    """``data`` less its :data:`DIGEST_KEY` (a new dict): the content the digest covers."""
+    return {k: v for k, v in data.items() if k != DIGEST_KEY}
+
+
+def digest_matches(data: dict) -> bool:
+    """Whether ``data`` records no digest, or the one its content gives."""
+    recorded = data.get(DIGEST_KEY)
+    return recorded is None or (isinstance(recorded, str) and recorded == content_digest(data))
 
 
 def check_digest(data: dict, path, what: str, fix: str) -> None:
     """Return if ``data`` records no digest or the one its content gives; else raise
     :class:`~hf_safe_exit.errors.CorruptFileError` naming ``path`` (``what``: the kind of file)."""
-    recorded = data.get(DIGEST_KEY) if isinstance(data, dict) else None
-    if recorded is None:
-        return
-    if not isinstance(recorded, str) or recorded != content_digest(data):
+    if isinstance(data, dict) and not digest_matches(data):
         raise CorruptFileError.about(path, f"its content does not match the digest it was written with: {what} was "
                                      "edited (or damaged) after it was written", fix)

@@ -49,6 +49,12 @@ class CalibrationFileError(ValueError):
         err.path = None if path is None else os.fspath(path)
         return err
 
+    def with_fix(self, more: str) -> "CalibrationFileError":
+        """The same error (class, file) with ``more`` (another way out) added to its message."""
+        err = type(self)(f"{str(self).rstrip('. ')}. {more.rstrip('.')}.")
+        err.path = self.path
+        return err
+
 
 class CorruptFileError(CalibrationFileError):
     """The file is unreadable, empty, truncated, of another kind, or lacks or mistypes a field."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..atomic import atomic_write
-from ..digest import DIGEST_KEY, check_digest, with_digest
+from ..digest import check_digest, with_digest, without_digest
 from ..errors import CorruptFileError, read_json_object
 
 __all__ = ["BASES", "evaluation_problem", "validate_evaluation", "read_evaluation", "write_evaluation"]
@@ -261,7 +261,7 @@ def read_evaluation(path) -> dict:
     such file.
     """
     data = validate_evaluation(read_json_object(path, what=_WHAT, fix=_FIX), path)
-    return {k: v for k, v in data.items() if k != DIGEST_KEY}
+    return without_digest(data)
 
 
 def write_evaluation(evaluation: Mapping, path) -> str:

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from ..digest import DIGEST_KEY, content_digest
+from ..digest import DIGEST_KEY, digest_matches
 from ..errors import CorruptFileError, StateMismatchError, read_json_object
 from .lock import LOCK_FILENAME
 
@@ -119,7 +119,7 @@ def read_cells(state_dir: Path, grid: Sequence | None = None, batch_ids: Sequenc
                     if keys is not None and set(cell) - {DIGEST_KEY} != keys:  # every cell records the same costs
                         raise ValueError(f"its keys {sorted((set(cell) - {DIGEST_KEY}) ^ keys)} differ from the other "
                                          "cells'")
-                    if cell.get(DIGEST_KEY) is not None and cell[DIGEST_KEY] != content_digest(cell):
+                    if not digest_matches(cell):
                         raise ValueError("its content does not match the digest it was written with: edited (or "
                                          "damaged) after it was written")
                     cell.pop(DIGEST_KEY, None)  # the line's, checked: not part of the cell

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..digest import DIGEST_KEY, with_digest
+from ..digest import with_digest, without_digest
 from ..errors import WouldOverwriteError
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from ..risk.store import RISK_CONTROL_FILENAME
@@ -54,8 +54,7 @@ def _same_json(path: Path, data: dict) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     new = json.loads(json.dumps(data))
-    return isinstance(old, dict) and {k: v for k, v in old.items() if k != DIGEST_KEY} == \
-        {k: v for k, v in new.items() if k != DIGEST_KEY}
+    return isinstance(old, dict) and without_digest(old) == without_digest(new)
 
 
 def _same_calibration(path: Path, controlled) -> bool:
@@ -65,11 +64,11 @@ def _same_calibration(path: Path, controlled) -> bool:
         old = type(controlled).from_dict(json.loads(path.read_text(encoding="utf-8"))).to_dict()
     except Exception:  # noqa: BLE001 - unreadable, corrupt or refused: not this calibration
         return False
-    new = json.loads(json.dumps(controlled.to_dict()))
-    old = json.loads(json.dumps(old))
+    # the digest covers the release that wrote the file: one of another release is still the same calibration
+    new = without_digest(json.loads(json.dumps(controlled.to_dict())))
+    old = without_digest(json.loads(json.dumps(old)))
     for data in (old, new):
         data.pop("hf_safe_exit_version", None)
-        data.pop("digest", None)  # it covers the version: a file of another release is still the same calibration
     return old == new
 
 

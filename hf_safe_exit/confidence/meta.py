@@ -175,10 +175,8 @@ def _saved_head_files(path: str, revision: str | None = None) -> tuple[str, str]
     except HubFileError as err:  # say how to decode without asking the Hub
         from . import HEAD_FREE_DEFAULT  # the package, initialised by now (it imports this module first)
 
-        again = HubFileError(f"{str(err).rstrip('. ')}. Or name the measure (e.g. measure='{HEAD_FREE_DEFAULT}'): "
-                             "measure='auto' and 'meta' look for the model's meta head.")
-        again.path = err.path
-        raise again from None
+        raise err.with_fix(f"Or name the measure (e.g. measure='{HEAD_FREE_DEFAULT}'): measure='auto' and 'meta' look "
+                           "for the model's meta head") from None
     if not any(found):
         return None
     if not all(found):

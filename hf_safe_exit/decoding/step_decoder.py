@@ -84,7 +84,9 @@ class StepDecoder:
         deferrable = len(layers) == self.num_layers and all(isinstance(layer, PreallocatedLayer) for layer in layers)
         self.fills = DeferredFills(self.blocks, layers, self.batch, self.head_dim) if defer_fills and deferrable \
             else None
-        self._slot_dtypes: dict[int, torch.dtype] = {}  # per layer, the dtype of its K/V (skip_kv)
+        # skip_kv's arguments: no rows, and per layer no keys/values in the dtype of its K/V
+        self._no_rows = torch.empty(0, dtype=torch.long, device=encoder_hidden.device)
+        self._no_kv: dict[int, torch.Tensor] = {}
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
@@ -178,16 +180,12 @@ class StepDecoder:
         if self.fills is None:
             self.fill_kv(idx, x)
             return
-        if idx not in self._slot_dtypes:  # the dtype a fill appends: under autocast not the weight's
+        if idx not in self._no_kv:  # made once per layer, in the dtype a fill appends (under autocast not the weight's)
             att = self.blocks[idx].layer[0].SelfAttention
-            self._slot_dtypes[idx] = torch.nn.functional.linear(x[:0, 0].to(att.k.weight.dtype), att.k.weight).dtype
-        empty = x.new_empty((0, self.blocks[idx].layer[0].SelfAttention.n_heads, 1, self.head_dim),
-                            dtype=self._slot_dtypes[idx])
-        self.cache.self_attention_cache.layers[idx].append_rows(self.no_rows, empty, empty, self.batch)
-
-    @property
-    def no_rows(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.long, device=self.cross_bias.device)
+            dtype = torch.nn.functional.linear(x[:0, 0].to(att.k.weight.dtype), att.k.weight).dtype
+            self._no_kv[idx] = x.new_empty((0, att.n_heads, 1, self.head_dim), dtype=dtype)
+        self.cache.self_attention_cache.layers[idx].append_rows(self._no_rows, self._no_kv[idx], self._no_kv[idx],
+                                                                self.batch)
 
     def finish_step(self, position: int, x: torch.Tensor, filled_layers: list[int]) -> None:
         """After the step that decoded ``position``: with deferred fills, keep every row's state ``x`` and mark its

@@ -92,9 +92,7 @@ _OFFLINE_FIX = ("Or attach the calibration yourself: model.early_exit_calibratio
 
 
 def _unreachable(err: HubFileError) -> HubFileError:
-    again = HubFileError(f"{str(err).rstrip('. ')}. {_OFFLINE_FIX}")
-    again.path = err.path
-    return again
+    return err.with_fix(_OFFLINE_FIX)
 
 
 class _Source:
