@@ -27,7 +27,7 @@ from hf_safe_exit.risk import LossTable, RiskControlled
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
 from cli_lines import one_error_line
-from tiny_calibration import build_tiny_t5, build_word_tokenizer, save_tiny_t5
+from tiny_calibration import build_tiny_t5, save_tiny_t5, tiny_cnndm
 
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
@@ -55,10 +55,7 @@ def small_from(large, noise: float = 0.0, seed: int = 1):
 
 @pytest.fixture(scope="module")
 def setup():
-    task = get_task("cnndm")
-    rows = load_split(task, "pool", path=DATA).select(range(6))
-    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
-    large = build_tiny_t5(len(tokenizer), seed=0, num_decoder_layers=3)
+    task, rows, tokenizer, large = tiny_cnndm(6, DATA, seed=0, num_decoder_layers=3)
     return task, rows, tokenizer, large, small_from(large)
 
 

@@ -15,7 +15,7 @@ from hf_safe_exit.fingerprint import model_fingerprint
 from hf_safe_exit.risk import LossTable
 from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
 
-from tiny_calibration import build_tiny_t5, build_word_tokenizer
+from tiny_calibration import build_tiny_t5, build_word_tokenizer, tiny_cnndm
 
 DATA = shared_data_dir()
 pytestmark = [pytest.mark.skipif(DATA is None, reason="offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) "
@@ -30,10 +30,8 @@ TIMING = ("wall_time", "example_time")
 
 @pytest.fixture(scope="module")
 def cnndm():
-    rows = load_split("cnndm", "pool", path=DATA).select(range(5))
-    task = get_task("cnndm")
-    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
-    return rows, tokenizer, build_tiny_t5(len(tokenizer))  # 2 encoder / 3 decoder layers
+    _, rows, tokenizer, model = tiny_cnndm(5, DATA)
+    return rows, tokenizer, model  # 2 encoder / 3 decoder layers
 
 
 def assert_same_results(a: LossTable, b: LossTable, timing: bool):

@@ -128,16 +128,13 @@ def test_policies_with_exit_layers_survive_generation_config_json():
 
 def test_collect_records_exit_layers_and_decodes_with_them():
     from hf_safe_exit.calibration import collect
-    from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
-    from tiny_calibration import build_tiny_t5, build_word_tokenizer
+    from hf_safe_exit.tasks import shared_data_dir
+    from tiny_calibration import tiny_cnndm
 
     data = shared_data_dir()
     if data is None:
         pytest.skip("offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) is absent")
-    rows = load_split("cnndm", "pool", path=data).select(range(3))
-    task = get_task("cnndm")
-    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
-    model = build_tiny_t5(len(tokenizer))  # 3 decoder layers
+    task, rows, tokenizer, model = tiny_cnndm(3, data)  # 3 decoder layers
     common = dict(lambdas=[0.0, 1.0], batch_size=3, max_new_tokens=5, max_input_length=32, progress=False)
     named = collect(model, tokenizer, task, rows, config=EarlyExitConfig(measure="softmax", exit_layers=[2]), **common)
     every = collect(model, tokenizer, task, rows, config=EarlyExitConfig(measure="softmax"), **common)

@@ -222,16 +222,14 @@ def test_greedy_evaluation():
 def test_bild_calibration_collect(tmp_path):
     from hf_safe_exit.calibration import collect
     from hf_safe_exit.decoding.bild import bild_policy_factory
-    from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
-    from tiny_calibration import build_tiny_t5, build_word_tokenizer
+    from hf_safe_exit.tasks import shared_data_dir
+    from tiny_calibration import build_tiny_t5, tiny_cnndm
 
     data = shared_data_dir()
     if data is None:
         pytest.skip("offline data folder ../shared/data (or $HF_SAFE_EXIT_DATA) is absent")
-    task = get_task("cnndm")
-    rows = load_split(task, "pool", path=data).select(range(2))
-    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
-    large, small = build_tiny_t5(len(tokenizer), seed=0), build_tiny_t5(len(tokenizer), seed=1, num_decoder_layers=2)
+    task, rows, tokenizer, large = tiny_cnndm(2, data, seed=0)
+    small = build_tiny_t5(len(tokenizer), seed=1, num_decoder_layers=2)
     table = assert_no_deprecations(collect, large, tokenizer, task, rows, lambdas=[0.5, 1.0], batch_size=2,
                                    max_new_tokens=4, max_input_length=32, progress=False,
                                    policy_factory=bild_policy_factory(small))

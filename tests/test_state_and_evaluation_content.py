@@ -37,12 +37,12 @@ from hf_safe_exit.errors import CorruptFileError, InconsistentCalibrationError, 
 from hf_safe_exit.fingerprint import meta_head_fingerprint
 from hf_safe_exit.risk.loss_table import CALIBRATION_FILENAME
 from hf_safe_exit.risk.provenance import check_model_matches, record_provenance
-from hf_safe_exit.tasks import get_task, load_split, shared_data_dir
+from hf_safe_exit.tasks import load_split, shared_data_dir
 
 from card_helpers import synthetic_table
 from cli_lines import one_error_line
 from collect_helpers import interrupted_after
-from tiny_calibration import build_tiny_t5, build_word_tokenizer
+from tiny_calibration import build_tiny_t5, tiny_cnndm
 
 DATA = shared_data_dir()
 FINGERPRINT = "0123456789abcdef"
@@ -197,10 +197,7 @@ def interrupted(tmp_path_factory):
     cells."""
     if DATA is None:
         pytest.skip("offline data folder ../shared/data is absent")
-    rows = load_split("cnndm", "pool", path=DATA).select(range(4))
-    task = get_task("cnndm")
-    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
-    model = build_tiny_t5(len(tokenizer))  # 3 decoder layers
+    task, rows, tokenizer, model = tiny_cnndm(4, DATA)  # 3 decoder layers
     state = tmp_path_factory.mktemp("state") / "state"
     with pytest.raises(KeyboardInterrupt), interrupted_after(3):
         collect(model, tokenizer, "cnndm", rows, output=state.parent / "out.npz", state_dir=state, **COMMON)

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Iterable
 
-__all__ = ["build_word_tokenizer", "build_tiny_t5", "save_tiny_t5"]
+__all__ = ["build_word_tokenizer", "build_tiny_t5", "save_tiny_t5", "tiny_cnndm"]
 
 _SPECIALS = ["<pad>", "</s>", "<unk>"]
 
@@ -50,6 +50,17 @@ def build_tiny_t5(vocab_size: int, seed: int = 0, num_layers: int = 2, num_decod
                       initializer_factor=4.0, feed_forward_proj="relu", tie_word_embeddings=True)
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_cnndm(n_rows: int, data, **model_kwargs):
+    """``(task, rows, tokenizer, model)``: the CNN/DM task, the first ``n_rows`` rows of its pool split in ``data``, a
+    word tokenizer over their prompts and highlights, and a tiny random T5 for it (:func:`build_tiny_t5`)."""
+    from hf_safe_exit.tasks import get_task, load_split
+
+    task = get_task("cnndm")
+    rows = load_split(task, "pool", path=data).select(range(n_rows))
+    tokenizer = build_word_tokenizer([task.prompt(r) + " " + r["highlights"] for r in rows])
+    return task, rows, tokenizer, build_tiny_t5(len(tokenizer), **model_kwargs)
 
 
 def save_tiny_t5(directory: str | os.PathLike, texts: Iterable[str], seed: int = 0, **model_kwargs) -> str:
