@@ -251,8 +251,8 @@ def _check_provenance_fields(calibration: dict, where) -> None:
 # only valid with what the losses were collected with (an edited min_exit_layer, or a measure edited in both places
 # of the json, passes every check of the json alone). Older tables lack some: only the keys a table records count.
 _SETTINGS = ("task", "dtype", "meta_head_fingerprint", "max_new_tokens", "max_input_length")
-_BILD_SETTINGS = ("task", "dtype", "policy", "max_new_tokens", "max_input_length")
-_LATER_KEYS = ("dtype", "meta_head_fingerprint")  # recorded since the full-weight fingerprint: older files lack them  # BiLD's decoding has no exit settings
+_BILD_SETTINGS = ("task", "dtype", "policy", "max_new_tokens", "max_input_length")  # BiLD's has no exit settings
+_LATER_KEYS = ("dtype", "meta_head_fingerprint")  # recorded since the full-weight fingerprint: older files lack them
 
 
 def _table_differs(path, table_path, key, stored, recorded) -> InconsistentCalibrationError:

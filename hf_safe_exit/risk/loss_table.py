@@ -76,9 +76,12 @@ def check_metadata(meta: dict) -> None:
         raise ValueError(f"metadata strategy={strategy!r} is unknown: early_exit or bild.")
     if meta.get("task") is not None:
         check_task_name(meta["task"])
-    for key in ("model_fingerprint", "dtype", "meta_head_fingerprint"):
-        if meta.get(key) is not None and not isinstance(meta[key], str):
-            raise ValueError(f"metadata {key}={meta[key]!r} must be a string.")
+    for key in ("model_fingerprint", "meta_head_fingerprint"):
+        if meta.get(key) is not None and not is_fingerprint(meta[key]):
+            raise ValueError(f"metadata {key}={meta[key]!r} is not a fingerprint (lowercase hex digits, as "
+                             "hf_safe_exit.model_fingerprint gives).")
+    if meta.get("dtype") is not None and not isinstance(meta["dtype"], str):
+        raise ValueError(f"metadata dtype={meta['dtype']!r} must be a string.")
     for key in ("max_new_tokens", "max_input_length", "num_decoder_layers"):
         if meta.get(key) is not None and not _count(meta[key]):
             raise ValueError(f"metadata {key}={meta[key]!r} must be a whole number in [1, {MAX_TOKENS}].")
@@ -109,7 +112,7 @@ def _check_extra(name, arr: np.ndarray, K: int, n: int) -> None:
 def _check_agreement(table: "LossTable") -> None:
     """Raise ``ValueError`` where the metadata contradicts the arrays: the examples (``n``, ``example_ids``), the
     grid (``lambdas``), the task loss's range (``task_loss_bounds``: the risks' bounds and ``extras['task_loss']``
-    follow from it), or a fingerprint that cannot be one."""
+    follow from it)."""
     meta, K, n = table.metadata, table.lambdas.size, table.n
     if meta.get("n") is not None and (isinstance(meta["n"], bool) or meta["n"] != n):
         raise ValueError(f"metadata n={meta['n']!r} but the losses hold {n} examples.")
@@ -123,10 +126,6 @@ def _check_agreement(table: "LossTable") -> None:
     grid = meta.get("lambdas")
     if grid is not None and not (_numbers(grid, K) and np.array_equal(grid, table.lambdas)):
         raise ValueError(f"metadata lambdas={grid!r} is not the grid the losses are on ({table.lambdas.tolist()}).")
-    for key in ("model_fingerprint", "meta_head_fingerprint"):
-        if meta.get(key) is not None and not is_fingerprint(meta[key]):
-            raise ValueError(f"metadata {key}={meta[key]!r} is not a fingerprint (lowercase hex digits, as "
-                             "hf_safe_exit.model_fingerprint gives).")
     if meta.get("task_loss_bounds") is not None:
         _check_task_loss_bounds(table, meta["task_loss_bounds"])
     for key, (ok, what) in _RECORDED.items():
