@@ -25,6 +25,7 @@ _EXPORTS = {
     ".config": ("EarlyExitConfig",),
     ".policy": ("EarlyExit", "EarlyExitPolicy", "ForcedExit"),
     ".risk": ("Calibration", "LossTable", "RiskCertificate", "RiskControlled", "RiskController"),
+    ".monitor": ("RiskMonitor",),
     # calibrating, documenting and demonstrating it
     ".calibration": ("collect",),
     ".cards": ("write_guarantee_card",),
@@ -40,7 +41,7 @@ __all__ = [
     "CalibrationFileError", "CorruptFileError", "InconsistentCalibrationError", "MissingFingerprintError",
     "ModelMismatchError",
     "Calibration", "ConfidenceMeasure", "EarlyExit", "EarlyExitConfig", "EarlyExitPolicy", "RiskController", "ForcedExit", "MetaClassifierHead", "MetaHeadConfig",
-    "model_fingerprint", "meta_head_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "enable", "generate", "EarlyExitGenerateOutput",
+    "model_fingerprint", "meta_head_fingerprint", "LossTable", "RiskCertificate", "RiskControlled", "RiskMonitor", "enable", "generate", "EarlyExitGenerateOutput",
     "collect", "get_task", "load_split", "default_model_path", "load_default_model",
     "PoEConfig", "write_guarantee_card", "run_demo", "__version__",
 ]

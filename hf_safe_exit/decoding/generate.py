@@ -24,6 +24,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria, Stoppi
 
 from ..compat import CACHE_NAMES, cache_kwarg, find_cache
 from ..config import EarlyExitConfig
+from ..monitor import RiskMonitor
 from ..policy import EarlyExit, EarlyExitPolicy
 from ..risk.controlled import RiskControlled
 from .bild import BiLD
@@ -67,7 +68,8 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     ``early_exit`` is an early-exit configuration at a threshold (:class:`~hf_safe_exit.EarlyExit`, or any policy
     with ``bind(model)``, e.g. :class:`~hf_safe_exit.ForcedExit`), a risk-controlled request
     (:class:`~hf_safe_exit.RiskControlled`: λ̂ fitted from its calibration or the model's stored one), or BiLD
-    (:class:`~hf_safe_exit.BiLD`, which runs its own loop).
+    (:class:`~hf_safe_exit.BiLD`, which runs its own loop), or a :class:`~hf_safe_exit.RiskMonitor` (its policy,
+    watched on live traffic: :mod:`hf_safe_exit.monitor`).
 
     Accepts every ``generate`` argument HF accepts for greedy search and sampling
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
@@ -84,6 +86,8 @@ def generate(model, inputs=None, *, early_exit, **kwargs):
     """
     check_supported_model(model)
     _check_not_empty(inputs, kwargs)
+    if isinstance(early_exit, RiskMonitor):  # it decodes with its policy through this function, and monitors
+        return early_exit.generate(model, inputs, decode=generate, **kwargs)
     certificate = None
     if isinstance(early_exit, RiskControlled):
         calibration, early_exit = early_exit.policy_for(model)  # an EarlyExit at λ̂ (bound below, once), or a BiLD
