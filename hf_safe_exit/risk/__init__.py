@@ -18,6 +18,7 @@ from .certificate import RiskCertificate
 from .controlled import RiskControlled
 from .controller import RiskController
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
+from .pareto import P_VALUES, ParetoResult, pareto_front, pareto_test, select_pareto
 from .sequential_test import SequentialRiskTest, expected_samples_to_alarm, first_alarm
 from .selection import (BOUNDS, METHODS, Selection, select, select_crc, select_ltt, select_naive, select_ucb)
 from .store import (CALIBRATION_SUBDIR, RISK_CONTROL_FILENAME, MissingCalibrationError, calibration_dir, find_stored,
@@ -30,5 +31,6 @@ __all__ = [
     "Selection", "select", "select_naive", "select_crc", "select_ucb", "select_ltt",
     "CALIBRATION_SUBDIR", "calibration_dir", "find_stored", "primary_task", "store_calibration", "stored_tasks",
     "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "binomial_count",
+    "select_pareto", "pareto_test", "pareto_front", "ParetoResult", "P_VALUES",
     "first_alarm", "SequentialRiskTest", "expected_samples_to_alarm",
 ]
