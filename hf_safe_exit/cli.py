@@ -1,4 +1,4 @@
-"""``hf-safe-exit`` (also ``python -m hf_safe_exit``): collect, calibrate, evaluate, plot, card, demo.
+"""``hf-safe-exit`` (also ``python -m hf_safe_exit``): collect, calibrate, evaluate, plot, card, demo, monitor.
 
 ::
 
@@ -10,6 +10,7 @@
     hf-safe-exit card      --model DIR --evaluation eval.json --plots figures/*.png --hardware auto  # README.md
     hf-safe-exit card      --model DIR --calibration DIR/calibration/squad ...   # + a section per task
     hf-safe-exit demo      [--text TEXT | --file FILE] [--question Q]    # the shipped default model, offline
+    hf-safe-exit monitor   --model DIR --task cnndm --data ../shared/data --shift other-task --output log.json
 
 Several processes / GPUs: ``accelerate launch -m hf_safe_exit collect ...`` (one result file).
 Errors print one line to stderr and exit with status 2; set ``HF_SAFE_EXIT_DEBUG=1`` for the traceback.
@@ -318,6 +319,17 @@ def _cmd_demo(args) -> int:
     return run_from_args(args)
 
 
+def _cmd_monitor(args) -> int:
+    from .models import default_model_path
+    from .monitor.replay import replay_from_args
+
+    for path, what in ((args.output, "a replay log"), (args.plot, "a figure"), (args.state, "a monitor state")):
+        if path:  # refused before the model loads and the stream decodes
+            _refuse_existing(Path(path), args.overwrite, what)
+    tokenizer, model = _load_model(args.model or os.fspath(default_model_path()))
+    return replay_from_args(args, model, tokenizer)
+
+
 def _quiet_libraries() -> None:
     """Keep stderr for our own progress bar and one-line errors: no per-file bars or info logs from HF libraries."""
     try:
@@ -333,7 +345,7 @@ def _quiet_libraries() -> None:
 
 
 _COMMANDS = {"collect": _cmd_collect, "calibrate": _cmd_calibrate, "evaluate": _cmd_evaluate, "plot": _cmd_plot,
-             "card": _cmd_card, "demo": _cmd_demo}
+             "card": _cmd_card, "demo": _cmd_demo, "monitor": _cmd_monitor}
 
 
 def main(argv: list[str] | None = None) -> int:

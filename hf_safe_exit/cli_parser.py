@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload card + calibration there "
                    "(the same --overwrite rule applies to the repo's files)")
 
+    _monitor_parser(sub)
+
     from .demo import build_parser as _demo_parser
 
     demo_help = ("summarise an article and answer a question with risk-controlled early exit on the shipped default "
@@ -169,6 +171,50 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ", with the "
                                 "full model's output and time per token beside it (offline)."))
     return parser
+
+
+def _monitor_parser(sub) -> None:
+    p = sub.add_parser("monitor", help="replay a stream, then a shifted one, through a RiskMonitor: e-value, risk "
+                       "bound and alarm over time", description="Replay the task's pool rows (seeded random order, "
+                       "the calibration's own rows left out), then a shifted stream, through a RiskMonitor watching "
+                       "RiskControlled(eps) fitted on the model's stored calibration; print the evidence at "
+                       "checkpoints and when the alarm fired, and write the log, a plot and the monitor's state.")
+    p.add_argument("--model", default=None, help="model directory with a stored calibration (default: the shipped "
+                   "default model)")
+    p.add_argument("--task", required=True, help="the calibration's task: cnndm or squad")
+    p.add_argument("--data", default=None, help="local data file or folder (e.g. ../shared/data); default: download "
+                   "from the Hub")
+    p.add_argument("--eps", type=float, default=0.2, help="target risk ε of the policy and of the monitor's test "
+                   "(default 0.2)")
+    p.add_argument("--delta", type=float, default=None, help="failure probability δ of the calibration (ucb, ltt; "
+                   "default 0.1)")
+    p.add_argument("--method", default="ucb", help="selection method of λ̂: ucb (default), crc, ltt or naive")
+    p.add_argument("--risk", default="consistency", choices=("consistency", "performance_gap"),
+                   help="the monitored risk: consistency (default; label-free shadow decodes) or performance_gap "
+                   "(the sampled pairs are scored against the stream's references through monitor.record)")
+    p.add_argument("--sample-rate", type=float, default=0.2, help="probability p in (0, 1] that a row is also decoded "
+                   "by the full model (default 0.2)")
+    p.add_argument("--alpha", type=float, default=0.05, help="level α of the anytime-valid test: P(any false alarm) "
+                   "<= α (default 0.05)")
+    p.add_argument("--n", type=int, default=100, help="rows of the task's pool replayed first (default 100)")
+    p.add_argument("--shift", default="other-task", choices=("other-task", "noise", "lowercase", "none"),
+                   help="the second phase: other-task (the other task's pool inputs; default), noise (the task's rows "
+                   "with 30%% of the article's or context's words replaced by random words of the same text), "
+                   "lowercase (the task's rows with the article or context lowercased) or none")
+    p.add_argument("--shift-n", type=int, default=None, help="rows of the shifted phase (default: --n)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8); rows of a call are "
+                   "sampled independently")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stream's order, the noise and the monitor's "
+                   "sampling (default 0)")
+    p.add_argument("--no-fallback", action="store_true", help="keep early exit on after an alarm (default: fall back "
+                   "to the full model, λ = 1)")
+    p.add_argument("--output", default=None, help="JSON log: per call the losses fed, running mean, confidence "
+                   "sequence, e-value and alarm")
+    p.add_argument("--plot", default=None, help="PNG of the running mean with its confidence sequence and of the "
+                   "e-value over calls (needs matplotlib)")
+    p.add_argument("--state", default=None, help="write the monitor's final state here (RiskMonitor.load continues "
+                   "from it)")
+    _overwrite_option(p, "existing --output, --plot or --state files")
 
 
 def _add_config_options(p) -> None:
