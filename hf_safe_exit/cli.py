@@ -116,10 +116,13 @@ def _check_excluded_ids(path: str, drop: set[str], data, where: str) -> None:
 def _print_collect_summary(table) -> None:
     import numpy as np
 
+    from .calibration.grid import BATCHED_TIMING
+
     lam = table.lambdas
     wall = table.extras["wall_time"]
     full = int(np.argmin(np.abs(lam - 1.0)))
     bild = "large_calls_per_token" in table.extras
+    batched = table.metadata.get("timing") == BATCHED_TIMING
     cost = f"{'rollback':>9} {'large/tok':>9}" if bild else f"{'exit layer':>10} {'layers':>7}"
     print(f"{'lambda':>8} {'task loss':>10} {'gap':>9} {'consist.':>9} {cost} {'seconds':>8} {'speedup':>8}")
     for k in np.argsort(lam):
@@ -129,9 +132,13 @@ def _print_collect_summary(table) -> None:
         else:
             cost = (f"{table.extras['mean_exit_layer'][k].mean():>10.2f} "
                     f"{table.extras['layer_fraction'][k].mean():>7.3f}")
+        timing = (f"{'—':>8} {'—':>8}" if batched else
+                  f"{wall[k]:>8.2f} {wall[full] / wall[k] if wall[k] > 0 else float('nan'):>8.2f}")
         print(f"{lam[k]:>8.4g} {table.extras['task_loss'][k].mean():>10.4f} "
               f"{table.losses['performance_gap'][k].mean():>+9.4f} {table.losses['consistency'][k].mean():>9.4f} "
-              f"{cost} {wall[k]:>8.2f} {wall[full] / wall[k] if wall[k] > 0 else float('nan'):>8.2f}")
+              f"{cost} {timing}")
+    if batched:
+        print("(no time per threshold: they were decoded as rows of one batch; --time-each-threshold measures them)")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -198,7 +205,8 @@ def _cmd_collect(args) -> int:
                     batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
                     max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
-                    progress=not args.no_progress, metadata=metadata, policy_factory=factory)
+                    progress=not args.no_progress, metadata=metadata, policy_factory=factory,
+                    batch_thresholds=False if args.time_each_threshold else None)
     if state.is_main_process:
         _print_collect_summary(table)
         print(f"wrote {args.output} ({table.n} examples × {table.lambdas.size} thresholds)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .calibration.evaluate import validate_evaluation
+from .calibration.evaluate import BASES, validate_evaluation
 from .lazy import require
 
 __all__ = ["plot_evaluation", "build_figures", "METHOD_STYLES"]
@@ -111,8 +111,11 @@ def build_figures(evaluation: dict) -> list:
         draw(ax, key, err)
         missing = sum(r[key] is None for r in evaluation["results"])
         if missing:  # said on the figure: a point left out is not a point measured elsewhere
+            why = ("collect decoded the thresholds as one batch;\n`collect --time-each-threshold` measures them"
+                   if evaluation.get("speedup_basis") == BASES[2] else
+                   "(no time per generated token at some split's threshold)")
             ax.text(0.02, 0.02, f"{missing} of {len(evaluation['results'])} points not measured: the evaluation "
-                    "records none\n(no time per generated token at some split's threshold)", ha="left", va="bottom",
+                    f"records none\n{why}", ha="left", va="bottom",
                     transform=ax.transAxes, fontsize=7)
         ax.set_xlabel("target risk ε")
         ax.set_ylabel(ylabel)

@@ -7,7 +7,8 @@ model at hand,
 * ``measure`` -- a :class:`~hf_safe_exit.confidence.ConfidenceMeasure`,
 * ``min_exit_layer`` -- the first (1-based) decoder layer allowed to exit,
 * ``exit_layers`` (optional) -- the only layers where the confidence is checked (``None``: every layer),
-* ``threshold_at(step, max_new_tokens)`` -- the exit threshold λ_t for the token at ``step``.
+* ``threshold_at(step, max_new_tokens)`` -- the exit threshold λ_t for the token at ``step`` (a float, or a float32
+  tensor of one λ_t per batch row: :class:`~hf_safe_exit.decoding.row_thresholds.RowThresholds`).
 
 A row exits after a checked layer i >= ``min_exit_layer`` when ``confidence > λ_t``
 (strict, as in CALM and Jazbec et al. 2024, so that λ = 1 never exits: ``generate`` then runs HF's own loop,

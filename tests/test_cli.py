@@ -38,7 +38,9 @@ def workdir(tmp_path_factory):
     texts = [task.prompt(r) + " " + r["highlights"] for r in rows.select(range(40))]
     model_dir = save_tiny_t5(root / "model", texts, seed=0)
     results = root / "results.npz"
-    assert main(["collect", "--model", model_dir, "--data", str(DATA), "--output", str(results), *COLLECT]) == 0
+    # one threshold per generate call: the table measures a time per threshold (evaluate's speed-ups need it)
+    assert main(["collect", "--model", model_dir, "--data", str(DATA), "--output", str(results), *COLLECT,
+                 "--time-each-threshold"]) == 0
     return root, model_dir, results
 
 
@@ -155,6 +157,24 @@ def test_evaluate_and_plot(workdir, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
 
 
+def test_a_batched_collect_reports_no_speed_up(workdir, tmp_path, capsys):
+    """The default collect decodes a batch's thresholds as rows of one batch: it measures no time per threshold, so
+    the summary, evaluate and the plot say so instead of showing the apportioned times' ratios (about 1x)."""
+    root, model_dir, timed = workdir
+    out, ev = tmp_path / "batched.npz", tmp_path / "eval.json"
+    assert main(["collect", "--model", model_dir, "--data", str(DATA), "--output", str(out), *COLLECT]) == 0
+    assert "no time per threshold" in capsys.readouterr().out
+    batched, reference = LossTable.load(out), LossTable.load(timed)
+    for risk in reference.losses:  # the same losses as one threshold per call
+        np.testing.assert_array_equal(batched.losses[risk], reference.losses[risk])
+    assert main(["evaluate", "--results", str(out), "--eps", "0.1,0.99", "--n-cal", "3", "--repeats", "2",
+                 "--output", str(ev)]) == 0
+    result = json.loads(ev.read_text())
+    assert result["speedup_basis"].startswith("not measured")
+    assert all(r["speedup"] is None and r["speedup_std"] is None for r in result["results"])
+    assert main(["plot", "--evaluation", str(ev), "--output-dir", str(tmp_path / "fig")]) == 0
+
+
 def test_missing_data_path(workdir, tmp_path, capsys):
     root, model_dir, _ = workdir
     args = ["collect", "--model", model_dir, "--data", str(tmp_path / "nowhere"), "--output",
@@ -216,7 +236,9 @@ def test_two_processes_under_accelerate_give_the_same_file(workdir, tmp_path):
     for name in one.extras:
         if name not in ("wall_time", "example_time"):
             np.testing.assert_array_equal(one.extras[name], two.extras[name])
-    drop = lambda m: {k: v for k, v in m.items() if k != "device"}  # noqa: E731
+    # the fixture timed each threshold; this run (the default) decoded them as one batch and says so
+    assert "timing" not in one.metadata and two.metadata["timing"].startswith("batched")
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("device", "timing")}  # noqa: E731
     assert drop(one.metadata) == drop(two.metadata)
 
 

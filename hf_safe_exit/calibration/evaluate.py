@@ -37,6 +37,7 @@ import numpy as np
 from ..config import config_fields
 from ..errors import CorruptFileError
 from .evaluation_file import BASES, evaluation_problem, read_evaluation, validate_evaluation, write_evaluation
+from .grid import BATCHED_TIMING
 
 __all__ = ["evaluate_table", "format_table", "read_evaluation", "validate_evaluation", "write_evaluation",
            "DEFAULT_EPS", "DEFAULT_METHODS", "BASES"]
@@ -112,6 +113,9 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
     tokens = (np.asarray(table.extras["num_tokens"], dtype=np.float64).sum(axis=1) if "num_tokens" in table.extras
               else np.ones_like(wall))
     per_token = np.divide(wall, tokens, out=np.full_like(wall, np.nan), where=tokens > 0)
+    timed = table.metadata.get("timing") != BATCHED_TIMING  # a batched collect measured no time per threshold
+    if not timed:
+        per_token[:] = np.nan  # every speed-up null: a time apportioned across the batch's rows is no measurement
     rng = np.random.default_rng(seed)
     splits = [rng.permutation(n) for _ in range(repeats)]
 
@@ -159,7 +163,7 @@ def evaluate_table(table, eps=DEFAULT_EPS, methods=DEFAULT_METHODS, delta: float
         "full_model": {costs[0]: float(table.extras[costs[0]][full].mean()),
                        "task_loss": float(task_loss[full].mean()), "wall_time": float(wall[full]),
                        "generated_tokens": float(tokens[full]) if "num_tokens" in table.extras else None},
-        "speedup_basis": BASES[0] if "num_tokens" in table.extras else BASES[1],
+        "speedup_basis": BASES[2] if not timed else BASES[0] if "num_tokens" in table.extras else BASES[1],
         "table_digest": table.digest(),  # which table it evaluated: a card checks it against the one it shows
         "results": rows,
     }

@@ -26,7 +26,10 @@ __all__ = ["BASES", "evaluation_problem", "validate_evaluation", "read_evaluatio
 
 _WHAT = "an evaluation written by `hf-safe-exit evaluate`"
 _FIX = "Write one with `hf-safe-exit evaluate ... --output FILE`"
-BASES = ("per generated token", "per call (no token counts)")  # the speed-up bases evaluate_table writes
+# the speed-up bases evaluate_table writes; the third: a collect that decoded its thresholds as rows of one batch
+# (hf_safe_exit.calibration.grid) measured no time per threshold, so no speed-up is reported
+BASES = ("per generated token", "per call (no token counts)",
+         "not measured (thresholds decoded as one batch)")
 _TOL = 1e-9  # a mean of values in a range can round just past its end
 
 # the values a field can take: (test, words); the ranges of losses, task losses and layers depend on the evaluation
@@ -168,12 +171,12 @@ def _check_full_model(full, costs, ranges, basis) -> None:
     tokens = full.get("generated_tokens")
     if tokens is not None and not (_is_number(tokens) and tokens >= 0 and float(tokens).is_integer()):
         raise _Refused(f"full_model.generated_tokens is {tokens!r}, not a whole number >= 0")
-    if basis is not None and (tokens is None) != (basis != BASES[0]):
+    if basis is not None and basis != BASES[2] and (tokens is None) != (basis != BASES[0]):
         raise _Refused(f"full_model.generated_tokens is {tokens!r} while speedup_basis is {basis!r}: speed-ups per "
                        "generated token come with the full model's token count, and only they do")
 
 
-def _check_rows(results, settings, costs, ranges) -> None:
+def _check_rows(results, settings, costs, ranges, basis) -> None:
     """Each row of every field in range, and the rows those of the settings: methods × ε in order, with their δ and
     bound, rates that are fractions of the splits."""
     eps, methods, repeats = settings["eps"], settings["methods"], settings["repeats"]
@@ -194,6 +197,8 @@ def _check_rows(results, settings, costs, ranges) -> None:
             splits = row[name] * repeats
             if abs(splits - round(splits)) > 1e-6:
                 raise _Refused(f"{at}.{name} is {row[name]!r}, not a fraction of the {repeats} splits")
+        if basis == BASES[2] and row["speedup"] is not None:
+            raise _Refused(f"{at} has a speedup of {row['speedup']!r} while speedup_basis says none was measured")
         if (row["speedup"] is None) != (row["speedup_std"] is None):
             raise _Refused(f"{at} has a speedup of {row['speedup']!r} and a speedup_std of {row['speedup_std']!r}: "
                            "both are numbers, or both null")
@@ -220,7 +225,7 @@ def _check_shape(data) -> None:
     costs = _EARLY_EXIT_COSTS if isinstance(full, Mapping) and "mean_exit_layer" in full else _BILD_COSTS
     ranges = _ranges(loss_bounds, task_bounds, depth)
     _check_full_model(full, costs, ranges, basis)
-    _check_rows(results, data["settings"], costs, ranges)
+    _check_rows(results, data["settings"], costs, ranges, basis)
 
 
 def evaluation_problem(data) -> str | None:

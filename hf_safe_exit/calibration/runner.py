@@ -12,9 +12,10 @@ examples, :func:`collect` decodes each example with ``EarlyExit(threshold=λ, ..
   example: mean 1-based exit layer over its generated tokens, executed decoder layers /
   (decoder layers × tokens), number of generated tokens;
 * ``extras["wall_time"]`` (K,) -- seconds spent decoding all examples at each λ (summed over
-  processes), measured in the same run for every λ, so ``wall_time[λ=1] / wall_time[λ]`` is
-  the speed-up over the full model; ``extras["example_time"]`` (K, n) -- each batch's time
-  split evenly over its examples;
+  processes). With ``batch_thresholds=False`` each λ's are measured in the same run, so
+  ``wall_time[λ=1] / wall_time[λ]`` is the speed-up over the full model; batched (the default) they are the
+  batches' times apportioned by tokens, which shows no speed-up (see below); ``extras["example_time"]`` (K, n) --
+  each cell's time split evenly over its examples;
 * ``metadata`` -- ``model_fingerprint``, ``task``, ``lambdas``, ``measure``, ``schedule``,
   ``min_exit_layer``, ``num_decoder_layers``, ``max_new_tokens``, ``max_input_length``,
   ``batch_size``, ``example_ids``, ``versions``, plus what the caller adds.
@@ -48,6 +49,13 @@ against the state's ``config.json``; a mismatch raises :class:`StateMismatchErro
 written with its content digest and read back only when it is unchanged and a cell of this run (its λ, its
 batch's ids, its costs in range); else a ``CorruptFileError`` names the cells file and line.
 
+**Thresholds batched.** By default (``batch_thresholds=True``) the missing cells of a batch are decoded together
+(:mod:`~hf_safe_exit.calibration.grid`: the encoder once, the thresholds as rows of one batch): every cell holds what
+one ``generate`` call per cell gives up to float rounding (λ = 1: HF's tokens except at near-ties, not its bits),
+and is written, resumed and checked one by one; its ``seconds`` are apportioned, as the run config and the table's
+``"timing"`` say. ``batch_thresholds=False`` (BiLD and ``policy_factory=`` always) decodes one cell per call
+(λ = 1 HF's own loop, bit for bit) and measures each cell's time.
+
 **Deterministic.** Greedy decoding; losses are computed from the decoded text after all
 cells are in. Only the wall times vary from run to run.
 """
@@ -69,6 +77,7 @@ from ..digest import with_digest
 from ..errors import ModelMismatchError, RunInProgressError, StateMismatchError
 from ..lazy import require
 from ..risk.provenance import check_model_matches, record_provenance
+from .grid import BATCHED_TIMING, ThresholdGrid, check_batch_thresholds
 from .lock import acquire_lock, release_lock
 from .state import CELL_KEYS, open_state
 from .strategies import default_lambdas
@@ -76,7 +85,7 @@ from .strategies import default_lambdas
 if TYPE_CHECKING:
     from ..risk.loss_table import LossTable
 
-__all__ = ["collect", "decode_cell", "default_lambdas", "StateMismatchError", "ModelMismatchError",
+__all__ = ["BATCHED_TIMING", "collect", "decode_cell", "default_lambdas", "StateMismatchError", "ModelMismatchError",
            "check_model_matches"]
 
 
@@ -124,6 +133,7 @@ class _Plan:
     max_input_length: int
     order: list[int]
     depth: int | None = None  # the decoder's layers: the range of a cell's exit layers
+    batched: bool = False  # the cells of a batch decoded together (ThresholdGrid)
     state_path: Path | None = None
     state_is_default: bool = False
     done: dict = field(default_factory=dict)
@@ -148,6 +158,7 @@ def collect(
     metadata: Mapping[str, Any] | None = None,
     policy_factory: Callable[[float], Any] | None = None,
     policy_description: Mapping[str, Any] | None = None,
+    batch_thresholds: bool | None = None,
 ):
     """Decode ``examples`` at every λ of ``lambdas`` and return (and, with ``output``, save) a ``LossTable``.
 
@@ -177,6 +188,10 @@ def collect(
         policy_description: JSON-able settings of the factory's policies, stored in the run
             config (resume check) and the metadata (``"policy"``); default
             ``policy_factory(1.0).describe()``.
+        batch_thresholds: decode the missing cells of each batch together (the encoder once per batch, the
+            thresholds as rows of one batch; outputs equal up to float rounding) and apportion their time; ``False``:
+            one ``generate`` call per cell, each cell's time measured. ``None`` (default): ``True`` for the
+            early-exit strategy, ``False`` with ``policy_factory``, which cannot batch.
 
     Returns:
         the ``LossTable`` on the main process; ``None`` on the other processes.
@@ -185,7 +200,7 @@ def collect(
 
     state = require("accelerate", "collect").PartialState()
     plan = _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
-                 policy_factory, policy_description)
+                 policy_factory, policy_description, batch_thresholds)
     model = enable(model)
     model.eval()
     lock = _open_state(plan, output, state_dir, fresh, state)
@@ -206,7 +221,7 @@ def collect(
 
 
 def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new_tokens, max_input_length,
-          policy_factory, policy_description) -> _Plan:
+          policy_factory, policy_description, batch_thresholds) -> _Plan:
     """Validate the request and lay out the run: strategy, grid, batches, and the config that identifies it."""
     from ..config import EarlyExitConfig
     from ..tasks import get_task
@@ -227,6 +242,7 @@ def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new
     else:
         strategy = FactoryStrategy(policy_factory, policy_description)
     lam = _grid(lambdas, default_bild_lambdas() if strategy.name == "bild" else default_lambdas())
+    batched = check_batch_thresholds(batch_thresholds, strategy.name == "early_exit")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
     max_new_tokens = int(max_new_tokens or task.max_new_tokens)
@@ -241,13 +257,16 @@ def _plan(model, tokenizer, task, examples, config, lambdas, batch_size, max_new
         "lambdas": [float(x) for x in lam],
         **strategy.config, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "max_input_length": max_input_length, "examples": _digest({"ids": ids, "prompts": prompts}),
+        # cells' seconds apportioned, not measured per λ: a resumed run must not mix the two kinds
+        **({"timing": BATCHED_TIMING} if batched else {}),
     }
     # Batch by batch, each at every λ in turn (λ = 1 first): slow drifts of the machine's speed then
     # affect all thresholds alike, which keeps the wall-time ratios (speed-ups) fair.
     order = [int(np.flatnonzero(lam == 1.0)[0])] + [k for k in range(lam.size) if lam[k] != 1.0]
     depth = getattr(model.config, "num_decoder_layers", None)
     return _Plan(task, strategy, lam, ids, prompts, [task.reference(r) for r in rows], batches, run_config,
-                 max_new_tokens, max_input_length, order, depth=int(depth) if depth else None)
+                 max_new_tokens, max_input_length, order, depth=int(depth) if depth else None, batched=batched)
+
 
 
 def _grid(lambdas, default) -> np.ndarray:
@@ -300,9 +319,13 @@ def _take(state_path: Path, state) -> Path | None:
 
 
 def decode_cell(model, encoded, policy, max_new_tokens: int):
-    """One cell: the batch ``encoded`` decoded greedily at one threshold's ``policy``."""
+    """One cell: the batch ``encoded`` decoded greedily at one threshold's ``policy``. ``encoded`` is the tokenized
+    batch, or a :class:`~hf_safe_exit.calibration.grid.ThresholdGrid` of it, which decodes all its cells at the
+    first one and then hands each out."""
     import torch
 
+    if isinstance(encoded, ThresholdGrid):
+        return encoded.output(model, policy)
     with torch.inference_mode():
         return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                               early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -323,18 +346,23 @@ def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
     device = next(model.parameters()).device
     encoded: dict[int, Any] = {}
 
+    def tokenize(b: int, rows: slice = slice(None)):
+        return tokenizer([plan.prompts[j] for j in plan.batches[b][rows]], return_tensors="pt", padding=True,
+                         truncation=True, max_length=plan.max_input_length).to(device)
+
     def encode(b: int):  # tokenized once per batch, outside the timed region
         if b not in encoded:
             encoded.clear()  # cells come batch by batch: keep only the current batch
-            encoded[b] = tokenizer([plan.prompts[j] for j in plan.batches[b]], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=plan.max_input_length).to(device)
+            encoded[b] = _grid_of(plan, tokenize(b), todo, b) if plan.batched else tokenize(b)
         return encoded[b]
 
     def policy(k: int):
         return plan.strategy.policy(float(plan.lam[k]))
 
-    if todo:  # warm-up, not timed: the first call pays one-time costs
-        decode_cell(model, encode(todo[0][1]), policy(todo[0][0]), plan.max_new_tokens)
+    if todo:  # warm-up, not timed: the first call pays one-time costs (batched: the first example's grid)
+        k, b = todo[0]
+        warm = _grid_of(plan, tokenize(b, slice(0, 1)), todo, b) if plan.batched else encode(b)
+        decode_cell(model, warm, policy(k), plan.max_new_tokens)
     # one step of the bar is a cell: one batch decoded at one threshold λ
     bar = tqdm(total=len(plan.mine), initial=len(plan.mine) - len(todo), unit="batch×λ",
                desc=f"collect {plan.task.name} ({len(plan.batches)} batches of ≤{plan.config['batch_size']} × "
@@ -346,7 +374,7 @@ def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
             start = time.perf_counter()
             out = decode_cell(model, enc, policy(k), plan.max_new_tokens)
             _sync(device)
-            seconds = time.perf_counter() - start
+            seconds = enc.seconds(k) if plan.batched else time.perf_counter() - start
             texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
             cell = {"k": k, "lambda": float(plan.lam[k]), "batch": b, "ids": [plan.ids[j] for j in plan.batches[b]],
                     "predictions": texts, **plan.strategy.costs(out), "seconds": seconds}
@@ -368,6 +396,12 @@ def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:
     if missing:
         raise RuntimeError(f"{len(missing)} (λ, batch) cells are missing after gathering: rerun to resume.")
     return cells
+
+
+def _grid_of(plan: _Plan, encoded, todo: list, b: int) -> ThresholdGrid:
+    """The grid of batch ``b``'s cells left to do."""
+    lambdas = {k: float(plan.lam[k]) for k, batch in todo if batch == b}
+    return ThresholdGrid(encoded, plan.strategy.early_exit_config, lambdas, plan.max_new_tokens)
 
 
 def _assemble(plan: _Plan, cells: dict, model, metadata) -> LossTable:
@@ -393,9 +427,16 @@ def _assemble(plan: _Plan, cells: dict, model, metadata) -> LossTable:
             example_time[k, j] = cell["seconds"] / len(batch)
         wall_time[k] += cell["seconds"]
     task, full = plan.task, plan.order[0]
-    task_losses = np.array([[task.loss(predictions[k][j], plan.references[j]) for j in range(n)] for k in range(K)])
-    consistency = np.array([[task.consistency_loss(predictions[k][j], predictions[full][j]) for j in range(n)]
-                            for k in range(K)])
+    scored: dict[tuple, float] = {}  # many thresholds give an example the same text: score it once
+
+    def score(kind: str, j: int, text: str) -> float:
+        if (kind, j, text) not in scored:
+            scored[(kind, j, text)] = task.loss(text, plan.references[j]) if kind == "task" else \
+                task.consistency_loss(text, predictions[full][j])
+        return scored[(kind, j, text)]
+
+    task_losses = np.array([[score("task", j, predictions[k][j]) for j in range(n)] for k in range(K)])
+    consistency = np.array([[score("consistency", j, predictions[k][j]) for j in range(n)] for k in range(K)])
     meta = {key: value for key, value in plan.config.items() if key != "examples"}
     meta.update({"num_decoder_layers": int(model.config.num_decoder_layers), "example_ids": plan.ids, "n": n,
                  "versions": _versions(),

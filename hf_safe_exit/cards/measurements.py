@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..calibration.evaluate import read_evaluation, validate_evaluation
+from ..calibration.grid import BATCHED_TIMING
 from ..config import EarlyExitConfig
 from ..errors import InconsistentCalibrationError
 from .vocabulary import rows_description
@@ -205,6 +206,9 @@ def at_threshold(table, controlled, rows: str | None = None) -> AtThreshold:
     meta, unmeasured = table.metadata, []
     task_loss, tokens, layers, wall = (_measured(table, key, unmeasured) for key in
                                        ("task_loss", "num_tokens", "mean_exit_layer", "wall_time"))
+    if wall is not None and meta.get("timing") == BATCHED_TIMING:  # thresholds decoded as rows of one batch:
+        wall = None  # the times per threshold are apportioned, not measured, so no speed-up is shown
+        unmeasured.append("wall_time")
     out = AtThreshold(threshold=c.threshold, n=table.n, rows=rows or rows_description(c.task, meta),
                       risk=float(table.losses[c.risk][k].mean()), num_layers=_count(meta.get("num_decoder_layers")),
                       batch_size=_count(meta.get("batch_size")), max_new_tokens=_count(meta.get("max_new_tokens")),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .step_exits import can_exit
+
 __all__ = ["DENSE_ROWS", "dense_step"]
 
 # Per device type: run dense steps there? A CPU pays per row (weight reads and attention grow with the rows), a GPU
@@ -33,10 +35,11 @@ __all__ = ["DENSE_ROWS", "dense_step"]
 DENSE_ROWS: dict[str, bool] = {"cpu": False}
 
 
-def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
-               done: torch.Tensor | None, exit_layers: frozenset[int] | None = None):
+def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float | torch.Tensor, measure,
+               min_exit_layer: int, done: torch.Tensor | None, exit_layers: frozenset[int] | None = None):
     """One token for every row of the batch, as :meth:`StepDecoder.step` (same arguments except ``poe``, which
-    dense steps do not support, and same returns), with every block run on the whole batch."""
+    dense steps do not support, and same returns; ``threshold`` a float or one per row), with every block run on
+    the whole batch."""
     batch, device = tokens.shape[0], tokens.device
     x = dec.decoder.dropout(dec.decoder.embed_tokens(tokens))  # (b, 1, d): every row's state
     position_bias = dec.position_bias(x.dtype)
@@ -47,7 +50,7 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float, measur
     deciding = None if done is None else ~done  # None: every row decides
     # no host check here: the loop stops before every sequence is finished, and a step with all rows done would
     # still be right (blocks run for nothing, zero logits, exit layers 0)
-    may_exit, stopped = threshold < 1.0, False
+    may_exit, stopped = can_exit(threshold), False
     position, filled = dec.cache.self_attention_cache.get_seq_length(0), dec.num_layers
     for idx in range(dec.num_layers):
         layer = idx + 1

@@ -57,6 +57,7 @@ from .dense_rows import DENSE_ROWS, dense_step
 from .kv_buffer import install_kv_buffers
 from .poe import PoEConfig
 from .step_decoder import StepDecoder
+from .step_exits import step_threshold
 
 __all__ = ["EarlyExitGenerateOutput", "UnsupportedDecoderPromptError", "early_exit_decode", "exit_fields",
            "new_decoder_cache"]
@@ -197,7 +198,7 @@ def early_exit_decode(
     exit_layers, confidences = [], []
     step = 0
     while True:
-        threshold = float(policy.threshold_at(step, max_new_tokens))
+        threshold = step_threshold(policy.threshold_at(step, max_new_tokens), batch)  # one λ_t, or one per row
         # a finished row stops decoding only when HF pads it (an EOS criterion): without one, HF goes on generating
         # its tokens, so the row keeps deciding (its exit layers still read 0 past its end, as at λ = 1)
         done = None if remaining == batch or not has_eos_stopping_criteria else unfinished == 0

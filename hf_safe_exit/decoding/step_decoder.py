@@ -21,9 +21,9 @@ from .kv_buffer import PreallocatedLayer
 from .poe import PoEConfig, PoEState
 from .readout import decoder_output_scale
 from .row_plan import DecidingRows, RowPlan
-from .step_exits import StepExits
+from .step_exits import StepExits, can_exit, thresholds_of
 
-__all__ = ["StepDecoder"]
+__all__ = ["StepDecoder", "cross_attention_kv"]
 
 
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,13 @@ def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     # (b, s, heads*head_dim) -> (b, heads, s, head_dim)
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+def cross_attention_kv(block, encoder_hidden: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-attention keys and values ``(batch, heads, source, d_kv)`` of decoder ``block`` over
+    ``encoder_hidden``: what HF's T5 block caches at the first decoding step."""
+    att = block.layer[1].EncDecAttention
+    return _split_heads(att.k(encoder_hidden), head_dim), _split_heads(att.v(encoder_hidden), head_dim)
 
 
 class _PoERead(NamedTuple):
@@ -97,9 +104,7 @@ class StepDecoder:
         """The cross-attention K/V of ``layer`` for the whole batch (computed once, then cached)."""
         cross = self.cache.cross_attention_cache
         if not self.cache.is_updated.get(layer, False):
-            att = self.blocks[layer].layer[1].EncDecAttention
-            k = _split_heads(att.k(self.encoder_hidden), self.head_dim)
-            v = _split_heads(att.v(self.encoder_hidden), self.head_dim)
+            k, v = cross_attention_kv(self.blocks[layer], self.encoder_hidden, self.head_dim)
             cross.update(k, v, layer)
             self.cache.is_updated[layer] = True
         return cross.layers[layer].keys, cross.layers[layer].values
@@ -251,13 +256,14 @@ class StepDecoder:
                                                    for i in range(self.num_layers)):
             raise RuntimeError(f"decoder prefill left the cache inconsistent (self-attention lengths {lengths})")
 
-    def step(self, tokens: torch.Tensor, *, step: int, threshold: float, measure, min_exit_layer: int,
+    def step(self, tokens: torch.Tensor, *, step: int, threshold: float | torch.Tensor, measure, min_exit_layer: int,
              done: torch.Tensor | None, poe: PoEConfig | None = None, exit_layers: frozenset[int] | None = None):
         """Decode one token for every row.
 
         Args:
             tokens: ``(batch, 1)`` the previous tokens.
-            threshold: λ_t for this step (>= 1 never exits early).
+            threshold: λ_t for this step (>= 1 never exits early): a float, or a float32 tensor ``(batch,)`` of one
+                λ_t per row (several thresholds decoded as rows of one batch; see ``RowThresholds``).
             exit_layers: the only layers where the confidence is checked (None: every layer >= min_exit_layer).
             done: ``(batch,)`` bool, rows whose sequence already finished (None: none has): they run no block and
                 report exit layer 0 (their output is padding; their cache entries only keep shapes aligned).
@@ -277,7 +283,7 @@ class StepDecoder:
         position_bias = self.position_bias(x.dtype)
         deciding = DecidingRows(done, batch, device)
         exits = StepExits(batch, self.logits_dtype, device)
-        may_exit = threshold < 1.0
+        may_exit = can_exit(threshold)
         poe_last = poe is not None and poe.prediction and poe.final_layer == "poe"
         poe_state = None
         if poe is not None and (may_exit or poe_last):
@@ -297,7 +303,7 @@ class StepDecoder:
                 known = None if poe_read is None else poe_read.prediction(poe)
             elif may_exit and layer >= min_exit_layer and (exit_layers is None or layer in exit_layers):
                 conf, normed, known = self._check(measure, layer, step, h, prev, deciding, poe, poe_read, batch)
-                exiting = conf > threshold
+                exiting = conf > thresholds_of(threshold, deciding.rows)
                 if not bool(exiting.any()):
                     continue
             else:

@@ -6,7 +6,34 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StepExits"]
+__all__ = ["StepExits", "can_exit", "step_threshold", "thresholds_of"]
+
+
+def can_exit(threshold: float | torch.Tensor) -> bool:
+    """Whether any row may exit early at a step with ``threshold``: a row exits when its confidence is > its
+    threshold, so a float >= 1 never exits. Per-row thresholds (a tensor) are taken to let some row exit without
+    reading them back (a host round trip on a GPU): a policy whose rows all stay gives the float 1.0 instead
+    (``BoundRowThresholds.threshold_at``); rows at 1 in a tensor only cost their confidences."""
+    return True if isinstance(threshold, torch.Tensor) else threshold < 1.0
+
+
+def step_threshold(value, batch: int) -> float | torch.Tensor:
+    """A policy's λ_t for one step as the step takes it: a float, or a float32 tensor of one λ_t per batch row."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if value.shape != (batch,) or value.dtype != torch.float32:
+        raise ValueError(f"a policy's per-row thresholds must be a float32 tensor of shape ({batch},), one per batch "
+                         f"row; got {value.dtype} of shape {tuple(value.shape)}: give one threshold per row.")
+    return value
+
+
+def thresholds_of(threshold: float | torch.Tensor, rows: torch.Tensor | None) -> float | torch.Tensor:
+    """The thresholds of the batch rows ``rows`` (None: every row, in batch order), to compare with their
+    confidences: a float is every row's. Per-row thresholds are float32, the dtype a float threshold is compared in
+    with a float32 confidence, so both decide alike (:class:`~hf_safe_exit.decoding.row_thresholds.RowThresholds`)."""
+    if rows is None or not isinstance(threshold, torch.Tensor):
+        return threshold
+    return threshold.index_select(0, rows)
 
 
 class StepExits:
