@@ -9,12 +9,15 @@ Learn then Test (Angelopoulos et al. 2021).
   with its file (``risk_control.json``);
 * :class:`RiskControlled`: what ``generate(early_exit=...)`` takes (a request, fitted on the model's stored
   calibration unless fitted already);
-* :class:`LossTable`: the calibration losses ``collect`` writes.
+* :class:`LossTable`: the calibration losses ``collect`` writes;
+* :class:`ConfigurationTable`: the losses of many configurations (settings × λ), from which ``method="pareto"``
+  (Pareto Testing, Laufer-Goldshtein et al., ICLR 2023) chooses one.
 """
 
 from .bounds import binomial_count, hoeffding_bentkus_pvalue, hoeffding_bentkus_ucb, hoeffding_ucb, wsr_ucb
 from .calibration import Calibration
 from .certificate import RiskCertificate
+from .configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from .controlled import RiskControlled
 from .controller import RiskController
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
@@ -31,6 +34,7 @@ __all__ = [
     "Selection", "select", "select_naive", "select_crc", "select_ucb", "select_ltt",
     "CALIBRATION_SUBDIR", "calibration_dir", "find_stored", "primary_task", "store_calibration", "stored_tasks",
     "hoeffding_ucb", "hoeffding_bentkus_pvalue", "hoeffding_bentkus_ucb", "wsr_ucb", "binomial_count",
-    "select_pareto", "pareto_test", "pareto_front", "ParetoResult", "P_VALUES",
+    "select_pareto", "pareto_test", "pareto_front", "ParetoResult", "P_VALUES", "ConfigurationTable",
+    "CONFIGURATIONS_FILENAME",
     "first_alarm", "SequentialRiskTest", "expected_samples_to_alarm",
 ]

@@ -22,7 +22,8 @@ from ..config import EarlyExitConfig
 from ..digest import with_digest
 from ..errors import CalibrationFileError
 from ..fingerprint import model_fingerprint
-from .certificate import RiskCertificate
+from .certificate import PARETO, RiskCertificate
+from .configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from .controller import RiskController
 from .integrity import FORMAT_VERSION, REQUEST_KEYS, check_calibration_dict
 from .loss_table import CALIBRATION_FILENAME, LossTable
@@ -79,11 +80,16 @@ class Calibration:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, controller: RiskController, table: LossTable, config: EarlyExitConfig | None = None) -> "Calibration":
+    def fit(cls, controller: RiskController, table, config: EarlyExitConfig | None = None, *,
+            cost: str | None = None) -> "Calibration":
         """Fit ``controller`` on ``table`` and tie the result to the table's decoding family, model, task, lengths.
 
         ``config``: the configuration the caller means; it must be the table's (a threshold calibrated for one
-        configuration is not valid for another), or stand in for a table that records none."""
+        configuration is not valid for another), or stand in for a table that records none. A
+        :class:`~hf_safe_exit.risk.ConfigurationTable` (``method="pareto"``, minimising ``cost``) gives the
+        configuration Pareto Testing chose, at its threshold (Laufer-Goldshtein et al., ICLR 2023)."""
+        if controller.method == PARETO or isinstance(table, ConfigurationTable):
+            return cls._fit_configurations(controller, table, config, cost)
         meta = table.metadata
         strategy = meta.get("strategy")
         if strategy not in (None, "early_exit", "bild"):
@@ -115,6 +121,22 @@ class Calibration:
                    meta_head_fingerprint=meta.get("meta_head_fingerprint") if chosen is not None else None,
                    task=about["task"], lengths={k: about[k] for k in _LENGTHS if k in about},
                    source=None if source is None else os.fspath(source))
+
+    @classmethod
+    def _fit_configurations(cls, controller: RiskController, table, config, cost) -> "Calibration":
+        """Pareto Testing's choice among ``table``'s configurations (the controller refuses any other pairing)."""
+        if config is not None:
+            raise ValueError("config= names one early-exit configuration, but method='pareto' chooses among the "
+                             "table's configurations: drop config=.")
+        meta = getattr(table, "metadata", {})
+        about = {"model_fingerprint": meta.get("model_fingerprint"), "task": meta.get("task"),
+                 **{k: int(meta[k]) for k in _LENGTHS if meta.get(k) is not None}}
+        controller.fit_table(table, cost=cost, about=about)
+        return cls(threshold=controller.threshold, certificate=controller.certificate,
+                   request=controller.get_params(), config=controller.config,
+                   model_fingerprint=about["model_fingerprint"], dtype=meta.get("dtype"),
+                   meta_head_fingerprint=meta.get("meta_head_fingerprint"), task=about["task"],
+                   lengths={k: about[k] for k in _LENGTHS if k in about}, source=getattr(table, "source", None))
 
     # ------------------------------------------------------------------ use
     @property
@@ -239,17 +261,19 @@ class Calibration:
         ``calibration/<task>/risk_control.json``; ``task`` defaults to the model's primary task), else a Hub repo at
         ``revision`` (default: its default branch): its root or ``subfolder``'s ``risk_control.json`` when ``task``
         is None and there is one, else its ``calibration/<task>/`` as in a model folder. Where the loss table is
-        stored beside the file, refitting it must give the file's λ̂
-        (:class:`~hf_safe_exit.errors.InconsistentCalibrationError` otherwise). A Hub that cannot be asked raises
+        stored beside the file (for ``method="pareto"``, the configuration table), refitting it must give the file's
+        certificate (:class:`~hf_safe_exit.errors.InconsistentCalibrationError` otherwise). A Hub that cannot be asked raises
         :class:`~hf_safe_exit.errors.HubFileError`; nothing there, :class:`MissingCalibrationError`."""
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, RISK_CONTROL_FILENAME)
             if task is not None or not os.path.isfile(path):
                 return cls._from_stored(find_stored(os.fspath(path_or_repo_id), task))
-            beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+            beside, configurations = (os.path.join(os.path.dirname(path), name)
+                                      for name in (CALIBRATION_FILENAME, CONFIGURATIONS_FILENAME))
         elif os.path.isfile(path):
-            beside = os.path.join(os.path.dirname(path), CALIBRATION_FILENAME)
+            beside, configurations = (os.path.join(os.path.dirname(path), name)
+                                      for name in (CALIBRATION_FILENAME, CONFIGURATIONS_FILENAME))
         elif os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.sep != "/" and os.sep in path:
             raise MissingCalibrationError.about(path, "no such file or folder (and not a Hub repo id)",
                                                 f"Pass the folder you gave save_pretrained() (holding "
@@ -261,9 +285,13 @@ class Calibration:
             found = None if task is not None else hub_file(path, prefix + RISK_CONTROL_FILENAME, revision=revision)
             if found is None:
                 return cls._from_stored(find_stored(path, task, revision=revision))
-            path, beside = found, hub_file(path_or_repo_id, prefix + CALIBRATION_FILENAME, revision=revision)
+            path, beside, configurations = found, *(hub_file(path_or_repo_id, prefix + name, revision=revision)
+                                                    for name in (CALIBRATION_FILENAME, CONFIGURATIONS_FILENAME))
         table = LossTable.load(beside) if beside is not None and os.path.isfile(beside) else None
-        return cls.from_dict(read_calibration_json(path, table, beside if table is not None else None), path)
+        stacked = ConfigurationTable.load(configurations) if configurations is not None and \
+            os.path.isfile(configurations) else None
+        return cls.from_dict(read_calibration_json(path, table, beside if table is not None else None,
+                                                   configurations=stacked), path)
 
     @classmethod
     def _from_stored(cls, stored) -> "Calibration":

@@ -9,6 +9,11 @@ It is a request (ε, δ, method, ... for a :class:`~hf_safe_exit.risk.RiskContro
 :class:`~hf_safe_exit.risk.Calibration` it produced. Unfitted, ``generate`` fits it on the calibration the model
 stores for its task (:mod:`hf_safe_exit.risk.stored_fit`, cached per model and table). A BiLD loss table (from
 ``collect --strategy bild``) calibrates BiLD's rollback threshold the same way; pass ``small_model=``.
+``method="pareto"`` chooses the whole configuration (measure, schedule, exit layers, ..., and λ) from a
+:class:`~hf_safe_exit.risk.ConfigurationTable` by Pareto Testing (Laufer-Goldshtein et al., ICLR 2023):
+
+>>> rc = RiskControlled(eps=0.05, delta=0.1, method="pareto").fit_table(ConfigurationTable.from_tables(tables))
+>>> rc.calibration.config, rc.threshold                # the configuration chosen, at its threshold
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ..config import EarlyExitConfig
 from ..fingerprint import model_fingerprint
 from ..policy import EarlyExit
 from .calibration import Calibration
-from .certificate import RiskCertificate
+from .certificate import PARETO, RiskCertificate
+from .configuration_table import ConfigurationTable
 from .controller import RiskController
 from .loss_table import LossTable
 from .store import check_task_name
@@ -37,18 +43,25 @@ class RiskControlled:
             takes the model's primary task. A task that contradicts a table's raises.
         small_model: the small (draft) model of a BiLD calibration (it must be the one the table was collected with).
         allow_missing_fingerprint: accept a calibration that does not record its model (your responsibility).
+        p_value, opt_fraction, seed: ``method="pareto"`` only (see :class:`~hf_safe_exit.risk.RiskController`).
 
     Fitted: ``calibration`` (a :class:`~hf_safe_exit.risk.Calibration`), ``threshold`` (λ̂) and ``certificate``.
     """
 
     def __init__(self, eps: float, delta: float | None = None, method: str = "crc", bound: str = "wsr",
                  risk: str = "performance_gap", monotonize: str | None = None, *, config: EarlyExitConfig | None = None,
-                 task: str | None = None, small_model=None, allow_missing_fingerprint: bool = False):
-        request = RiskController(eps, delta, method, bound, risk, monotonize)  # validates the request
+                 task: str | None = None, small_model=None, allow_missing_fingerprint: bool = False,
+                 p_value: str | None = None, opt_fraction: float | None = None, seed: int | None = None):
+        request = RiskController(eps, delta, method, bound, risk, monotonize, p_value=p_value,
+                                 opt_fraction=opt_fraction, seed=seed)  # validates the request
         self.eps, self.delta, self.method = request.eps, request.delta, request.method
         self.bound, self.risk, self.monotonize = request.bound, request.risk, request.monotonize
+        self.p_value, self.opt_fraction, self.seed = request.p_value, request.opt_fraction, request.seed
         if config is not None and not isinstance(config, EarlyExitConfig):
             raise TypeError(f"config must be an hf_safe_exit.EarlyExitConfig or None, got {type(config).__name__}.")
+        if config is not None and method == PARETO:
+            raise ValueError("config= names one early-exit configuration, but method='pareto' chooses among the "
+                             "configurations of the table: drop config=.")
         if not isinstance(allow_missing_fingerprint, bool):
             raise ValueError(f"allow_missing_fingerprint={allow_missing_fingerprint!r} must be True or False.")
         self.config = config
@@ -59,7 +72,8 @@ class RiskControlled:
 
     def controller(self) -> RiskController:
         """A fresh, unfitted :class:`RiskController` for this request."""
-        return RiskController(self.eps, self.delta, self.method, self.bound, self.risk, self.monotonize)
+        return RiskController(self.eps, self.delta, self.method, self.bound, self.risk, self.monotonize,
+                              p_value=self.p_value, opt_fraction=self.opt_fraction, seed=self.seed)
 
     def get_params(self) -> dict:
         return {**self.controller().get_params(), "config": self.config, "task": self.task,
@@ -94,17 +108,19 @@ class RiskControlled:
         return f"RiskControlled({', '.join(f'{k}={v!r}' for k, v in shown.items())}{fitted})"
 
     # ------------------------------------------------------------------ fitting
-    def fit_table(self, table: LossTable) -> "RiskControlled":
-        """Choose λ̂ from ``table``, recording its model fingerprint, task, configuration and lengths."""
-        if not isinstance(table, LossTable):
-            raise ValueError(f"fit_table expects a LossTable, got {type(table).__name__}; use fit(thresholds, "
-                             "losses) for a raw matrix.")
+    def fit_table(self, table, cost: str | None = None) -> "RiskControlled":
+        """Choose λ̂ from ``table``, recording its model fingerprint, task, configuration and lengths. For
+        ``method="pareto"``, ``table`` is a :class:`~hf_safe_exit.risk.ConfigurationTable` and ``cost`` the cost
+        minimised (default ``"layer_fraction"``): the configuration chosen is ``calibration.config``."""
+        if not isinstance(table, (LossTable, ConfigurationTable)):
+            raise ValueError(f"fit_table expects a LossTable (or, for method='pareto', a ConfigurationTable), got "
+                             f"{type(table).__name__}; use fit(thresholds, losses) for a raw matrix.")
         task = table.metadata.get("task")
         if self.task is not None and task not in (None, self.task):
             raise ValueError(f"task={self.task!r} but these losses were collected on task {task!r}: a threshold "
                              f"calibrated on one task carries no guarantee on another. Drop task= or use {self.task!r}'s "
                              "table.")
-        self.calibration = Calibration.fit(self.controller(), table, self.config)
+        self.calibration = Calibration.fit(self.controller(), table, self.config, cost=cost)
         return self
 
     def fit(self, thresholds, losses, loss_bounds=None) -> "RiskControlled":

@@ -20,6 +20,10 @@ A calibration is only as trustworthy as its file. Before one is used it must
 
 A file that fails the last two was edited by hand or mixed up with another calibration:
 :class:`~hf_safe_exit.errors.InconsistentCalibrationError`, naming the file and both values.
+
+A ``method="pareto"`` calibration (Laufer-Goldshtein et al., ICLR 2023) is checked the same way, its certificate's
+front in place of a λ grid and the configuration table (``early_exit_configurations.npz``) in place of the loss table:
+see :mod:`hf_safe_exit.risk.pareto_integrity`.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from ..config import EarlyExitConfig, config_fields
 from ..digest import check_digest
 from ..errors import CorruptFileError, InconsistentCalibrationError
 from .bounds import hoeffding_bentkus_ucb
-from .certificate import RiskCertificate, guarantee_text, is_length, is_task_name
+from .certificate import PARETO, RiskCertificate, guarantee_text, is_length, is_task_name
 from .controller import RiskController
 from .loss_table import MAX_TOKENS, LossTable
+from .pareto_integrity import calibration_problem, certificate_problem, refit_problem
 from .provenance import is_dtype_name, is_fingerprint
 from .selection import crc_statistic, first_violation_scan, passes, select
 
@@ -42,7 +47,9 @@ __all__ = ["FORMAT_VERSION", "RECALIBRATE", "REQUEST_KEYS", "check_calibration_d
            "check_refit"]
 
 FORMAT_VERSION = 1
-REQUEST_KEYS = ("eps", "delta", "method", "bound", "risk", "monotonize")  # a RiskController's request, under "params"
+# a RiskController's request, under "params" (the last three: method "pareto" only)
+REQUEST_KEYS = ("eps", "delta", "method", "bound", "risk", "monotonize", "p_value", "opt_fraction", "seed")
+_PARETO_REQUEST = ("delta", "p_value", "opt_fraction", "seed")  # what a Pareto file must record: the split's too
 RECALIBRATE = ("Recalibrate: `hf-safe-exit calibrate --results <table>.npz --eps ... --model <model> --store-in-model` "
                "(or RiskControlled(...).fit_table(table).save_pretrained(dir)); never edit risk_control.json by hand")
 _CORRUPT_FIX = ("Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained, or delete it (a model "
@@ -94,7 +101,13 @@ def _check_certificate(cert: RiskCertificate, where) -> None:
     from λ = 1 down selects its λ̂; the empirical risk and bound at λ̂ are the grid's there; CRC's statistics are
     n/(n+1)·R̂ + B/(n+1) of its risks, naive's the risks; LTT's bound is the Hoeffding–Bentkus UCB at δ; the
     guarantee is the method's text. A forged λ̂, bound or text is refused even with no loss table beside the file
-    (the statistics themselves are checked against the losses only by a refit, :func:`check_refit`)."""
+    (the statistics themselves are checked against the losses only by a refit, :func:`check_refit`). A Pareto
+    certificate is checked on its front instead (:func:`~hf_safe_exit.risk.pareto_integrity.certificate_problem`)."""
+    if cert.method == PARETO:
+        problem = certificate_problem(cert)
+        if problem is not None:
+            raise InconsistentCalibrationError.about(where, problem, RECALIBRATE)
+        return
     grid, stat, risk = list(cert.grid), list(cert.grid_statistic), list(cert.grid_empirical_risk)
     if not grid or not (len(grid) == len(stat) == len(risk)) or not _close(grid[-1], 1.0) or any(
             not _number(v) or math.isnan(v) for v in grid + stat + risk) or any(a >= b for a, b in zip(grid, grid[1:])):
@@ -194,6 +207,9 @@ def check_calibration_dict(data, path=None, *, digest: bool = True) -> RiskCerti
             raise inconsistent(f"params.{key}", params[key], getattr(cert, key))
     if cert.method == "ucb" and "bound" in params and params["bound"] != cert.bound:
         raise inconsistent("params.bound", params["bound"], cert.bound)
+    differ = calibration_problem(params, calibration, cert) if cert.method == PARETO else None
+    if differ is not None:
+        raise inconsistent(*differ)
     # what the guarantee is for is recorded twice, and every file written records both copies (null where unknown):
     # copies that differ, or one left out, mean an edit (a null fingerprint, task or measure changes what is checked)
     for key in ("model_fingerprint", "task", "measure"):
@@ -227,6 +243,10 @@ def _check_request(params: dict, where) -> None:
         RiskController(**{k: params[k] for k in REQUEST_KEYS if k in params})
     except (TypeError, ValueError) as err:
         raise CorruptFileError.about(where, f"its params are not a valid request ({err})", _CORRUPT_FIX) from None
+    missing = [k for k in _PARETO_REQUEST if k not in params] if params.get("method") == PARETO else []
+    if missing:  # a default would stand in for them: another split, a fit that no longer reproduces the file's
+        raise CorruptFileError.about(where, f"a Pareto calibration records its request and split, and its params have "
+                                     f"no {missing}", _CORRUPT_FIX)
 
 
 def _check_provenance_fields(calibration: dict, where) -> None:
@@ -303,6 +323,14 @@ def check_refit(data: dict, path, table: LossTable, table_path) -> None:
                 raise _table_differs(path, table_path, key, stored.get(key), value)
     if table.n != cert.get("n"):
         raise differs("its number of calibration examples n", table.n, cert.get("n"))
+    if params.get("method") == PARETO:  # the whole certificate, from the configuration table
+        try:
+            problem = refit_problem({k: params[k] for k in REQUEST_KEYS if k in params}, cert, table)
+        except (TypeError, ValueError) as err:
+            raise CorruptFileError.about(path, f"its params cannot be refitted ({err})", _CORRUPT_FIX) from None
+        if problem is not None:
+            raise differs(*problem)
+        return
     try:
         sel = select(params["method"], table.lambdas, table.losses[risk], params["eps"], params.get("delta"),
                      bound=params.get("bound", "wsr"), loss_bounds=table.bounds[risk],

@@ -38,7 +38,7 @@ from .provenance import is_fingerprint
 from .selection import prepare_losses
 
 __all__ = ["LossTable", "RISKS", "DEFAULT_LOSS_BOUNDS", "CALIBRATION_FILENAME", "MAX_TOKENS", "check_metadata", "check_task_name",
-           "json_ready"]
+           "check_recorded_metadata", "json_ready", "read_npz"]
 
 CALIBRATION_FILENAME = "early_exit_calibration.npz"
 RISKS = ("performance_gap", "performance_gap_bounded", "consistency")
@@ -110,10 +110,19 @@ def _check_extra(name, arr: np.ndarray, K: int, n: int) -> None:
 
 
 def _check_agreement(table: "LossTable") -> None:
-    """Raise ``ValueError`` where the metadata contradicts the arrays: the examples (``n``, ``example_ids``), the
-    grid (``lambdas``), the task loss's range (``task_loss_bounds``: the risks' bounds and ``extras['task_loss']``
-    follow from it)."""
-    meta, K, n = table.metadata, table.lambdas.size, table.n
+    """Raise ``ValueError`` where the metadata contradicts the arrays: the grid (``lambdas``), and what
+    :func:`check_recorded_metadata` checks."""
+    meta, K = table.metadata, table.lambdas.size
+    grid = meta.get("lambdas")
+    if grid is not None and not (_numbers(grid, K) and np.array_equal(grid, table.lambdas)):
+        raise ValueError(f"metadata lambdas={grid!r} is not the grid the losses are on ({table.lambdas.tolist()}).")
+    check_recorded_metadata(meta, table.n, table.bounds, table.extras.get("task_loss"))
+
+
+def check_recorded_metadata(meta: dict, n: int, bounds: dict, task_loss=None) -> None:
+    """Raise ``ValueError`` where the metadata of a table of ``n`` examples contradicts its arrays: the examples
+    (``n``, ``example_ids``), the task loss's range (``task_loss_bounds``: the risks' ``bounds`` and ``task_loss``
+    follow from it), what collect records beside the settings (typed), and no NaN or infinite number."""
     if meta.get("n") is not None and (isinstance(meta["n"], bool) or meta["n"] != n):
         raise ValueError(f"metadata n={meta['n']!r} but the losses hold {n} examples.")
     ids = meta.get("example_ids")
@@ -123,11 +132,8 @@ def _check_agreement(table: "LossTable") -> None:
     if ids is not None and (not all(_id(i) for i in ids) or len(set(ids)) != n):
         # the guarantee assumes n distinct examples: one counted twice (or an id that is none) is no calibration set
         raise ValueError("metadata['example_ids'] must name each example once, by a string or an integer.")
-    grid = meta.get("lambdas")
-    if grid is not None and not (_numbers(grid, K) and np.array_equal(grid, table.lambdas)):
-        raise ValueError(f"metadata lambdas={grid!r} is not the grid the losses are on ({table.lambdas.tolist()}).")
     if meta.get("task_loss_bounds") is not None:
-        _check_task_loss_bounds(table, meta["task_loss_bounds"])
+        _check_task_loss_bounds(bounds, task_loss, meta["task_loss_bounds"])
     for key, (ok, what) in _RECORDED.items():
         if meta.get(key) is not None and not ok(meta[key]):
             raise ValueError(f"metadata {key}={meta[key]!r} must be {what}.")
@@ -159,17 +165,16 @@ def _numbers(values, size: int) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
 
 
-def _check_task_loss_bounds(table: "LossTable", recorded) -> None:
+def _check_task_loss_bounds(bounds: dict, task, recorded) -> None:
     """The task loss's range [a, b] fixes the gaps' ranges ([a − b, b − a], [0, b − a]) and holds the task loss."""
     if not (_numbers(recorded, 2) and recorded[0] < recorded[1]):
         raise ValueError(f"metadata task_loss_bounds={recorded!r} must be [lower, upper], finite, lower < upper.")
     a, b = (float(v) for v in recorded)
     implied = {"performance_gap": (a - b, b - a), "performance_gap_bounded": (0.0, b - a)}
-    for risk, bounds in implied.items():
-        if risk in table.bounds and not np.allclose(table.bounds[risk], bounds, rtol=0, atol=1e-12):
-            raise ValueError(f"the {risk} bounds {list(table.bounds[risk])} contradict metadata task_loss_bounds="
-                             f"{recorded} (which give {list(bounds)}).")
-    task = table.extras.get("task_loss")
+    for risk, implied_bounds in implied.items():
+        if risk in bounds and not np.allclose(bounds[risk], implied_bounds, rtol=0, atol=1e-12):
+            raise ValueError(f"the {risk} bounds {list(bounds[risk])} contradict metadata task_loss_bounds="
+                             f"{recorded} (which give {list(implied_bounds)}).")
     if task is not None and task.size and (task.min() < a - 1e-9 or task.max() > b + 1e-9):
         raise ValueError(f"extras['task_loss'] lies in [{task.min():.6g}, {task.max():.6g}], outside metadata "
                          f"task_loss_bounds={recorded}.")
@@ -324,7 +329,7 @@ class LossTable:
             path = os.path.join(path, CALIBRATION_FILENAME)
         if not os.path.isfile(path):
             raise MissingCalibrationError.about(path, "no loss table there", _LOAD_FIX)
-        arrays, header = _read_npz(path)
+        arrays, header = read_npz(path)
         version = header.get("format_version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise CorruptFileError.about(path, f"its format_version {version!r} is not a format number (an integer)",
@@ -361,34 +366,35 @@ _LOAD_FIX = ("Pass a loss table written by `hf-safe-exit collect --output` (or L
              "`hf-safe-exit collect ... --output <file>.npz`")
 
 
-def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and JSON header of a ``.npz`` loss table, without unpickling; numpy's errors named by kind."""
+def read_npz(path: str, fix: str = _LOAD_FIX) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and JSON header of a ``.npz`` loss table, without unpickling; numpy's errors named by kind
+    (a :class:`~hf_safe_exit.errors.CorruptFileError` naming ``path``, ending with ``fix``)."""
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise CorruptFileError.about(path, "not a loss table: it is a single .npy array, not an .npz archive",
-                                         _LOAD_FIX)
+                                         fix)
         with data:
             arrays = {k: data[k] for k in data.files}
     except CalibrationFileError:
         raise
     except EOFError:
-        raise CorruptFileError.about(path, "the file is empty, not a loss table", _LOAD_FIX) from None
+        raise CorruptFileError.about(path, "the file is empty, not a loss table", fix) from None
     except (zipfile.BadZipFile, zlib.error, NotImplementedError):  # a damaged member cannot be decompressed
         raise CorruptFileError.about(path, "truncated or damaged .npz archive (incomplete download or copy?)",
-                                     _LOAD_FIX) from None
+                                     fix) from None
     except (ValueError, OSError, KeyError) as err:
         # numpy reports any other content as "pickled data" or "object arrays": neither is ever loaded here
         problem = ("it holds Python objects, which a loss table never does" if "allow_pickle" in str(err) and
                    zipfile.is_zipfile(path) else "not a loss table (not an .npz archive of numeric arrays)")
-        raise CorruptFileError.about(path, problem, _LOAD_FIX) from None
+        raise CorruptFileError.about(path, problem, fix) from None
     if "header_json" not in arrays:
         raise CorruptFileError.about(path, "not a loss table written by hf_safe_exit: the .npz has no 'header_json' "
-                                     f"(it holds {sorted(arrays)[:5]})", _LOAD_FIX)
+                                     f"(it holds {sorted(arrays)[:5]})", fix)
     try:
         header = json.loads(str(arrays.pop("header_json")))
     except (json.JSONDecodeError, ValueError):
         header = None
     if not isinstance(header, dict):
-        raise CorruptFileError.about(path, "its 'header_json' is not a JSON object", _LOAD_FIX)
+        raise CorruptFileError.about(path, "its 'header_json' is not a JSON object", fix)
     return arrays, header

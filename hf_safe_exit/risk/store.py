@@ -4,6 +4,8 @@
 
     <model>/calibration/config.json                        {"primary_task": "cnndm"}
     <model>/calibration/<task>/early_exit_calibration.npz  the LossTable: RiskControlled(eps) fits any ε from it
+    <model>/calibration/<task>/early_exit_configurations.npz  a ConfigurationTable: RiskControlled(eps, delta,
+                                                           method="pareto") chooses a configuration from it
     <model>/calibration/<task>/risk_control.json           λ̂ fitted at the calibrated (ε, δ, method)
     <model>/calibration/<task>/evaluation.json             repeated-split evaluation (optional; the card's numbers)
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from ..errors import CorruptFileError, HubFileError, InconsistentCalibrationError, MissingCalibrationError, \
     read_json_object
 from ..hub_files import HUB_FIX, clear_hub_cache, hub_file, hub_path, loaded_revision
+from .configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from .integrity import check_calibration_dict, check_calibration_digest, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable, check_task_name
 
@@ -73,13 +76,14 @@ def clear_store_cache() -> None:
     _CHECKED.clear()
 
 
-def _load_table(path: str) -> LossTable:
+def _load_table(path: str, kind=LossTable):
+    """The table (a ``kind``: LossTable or ConfigurationTable) at ``path``, cached while the file is unchanged."""
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, kind.__name__)
     if key not in _TABLES:
         if len(_TABLES) > 64:
             _TABLES.clear()
-        table = LossTable.load(path)
+        table = kind.load(path)
         if getattr(table, "source", None) is None:  # where it was read from: a calibration fitted on it names it
             table.source = os.fspath(path)
         _TABLES[key] = table
@@ -155,17 +159,22 @@ def _check_recorded_task(path, recorded, task: str | None) -> None:
             f"the calibration of task {task!r} there (`hf-safe-exit calibrate ... --store-in-model --overwrite`)")
 
 
-def read_calibration_json(path, table: LossTable | None = None, table_path=None, *, task: str | None = None) -> dict:
+def read_calibration_json(path, table: LossTable | None = None, table_path=None, *, task: str | None = None,
+                          configurations: ConfigurationTable | None = None) -> dict:
     """The content of the ``risk_control.json`` at ``path``, checked (see :mod:`hf_safe_exit.risk.integrity`).
 
     With ``table`` (the loss table stored beside it, at ``table_path``) it must also be what refitting the table
-    gives; with ``task`` (the task folder it was found in) the task it records, if any, must be ``task``. Raises a
-    :class:`~hf_safe_exit.errors.CalibrationFileError` naming the file otherwise.
+    gives; for a ``method="pareto"`` calibration the table refitted is ``configurations`` (the configuration table
+    stored beside it) instead. With ``task`` (the task folder it was found in) the task it records, if any, must be
+    ``task``. Raises a :class:`~hf_safe_exit.errors.CalibrationFileError` naming the file otherwise.
     """
     data = read_json_object(path, what=f"a calibration ({RISK_CONTROL_FILENAME})",
                             fix="Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained")
     check_calibration_dict(data, path, digest=False)
     _check_recorded_task(path, data["calibration"].get("task") or data["certificate"].get("task"), task)
+    if data["params"].get("method") == "pareto":
+        table = configurations
+        table_path = None if table is None else table.source or CONFIGURATIONS_FILENAME
     if table is not None:
         key = (json.dumps(data, sort_keys=True), table.digest(), table.metadata.get("model_fingerprint"))
         if key not in _CHECKED:
@@ -232,7 +241,8 @@ def set_primary_task(model_dir, task: str) -> Path:
 
 def store_calibration(model_dir, *, table: LossTable | None = None, controlled=None, task: str | None = None,
                       primary: bool | None = None) -> list[Path]:
-    """Write a loss table and/or a fitted ``RiskControlled`` into ``<model_dir>/calibration/<task>/``.
+    """Write a loss table (a :class:`LossTable`, or a :class:`~hf_safe_exit.risk.ConfigurationTable` for
+    ``method="pareto"``) and/or a fitted ``RiskControlled`` into ``<model_dir>/calibration/<task>/``.
 
     ``task`` defaults to the table's (or certificate's) task; one of them must name it. The first task stored
     becomes the primary task unless ``primary=False``; ``primary=True`` makes this one primary.
@@ -256,8 +266,9 @@ def store_calibration(model_dir, *, table: LossTable | None = None, controlled=N
     first = not stored_tasks(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if table is not None:
-        written.append(Path(table.save(out / CALIBRATION_FILENAME)))
+    if table is not None:  # a ConfigurationTable (for method="pareto") has its own file beside the 1-D table's
+        name = CONFIGURATIONS_FILENAME if isinstance(table, ConfigurationTable) else CALIBRATION_FILENAME
+        written.append(Path(table.save(out / name)))
     if controlled is not None:
         written.append(Path(controlled.save_pretrained(out)))
     if primary or (primary is None and first and not (Path(model_dir) / CALIBRATION_SUBDIR / STORE_CONFIG).is_file()):
@@ -267,27 +278,37 @@ def store_calibration(model_dir, *, table: LossTable | None = None, controlled=N
 
 @dataclass
 class StoredCalibration:
-    """What a model stores for one task: its loss table and/or its fitted calibration, and where each lies."""
+    """What a model stores for one task: its loss table, its configuration table, its fitted calibration (any of
+    them), and where each lies."""
 
     task: str | None
     table: LossTable | None = None
     table_path: str | None = None
     controlled_json: dict | None = None
     controlled_path: str | None = None
+    configurations: ConfigurationTable | None = None
+    configurations_path: str | None = None
 
 
 def _from_attached(model, task: str | None) -> StoredCalibration | None:
     attached = getattr(model, "early_exit_calibration", None)
     if attached is None:
         return None
+    if isinstance(attached, ConfigurationTable):
+        stored = attached.metadata.get("task")
+        if task is not None and stored is not None and stored != task:
+            raise MissingCalibrationError(f"the configuration table attached as model.early_exit_calibration is for "
+                                          f"task {stored!r}, not {task!r}: attach {task!r}'s table or drop task=.")
+        return StoredCalibration(stored if stored is not None else task, configurations=attached,
+                                 configurations_path="model.early_exit_calibration")
     if isinstance(attached, LossTable):
         table, where = attached, "model.early_exit_calibration"
     elif isinstance(attached, (str, os.PathLike)):
         where = os.fspath(attached)
         table = _load_table(os.path.join(where, CALIBRATION_FILENAME) if os.path.isdir(where) else where)
     else:
-        raise TypeError(f"model.early_exit_calibration must be a LossTable or a path to one, got "
-                        f"{type(attached).__name__}.")
+        raise TypeError(f"model.early_exit_calibration must be a LossTable (or a path to one) or a "
+                        f"ConfigurationTable, got {type(attached).__name__}.")
     stored = table.metadata.get("task")
     if task is not None and stored is not None and stored != task:
         raise MissingCalibrationError(f"the loss table attached as model.early_exit_calibration is for task "
@@ -329,14 +350,18 @@ def find_stored(model, task: str | None = None, *, revision: str | None = None) 
             f"RiskControlled(eps, task=...), e.g. task={tasks[0]!r}.")
     if chosen is not None:
         sub = f"{CALIBRATION_SUBDIR}/{chosen}"
-        table_path, json_path = src.get(f"{sub}/{CALIBRATION_FILENAME}"), src.get(f"{sub}/{RISK_CONTROL_FILENAME}")
-        if table_path is not None or json_path is not None:
+        table_path, json_path, stacked_path = (src.get(f"{sub}/{name}") for name in (
+            CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, CONFIGURATIONS_FILENAME))
+        if table_path is not None or json_path is not None or stacked_path is not None:
             table = _load_table(table_path) if table_path else None
-            if table is not None:
-                _check_recorded_task(table_path, table.metadata.get("task"), chosen)
+            stacked = _load_table(stacked_path, ConfigurationTable) if stacked_path else None
+            for path, found in ((table_path, table), (stacked_path, stacked)):
+                if found is not None:
+                    _check_recorded_task(path, found.metadata.get("task"), chosen)
             return StoredCalibration(chosen, table, table_path,
-                                     read_calibration_json(json_path, table, table_path, task=chosen) if json_path
-                                     else None, json_path)
+                                     read_calibration_json(json_path, table, table_path, task=chosen,
+                                                           configurations=stacked) if json_path else None,
+                                     json_path, stacked, stacked_path)
         tasks = src.tasks() if tasks is None else tasks
         if configured is not None:  # the task calibration/config.json names holds nothing
             raise _unstored_primary(config_path, chosen, tasks)

@@ -3,8 +3,10 @@
 ``generate(early_exit=RiskControlled(eps))`` finds the calibration ``model`` stores for its task
 (:mod:`hf_safe_exit.risk.store`). With the task's loss table it fits any (ε, δ, method, ...), once per model,
 table and request (later calls reuse the fit; the model's fingerprint is itself cached per weights, see
-:mod:`hf_safe_exit.fingerprint`). With only the task's ``risk_control.json``, the request must be the one that
-file was fitted for; anything else needs the table, and the error says so.
+:mod:`hf_safe_exit.fingerprint`). ``method="pareto"`` fits the task's configuration table
+(``early_exit_configurations.npz``; Laufer-Goldshtein et al., ICLR 2023) and the scalar methods the 1-D λ table: a
+model that stores only the other kind is refused, saying which it has. With only the task's ``risk_control.json``, the
+request must be the one that file was fitted for; anything else needs the table, and the error says so.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections import OrderedDict
 from ..errors import CorruptFileError
 from ..fingerprint import model_fingerprint
 from .calibration import Calibration, table_config
-from .loss_table import LossTable
+from .configuration_table import CONFIGURATIONS_FILENAME
+from .loss_table import CALIBRATION_FILENAME, LossTable
 from .provenance import check_fingerprint
 from .store import HOW_TO_CALIBRATE, MissingCalibrationError, StoredCalibration, clear_store_cache, find_stored
 
@@ -39,24 +42,48 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
     :class:`~hf_safe_exit.errors.CorruptFileError` naming the table when the settings it records cannot be used.
     """
     stored = find_stored(model, rc.task)
-    if stored.table is None:
+    pareto = rc.method == "pareto"
+    table, table_path = (stored.configurations, stored.configurations_path) if pareto else \
+        (stored.table, stored.table_path)
+    if table is None:
+        json_pareto = stored.controlled_json is not None and stored.controlled_json["params"].get("method") == "pareto"
+        if stored.controlled_json is None or json_pareto != pareto:
+            raise MissingCalibrationError(_other_kind(rc, stored))
         return _stored_fit(rc, stored)
     fingerprint = fingerprint if fingerprint is not None else model_fingerprint(model)
-    check_fingerprint(stored.table.metadata.get("model_fingerprint"), fingerprint, rc.allow_missing_fingerprint,
-                      f"The loss table at {stored.table_path}", other_fix=HOW_TO_CALIBRATE)
-    check_table_settings(stored.table, stored.table_path, rc.config)
+    check_fingerprint(table.metadata.get("model_fingerprint"), fingerprint, rc.allow_missing_fingerprint,
+                      f"The loss table at {table_path}", other_fix=HOW_TO_CALIBRATE)
+    if not pareto:  # a configuration table's settings were checked when it was read
+        check_table_settings(table, table_path, rc.config)
     request = rc.controller().get_params()
     # a config instance with a custom measure object is keyed by identity (it cannot be compared by value)
     config_key = None if rc.config is None else (rc.config.to_dict(), id(rc.config.measure))
-    key = (fingerprint, stored.table.digest(), stored.task, repr(sorted(request.items())), repr(config_key))
+    key = (fingerprint, table.digest(), stored.task, repr(sorted(request.items())), repr(config_key))
     hit = _FIT_CACHE.get(key)
     if hit is None:
-        hit = Calibration.fit(rc.controller(), stored.table, rc.config)
+        hit = Calibration.fit(rc.controller(), table, rc.config)
         _FIT_CACHE[key] = hit
         while len(_FIT_CACHE) > _CACHE_SIZE:
             _FIT_CACHE.popitem(last=False)
     _FIT_CACHE.move_to_end(key)
     return hit
+
+
+def _other_kind(rc, stored: StoredCalibration) -> str:
+    """Why ``rc`` cannot be fitted on what the model stores for its task: the other kind of table (or a calibration
+    fitted with the other kind of method) only."""
+    has = [p for p in (stored.table_path, stored.configurations_path, stored.controlled_path) if p is not None]
+    where = f"calibration/{stored.task}/"
+    if rc.method == "pareto":
+        return (f"RiskControlled(method='pareto') chooses among early-exit configurations and needs the task's "
+                f"multi-configuration table ({where}{CONFIGURATIONS_FILENAME}); this model stores for task "
+                f"{stored.task!r} only {', '.join(has)}, which calibrate one configuration's λ. Stack the 1-D tables of "
+                "several configurations with ConfigurationTable.from_tables([...]) and store it "
+                "(store_calibration(model_dir, table=...)), or use a scalar method (crc, ucb, ltt).")
+    return (f"RiskControlled(method={rc.method!r}) calibrates λ for one configuration from the task's 1-D λ table "
+            f"({where}{CALIBRATION_FILENAME}); this model stores for task {stored.task!r} only {', '.join(has)}, for "
+            "method='pareto'. Use RiskControlled(eps, delta=..., method='pareto'), or store that configuration's "
+            "1-D table.")
 
 
 def check_table_settings(table: LossTable, path, config=None) -> None:

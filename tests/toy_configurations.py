@@ -1,0 +1,34 @@
+"""1-D λ tables of several early-exit configurations collected on the same toy examples (one full model), shared by
+the configuration-table and Pareto calibration tests."""
+
+import numpy as np
+
+from hf_safe_exit.config import EarlyExitConfig
+from hf_safe_exit.risk import LossTable
+
+LAMBDAS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+CONFIGS = ({"measure": "softmax"}, {"measure": "saturation"}, {"measure": "softmax", "schedule": "decaying"})
+
+
+def one_run(n=40, seed=0, configs=CONFIGS, **meta):
+    """1-D λ tables of ``configs`` (up to three) on the same n examples: one full model (the λ = 1 task losses), each
+    configuration its own harm below λ = 1 and its own cost (the second is riskier than the first but cheaper, the
+    third riskier still), a layer fraction per example and a wall time per λ."""
+    rng = np.random.default_rng(seed)
+    full = rng.uniform(0, 0.6, n)
+    tables = []
+    for i, config in enumerate(configs):
+        harm = (1 - LAMBDAS)[:, None] ** 2 * rng.normal((0.1, 0.05, 0.3)[i], 0.2, (LAMBDAS.size, n))
+        task = np.clip(full[None, :] + harm, 0, 1)
+        task[-1] = full
+        slope = (0.8, 0.5, 0.3)[i]
+        fraction = np.clip(LAMBDAS[:, None] * slope + (1 - slope) * rng.uniform(0, 1, (LAMBDAS.size, n)), 0, 1)
+        fraction[-1] = 1.0
+        metadata = {"task": "toy", "model_fingerprint": "abc123", "dtype": "float32", "max_new_tokens": 8,
+                    "example_ids": [f"ex{j}" for j in range(n)], "n": n, "num_decoder_layers": 3,
+                    **EarlyExitConfig(**config).to_dict(), **meta}
+        tables.append(LossTable.from_task_losses(
+            LAMBDAS, task, consistency_losses=np.abs(task - full) * (LAMBDAS < 1)[:, None],
+            extras={"layer_fraction": fraction, "wall_time": 1.0 + LAMBDAS, "num_tokens": np.full((5, n), 7)},
+            metadata=metadata))
+    return tables
