@@ -9,13 +9,17 @@ less), so the overhead exceeds p × the full model's time at batch B. Both are r
 the full model timed, in the same interleaved loop, on exactly the rows each monitor sampled (its draws replayed from
 its seed with numpy's generator, and checked against the monitor's own count).
 
+``RiskMonitor(sample="call")`` samples a whole call with probability p (the same expected rows): its expected
+overhead is p × the full model's time on the batch. Its "exact" prediction is the full model's time on the calls it
+sampled (the ``full_model`` variant's own timing of those calls, 0 on the others), for p in :data:`CALL_RATES`.
+
 Basis: end-to-end ``generate`` time per call (tokenizer excluded; encoder, decoder, the monitor's scoring included),
 greedy, inputs = CNN/DM pool rows the calibration did not use, truncated to the calibration's 160 tokens, at most 64
 new tokens (the calibration's); λ̂ = the stored CNN/DM consistency calibration at ε = 0.2 (ucb, δ = 0.1);
 ``torch.set_num_threads(1)``; the variants run interleaved on each call's inputs, in an order that rotates per call,
 so load drifts hit all alike. The machine is shared: its load average is recorded.
 
-    OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py      # about 6 minutes on one core
+    OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py      # about 7 minutes on one core
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from hf_safe_exit.tasks import get_task, load_split
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "monitor_overhead.json"
 RATES = (0.05, 0.2, 1.0)
+CALL_RATES = (0.05, 0.2)  # sample="call" at p = 1 is sample="row" at p = 1
 
 
 def inputs(tokenizer, data: str, rows: int, batch: int, exclude, max_len: int) -> list[dict]:
@@ -63,10 +68,15 @@ def timed(fn) -> float:
 def measure(model, tokenizer, rc, calls: list[dict], seed: int) -> dict:
     full = EarlyExit(1.0, config=rc.calibration_for(model).config)
     monitors = {p: RiskMonitor(rc, tokenizer=tokenizer, sample_rate=p, fallback=False, seed=seed) for p in RATES}
+    per_call = {p: RiskMonitor(rc, tokenizer=tokenizer, sample_rate=p, fallback=False, seed=seed, sample="call")
+                for p in CALL_RATES}
     draws = {p: np.random.default_rng(seed) for p in RATES}  # the monitors' sampling decisions, replayed
+    call_draws = {p: np.random.default_rng(seed) for p in CALL_RATES}  # one draw per call
     times: dict[str, list[float]] = {k: [] for k in ["early_exit", "full_model", *(f"monitor_p{p}" for p in RATES),
-                                                     *(f"full_on_sampled_p{p}" for p in RATES)]}
+                                                     *(f"full_on_sampled_p{p}" for p in RATES),
+                                                     *(f"monitor_call_p{p}" for p in CALL_RATES)]}
     sampled = {p: 0 for p in RATES}
+    calls_sampled: dict[float, list[bool]] = {p: [] for p in CALL_RATES}
     for c, enc in enumerate(calls):
         batch = enc["input_ids"].shape[0]
         variants = {"early_exit": lambda: generate(model, **enc, early_exit=rc),
@@ -78,6 +88,9 @@ def measure(model, tokenizer, rc, calls: list[dict], seed: int) -> dict:
             sub = {k: v[rows.tolist()] for k, v in enc.items()}
             variants[f"full_on_sampled_p{p}"] = (lambda sub=sub: generate(model, **sub, early_exit=full,
                                                                           max_new_tokens=64)) if rows.size else None
+        for p in CALL_RATES:
+            variants[f"monitor_call_p{p}"] = lambda p=p: generate(model, **enc, early_exit=per_call[p])
+            calls_sampled[p].append(bool(call_draws[p].random() < p))
         names = list(variants)
         for name in names[c % len(names):] + names[:c % len(names)]:  # rotate the order per call
             if variants[name] is None:
@@ -86,7 +99,25 @@ def measure(model, tokenizer, rc, calls: list[dict], seed: int) -> dict:
                 times[name].append(timed(variants[name]))
     for p in RATES:  # the replayed draws must be the monitor's, or the "exact" prediction is about other rows
         assert monitors[p].rows_sampled == sampled[p], (p, monitors[p].rows_sampled, sampled[p])
-    return summarise(times, calls, sampled, monitors)
+    out = summarise(times, calls, sampled, monitors)
+    out["per_rate_call_sampling"] = summarise_call_sampling(times, calls, calls_sampled, per_call)
+    return out
+
+
+def summarise_call_sampling(times: dict, calls: list[dict], calls_sampled: dict, monitors: dict) -> dict:
+    """``sample="call"``: overhead against p × the full model's time and against its time on the sampled calls."""
+    early, full = statistics.fmean(times["early_exit"]), times["full_model"]
+    out = {}
+    for p in CALL_RATES:
+        batch_rows = [int(e["input_ids"].shape[0]) for e, hit in zip(calls, calls_sampled[p]) if hit]
+        assert monitors[p].rows_sampled == sum(batch_rows), (p, monitors[p].rows_sampled, sum(batch_rows))
+        overhead = statistics.fmean(times[f"monitor_call_p{p}"]) - early
+        exact = statistics.fmean(t if hit else 0.0 for t, hit in zip(full, calls_sampled[p]))
+        out[str(p)] = {"calls_sampled": sum(calls_sampled[p]), "rows_sampled": monitors[p].rows_sampled,
+                       "overhead_seconds_per_call": overhead, "overhead_relative_to_early_exit": overhead / early,
+                       "predicted_p_times_full": p * statistics.fmean(full),
+                       "predicted_full_on_sampled_calls": exact, "residual_scoring_and_slicing": overhead - exact}
+    return out
 
 
 def summarise(times: dict, calls: list[dict], sampled: dict, monitors: dict) -> dict:
@@ -127,8 +158,10 @@ def main() -> None:
     for batch, rows in ((1, args.rows_batch1), (8, args.rows_batch8)):
         calls = inputs(tokenizer, args.data, rows, batch, exclude, lengths["max_input_length"])
         result[f"batch_{batch}"] = measure(model, tokenizer, rc, calls, args.seed)
-        print(batch, json.dumps(result[f"batch_{batch}"]["per_rate"], indent=1), flush=True)
-    out = {"what": "time per generate call: early exit at λ̂ vs RiskMonitor(sample_rate=p) vs the full model",
+        print(batch, json.dumps({k: result[f"batch_{batch}"][k] for k in ("per_rate", "per_rate_call_sampling")},
+                                indent=1), flush=True)
+    out = {"what": "time per generate call: early exit at λ̂ vs RiskMonitor(sample_rate=p), per row and per call "
+                   "(sample='call'), vs the full model",
            "basis": {"timing": "end-to-end generate per call (encoder + decoder + monitor scoring; tokenizer "
                                "excluded), mean over calls, variants interleaved with a rotating order",
                      "model": "hf_safe_exit default model (4 decoder layers)", "lambda_hat": rc.calibration_for(

@@ -107,6 +107,25 @@ def test_sample_rate_one_logs_every_row_s_independent_loss(tiny, risk):
     assert json.loads(json.dumps(log, allow_nan=False)) == log  # JSON-able as it is
 
 
+@pytest.mark.parametrize("sample", ["row", "call"])
+def test_sampled_rows_are_logged_with_their_own_losses(tiny, sample):
+    _, model, tokenizer, _ = tiny
+    stream = build_stream("cnndm", DATA, n=9, shift="none", seed=2)
+    seed = 3
+    monitor = RiskMonitor(RiskControlled(0.5, risk="consistency"), tokenizer=tokenizer, sample_rate=0.5, seed=seed,
+                          fallback=False, sample=sample)
+    log = replay(model, tokenizer, monitor, stream, batch_size=3)
+    draws = np.random.default_rng(seed)  # the monitor's decisions: numpy's generator, one draw a row (a call)
+    expected_rows = [np.flatnonzero(draws.random(3) < 0.5).tolist() if sample == "row" else
+                     ([0, 1, 2] if draws.random() < 0.5 else []) for _ in range(3)]
+    assert [c["sampled_rows"] for c in log["calls"]] == expected_rows
+    assert 0 < sum(map(len, expected_rows)) < 9  # some rows sampled, not all: the rows must be paired right
+    ids, losses = _fed(log)
+    by_id = dict(zip([r.id for r in stream], _reference_losses(model, tokenizer, stream, "consistency")))
+    np.testing.assert_allclose(losses, [by_id[i] for i in ids], atol=1e-9)
+    assert len(set(np.round(losses, 9))) > 1 and log["settings"]["sample"] == sample
+
+
 def test_alarm_fallback_and_where_it_fired(tiny):
     _, model, tokenizer, _ = tiny
     stream = build_stream("cnndm", DATA, n=12, shift="none", seed=0)

@@ -18,7 +18,7 @@ import hf_safe_exit
 from hf_safe_exit import EarlyExit, LossTable, RiskControlled, RiskMonitor, generate
 from hf_safe_exit.errors import CorruptFileError, MissingCalibrationError, WouldOverwriteError
 from hf_safe_exit.fingerprint import model_fingerprint
-from hf_safe_exit.monitor import MonitorStateMismatchError, RiskAlarmWarning
+from hf_safe_exit.monitor import MonitoredCall, MonitorStateMismatchError, RiskAlarmWarning
 from hf_safe_exit.risk.sequential_test import SequentialRiskTest, first_alarm
 from hf_safe_exit.tasks import shared_data_dir
 
@@ -112,15 +112,48 @@ def test_rows_of_a_batch_are_sampled_independently(setup):
     rc = _policy(model)
     monitor = _monitor(rc, tokenizer, sample_rate=0.5, seed=seed)
     draws, fed = np.random.default_rng(seed), []
-    for _ in range(3):
+    for call in range(3):
         rows = np.flatnonzero(draws.random(3) < 0.5)
         early = generate(model, **batch, early_exit=monitor)
-        if rows.size:
-            fed += _consistency(_texts(tokenizer, early[rows]), _texts(tokenizer, _hf(model, batch, rows)))
+        predictions = _texts(tokenizer, early[rows])
+        full = _texts(tokenizer, _hf(model, batch, rows)) if rows.size else []
+        losses = _consistency(predictions, full)
+        fed += losses
+        record = monitor.last_call  # what this call sampled, decoded and fed
+        assert (record.call, record.rows, record.sampled_rows, record.fallback) == (call, 3, tuple(rows), False)
+        assert list(record.predictions) == predictions and list(record.full_predictions) == full
+        assert record.losses == pytest.approx(losses) and len(record.losses) == rows.size
     reference = SequentialRiskTest(0.05, 0.05)
     reference.update(fed)
     assert monitor.rows_seen == 9 and monitor.rows_sampled == len(fed) == monitor.test.n
     assert monitor.test.to_dict() == reference.to_dict()
+    assert json.loads(json.dumps(monitor.last_call.to_dict())) == {
+        "call": 2, "rows": 3, "sampled_rows": list(rows), "predictions": predictions, "full_predictions": full,
+        "losses": list(monitor.last_call.losses), "fallback": False}
+    with pytest.raises(AttributeError):
+        monitor.last_call.losses = ()  # frozen: the record is what the call did
+    monitor.reset()
+    assert monitor.last_call is None
+
+
+def test_call_sampling_decodes_every_row_of_a_sampled_call(setup):
+    _, tokenizer, model, inputs = setup
+    batch = {k: v[:3] for k, v in inputs.items()}
+    seed = next(s for s in range(100) if 0 < (np.random.default_rng(s).random(4) < 0.5).sum() < 4)
+    monitor = _monitor(_policy(model), tokenizer, sample_rate=0.5, seed=seed, sample="call", eps=0.95)
+    draws, fed, sampled_calls = np.random.default_rng(seed), [], 0
+    for call in range(4):
+        sampled = draws.random() < 0.5  # one draw per call: all of its rows, or none
+        early = generate(model, **batch, early_exit=monitor)
+        losses = _consistency(_texts(tokenizer, early), _texts(tokenizer, _hf(model, batch))) if sampled else []
+        fed += losses
+        sampled_calls += sampled
+        assert monitor.last_call.sampled_rows == ((0, 1, 2) if sampled else ())
+        assert monitor.last_call.losses == pytest.approx(losses)
+    reference = SequentialRiskTest(0.95, 0.05)
+    reference.update(fed)  # the rows of a sampled call, in row order
+    assert 0 < sampled_calls < 4 and monitor.rows_sampled == 3 * sampled_calls == monitor.test.n
+    assert monitor.test.to_dict() == reference.to_dict() and monitor.state()["sample"] == "call"
 
 
 def test_the_shadow_decode_leaves_the_streamer_and_the_random_stream_alone(setup):
@@ -182,6 +215,7 @@ def test_an_alarm_then_the_full_model(setup):
     assert torch.equal(out.sequences, _hf(model, inputs))
     assert out.certificate is None and out.early_exit.threshold == 1.0
     assert monitor.test.n == n and monitor.calls == calls + 1  # no shadow decode after the alarm
+    assert monitor.last_call == MonitoredCall(calls, 6, fallback=True)
     assert monitor.state()["fallback_active"] and monitor.state()["alarm"]["sample_index"] == alarm.sample_index
     monitor.reset()
     assert monitor.alarm is None and monitor.test.n == 0 and not monitor.fallback_active
@@ -276,6 +310,10 @@ def test_performance_gap_monitors_keep_samples_and_take_labels(setup, risk):
     monitor = _monitor(rc, tokenizer, risk=risk)
     early = generate(model, **inputs, early_exit=monitor)
     assert monitor.test.n == 0 and len(monitor.samples) == 6
+    record = monitor.last_call  # the kept pairs, no loss fed yet: they need labels
+    assert record.losses == () and record.sampled_rows == tuple(range(6))
+    assert list(record.predictions) == [s["prediction"] for s in monitor.samples]
+    assert list(record.full_predictions) == [s["full_prediction"] for s in monitor.samples]
     assert [s["prediction"] for s in monitor.samples] == _texts(tokenizer, early)
     assert [s["full_prediction"] for s in monitor.samples] == _texts(tokenizer, _hf(model, inputs))
     preds = [s["prediction"] for s in monitor.samples]
@@ -303,7 +341,7 @@ def test_a_consistency_monitor_records_pairs_without_references(setup):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sample_rate=0), "sample_rate=0"), (dict(sample_rate=1.5), "sample_rate=1.5"),
     (dict(alpha=0), "alpha=0"), (dict(alpha=1), "alpha=1"), (dict(risk="accuracy"), "risk='accuracy'"),
-    (dict(seed=-1), "seed=-1"), (dict(eps=1.0), "eps=1.0")])
+    (dict(seed=-1), "seed=-1"), (dict(eps=1.0), "eps=1.0"), (dict(sample="batch"), "sample='batch'")])
 def test_bad_settings(setup, kwargs, match):
     _, tokenizer, model, _ = setup
     with pytest.raises(ValueError, match=match):

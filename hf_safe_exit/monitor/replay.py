@@ -18,13 +18,17 @@ left out when their ids are given: they are the data λ̂ was fitted on, not new
   pipeline in front of the model would feed them (the model's tokenizer is case-sensitive);
 * ``"none"``: no second phase.
 
-:func:`replay` decodes the stream in batches exactly as ``generate(model, early_exit=monitor)`` does (it calls
-:meth:`RiskMonitor.generate` with :func:`hf_safe_exit.generate` as its ``decode``), greedy, inputs truncated to the
-calibration's ``max_input_length`` and decoded to its ``max_new_tokens``. Per call it records the losses the monitor's
-test was fed (a consistency monitor: each sampled row's ``task.consistency_loss(early-exit text, full-model text)``,
-read from the shadow decode; a performance-gap monitor: the gap against the row's reference, fed through
-:meth:`RiskMonitor.record` for the sampled pairs in ``monitor.samples``), checked against the test's own count and sum,
-and the monitor's state after it: losses seen, running mean and its (1 − α) confidence sequence, e-value, alarm.
+:func:`replay` decodes the stream in batches with ``generate(model, early_exit=monitor)`` (greedy, inputs truncated to
+the calibration's ``max_input_length`` and decoded to its ``max_new_tokens``). Per call it logs, from the monitor's
+record of the call (``monitor.last_call``, a :class:`~hf_safe_exit.monitor.MonitoredCall`), the sampled rows and the
+losses the test was fed (a consistency monitor: each sampled row's ``task.consistency_loss(early-exit text,
+full-model text)``; a performance-gap monitor: the gap against the row's reference, which replay feeds through
+:meth:`RiskMonitor.record`), and the monitor's state after it: losses seen, running mean and its (1 − α) confidence
+sequence, e-value, alarm.
+
+This module imports :func:`hf_safe_exit.decoding.generate` inside the function that decodes, and the monitor package
+does not import this module: the decoding code's import of the monitor package meets no cycle (see
+:mod:`hf_safe_exit.monitor`).
 """
 
 from __future__ import annotations
@@ -149,57 +153,24 @@ def _batches(stream: list[StreamRow], batch_size: int):
         start = end
 
 
-def _matched_rows(batch_ids, sub_ids) -> list[int]:
-    """The rows of ``batch_ids`` the shadow decode's ``sub_ids`` are (the monitor slices its sampled rows in
-    ascending order; equal rows are equal inputs, so either match gives the same loss)."""
-    rows, j = [], 0
-    for i in range(batch_ids.shape[0]):
-        if j < sub_ids.shape[0] and bool((batch_ids[i] == sub_ids[j]).all()):
-            rows.append(i)
-            j += 1
-    if j != sub_ids.shape[0]:
-        raise RuntimeError("the monitor's shadow decode got inputs that are not rows of the call: replay cannot "
-                           "pair its outputs (RiskMonitor changed how it samples rows).")
-    return rows
-
-
-def _texts(tokenizer, out) -> list[str]:
-    ids = out if not hasattr(out, "sequences") else out.sequences
-    return [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
 def _decode_call(model, tokenizer, monitor, batch: list[StreamRow], max_input_length: int):
-    """One monitored call; returns the sampled rows and the losses the monitor's test was fed."""
+    """One monitored call; returns its sampled rows and the losses the monitor's test was fed for them (a
+    performance-gap monitor: fed here, through ``record``, with the rows' references)."""
     import torch
 
-    from .. import generate
+    from ..decoding import generate  # here, not at import: the decoding code imports the monitor package
 
     enc = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, truncation=True,
                     max_length=max_input_length)
-    decodes = []
-
-    def decode(model_, inputs, **kwargs):  # the first decode is the call's own, a second one the shadow decode
-        out = generate(model_, inputs, **kwargs)
-        decodes.append((kwargs.get("input_ids"), out))
-        return out
-
-    before = monitor.test.n
     with torch.inference_mode():
-        monitor.generate(model, None, decode=decode, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         do_sample=False, num_beams=1)
-    if monitor.risk != "consistency":
-        sampled = [s for s in monitor.samples if s["call"] == monitor.calls - 1]
-        losses = monitor.record([s["prediction"] for s in sampled], [batch[s["row"]].reference for s in sampled],
-                                [s["full_prediction"] for s in sampled]).tolist() if sampled else []
-        return [int(s["row"]) for s in sampled], losses
-    if len(decodes) < 2:
-        return [], []
-    rows = _matched_rows(enc["input_ids"], decodes[1][0])
-    early, full = _texts(tokenizer, decodes[0][1]), _texts(tokenizer, decodes[1][1])
-    losses = [float(monitor.task.consistency_loss(early[r], f)) for r, f in zip(rows, full)]
-    if monitor.test.n - before != len(losses):
-        raise RuntimeError(f"the monitor fed {monitor.test.n - before} losses for {len(losses)} shadow-decoded rows.")
-    return rows, losses
+        generate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], early_exit=monitor,
+                 do_sample=False, num_beams=1)
+    call = monitor.last_call
+    rows = list(call.sampled_rows)
+    if monitor.risk == "consistency" or not rows:
+        return rows, list(call.losses)
+    fed = monitor.record(list(call.predictions), [batch[r].reference for r in rows], list(call.full_predictions))
+    return rows, fed.tolist()
 
 
 def _snapshot(monitor) -> dict:
@@ -209,13 +180,6 @@ def _snapshot(monitor) -> dict:
             "mean": state["mean"], "confidence_interval": state["confidence_interval"], "log_e_value": log_e,
             "e_value": math.exp(log_e) if log_e < 700 else None, "alarm": state["alarm"] is not None,
             "fallback_active": state["fallback_active"]}
-
-
-def _check_sums(monitor, sums: float) -> None:
-    """The logged losses must be the test's: their sum is the test's n × mean (to float rounding)."""
-    n = monitor.test.n
-    if n and abs(monitor.test.mean * n - sums) > 1e-6 * max(1.0, n):
-        raise RuntimeError(f"the logged losses sum to {sums!r}, the monitor's test to {monitor.test.mean * n!r}.")
 
 
 def _checkpoint_line(entry: dict, eps: float, alpha: float) -> str:
@@ -245,7 +209,7 @@ def replay(model, tokenizer, monitor, stream: list[StreamRow], *, batch_size: in
     calibration = monitor.policy.calibration_for(model)
     max_input_length = (calibration.generation_settings.get("max_input_length")
                         or get_task(monitor.task or calibration.task).max_input_length)  # the task's, as collect's
-    calls, phases, message, total = [], [], None, 0
+    calls, phases, message = [], [], None
     batches = list(_batches(stream, batch_size))
     for b, batch in enumerate(batches):
         if not phases or phases[-1]["name"] != batch[0].phase:
@@ -259,8 +223,6 @@ def replay(model, tokenizer, monitor, stream: list[StreamRow], *, batch_size: in
         for w in caught:
             if not issubclass(w.category, RiskAlarmWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        total += sum(losses)
-        _check_sums(monitor, total)
         entry = {"call": b, "phase": batch[0].phase, "ids": [r.id for r in batch], "sampled_rows": rows,
                  "losses": losses, **_snapshot(monitor)}
         calls.append(entry)
@@ -269,7 +231,8 @@ def replay(model, tokenizer, monitor, stream: list[StreamRow], *, batch_size: in
             progress(_checkpoint_line(entry, monitor.eps, monitor.alpha))
     return {"format": _FORMAT, "version": _VERSION, "threshold": calibration.threshold,
             "settings": {"risk": monitor.risk, "eps": monitor.eps, "alpha": monitor.alpha,
-                         "sample_rate": monitor.sample_rate, "fallback": monitor.fallback, "batch_size": batch_size,
+                         "sample_rate": monitor.sample_rate, "sample": monitor.sample, "fallback": monitor.fallback,
+                         "batch_size": batch_size,
                          "task": monitor.task.name, "max_input_length": max_input_length,
                          "max_new_tokens": calibration.generation_settings.get("max_new_tokens")},
             "phases": _phase_summaries(phases, calls), "calls": calls, "alarm": _alarm_record(monitor, calls, message),

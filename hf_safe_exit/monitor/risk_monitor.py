@@ -2,6 +2,7 @@
 
 >>> monitor = RiskMonitor(RiskControlled(eps=0.05, risk="consistency"), tokenizer=tokenizer, sample_rate=0.05)
 >>> out = model.generate(**inputs, early_exit=monitor)     # what generate(early_exit=policy) returns
+>>> monitor.last_call            # this call: its sampled rows, their two outputs and the losses fed (MonitoredCall)
 >>> monitor.state()["e_value"], monitor.alarm                # the evidence so far; an alarm once the test rejects
 >>> monitor.save("monitor.json")       # a restarted service: RiskMonitor.load("monitor.json", policy, ...)
 
@@ -16,19 +17,28 @@ about the λ̂ deployed, given its calibration draw: a ``crc`` guarantee holds o
 Where the losses come from:
 
 * ``risk="consistency"`` (default, no labels): each row of each call is sampled independently with probability
-  ``sample_rate``; a sampled row is decoded again by the full model (λ = 1: HF's own loop), and the task's
-  ``consistency_loss(early-exit text, full-model text)`` (the consistency risk of Jazbec, Timans et al. 2024) is
-  fed to the test. ``record(predictions, full_predictions=...)`` feeds the same loss for outputs you paired yourself.
+  ``sample_rate`` (``sample="call"``: all rows of a call together, at that probability); the sampled rows are decoded
+  again by the full model (λ = 1: HF's own loop), and for each the task's ``consistency_loss(early-exit text,
+  full-model text)`` (the consistency risk of Jazbec, Timans et al. 2024) is fed to the test, in row order.
+  ``record(predictions, full_predictions=...)`` feeds the same loss for outputs you paired yourself.
 * ``risk="performance_gap"`` / ``"performance_gap_bounded"`` (needs labels): the sampled pairs are kept in
   ``monitor.samples`` for you to label; ``record(predictions, references, full_predictions)`` feeds the gap
   ``loss(prediction) − loss(full prediction)`` (resp. its positive part), losses in [−1, 1] (resp. [0, 1]).
 
-Cost: the shadow decode (plus the task's loss on the sampled texts) is the only extra work. Where decoding time
-grows with the rows decoded (one row per call, or a CPU), the expected overhead is ≈ ``sample_rate`` × the full
-model's decode time (≈ 5 % at the default 0.05). A call's sampled rows are decoded together, and a decode of a few
-rows costs about as much as one of many where batching is nearly free (a GPU): there, a batch of B rows pays a
-full-model decode on a fraction 1 − (1 − p)^B of calls. Measured on a 2-core CPU (default model, batches of 8, p =
-0.25, CPU time): 0.26 and 0.38 of the full model's time, with 27 % and 20 % of the rows sampled.
+Cost: the shadow decode (plus the task's loss on the sampled texts) is the only extra work. With ``sample="row"``
+(default) a call of B rows pays one full-model decode of its sampled rows whenever it has any, i.e. with probability
+1 − (1 − p)^B, and that decode takes about as long as decoding those rows alone. At batch 1 this is p × the full
+model's time. At batch B it is more than p × the batch's full-model time wherever decoding a few rows costs more than
+their share of a batch: on a GPU, and on a CPU for a small model, where the per-step overhead dominates. Measured on
+a 2-core CPU (default model, p = 0.05; ``benchmarks/results/monitor_overhead.json``): at batch 1, an overhead of
+0.11 of the early exit's time (8 % of rows sampled; p × full time: 0.06); at batch 8, 0.29 (7 % sampled; p × full
+time: 0.05). With ``sample="call"`` every row of a call is sampled, together, with probability p: the same expected
+number of sampled rows (p × B per call), and an expected overhead of p × one full-model decode of the batch.
+
+Validity of ``sample="call"``: the test needs each fed loss to have conditional mean ≤ ε given the losses fed before
+it (under H₀). Sampling is independent of the inputs in both modes, and i.i.d. rows make a row's loss independent of
+its batch-mates', so the α bound holds. Rows of one batch that depend on each other (one document's paragraphs) can
+break it, and ``sample="call"`` feeds such batches whole (``sample="row"`` at a small p seldom feeds two rows of one).
 
 After an alarm (a :class:`~hf_safe_exit.monitor.RiskAlarmWarning`, once, and ``monitor.alarm``), with
 ``fallback=True`` every later call decodes with the full model (its output is the full model's, bit for bit) and no
@@ -48,16 +58,19 @@ from ..policy import EarlyExit
 from ..risk.controlled import RiskControlled
 from ..risk.sequential_test import SequentialRiskTest
 from .alarm import RiskAlarm, RiskAlarmWarning, alarm_message
+from .monitored_call import MonitoredCall
 from .shadow import (batch_size, check_one_output_per_input, isolated_rng, select_rows, sequences_of, shadow_kwargs,
                      texts_of)
 from .state import MonitorStateMismatchError, check_request, generator_from_state, read_state, write_state
 
-__all__ = ["RiskMonitor", "MONITORED_RISKS", "MAX_SAMPLES"]
+__all__ = ["RiskMonitor", "MONITORED_RISKS", "MAX_SAMPLES", "SAMPLING"]
 
 #: the risk a monitor tests -> the range of its per-example loss
 MONITORED_RISKS = {"consistency": (0.0, 1.0), "performance_gap": (-1.0, 1.0), "performance_gap_bounded": (0.0, 1.0)}
 #: how many unlabelled (prediction, full prediction) pairs a performance-gap monitor keeps (the oldest are dropped)
 MAX_SAMPLES = 1000
+#: what ``sample_rate`` applies to: each row independently, or each call (all its rows together)
+SAMPLING = ("row", "call")
 
 
 def _check_policy(policy) -> RiskControlled:
@@ -73,10 +86,13 @@ def _check_level(name: str, value) -> float:
     return float(value)
 
 
-def _check_settings(sample_rate, risk, fallback, seed) -> None:
+def _check_settings(sample_rate, sample, risk, fallback, seed) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]: the probability that a row is also decoded "
-                         "by the full model (e.g. 0.05).")
+        raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]: the probability that a row (sample='call': a "
+                         "call) is also decoded by the full model (e.g. 0.05).")
+    if sample not in SAMPLING:
+        raise ValueError(f"sample={sample!r} is unknown: use 'row' (each row with probability sample_rate) or 'call' "
+                         "(all rows of a call together, with probability sample_rate).")
     if risk not in MONITORED_RISKS:
         raise ValueError(f"risk={risk!r} is unknown: use one of {sorted(MONITORED_RISKS)}.")
     if not isinstance(fallback, bool):
@@ -108,6 +124,9 @@ class RiskMonitor:
             calibration, as ``generate`` does).
         tokenizer: the model's tokenizer (outputs are compared as text, special tokens skipped).
         sample_rate: the probability p ∈ (0, 1] that a row is decoded again by the full model.
+        sample: ``"row"`` (default: each row of a call independently with probability p) or ``"call"`` (all rows of
+            a call together with probability p: the same expected rows, a shadow decode on a fraction p of calls;
+            module docstring, "Cost" and "Validity").
         alpha: the test's level α ∈ (0, 1): P(any alarm | risk ≤ ε) ≤ α.
         eps: the risk level tested; default the policy's ε when the policy controls ``risk``.
         risk: ``"consistency"`` (label-free), ``"performance_gap"`` or ``"performance_gap_bounded"`` (fed by record()).
@@ -116,19 +135,23 @@ class RiskMonitor:
         seed: seed of the sampling decisions (numpy ``default_rng``); its state is saved with the monitor.
 
     Attributes: ``test`` (the :class:`~hf_safe_exit.risk.sequential_test.SequentialRiskTest`), ``alarm`` (a
-    :class:`~hf_safe_exit.monitor.RiskAlarm` or None), ``calls``, ``rows_seen``, ``rows_sampled``, ``eps``, and, for
+    :class:`~hf_safe_exit.monitor.RiskAlarm` or None), ``last_call`` (a :class:`~hf_safe_exit.monitor.MonitoredCall`:
+    what the last ``generate`` call sampled, decoded and fed; None before the first call and after :meth:`reset`;
+    not saved), ``calls``, ``rows_seen``, ``rows_sampled``, ``eps``, and, for
     a performance-gap monitor, ``samples`` (the last :data:`MAX_SAMPLES` sampled pairs, dicts with ``call``, ``row``,
     ``prediction``, ``full_prediction``: label them and pass them to :meth:`record`; not saved by :meth:`save`).
     """
 
     def __init__(self, policy, *, tokenizer, sample_rate: float = 0.05, alpha: float = 0.05, eps=None,
-                 risk: str = "consistency", task=None, fallback: bool = True, seed: int | None = None):
+                 risk: str = "consistency", task=None, fallback: bool = True, seed: int | None = None,
+                 sample: str = "row"):
         self.policy = _check_policy(policy)
         if not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError("RiskMonitor needs the model's tokenizer to compare outputs as text: pass "
                             f"tokenizer=<a transformers tokenizer> (got {type(tokenizer).__name__}).")
-        _check_settings(sample_rate, risk, fallback, seed)
+        _check_settings(sample_rate, sample, risk, fallback, seed)
         self.tokenizer, self.sample_rate, self.alpha = tokenizer, float(sample_rate), _check_level("alpha", alpha)
+        self.sample = sample
         self.risk, self.fallback, self._eps_given = risk, fallback, eps
         self.eps = monitored_eps(policy, risk, eps)
         self._task_given = None
@@ -146,12 +169,14 @@ class RiskMonitor:
         self.test = SequentialRiskTest(self.eps, self.alpha, loss_range=MONITORED_RISKS[self.risk])
         self.calls = self.rows_seen = self.rows_sampled = 0
         self.alarm: RiskAlarm | None = None
+        self.last_call: MonitoredCall | None = None
         self.samples: deque = deque(maxlen=MAX_SAMPLES)
         self._threshold = None  # λ̂ the evidence is about, known at the first call
 
     def __repr__(self) -> str:
         return (f"RiskMonitor({self.policy!r}, risk={self.risk!r}, eps={self.eps}, alpha={self.alpha}, "
-                f"sample_rate={self.sample_rate}, n={self.test.n}, alarm={self.alarm is not None})")
+                f"sample_rate={self.sample_rate}, sample={self.sample!r}, n={self.test.n}, "
+                f"alarm={self.alarm is not None})")
 
     @property
     def fallback_active(self) -> bool:
@@ -166,12 +191,14 @@ class RiskMonitor:
         this package free of the decoding code). Returns exactly what ``decode`` returns; after an alarm with
         fallback, the full model's output (λ = 1, HF's own loop; ``certificate`` None: no early exit ran).
         """
+        self.last_call = None  # a call that raises leaves no record of an earlier one behind
         calibration = self._calibration_for(model)
         batch = batch_size(inputs, kwargs)
         if self.fallback_active:
             out = decode(model, inputs, early_exit=self._full_model(calibration), **kwargs)
             self.calls += 1
             self.rows_seen += batch
+            self.last_call = MonitoredCall(self.calls - 1, batch, fallback=True)
             if hasattr(out, "certificate"):
                 out.certificate = None  # the full model ran: no risk-controlled threshold stands behind this output
             return out
@@ -179,10 +206,19 @@ class RiskMonitor:
         out = decode(model, inputs, early_exit=self.policy, **kwargs)
         self.calls += 1
         self.rows_seen += batch
-        rows = np.flatnonzero(self._rng.random(batch) < self.sample_rate)
+        rows = self._sampled_rows(batch)
         if rows.size:
             self._shadow(model, inputs, kwargs, out, rows, batch, calibration, decode)
+        else:
+            self.last_call = MonitoredCall(self.calls - 1, batch)
         return out
+
+    def _sampled_rows(self, batch: int) -> np.ndarray:
+        """The rows to shadow-decode: each with probability p (``"row"``), or all with probability p (``"call"``).
+        One uniform draw per row, resp. per call, from the monitor's generator: independent of the inputs."""
+        if self.sample == "call":
+            return np.arange(batch) if self._rng.random() < self.sample_rate else np.arange(0)
+        return np.flatnonzero(self._rng.random(batch) < self.sample_rate)
 
     def _calibration_for(self, model):
         """The policy's calibration for ``model`` (fitted from its stored one if need be), checked to be the one this
@@ -230,9 +266,13 @@ class RiskMonitor:
         predictions = texts_of(self.tokenizer, early[rows.tolist()])
         full_predictions = texts_of(self.tokenizer, sequences_of(full))
         self.rows_sampled += int(rows.size)
+        losses = ([float(self.task.consistency_loss(p, f)) for p, f in zip(predictions, full_predictions)]
+                  if self.risk == "consistency" else [])
+        # recorded before feeding: an alarm's warning, raised as an error, still finds this call's record
+        self.last_call = MonitoredCall(self.calls - 1, batch, tuple(int(r) for r in rows), tuple(predictions),
+                                       tuple(full_predictions), tuple(losses))
         if self.risk == "consistency":
             # the warning points at the caller of generate (frames: _feed, _shadow, this generate, generate)
-            losses = [self.task.consistency_loss(p, f) for p, f in zip(predictions, full_predictions)]
             self._feed(losses, stacklevel=5)
         else:
             self.samples.extend({"call": self.calls - 1, "row": int(r), "prediction": p, "full_prediction": f}
@@ -305,6 +345,7 @@ class RiskMonitor:
         lo, hi = self.test.confidence_interval()
         return {"calls": self.calls, "rows_seen": self.rows_seen, "rows_sampled": self.rows_sampled,
                 "risk": self.risk, "eps": self.eps, "alpha": self.alpha, "sample_rate": self.sample_rate,
+                "sample": self.sample,
                 "threshold": self._threshold, "n": self.test.n, "mean": self.test.mean if self.test.n else None,
                 "confidence_interval": [float(lo), float(hi)], "e_value": _finite(self.test.e_value),
                 "log_e_value": self.test.log_e_value, "max_e_value": _finite(self.test.max_e_value),
