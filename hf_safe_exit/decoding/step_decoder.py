@@ -91,8 +91,7 @@ class StepDecoder:
         deferrable = len(layers) == self.num_layers and all(isinstance(layer, PreallocatedLayer) for layer in layers)
         self.fills = DeferredFills(self.blocks, layers, self.batch, self.head_dim) if defer_fills and deferrable \
             else None
-        # skip_kv's arguments: no rows, and per layer no keys/values in the dtype of its K/V
-        self._no_rows = torch.empty(0, dtype=torch.long, device=encoder_hidden.device)
+        # skip_kv's template per layer: the shape and dtype of a pending slot (an expanded view, no memory)
         self._no_kv: dict[int, torch.Tensor] = {}
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
@@ -188,9 +187,9 @@ class StepDecoder:
         if idx not in self._no_kv:  # made once per layer, in the dtype a fill appends (under autocast not the weight's)
             att = self.blocks[idx].layer[0].SelfAttention
             dtype = torch.nn.functional.linear(x[:0, 0].to(att.k.weight.dtype), att.k.weight).dtype
-            self._no_kv[idx] = x.new_empty((0, att.n_heads, 1, self.head_dim), dtype=dtype)
-        self.cache.self_attention_cache.layers[idx].append_rows(self._no_rows, self._no_kv[idx], self._no_kv[idx],
-                                                                self.batch)
+            self._no_kv[idx] = x.new_empty((1, att.n_heads, 1, self.head_dim), dtype=dtype).expand(self.batch, -1, -1,
+                                                                                                  -1)
+        self.cache.self_attention_cache.layers[idx].append_pending(self._no_kv[idx])
 
     def finish_step(self, position: int, x: torch.Tensor, filled_layers: list[int]) -> None:
         """After the step that decoded ``position``: with deferred fills, keep every row's state ``x`` and mark its
