@@ -1,44 +1,43 @@
 """An anytime-valid test of "the deployed risk is at most ε", by betting, for monitoring a deployed λ̂.
 
-Losses x_1, x_2, ... in [a, b] (``loss_range``) arrive one at a time (the losses of the deployed threshold on
-sampled live calls). They are mapped to x' = (x − a)/(b − a) in [0, 1] and ε to ε' = (ε − a)/(b − a), which must
-lie strictly inside (0, 1). The test bets against H₀: "every conditional mean E[x'_i | x'_<i] is ≤ ε'" with the
-wealth (e-process)
+Losses x_1, x_2, ... in [a, b] (``loss_range``; the deployed threshold's losses on sampled live calls) are mapped to
+x' = (x − a)/(b − a) ∈ [0, 1] and ε to ε' = (ε − a)/(b − a) ∈ (0, 1). The test bets against H₀: "every conditional
+mean E[x'_i | x'_<i] is ≤ ε'". A bettor with predictable bets λ_i ∈ [0, c/ε'], c = 1/2, has the wealth
+∏_{i ≤ t} (1 + λ_i (x'_i − ε')), whose factors have conditional mean ≤ 1 under H₀ and are ≥ 1 − c > 0: a
+nonnegative supermartingale from 1 (c = 1/2, not 1: a bet of 1/ε' would lose everything on one loss of 0). The
+test's wealth mixes two such bettors on the same losses,
 
-    K_t = ∏_{i ≤ t} (1 + λ_i (x'_i − ε')),   λ_i ∈ [0, c/ε'],  c = 1/2,
+    K_t = w K_t^cum + (1 − w) K_t^disc,   w = :data:`MIXTURE_WEIGHT`,
 
-where λ_i is predictable (a function of x'_<i only). Each factor has conditional mean ≤ 1 under H₀ and is ≥ 1 − c
-= 1/2 > 0 (at x' = 0), so K_t is a nonnegative supermartingale and, by Ville's inequality,
+again a nonnegative supermartingale from 1 (an average of e-processes is one), so by Ville's inequality
 P_H₀(∃ t: K_t ≥ 1/α) ≤ α: the alarm at the first t with K_t ≥ 1/α is valid under continuous monitoring and
-optional stopping (Shafer 2021; Ramdas, Grünwald, Vovk, Shafer 2023). Why c = 1/2 and not 1: a bet of
-1/ε' would lose everything on a single loss of 0, after which the wealth can never recover; capping at half keeps
-one loss from costing more than half the wealth and keeps log K_t finite.
+optional stopping (Shafer 2021; Ramdas, Grünwald, Vovk, Shafer 2023). Both bet aGRAPA (Waudby-Smith & Ramdas
+2023, App. B.3), a second-order approximation of the Kelly bet, from their own mean and variance estimates:
 
-The bet is aGRAPA (Waudby-Smith & Ramdas 2023, App. B.3), a second-order approximation of the
-growth-rate-optimal (Kelly) bet,
+    λ_t = clip( (μ_{t−1} − ε') / (σ²_{t−1} + (μ_{t−1} − ε')²), 0, c/ε' )   (0 when μ_{t−1} ≤ ε'),
 
-    λ_t = clip( (μ̂_{t−1} − ε') / (σ̂²_{t−1} + (μ̂_{t−1} − ε')²), 0, c/ε' ),
-    μ̂_t = (1/2 + Σ_{i≤t} x'_i)/(t + 1),   σ̂²_t = (1/4 + Σ_{i≤t} (x'_i − μ̂_i)²)/(t + 1),
+* K^cum: μ̂_t = (1/2 + Σ_{i≤t} x'_i)/(t + 1), σ̂²_t = (1/4 + Σ_{i≤t} (x'_i − μ̂_i)²)/(t + 1) (WSR's prior: one
+  pseudo-observation of mean 1/2, variance 1/4);
+* K^disc: every term, the prior's too, discounted by γ = :data:`DISCOUNT` per loss: D_t = Σ_{j=0}^{t} γ^j,
+  μ̃_t = (γ^t/2 + Σ_{i≤t} γ^{t−i} x'_i)/D_t, σ̃²_t = (γ^t/4 + Σ_{i≤t} γ^{t−i} (x'_i − μ̃_i)²)/D_t.
 
-with WSR's priors: one pseudo-observation of mean 1/2 and variance 1/4 (so μ̂_0 = 1/2, σ̂²_0 = 1/4). The wealth is
-kept as log K_t = Σ log1p(λ_i (x'_i − ε')). The work of one loss is one scalar function (:func:`_step`) used by
-both :func:`first_alarm` and :class:`SequentialRiskTest`, so feeding losses in any chunks, or saving the state
-and loading it back, gives the state of one run on the whole prefix bit for bit.
+Why two: after N losses at mean m₀ < ε' the cumulative mean needs more than N(ε' − m₀)/(r − ε') losses at a
+shifted mean r before its bet turns positive, so its delay grows with how long the service has run; the
+discounted estimates forget within about 1/(1 − γ) losses, and the cumulative bettor keeps the power against
+small shifts. Both start equal (the same prior). The wealths are kept as logarithms (log K_t by log-sum-exp). One
+scalar function (:func:`_step`) does the work of a loss for :func:`first_alarm` and :class:`SequentialRiskTest`
+alike, so feeding losses in any chunks, or saving the state and loading it back, gives the state of one run on
+the whole prefix bit for bit.
 
-Alongside, :meth:`SequentialRiskTest.confidence_interval` is the predictable plug-in empirical-Bernstein
-confidence sequence (Waudby-Smith & Ramdas 2023, Thm 2), two-sided at level α: with probability ≥ 1 − α it holds
-the mean at every t at once (for i.i.d. losses, or a constant conditional mean).
+:meth:`SequentialRiskTest.confidence_interval` is the predictable plug-in empirical-Bernstein confidence sequence
+(Waudby-Smith & Ramdas 2023, Thm 2) at level α: it holds the mean at every t at once with probability ≥ 1 − α
+(i.i.d. losses, or a constant conditional mean). The construction follows continuous risk monitoring by testing
+by betting (Timans, Verma, Nalisnick, Naesseth, UAI 2025).
 
-The construction follows continuous risk monitoring by testing by betting (Timans, Verma, Nalisnick, Naesseth,
-UAI 2025).
-
-References
-----------
-* [WSR] Waudby-Smith & Ramdas (2023). *Estimating means of bounded random variables by betting.* JRSS-B.
-* Shafer (2021). *Testing by betting.* JRSS-A. Ramdas, Grünwald, Vovk, Shafer (2023). *Game-theoretic
-  statistics and safe anytime-valid inference.* Statistical Science.
-* Timans, Verma, Nalisnick, Naesseth (2025). *On continuous monitoring of risk violations under unknown shift.*
-  UAI.
+References: [WSR] Waudby-Smith & Ramdas (2023), *Estimating means of bounded random variables by betting*, JRSS-B.
+Shafer (2021), *Testing by betting*, JRSS-A. Ramdas, Grünwald, Vovk, Shafer (2023), *Game-theoretic statistics and
+safe anytime-valid inference*, Statistical Science. Timans, Verma, Nalisnick, Naesseth (2025), *On continuous
+monitoring of risk violations under unknown shift*, UAI.
 """
 
 from __future__ import annotations
@@ -50,13 +49,22 @@ import numpy as np
 
 from .bounds import check_level
 
-__all__ = ["first_alarm", "SequentialRiskTest", "expected_samples_to_alarm", "BET_CAP"]
+__all__ = ["first_alarm", "SequentialRiskTest", "expected_samples_to_alarm", "BET_CAP", "DISCOUNT", "MIXTURE_WEIGHT"]
 
 BET_CAP = 0.5  # c: λ ≤ c/ε' keeps every factor ≥ 1 − c (see the module docstring); also the CS's λ cap
-_PRIOR_MEAN, _PRIOR_VAR = 0.5, 0.25  # WSR's one pseudo-observation, for the bet and the confidence sequence
+# γ and w, chosen by measurement (benchmarks/monitor_discount.py: 200 Bernoulli streams at ε = 0.1, α = 0.05, median
+# losses from a shift to 2ε to the alarm; fresh, 72 for every γ and w). After 1,000 losses at ε/2: 163 at γ = 0.98,
+# 197 at 0.99, 272 at 0.995 (the cumulative bettor alone: 883); the shipped model's real lowercase shift after its
+# 150 in-distribution losses: 159 / 209 / 269 (alone: 390). A larger γ drains less, its noisy mean passing ε less
+# often while H₀ holds (after 30,000 losses at 0.8ε: 1030 / 540 / 345; alone: 7565), but is slower wherever the risk
+# sits well below ε, as conservative calibrations put it. w = 1/2: 1/4 saves ~15 losses after a history, 3/4 ~40
+# against a small fresh shift (1.3ε); either bettor costs at most log 2 nats of evidence.
+DISCOUNT = 0.98  # γ: the discounted bettor's memory is about 1/(1 − γ) = 50 losses
+MIXTURE_WEIGHT = 0.5  # w: the cumulative bettor's share of the initial wealth
+_PRIOR_MEAN, _PRIOR_VAR = 0.5, 0.25  # WSR's one pseudo-observation, for both bets and the confidence sequence
 _RANGE_TOL = 1e-12  # relative: a loss this far outside [a, b] is float rounding (as LossTable allows), clipped
 _FORMAT = "hf_safe_exit.SequentialRiskTest"
-_VERSION = 1
+_VERSION = 2  # 2: the mixture of a cumulative and a discounted bettor; 1 (cumulative only) is refused
 
 
 class _Constants(NamedTuple):
@@ -64,31 +72,60 @@ class _Constants(NamedTuple):
     bet_max: float  # c/ε'
     log_threshold: float  # log(1/α)
     cs_log: float  # log(2/α)
+    log_w: float  # log w
+    log_1mw: float  # log(1 − w)
 
 
 class _State(NamedTuple):
     n: int = 0
     sum_x: float = 0.0  # Σ x'_i
     sum_sq: float = 0.0  # Σ (x'_i − μ̂_i)²
-    log_wealth: float = 0.0  # log K_t
-    max_log_wealth: float = 0.0  # max_{s ≤ t} log K_s (K_0 = 1)
+    log_wealth_cum: float = 0.0  # log K^cum_t
+    disc_sum_x: float = _PRIOR_MEAN  # γ^t/2 + Σ γ^{t−i} x'_i
+    disc_sum_sq: float = _PRIOR_VAR  # γ^t/4 + Σ γ^{t−i} (x'_i − μ̃_i)²
+    log_wealth_disc: float = 0.0  # log K^disc_t
+    max_log_wealth: float = 0.0  # max_{s ≤ t} log K_s of the mixture (K_0 = 1)
     alarm_index: int | None = None
     cs_sum_lam: float = 0.0  # Σ λ_i (the confidence sequence's bets)
     cs_sum_lam_x: float = 0.0  # Σ λ_i x'_i
     cs_sum_penalty: float = 0.0  # Σ v_i ψ_E(λ_i)
 
 
+_ALARM = _State._fields.index("alarm_index")
+
+
+def _disc_weight(t: int) -> float:
+    """D_t = Σ_{j=0}^{t} γ^j, the total weight of the discounted sums after t losses (a function of t alone)."""
+    return (1.0 - DISCOUNT ** (t + 1)) / (1.0 - DISCOUNT)
+
+
+def _bet(mean: float, var: float, k: _Constants) -> float:
+    """aGRAPA's bet from estimates of the mean and variance; 0 unless the mean is above ε' (then var + edge² > 0
+    even where a discounted variance has underflowed to 0)."""
+    edge = mean - k.eps
+    return min(edge / (var + edge * edge), k.bet_max) if edge > 0.0 else 0.0
+
+
+def _mixture(log_cum: float, log_disc: float, k: _Constants) -> float:
+    """log(w K^cum + (1 − w) K^disc) by log-sum-exp (either wealth may be far beyond a float's range)."""
+    a, b = k.log_w + log_cum, k.log_1mw + log_disc
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
 def _step(s: tuple, x: float, k: _Constants) -> tuple:
-    """One scaled loss x' ∈ [0, 1]: bet, update the wealth, the confidence sequence's sums and the estimates.
+    """One scaled loss x' ∈ [0, 1]: both bets, the wealths, the confidence sequence's sums and the estimates.
 
     ``s`` and the result are :class:`_State` fields as a plain tuple (a NamedTuple per loss costs a third more)."""
-    n, sum_x, sum_sq, log_wealth, max_log_wealth, alarm, cs_sum_lam, cs_sum_lam_x, cs_sum_penalty = s
+    (n, sum_x, sum_sq, log_cum, disc_x, disc_sq, log_disc, max_log_wealth, alarm,
+     cs_sum_lam, cs_sum_lam_x, cs_sum_penalty) = s
     t = n + 1
     mu_prev = (_PRIOR_MEAN + sum_x) / t  # μ̂_{t−1}
     var_prev = (_PRIOR_VAR + sum_sq) / t  # σ̂²_{t−1} ≥ 1/(4t) > 0
-    edge = mu_prev - k.eps
-    bet = min(max(edge / (var_prev + edge * edge), 0.0), k.bet_max)
-    log_wealth += math.log1p(bet * (x - k.eps))
+    weight_prev = _disc_weight(n)  # D_{t−1}
+    log_cum += math.log1p(_bet(mu_prev, var_prev, k) * (x - k.eps))
+    log_disc += math.log1p(_bet(disc_x / weight_prev, disc_sq / weight_prev, k) * (x - k.eps))
+    log_wealth = _mixture(log_cum, log_disc, k)
     if alarm is None and log_wealth >= k.log_threshold:
         alarm = n
     # WSR Thm 2: λ_t = min(sqrt(2 log(2/α) / (σ̂²_{t−1} t log(1 + t))), c); v_t ψ_E(λ_t) = (x'_t − μ̂_{t−1})² (−log(1 − λ_t) − λ_t)
@@ -96,15 +133,18 @@ def _step(s: tuple, x: float, k: _Constants) -> tuple:
     dev = x - mu_prev
     sum_x += x
     dev_now = x - (_PRIOR_MEAN + sum_x) / (t + 1)  # x'_t − μ̂_t, which σ̂²_t sums
-    return (t, sum_x, sum_sq + dev_now * dev_now, log_wealth, max(max_log_wealth, log_wealth), alarm,
-            cs_sum_lam + cs_lam, cs_sum_lam_x + cs_lam * x, cs_sum_penalty + dev * dev * (-math.log1p(-cs_lam) - cs_lam))
+    disc_x = DISCOUNT * disc_x + x
+    disc_dev = x - disc_x / _disc_weight(t)  # x'_t − μ̃_t, which σ̃²_t sums
+    return (t, sum_x, sum_sq + dev_now * dev_now, log_cum, disc_x, DISCOUNT * disc_sq + disc_dev * disc_dev, log_disc,
+            max(max_log_wealth, log_wealth), alarm, cs_sum_lam + cs_lam, cs_sum_lam_x + cs_lam * x,
+            cs_sum_penalty + dev * dev * (-math.log1p(-cs_lam) - cs_lam))
 
 
 def _run(s: _State, xs: list, k: _Constants, *, stop_at_alarm: bool) -> _State:
     s = tuple(s)
     for x in xs:
         s = _step(s, x, k)
-        if stop_at_alarm and s[5] is not None:
+        if stop_at_alarm and s[_ALARM] is not None:
             break
     return _State(*s)
 
@@ -158,7 +198,8 @@ def _scaled(losses, a: float, b: float) -> list:
 
 def _constants(eps: float, alpha: float, a: float, b: float) -> _Constants:
     e = (eps - a) / (b - a)
-    return _Constants(e, BET_CAP / e, math.log(1.0 / alpha), math.log(2.0 / alpha))
+    return _Constants(e, BET_CAP / e, math.log(1.0 / alpha), math.log(2.0 / alpha), math.log(MIXTURE_WEIGHT),
+                      math.log1p(-MIXTURE_WEIGHT))
 
 
 def first_alarm(losses, eps: float, alpha: float, *, loss_range=(0.0, 1.0)) -> int | None:
@@ -177,8 +218,8 @@ class SequentialRiskTest:
     on the whole prefix; :meth:`to_dict` / :meth:`from_dict` carry it across a restart, bit for bit.
 
     Attributes: ``n`` (losses seen), ``alarm_index`` (the loss at which K_t first reached 1/α; fixed afterwards,
-    while the wealth and the estimates keep updating), ``alarmed``, ``e_value`` (K_t), ``max_e_value``,
-    ``log_e_value``, ``mean`` (of the losses seen, in loss units; nan before any).
+    while the wealth and the estimates keep updating), ``alarmed``, ``e_value`` (K_t, the mixture),
+    ``max_e_value``, ``log_e_value``, ``mean`` (of the losses seen, in loss units; nan before any).
     """
 
     def __init__(self, eps: float, alpha: float, *, loss_range=(0.0, 1.0)):
@@ -215,12 +256,13 @@ class SequentialRiskTest:
 
     @property
     def log_e_value(self) -> float:
-        return self._state.log_wealth
+        """log K_t = log(w K^cum_t + (1 − w) K^disc_t)."""
+        return _mixture(self._state.log_wealth_cum, self._state.log_wealth_disc, self._k)
 
     @property
     def e_value(self) -> float:
         """K_t (inf if it overflows a float: the evidence is overwhelming)."""
-        return _exp(self._state.log_wealth)
+        return _exp(self.log_e_value)
 
     @property
     def max_e_value(self) -> float:
@@ -268,11 +310,10 @@ class SequentialRiskTest:
         except (TypeError, ValueError) as err:
             raise ValueError(f"SequentialRiskTest.from_dict: eps/alpha/loss_range are invalid ({err}); pass a dict "
                              "written by to_dict().") from None
-        state = _State(**{name: data[name] for name in _State._fields})
+        state = _State(**{name: data[name] if name in ("n", "alarm_index") else float(data[name])
+                          for name in _State._fields})
         _check_state(state, test._k)
-        test._state = _State(int(state.n), *(float(v) for v in state[1:5]),
-                             None if state.alarm_index is None else int(state.alarm_index),
-                             *(float(v) for v in state[6:]))
+        test._state = state
         return test
 
 
@@ -289,6 +330,14 @@ def _check_keys(data: dict) -> None:
         raise ValueError(f"SequentialRiskTest.from_dict: {key}={data.get(key)!r} {why}; pass a dict written by "
                          "to_dict().")
 
+    if data.get("format") != _FORMAT:
+        bad("format", f"must be {_FORMAT!r}")
+    if data.get("version") == 1 and not isinstance(data["version"], bool):
+        raise ValueError("SequentialRiskTest.from_dict: version=1 is the cumulative-only test, whose state cannot "
+                         f"continue the version {_VERSION} mixture (it lacks the discounted bettor); start a fresh "
+                         "SequentialRiskTest (or RiskMonitor) and feed it new losses.")
+    if data.get("version") != _VERSION or isinstance(data.get("version"), bool):
+        bad("version", f"must be {_VERSION} (this library reads that version)")
     expected = ("format", "version", "eps", "alpha", "loss_range", *_State._fields)
     for key in expected:
         if key not in data:
@@ -296,10 +345,6 @@ def _check_keys(data: dict) -> None:
     for key in data:
         if key not in expected:
             bad(key, "is not a key to_dict() writes")
-    if data["format"] != _FORMAT:
-        bad("format", f"must be {_FORMAT!r}")
-    if data["version"] != _VERSION or isinstance(data["version"], bool):
-        bad("version", f"must be {_VERSION} (this library reads that version)")
     for key in ("n", "alarm_index"):
         value = data[key]
         if not (key == "alarm_index" and value is None) and (isinstance(value, bool) or not isinstance(value, int)):
@@ -330,10 +375,15 @@ def _check_state(state: _State, k: _Constants) -> None:
         bad("cs_sum_lam", "must be > 0 exactly when n > 0")
     if not 0.0 <= state.cs_sum_lam_x <= state.cs_sum_lam * (1.0 + 1e-12):
         bad("cs_sum_lam_x", "must lie in [0, cs_sum_lam]")
-    if state.log_wealth < n * math.log1p(-BET_CAP) * (1.0 + 1e-12) - 1e-12:
-        bad("log_wealth", f"is below n log(1/2), which {n} bets capped at c = 1/2 cannot reach")
-    if state.max_log_wealth < max(state.log_wealth, 0.0):
-        bad("max_log_wealth", "must be >= max(log_wealth, 0)")
+    weight = _disc_weight(n) * (1.0 + 1e-12)
+    for key in ("disc_sum_x", "disc_sum_sq"):  # γ^n/2 (γ^n/4) plus discounted terms each in [0, 1]
+        if not 0.0 <= getattr(state, key) <= weight:
+            bad(key, f"must lie in [0, {weight:.6g}] (the discounted weight of n={n} losses and the prior)")
+    for key in ("log_wealth_cum", "log_wealth_disc"):
+        if getattr(state, key) < n * math.log1p(-BET_CAP) * (1.0 + 1e-12) - 1e-12:
+            bad(key, f"is below n log(1/2), which {n} bets capped at c = 1/2 cannot reach")
+    if state.max_log_wealth < max(_mixture(state.log_wealth_cum, state.log_wealth_disc, k), 0.0):
+        bad("max_log_wealth", "must be >= max(log of the mixture's wealth, 0)")
     crossed = state.max_log_wealth >= k.log_threshold
     if state.alarm_index is None and crossed:
         bad("alarm_index", f"is None although max_log_wealth reached log(1/alpha) = {k.log_threshold!r}")
@@ -342,15 +392,19 @@ def _check_state(state: _State, k: _Constants) -> None:
 
 
 def expected_samples_to_alarm(values, eps: float, alpha: float, *, weights=None, loss_range=(0.0, 1.0)) -> float:
-    """Wald's closed-form approximation of E[τ], the expected number of losses to the alarm, for losses drawn
-    i.i.d. from the discrete distribution (``values``, ``weights``):
+    """Wald's closed-form approximation of E[τ], the expected number of losses to the alarm of a fresh test, for
+    losses drawn i.i.d. from the discrete distribution (``values``, ``weights``):
 
-        E[τ] ≈ log(1/α) / g*,   g* = max_{λ ∈ [0, c/ε']} E[log(1 + λ (X' − ε'))]   (scaled units),
+        E[τ] ≈ log(1/(w α)) / g*,   g* = max_{λ ∈ [0, c/ε']} E[log(1 + λ (X' − ε'))]   (scaled units),
 
-    g* being the Kelly (1956) growth rate of the best constant bet the test may place; E[log K_τ] = g*·E[τ] for
-    that bet (Wald's identity) and log K_τ ≈ log(1/α) give the formula. ``inf`` when the mean is ≤ eps (H₀ holds: the alarm fires with probability ≤ α). It ignores the
-    overshoot of log K_τ over log(1/α) (which makes τ shorter) and the cost of learning the bet from the data
-    (aGRAPA's bet differs from the Kelly bet, early bets most: which makes τ longer).
+    g* being the Kelly (1956) growth rate of the best constant bet either bettor may place. The mixture's wealth
+    is at least w K^cum, so the alarm fires at the latest when K^cum reaches 1/(w α); E[log K^cum_τ] = g*·E[τ]
+    for the Kelly bet (Wald's identity) gives the formula, an approximate upper bound: the discounted bettor can
+    only make the alarm earlier, and on a fresh stream it bets as the cumulative one does at first. ``inf`` when
+    the mean is ≤ eps (H₀ holds: the alarm fires with probability ≤ α). It ignores the overshoot of log K_τ over
+    the threshold (which makes τ shorter) and the cost of learning the bet from the data (aGRAPA's bet differs
+    from the Kelly bet, early bets most: which makes τ longer). It does not describe a test that has already run
+    long before the shift (``benchmarks/monitor_validity.py`` measures that).
     """
     from scipy.optimize import brentq  # noqa: PLC0415 (scipy loads in about a second: not at import time)
 
@@ -371,7 +425,7 @@ def expected_samples_to_alarm(values, eps: float, alpha: float, *, weights=None,
         return float(w @ (d / (1.0 + lam * d)))
 
     lam = cap if slope(cap) >= 0.0 else brentq(slope, 0.0, cap, xtol=1e-14, rtol=1e-12)
-    return math.log(1.0 / alpha) / float(w @ np.log1p(lam * d))
+    return math.log(1.0 / (MIXTURE_WEIGHT * alpha)) / float(w @ np.log1p(lam * d))
 
 
 def _normalised(weights, size: int) -> np.ndarray:
