@@ -21,8 +21,8 @@ Per experiment: λ̂ and its guarantee, each phase's true risk (mean ± standard
 violates ε, the alarm (call, phase, losses into the shifted phase), Wald's closed form
 ``expected_samples_to_alarm(shifted losses, ε, α)`` (a fresh test on i.i.d. draws from those losses), the same test
 run on 500 such i.i.d. resampled streams (median and quartiles), fresh and after the phase's real in-distribution losses
-(the monitor's own situation: its aGRAPA bet is a function of the running mean of all losses so far, so it bets nothing
-until that mean, pre-shift losses included, passes ε), and the test re-run at a tighter ε that has the same λ̂
+(the monitor's own situation: its cumulative bettor bets nothing until the running mean of all losses, pre-shift
+losses included, passes ε; its discounted bettor forgets the history within a few dozen losses), and the test re-run at a tighter ε that has the same λ̂
 (crc, ε = 0.1 for CNN/DM): with p = 1 and fallback off the monitor feeds exactly the rows' losses in order, so the
 re-run is what that monitor would have done (tests/test_monitor_replay.py checks this equality).
 
