@@ -182,17 +182,18 @@ def test_cli_writes_log_plot_state_and_refuses_existing_files(tiny, tmp_path, ca
     folder = tiny[0]
     out, png, state = tmp_path / "log.json", tmp_path / "fig.png", tmp_path / "state.json"
     args = ["monitor", "--model", folder, "--task", "cnndm", "--data", str(DATA), "--n", "4", "--shift-n", "2",
-            "--sample-rate", "1", "--batch-size", "2", "--eps", "0.5", "--method", "crc"]
+            "--sample-rate", "1", "--sample", "call", "--batch-size", "2", "--eps", "0.5", "--method", "crc"]
     assert main([*args, "--output", str(out), "--plot", str(png), "--state", str(state)]) == 0
     printed = capsys.readouterr().out
     assert "λ̂ = 0" in printed and "phase other-task: 2 rows, 2 monitored losses" in printed
     log = json.loads(out.read_text())
     assert log["settings"]["excluded_calibration_rows"] == N_CAL and len(_fed(log)[1]) == 6
+    assert log["settings"]["sample"] == "call" and json.loads(state.read_text())["sample"] == "call"
     assert png.read_bytes()[:4] == b"\x89PNG"
     from transformers import AutoTokenizer
 
     loaded = RiskMonitor.load(state, RiskControlled(0.5, method="crc", risk="consistency"),
-                              tokenizer=AutoTokenizer.from_pretrained(folder), sample_rate=1.0)
+                              tokenizer=AutoTokenizer.from_pretrained(folder), sample_rate=1.0, sample="call")
     assert loaded.test.n == 6 and loaded.calls == log["state"]["calls"]
     for flag, path in (("--output", out), ("--state", state), ("--plot", png)):
         before = path.read_bytes()
@@ -208,15 +209,17 @@ def test_write_log_refuses_an_existing_file_and_plot_needs_a_log(tmp_path):
     with pytest.raises(FileExistsError, match="log.json' exists"):
         write_log({"a": 1}, path)
     assert json.loads(open(write_log({"a": 1}, path, overwrite=True)).read()) == {"a": 1}
-    with pytest.raises(KeyError):
-        plot_replay({}, tmp_path / "x.png")
+    for log, match in (({}, "missing.*calls"), ({"a": 1}, "missing"), ([1], "got list")):
+        with pytest.raises(ValueError, match=f"plot_replay needs the log replay\\(\\) returns.*{match}") as err:
+            plot_replay(log, tmp_path / "x.png")
+        assert "\n" not in str(err.value) and not (tmp_path / "x.png").exists()
 
 
 def test_monitor_help_documents_every_option(capsys):
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["monitor"]
     options = {o for a in sub._actions for o in a.option_strings}
     assert options >= {"--model", "--task", "--data", "--eps", "--delta", "--method", "--risk", "--sample-rate",
-                       "--alpha", "--n", "--shift", "--shift-n", "--batch-size", "--seed", "--no-fallback",
+                       "--sample", "--alpha", "--n", "--shift", "--shift-n", "--batch-size", "--seed", "--no-fallback",
                        "--output", "--plot", "--state", "--overwrite"}
     assert all(a.help and a.help.strip() for a in sub._actions)
     with pytest.raises(SystemExit):

@@ -7,18 +7,20 @@ model's), numpy's generator with the same seed for the sampling decisions.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import hf_safe_exit
 from hf_safe_exit import EarlyExit, LossTable, RiskControlled, RiskMonitor, generate
 from hf_safe_exit.errors import CorruptFileError, MissingCalibrationError, WouldOverwriteError
 from hf_safe_exit.fingerprint import model_fingerprint
-from hf_safe_exit.monitor import MonitoredCall, MonitorStateMismatchError, RiskAlarmWarning
+from hf_safe_exit.monitor import MonitoredCall, MonitorStateMismatchError, RiskAlarmWarning, ShadowDecodeWarning
 from hf_safe_exit.risk.sequential_test import SequentialRiskTest, first_alarm
 from hf_safe_exit.tasks import shared_data_dir
 
@@ -129,7 +131,7 @@ def test_rows_of_a_batch_are_sampled_independently(setup):
     assert monitor.test.to_dict() == reference.to_dict()
     assert json.loads(json.dumps(monitor.last_call.to_dict())) == {
         "call": 2, "rows": 3, "sampled_rows": list(rows), "predictions": predictions, "full_predictions": full,
-        "losses": list(monitor.last_call.losses), "fallback": False}
+        "losses": list(monitor.last_call.losses), "fallback": False, "unmonitored_rows": [], "shadow_error": None}
     with pytest.raises(AttributeError):
         monitor.last_call.losses = ()  # frozen: the record is what the call did
     monitor.reset()
@@ -156,6 +158,13 @@ def test_call_sampling_decodes_every_row_of_a_sampled_call(setup):
     assert monitor.test.to_dict() == reference.to_dict() and monitor.state()["sample"] == "call"
 
 
+class _Noise(LogitsProcessor):
+    """A caller's processor that draws from torch's random stream (tiny noise: greedy outputs as without it)."""
+
+    def __call__(self, input_ids, scores):
+        return scores + 1e-6 * torch.rand_like(scores)
+
+
 def test_the_shadow_decode_leaves_the_streamer_and_the_random_stream_alone(setup):
     _, tokenizer, model, inputs = setup
     rc = _policy(model)
@@ -175,14 +184,115 @@ def test_the_shadow_decode_leaves_the_streamer_and_the_random_stream_alone(setup
         one = {k: v[:1] for k, v in inputs.items()}
         generate(model, **one, early_exit=early_exit, streamer=streamer)
         torch.manual_seed(0)
-        sampled = [generate(model, **inputs, early_exit=early_exit, do_sample=True) for _ in range(2)]
-        return streamer.tokens, sampled
+        out = generate(model, **inputs, early_exit=early_exit, logits_processor=LogitsProcessorList([_Noise()]))
+        return streamer.tokens, out, torch.rand(4)  # what the caller draws after the call
 
-    tokens, sampled = run(rc)
+    tokens, out, after = run(rc)
     monitor = _monitor(rc, tokenizer, eps=0.9)
-    tokens_m, sampled_m = run(monitor)
-    assert tokens_m == tokens and all(torch.equal(a, b) for a, b in zip(sampled, sampled_m))
-    assert monitor.test.n == 13  # the shadow decodes ran
+    tokens_m, out_m, after_m = run(monitor)
+    assert tokens_m == tokens and torch.equal(out_m, out) and torch.equal(after_m, after)
+    assert monitor.test.n == 7  # the shadow decodes ran (and drew their own noise, on a fork of the stream)
+
+
+@pytest.mark.parametrize("where", ["call", "call's generation_config", "model's generation_config"])
+def test_sampling_calls_are_refused(setup, where):
+    _, tokenizer, model, inputs = setup
+    monitor = _monitor(_policy(model), tokenizer, eps=0.9)
+    sampling = copy.deepcopy(model.generation_config)
+    sampling.do_sample = True
+    kwargs = {"call": dict(do_sample=True), "call's generation_config": dict(generation_config=sampling),
+              "model's generation_config": {}}[where]
+    saved = model.generation_config
+    if where == "model's generation_config":
+        model.generation_config = sampling
+    try:
+        with pytest.raises(ValueError, match="do_sample=True.*greedy.*early_exit=monitor.policy") as err:
+            generate(model, **inputs, early_exit=monitor, **kwargs)
+        assert "\n" not in str(err.value) and monitor.calls == 0 and monitor.test.n == 0
+        # the call's own do_sample=False overrides a sampling config: greedy, monitored
+        generate(model, **inputs, early_exit=monitor, **{**kwargs, "do_sample": False})
+        assert monitor.calls == 1 and monitor.test.n == 6
+    finally:
+        model.generation_config = saved
+
+
+def _sampled_with_row(seed_ok) -> int:
+    return next(s for s in range(200) if seed_ok(np.flatnonzero(np.random.default_rng(s).random(6) < 0.5)))
+
+
+def test_a_row_indexed_prefix_fn_sees_the_caller_s_row_numbers(setup):
+    _, tokenizer, model, inputs = setup
+    vocab = list(range(len(tokenizer)))
+
+    def allowed(batch_id, ids):  # only row 3 of the caller's batch is constrained
+        return [5, 1] if batch_id == 3 else vocab
+
+    # row 3 sampled, but not as the 4th row of the sub-batch (where a renumbered id would still say 3)
+    seed = _sampled_with_row(lambda rows: 3 in rows and list(rows).index(3) != 3 and 0 in rows)
+    monitor = _monitor(_policy(model), tokenizer, sample_rate=0.5, seed=seed, eps=0.9)
+    generate(model, **inputs, early_exit=monitor, prefix_allowed_tokens_fn=allowed)
+    rows = list(monitor.last_call.sampled_rows)
+    hf = type(model).generate(model, **inputs, max_new_tokens=MAX_NEW, prefix_allowed_tokens_fn=allowed)
+    assert list(monitor.last_call.full_predictions) == _texts(tokenizer, hf[rows])
+    assert len(set(monitor.last_call.full_predictions)) > 1  # the constrained row differs from the others
+
+
+class _RowBias(LogitsProcessor):
+    """A per-row bias sized to the caller's batch (row-indexed state no sub-batch can use)."""
+
+    def __init__(self, bias):
+        self.bias = bias
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bias
+
+
+def test_a_caller_s_row_indexed_processor_is_shadowed_on_the_whole_batch(setup):
+    _, tokenizer, model, inputs = setup
+    bias = torch.zeros(6, len(tokenizer))
+    bias[3, 5] = 100.0  # row 3 is pushed to token 5
+    processors = LogitsProcessorList([_RowBias(bias)])
+    seed = _sampled_with_row(lambda rows: 3 in rows and 0 < len(rows) < 6)
+    rc = _policy(model)
+    monitor = _monitor(rc, tokenizer, sample_rate=0.5, seed=seed, eps=0.9)
+    out = generate(model, **inputs, early_exit=monitor, logits_processor=processors)
+    assert torch.equal(out, generate(model, **inputs, early_exit=rc, logits_processor=processors))
+    rows = list(monitor.last_call.sampled_rows)
+    hf = type(model).generate(model, **inputs, max_new_tokens=MAX_NEW, logits_processor=processors)
+    assert list(monitor.last_call.full_predictions) == _texts(tokenizer, hf[rows])
+    assert monitor.rows_sampled == monitor.test.n == len(rows)
+
+
+def test_a_failing_shadow_decode_or_scoring_returns_the_output_and_warns(setup, monkeypatch):
+    _, tokenizer, model, inputs = setup
+    rc = _policy(model)
+    monitor = _monitor(rc, tokenizer, eps=0.9)
+    decodes = []
+
+    def decode(model, inputs=None, **kwargs):  # what generate hands the monitor; the second decode is the shadow
+        decodes.append(kwargs["early_exit"])
+        if len(decodes) == 2:
+            raise RuntimeError("out of memory\n(a second line)")
+        return generate(model, inputs, **kwargs)
+
+    expected = generate(model, **inputs, early_exit=rc)
+    with pytest.warns(ShadowDecodeWarning, match=r"call 0 failed \(RuntimeError: out of memory\).*not monitored") as w:
+        out = monitor.generate(model, decode=decode, **inputs)
+    assert torch.equal(out, expected) and "\n" not in str(w[0].message)
+    assert (monitor.calls, monitor.rows_seen, monitor.rows_sampled, monitor.test.n) == (1, 6, 0, 0)
+    assert monitor.last_call == MonitoredCall(0, 6, unmonitored_rows=tuple(range(6)),
+                                              shadow_error="RuntimeError: out of memory")
+
+    def broken(prediction, full_prediction):
+        raise KeyError("rouge")
+
+    monkeypatch.setattr(monitor.task, "consistency_loss", broken)  # the scoring fails now
+    with pytest.warns(ShadowDecodeWarning, match="KeyError"):
+        assert torch.equal(generate(model, **inputs, early_exit=monitor), expected)
+    assert (monitor.calls, monitor.rows_sampled, monitor.test.n) == (2, 0, 0)
+    monkeypatch.undo()
+    generate(model, **inputs, early_exit=monitor)  # the next call is monitored as usual
+    assert (monitor.calls, monitor.rows_sampled, monitor.test.n) == (3, 6, 6)
 
 
 # ---------------------------------------------------------------- alarm and fallback
@@ -206,8 +316,12 @@ def test_an_alarm_then_the_full_model(setup):
     losses = _consistency(_texts(tokenizer, generate(model, **inputs, early_exit=rc)),
                           _texts(tokenizer, _hf(model, inputs)))
     assert alarm.sample_index == first_alarm(losses * calls, 0.01, 0.05)
-    assert alarm.calls_seen == calls and alarm.eps == 0.01 and alarm.alpha == 0.05 and alarm.e_value >= 1 / 0.05
-    assert alarm.risk_interval[1] > 0.01
+    assert alarm.sample_index % 6 != 5  # it fired inside a call's losses, not at the call's last one
+    at_alarm = SequentialRiskTest(0.01, 0.05)
+    at_alarm.update((losses * calls)[:alarm.sample_index + 1])  # the evidence when it fired, not after the call
+    assert alarm.e_value == at_alarm.e_value >= 1 / 0.05 and alarm.risk_interval == at_alarm.confidence_interval()
+    assert alarm.calls_seen == calls and alarm.eps == 0.01 and alarm.alpha == 0.05
+    assert monitor.test.to_dict() != at_alarm.to_dict() and monitor.test.n == 6 * calls  # the whole call was fed
     assert "eps=0.01" in messages[0] and "alpha=0.05" in messages[0] and "full model" in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RiskAlarmWarning)  # warned once only
@@ -262,7 +376,7 @@ def test_a_saved_alarm_keeps_the_fallback(setup, tmp_path):
     rc = _policy(model)
     monitor = _monitor(rc, tokenizer, eps=0.01)
     _until_alarm(model, inputs, monitor)
-    restored = RiskMonitor.load(monitor.save(tmp_path / "m.json"), rc, tokenizer=tokenizer, eps=0.01)
+    restored = RiskMonitor.load(monitor.save(tmp_path / "m.json"), rc, tokenizer=tokenizer, eps=0.01, sample_rate=1.0)
     assert restored.alarm == monitor.alarm and restored.fallback_active
     assert torch.equal(generate(model, **inputs, early_exit=restored), _hf(model, inputs))
 
@@ -287,6 +401,80 @@ def test_state_files_refused(setup, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(CorruptFileError, match=r"bad\.json"):
         RiskMonitor.load(tmp_path / "bad.json", rc, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("field, value", [("sample_rate", 0.5), ("sample", "call"), ("fallback", False)])
+def test_a_state_saved_with_other_sampling_or_fallback_is_refused(setup, tmp_path, field, value):
+    _, tokenizer, model, inputs = setup
+    rc = _policy(model)
+    saved = RiskMonitor(rc, tokenizer=tokenizer, eps=0.9, seed=4, **{field: value})
+    generate(model, **inputs, early_exit=saved)
+    path = saved.save(tmp_path / "m.json")
+    assert json.loads(open(path).read())[field] == value
+    with pytest.raises(MonitorStateMismatchError, match=rf"m\.json.*{field}={value!r} \(this monitor: ") as err:
+        RiskMonitor.load(path, rc, tokenizer=tokenizer, eps=0.9)  # built with the defaults: another sampling
+    assert "\n" not in str(err.value)
+    assert RiskMonitor.load(path, rc, tokenizer=tokenizer, eps=0.9, **{field: value}).state() == saved.state()
+
+
+def test_evidence_for_another_calibration_at_the_same_threshold_is_refused(setup, tmp_path):
+    _, tokenizer, model, inputs = setup
+    rc = _policy(model)
+    monitor = _monitor(rc, tokenizer, eps=0.9)
+    generate(model, **inputs, early_exit=monitor)
+    path = monitor.save(tmp_path / "m.json")
+    other = RiskControlled(0.05, risk="consistency").fit_table(_table(model, n=80))  # other rows, the same λ̂ = 0
+    assert other.threshold == rc.threshold == 0.0 and other.calibration != rc.calibration
+    for watched in (monitor, RiskMonitor.load(path, rc, tokenizer=tokenizer, eps=0.9, sample_rate=1.0)):
+        watched.policy = other  # swapped behind the monitor's back (reset(other) is the way)
+        with pytest.raises((ValueError, MonitorStateMismatchError), match="another one.*same λ̂=0.0.*reset"):
+            generate(model, **inputs, early_exit=watched)
+        assert watched.calls == 1 and watched.test.n == 6
+    loaded = RiskMonitor.load(path, other, tokenizer=tokenizer, eps=0.9, sample_rate=1.0)
+    with pytest.raises(MonitorStateMismatchError, match=r"m\.json.*another one"):
+        generate(model, **inputs, early_exit=loaded)
+    generate(model, **inputs, early_exit=loaded.reset(other))  # a fresh test for the new calibration
+    assert loaded.test.n == 6 and loaded.state()["calibration"] != monitor.state()["calibration"]
+
+
+def _edited(path, tmp_path, edit):
+    """The state at ``path`` with ``edit`` applied to its content and the digest recomputed (a forger's edit)."""
+    from hf_safe_exit.digest import with_digest, without_digest
+
+    data = without_digest(json.loads(open(path).read()))
+    edit(data)
+    out = tmp_path / "edited.json"
+    out.write_text(json.dumps(with_digest(data)))
+    return out
+
+
+def test_re_digested_inconsistent_states_are_refused(setup, tmp_path):
+    _, tokenizer, model, inputs = setup
+    rc = _policy(model)
+    monitor = _monitor(rc, tokenizer, eps=0.01)
+    _until_alarm(model, inputs, monitor)
+    path = monitor.save(tmp_path / "m.json")
+    load = dict(tokenizer=tokenizer, eps=0.01, sample_rate=1.0)
+    n = monitor.test.n
+    assert monitor.rows_seen == monitor.rows_sampled == n and monitor.calls < n
+    assert RiskMonitor.load(_edited(path, tmp_path, lambda d: None), rc, **load).alarm == monitor.alarm
+    edits = {
+        "alarm.*not its test's": lambda d: d["alarm"].update(sample_index=d["alarm"]["sample_index"] + 1),
+        "alarm.*eps=0.5": lambda d: d["alarm"].update(eps=0.5),
+        "alarm.*alpha=0.5": lambda d: d["alarm"].update(alpha=0.5),
+        "alarm.*e-value 0.1": lambda d: d["alarm"].update(e_value=0.1),
+        "alarm.*after 1000000 calls": lambda d: d["alarm"].update(calls_seen=10**6),
+        "records no alarm": lambda d: d.update(alarm=None),
+        f"n={n} losses but the counters account for 0": lambda d: d.update(rows_sampled=0),
+        f"calls={n + 1} exceeds rows_seen={n}": lambda d: d.update(calls=n + 1),
+        f"rows_sampled={n + 1} exceeds rows_seen={n}": lambda d: d.update(rows_sampled=n + 1),
+        f"account for {n + 1}": lambda d: d.update(recorded=1),
+        r"n=1000\d* must be a count": lambda d: d["test"].update(n=10**400),
+    }
+    for match, edit in edits.items():
+        with pytest.raises(CorruptFileError, match=rf"edited\.json.*{match}") as err:
+            RiskMonitor.load(_edited(path, tmp_path, edit), rc, **load)
+        assert "\n" not in str(err.value)
 
 
 def test_a_recalibrated_policy_needs_a_reset(setup):
@@ -328,6 +516,23 @@ def test_performance_gap_monitors_keep_samples_and_take_labels(setup, risk):
         monitor.record(preds, refs[:2], fulls)
 
 
+def test_take_samples_hands_each_pair_over_once(setup):
+    _, tokenizer, model, inputs = setup
+    monitor = _monitor(_policy(model, risk="performance_gap"), tokenizer, risk="performance_gap")
+    early = generate(model, **inputs, early_exit=monitor)
+    first = monitor.take_samples()
+    assert [p["id"] for p in first] == list(range(6)) and [p["row"] for p in first] == list(range(6))
+    assert [p["prediction"] for p in first] == _texts(tokenizer, early) and {p["call"] for p in first} == {0}
+    assert monitor.take_samples() == [] and len(monitor.samples) == 0  # taken: not handed over again
+    generate(model, **{k: v[:2] for k, v in inputs.items()}, early_exit=monitor)
+    second = monitor.take_samples()
+    assert [(p["id"], p["call"], p["row"]) for p in second] == [(6, 1, 0), (7, 1, 1)]
+    pairs = first + second
+    fulls = [p["full_prediction"] for p in pairs]
+    monitor.record([p["prediction"] for p in pairs], fulls, fulls)
+    assert monitor.test.n == monitor.recorded == 8 and monitor.rows_sampled == 8
+
+
 def test_a_consistency_monitor_records_pairs_without_references(setup):
     _, tokenizer, model, _ = setup
     monitor = _monitor(_policy(model), tokenizer)
@@ -357,9 +562,24 @@ def test_bad_policies_and_tokenizers(setup):
     with pytest.raises(ValueError, match="needs labels.*risk='consistency'.*eps="):
         RiskMonitor(RiskControlled(0.05), tokenizer=tokenizer)  # a performance_gap policy, no eps=
     assert RiskMonitor(RiskControlled(0.05), tokenizer=tokenizer, eps=0.1).eps == 0.1
-    with pytest.raises(ValueError, match="num_return_sequences=2"):
-        generate(model, **inputs, early_exit=_monitor(_policy(model), tokenizer), num_return_sequences=2,
-                 do_sample=True)
+    for asked in (2, "x"):
+        with pytest.raises(ValueError, match=f"num_return_sequences={asked!r}.*num_return_sequences=1"):
+            generate(model, **inputs, early_exit=_monitor(_policy(model), tokenizer), num_return_sequences=asked)
+
+
+def test_record_refuses_what_is_not_a_list_of_texts(setup):
+    _, tokenizer, model, _ = setup
+    consistency = _monitor(_policy(model), tokenizer)
+    gap = _monitor(_policy(model, risk="performance_gap"), tokenizer, risk="performance_gap", task="cnndm")
+    cases = [(consistency, (None,), TypeError, "predictions must be a list of strings.*NoneType"),
+             (consistency, (["a"], None, "b"), TypeError, "full_predictions must be a list.*str"),
+             (gap, (["a"], 5, ["a"]), TypeError, "references as a list.*int"),
+             (gap, (["a"], "r", ["a"]), TypeError, "references as a list.*str"),
+             (gap, (["a", "b"], ["r"], ["a", "b"]), ValueError, r"one reference per prediction \(2\), got 1")]
+    for monitor, args, error, match in cases:
+        with pytest.raises(error, match=match) as err:
+            monitor.record(*args)
+        assert "\n" not in str(err.value) and monitor.test.n == 0
 
 
 def test_an_unfitted_policy_uses_the_stored_calibration_or_says_there_is_none(setup):

@@ -276,10 +276,15 @@ def test_bad_losses_raise_and_leave_the_state_unchanged():
     test.update([0.2, 0.0])
     before = bits(test)
     for losses, match in (([0.1, float("nan")], r"losses\[1\]=nan"), ([0.5, 1.5], r"losses\[1\]=1.5"),
-                          (-0.1, r"losses\[0\]=-0.1"), ([[0.1, 0.2]], "1-D"), (["a"], "number")):
-        with pytest.raises((ValueError, TypeError), match=match):
-            test.update(losses)
+                          (-0.1, r"losses\[0\]=-0.1"), ([[0.1, 0.2]], "1-D"), (["a"], "number"),
+                          (True, "real numbers.*bool.*True"), (["0.9", "1"], "real numbers.*str.*'0.9'"),
+                          (np.array([True, True]), "real numbers.*bool"), ([None], "real numbers.*None")):
+        for check in (test.update, test.check_losses, lambda x: first_alarm(x, 0.1, 0.05)):
+            with pytest.raises((ValueError, TypeError), match=match) as err:
+                check(losses)
+            assert "\n" not in str(err.value)
         assert bits(test) == before
+    assert test.check_losses([0.2, 0, np.float32(0.5)]) == [0.2, 0.0, 0.5] and bits(test) == before
     with pytest.raises(ValueError, match="outside loss_range"):
         first_alarm([0.0, -1.5], 0.05, 0.1, loss_range=(-1.0, 1.0))
     with pytest.raises(ValueError, match="weights"):
@@ -291,7 +296,7 @@ def test_from_dict_refuses_a_state_no_test_could_have_written():
     test.update([1.0] * 10)
     good = test.to_dict()
     assert test.alarmed and SequentialRiskTest.from_dict(good).alarm_index == test.alarm_index
-    cases = [("n", -1), ("n", 2.5), ("sum_x", 11.0), ("log_wealth_cum", float("nan")), ("alarm_index", None),
+    cases = [("n", -1), ("n", 2.5), ("n", 10**400), ("sum_x", 11.0), ("log_wealth_cum", float("nan")), ("alarm_index", None),
              ("log_wealth_disc", -100.0), ("disc_sum_x", 10.0), ("disc_sum_sq", -1e-3), ("disc_sum_x", True),
              ("alarm_index", 10), ("format", "other"), ("version", 3), ("max_log_wealth", -1.0), ("eps", 2.0),
              ("cs_sum_lam", 0.0), ("alpha", 0)]

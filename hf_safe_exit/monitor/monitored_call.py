@@ -27,6 +27,10 @@ class MonitoredCall:
             labels and are fed by :meth:`~hf_safe_exit.monitor.RiskMonitor.record` (the pairs are also kept in
             ``monitor.samples``).
         fallback: the call decoded with the full model after an alarm (nothing sampled, nothing fed).
+        unmonitored_rows: rows drawn for the shadow decode whose decode or scoring raised (``shadow_error`` says
+            what): not monitored, not counted in ``rows_sampled``, nothing fed (a
+            :class:`~hf_safe_exit.monitor.ShadowDecodeWarning` was warned).
+        shadow_error: that error as ``"Type: message"`` (its first line), or None.
     """
 
     call: int
@@ -36,6 +40,8 @@ class MonitoredCall:
     full_predictions: tuple[str, ...] = ()
     losses: tuple[float, ...] = ()
     fallback: bool = False
+    unmonitored_rows: tuple[int, ...] = ()
+    shadow_error: str | None = None
 
     def to_dict(self) -> dict:
         """The record as JSON-able lists."""

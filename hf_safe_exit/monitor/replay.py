@@ -166,11 +166,14 @@ def _decode_call(model, tokenizer, monitor, batch: list[StreamRow], max_input_le
         generate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], early_exit=monitor,
                  do_sample=False, num_beams=1)
     call = monitor.last_call
-    rows = list(call.sampled_rows)
-    if monitor.risk == "consistency" or not rows:
-        return rows, list(call.losses)
-    fed = monitor.record(list(call.predictions), [batch[r].reference for r in rows], list(call.full_predictions))
-    return rows, fed.tolist()
+    if monitor.risk == "consistency":
+        return list(call.sampled_rows), list(call.losses)
+    pairs = monitor.take_samples()  # this call's pairs, handed over once: each is recorded once, whatever its loss
+    if not pairs:
+        return [], []
+    fed = monitor.record([p["prediction"] for p in pairs], [batch[p["row"]].reference for p in pairs],
+                         [p["full_prediction"] for p in pairs])
+    return [p["row"] for p in pairs], fed.tolist()
 
 
 def _snapshot(monitor) -> dict:
@@ -276,8 +279,16 @@ def write_log(log: dict, path, *, overwrite: bool = False) -> str:
 
 def plot_replay(log: dict, path, *, title: str | None = None) -> str:
     """A PNG of the replay: the running mean of the monitored losses with its (1 − α) confidence sequence and ε
-    (top), and the e-value against 1/α on a log scale (bottom), over calls; phase starts dotted, the alarm red."""
+    (top), and the e-value against 1/α on a log scale (bottom), over calls; phase starts dotted, the alarm red.
+    ``log`` must be what :func:`replay` returned (or its JSON, read back)."""
     from ..lazy import require
+
+    needed = {"settings", "calls", "phases", "alarm", "threshold"}
+    missing = sorted(needed - set(log)) if isinstance(log, dict) else None
+    if missing is None or missing or log.get("format") != _FORMAT:
+        raise ValueError(f"plot_replay needs the log replay() returns (format {_FORMAT!r}), got "
+                         f"{type(log).__name__ if missing is None else f'a dict missing {missing}'}: pass replay()'s "
+                         "result, or json.load() of the file write_log() wrote.")
 
     matplotlib = require("matplotlib", "plot_replay")
     matplotlib.use("Agg", force=False)
@@ -295,7 +306,8 @@ def plot_replay(log: dict, path, *, title: str | None = None) -> str:
     bottom.semilogy(x, [math.exp(min(c["log_e_value"], 700.0)) for c in calls], label="e-value")
     bottom.axhline(1 / s["alpha"], color="k", ls="--", label=f"1/α = {1 / s['alpha']:g}")
     bottom.set_ylabel("e-value")
-    bottom.set_xlabel(f"generate call (batch {s['batch_size']}; each row sampled with p = {s['sample_rate']:g})")
+    bottom.set_xlabel(f"generate call (batch {s['batch_size']}; each {s.get('sample', 'row')} sampled with p = "
+                      f"{s['sample_rate']:g})")
     for phase in log["phases"][1:]:
         for ax in (top, bottom):
             ax.axvline(phase["first_call"] + 0.5, color="grey", ls=":")
@@ -324,7 +336,7 @@ def replay_from_args(args, model, tokenizer) -> int:
     delta = args.delta if args.delta is not None or args.method not in ("ucb", "ltt") else 0.1
     policy = RiskControlled(args.eps, delta=delta, method=args.method, risk=args.risk, task=task.name)
     monitor = RiskMonitor(policy, tokenizer=tokenizer, sample_rate=args.sample_rate, alpha=args.alpha, risk=args.risk,
-                          fallback=not args.no_fallback, seed=args.seed)
+                          fallback=not args.no_fallback, seed=args.seed, sample=args.sample)
     calibration = policy.calibration_for(model)
     stored = find_stored(model, task.name)
     ids = (stored.table.metadata.get("example_ids") or ()) if stored.table is not None else ()
@@ -333,7 +345,8 @@ def replay_from_args(args, model, tokenizer) -> int:
     print(f"λ̂ = {calibration.threshold:g} ({args.method}, {args.risk}, eps {args.eps:g}): "
           f"{calibration.certificate.guarantee}")
     print(f"stream: {args.n} {task.name} pool rows ({len(ids)} calibration rows left out), then "
-          f"{len(stream) - args.n} rows of shift '{args.shift}'; p = {args.sample_rate:g}, alpha = {args.alpha:g}")
+          f"{len(stream) - args.n} rows of shift '{args.shift}'; p = {args.sample_rate:g} per {args.sample}, "
+          f"alpha = {args.alpha:g}")
     log = replay(model, tokenizer, monitor, stream, batch_size=args.batch_size, progress=print,
                  every=max(1, math.ceil(len(stream) / args.batch_size / 20)))
     log["settings"].update(method=args.method, delta=delta, shift=args.shift, n=args.n, shift_n=len(stream) - args.n,

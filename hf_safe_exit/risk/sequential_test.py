@@ -63,6 +63,7 @@ DISCOUNT = 0.98  # γ: the discounted bettor's memory is about 1/(1 − γ) = 50
 MIXTURE_WEIGHT = 0.5  # w: the cumulative bettor's share of the initial wealth
 _PRIOR_MEAN, _PRIOR_VAR = 0.5, 0.25  # WSR's one pseudo-observation, for both bets and the confidence sequence
 _RANGE_TOL = 1e-12  # relative: a loss this far outside [a, b] is float rounding (as LossTable allows), clipped
+_MAX_N = 2**53  # a state's n beyond this is no count of fed losses (and overflows the discounted weight's float)
 _FORMAT = "hf_safe_exit.SequentialRiskTest"
 _VERSION = 2  # 2: the mixture of a cumulative and a discounted bettor; 1 (cumulative only) is refused
 
@@ -175,10 +176,21 @@ def _scaled(losses, a: float, b: float) -> list:
         x = float(losses)  # one loss per sampled call is the monitor's case: no array for it (same IEEE result)
         if math.isfinite(x) and a - _RANGE_TOL * (b - a) <= x <= b + _RANGE_TOL * (b - a):
             return [(min(max(x, a), b) - a) / (b - a)]
+    return ((np.clip(_checked(losses, a, b), a, b) - a) / (b - a)).tolist()
+
+
+def _checked(losses, a: float, b: float) -> np.ndarray:
+    """The losses as a 1-D float64 array in loss units, after every check (type, shape, finite, in [a, b])."""
     try:
-        arr = np.asarray(losses, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"losses={losses!r} must be a number or a 1-D sequence of numbers.") from None
+        raw = np.asarray(losses)
+        if raw.dtype.kind not in "iuf":  # a string or a bool is not a loss: refused, not parsed or counted as 0/1
+            first = raw.reshape(-1).tolist()[0] if raw.size else None
+            raise TypeError(f"losses must be real numbers (int or float), got {raw.dtype.name} values (e.g. "
+                            f"{first!r}): feed the losses as numbers, converted where they are computed.")
+        arr = raw.astype(np.float64)
+    except ValueError:  # a ragged nesting
+        raise TypeError(f"losses of type {type(losses).__name__} must be a number or a 1-D sequence of numbers.") \
+            from None
     if arr.ndim > 1:
         raise ValueError(f"losses must be one number or a 1-D sequence, got shape {arr.shape}: flatten it in the "
                          "order the losses were observed.")
@@ -193,7 +205,7 @@ def _scaled(losses, a: float, b: float) -> list:
         i = int(np.flatnonzero(out)[0])
         raise ValueError(f"losses[{i}]={float(arr[i])!r} lies outside loss_range [{a:g}, {b:g}]: pass the losses' true "
                          "bounds as loss_range (the test's validity needs them).")
-    return ((np.clip(arr, a, b) - a) / (b - a)).tolist()
+    return arr
 
 
 def _constants(eps: float, alpha: float, a: float, b: float) -> _Constants:
@@ -236,6 +248,11 @@ class SequentialRiskTest:
         A chunk with a bad loss (NaN, outside ``loss_range``) raises before any of it is used."""
         self._state = _run(self._state, _scaled(losses, *self.loss_range), self._k, stop_at_alarm=False)
         return self._state.alarm_index
+
+    def check_losses(self, losses) -> list[float]:
+        """``losses`` as Python floats (loss units, as given) after the checks :meth:`update` makes, raising as it
+        would: a caller can check a chunk whole, then feed it one loss at a time (the same state, bit for bit)."""
+        return _checked(losses, *self.loss_range).tolist()
 
     @property
     def n(self) -> int:
@@ -364,8 +381,8 @@ def _check_state(state: _State, k: _Constants) -> None:
         raise ValueError(f"SequentialRiskTest.from_dict: {key}={getattr(state, key)!r} {why}; pass a dict written "
                          "by to_dict().")
 
-    if n < 0:
-        bad("n", "must be a count >= 0")
+    if not 0 <= n <= _MAX_N:
+        bad("n", "must be a count in [0, 2**53] (losses a float counts exactly)")
     if not 0.0 <= state.sum_x <= n:
         bad("sum_x", f"must lie in [0, n={n}] (a sum of n losses scaled to [0, 1])")
     for key in ("sum_sq", "cs_sum_penalty", "cs_sum_lam"):
