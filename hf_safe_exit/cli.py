@@ -5,6 +5,8 @@
     hf-safe-exit collect   --model DIR --task cnndm --data ../shared/data --n 200 --output cnndm.npz
     hf-safe-exit collect   --strategy bild --model LARGE --small-model SMALL --task cnndm ... --output bild.npz
     hf-safe-exit calibrate --results cnndm.npz --eps 0.05 --method crc --model DIR        # -> DIR/risk_control.json
+    hf-safe-exit collect   ... --measures meta,saturation --min-exit-layers 1,2 --output grid.npz  # a grid
+    hf-safe-exit calibrate --results grid.npz --method pareto --eps 0.05 --delta 0.1 --model DIR  # its configuration
     hf-safe-exit evaluate  --results cnndm.npz --eps 0.02,0.05,0.1 --output eval.json     # + a table on stdout
     hf-safe-exit plot      --evaluation eval.json --output-dir figures/
     hf-safe-exit card      --model DIR --evaluation eval.json --plots figures/*.png --hardware auto  # README.md
@@ -26,6 +28,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_grid import describe_fit, grid_from_args, load_results, print_grid_summary, provenance_of, replaced_files
 from .cli_parser import UsageError, build_parser
 from .config import EarlyExitConfig, config_fields
 
@@ -167,6 +170,7 @@ def _cmd_collect(args) -> int:
     if not bild and (args.small_model or args.fallback is not None or args.max_draft_len is not None):
         raise UsageError("--small-model, --fallback and --max-draft-len are for --strategy bild.")
     settings = _config_options(args)
+    grid = grid_from_args(args, settings)  # None unless a grid option (--measures, ...) is given
     if bild and settings:
         raise UsageError(f"--{next(iter(settings)).replace('_', '-')} is an early-exit setting: drop it for "
                          "--strategy bild.")
@@ -201,12 +205,20 @@ def _cmd_collect(args) -> int:
             max_draft_len=DEFAULT_MAX_DRAFT_LEN if args.max_draft_len is None else args.max_draft_len,
             small_tokenizer=small_tokenizer)
         metadata["small_model_path"] = os.fspath(args.small_model)
-    table = collect(model, tokenizer, task, data, lambdas=args.lambdas, config=None if bild else EarlyExitConfig.from_dict(settings),
-                    batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens,
-                    max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
-                    progress=not args.no_progress, metadata=metadata, policy_factory=factory,
-                    batch_thresholds=False if args.time_each_threshold else None)
+    run = dict(lambdas=args.lambdas, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+               max_input_length=args.max_input_length, output=args.output, fresh=args.fresh,
+               progress=not args.no_progress, metadata=metadata,
+               batch_thresholds=False if args.time_each_threshold else None)
+    if grid is not None:
+        from .calibration.configuration_grid import collect_grid
+
+        table = collect_grid(model, tokenizer, task, data, grid, **run)
+        if state.is_main_process:
+            print_grid_summary(table)
+            print(f"wrote {args.output} ({table.n} examples × {table.num_configurations} (configuration, λ) rows)")
+        return 0
+    table = collect(model, tokenizer, task, data, config=None if bild else EarlyExitConfig.from_dict(settings),
+                    policy_factory=factory, **run)
     if state.is_main_process:
         _print_collect_summary(table)
         print(f"wrote {args.output} ({table.n} examples × {table.lambdas.size} thresholds)")
@@ -223,18 +235,21 @@ def _refuse_existing(path: Path, overwrite: bool, what: str) -> None:
 
 def _cmd_calibrate(args) -> int:
     from .calibration.runner import check_model_matches
-    from .risk import RISK_CONTROL_FILENAME, RiskControlled, calibration_dir, store_calibration
+    from .risk import RISK_CONTROL_FILENAME, LossTable, RiskControlled, calibration_dir, store_calibration
     from .risk.stored_fit import check_table_settings
 
-    table = _load_table(args.results)
-    check_table_settings(table, args.results)  # a measure the CLI cannot rebuild is the file's problem, named
+    table = load_results(args.results, args.method)  # pareto: a configuration table (or 1-D tables stacked)
+    if isinstance(table, LossTable):
+        check_table_settings(table, args.results[0])  # a measure the CLI cannot rebuild is the file's problem, named
     store = args.store_in_model or (args.output is None and args.model is not None)
     if args.output is not None:
         _refuse_existing(Path(args.output) / RISK_CONTROL_FILENAME, args.overwrite, "a calibration")
     task = args.task or table.metadata.get("task")  # store_calibration refuses a table without one, naming the fix
     stored = calibration_dir(args.model, task) if store and task and args.model is not None else None
-    if stored is not None and stored.is_dir() and any(stored.iterdir()):  # refused before anything is written
-        _refuse_existing(stored, args.overwrite, "the model's calibration of this task")
+    replaced = replaced_files(stored, table) if stored is not None else []  # the other kind of table is kept
+    if replaced:  # refused before anything is written
+        _refuse_existing(stored, args.overwrite, "the model's calibration of this task: "
+                         + ", ".join(p.name for p in replaced))
     if args.output is None and args.model is None:
         raise UsageError("say where to write the calibration: pass --model DIR (stored under DIR/calibration/<task>/) "
                          "or --output DIR.")
@@ -242,22 +257,22 @@ def _cmd_calibrate(args) -> int:
         raise UsageError("--store-in-model needs --model DIR.")
     if args.model is not None:
         _, model = _load_model(args.model)
-        check_model_matches(table, model, allow_missing=args.allow_missing_fingerprint, path=args.results)
+        check_model_matches(provenance_of(table), model, allow_missing=args.allow_missing_fingerprint,
+                            path=", ".join(args.results))
     rc = RiskControlled(args.eps, delta=args.delta, method=args.method, bound=args.bound, risk=args.risk,
-                        monotonize=args.monotonize)
+                        monotonize=args.monotonize, p_value=args.p_value, opt_fraction=args.opt_fraction,
+                        seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rc.fit_table(table)
+        rc.fit_table(table, cost=args.cost)
     for w in caught:
         print(f"hf-safe-exit calibrate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
-    cert = rc.certificate
-    print(f"λ̂ = {rc.threshold:.6g} ({args.method}, {args.risk}, n = {cert.n}); empirical risk {cert.empirical_risk:+.4f}, "
-          f"bound {cert.risk_bound:+.4f}; guarantee: {cert.guarantee}")
+    print(describe_fit(rc, args.method, args.risk))
     if args.output is not None:
         print(f"wrote {rc.save_pretrained(args.output)}")
     if store:
-        if stored is not None and stored.is_dir():
-            shutil.rmtree(stored)  # --overwrite replaces the task's whole calibration, never half of it
+        for path in replaced:  # --overwrite replaces the task's calibration of this kind, never half of it
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         for path in store_calibration(args.model, table=table, controlled=rc, task=args.task,
                                       primary=True if args.primary else None):
             print(f"wrote {path}")

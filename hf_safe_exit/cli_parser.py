@@ -34,6 +34,45 @@ def _names(text: str) -> list[str]:
     return [v for v in text.replace(" ", "").split(",") if v]
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _grid_options(p) -> None:
+    """collect over a grid of configurations: any of these makes the output a configuration table (Pareto Testing)."""
+    p.add_argument("--measures", type=_names, default=None, help="grid: comma-separated confidence measures, e.g. "
+                   "meta,softmax_shortlist,saturation. Any grid option (--measures, --schedules, --decay-taus, "
+                   "--min-exit-layers, --exit-every) collects every configuration of their product at every λ and "
+                   "writes one configuration table (for `calibrate --method pareto`); a setting no grid option spans "
+                   "takes its --<setting> value")
+    p.add_argument("--schedules", type=_names, default=None, help="grid: comma-separated threshold schedules, from "
+                   "constant,decaying")
+    p.add_argument("--decay-taus", type=_floats, default=None, help="grid: comma-separated τ of the decaying schedule, "
+                   "e.g. 1,2,4,8 (the constant schedule ignores τ)")
+    p.add_argument("--min-exit-layers", type=_ints, default=None, help="grid: comma-separated first exit layers "
+                   "(1-based), e.g. 1,2")
+    p.add_argument("--exit-every", type=_ints, default=None, help="grid: comma-separated k: check every k-th decoder "
+                   "layer below the last (1: every layer; 2: layers 2, 4, ...), e.g. 1,2,3")
+
+
+def _pareto_options(p) -> None:
+    """calibrate --method pareto: Pareto Testing's settings."""
+    p.add_argument("--p-value", default=None, help="pareto: the p-value of the fixed-sequence test, hoeffding_bentkus "
+                   "(default) or wsr")
+    p.add_argument("--opt-fraction", type=float, default=None, help="pareto: the share of the examples that finds "
+                   "the Pareto front (default 0.5); the rest tests it")
+    p.add_argument("--seed", type=int, default=None, help="pareto: the seed of the split into the two parts "
+                   "(default 0; recorded, so that the fit can be recomputed)")
+    p.add_argument("--cost", default=None, help="pareto: the cost minimised among the certified configurations "
+                   "(default layer_fraction, the fraction of decoder blocks run)")
+
+
 def _selection_options(p) -> None:
     """--bound, --risk and --monotonize: how λ̂ is selected, shared by calibrate and evaluate."""
     p.add_argument("--bound", default="wsr", help="UCB bound (method ucb): wsr (default), hoeffding or "
@@ -77,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-draft-len", type=int, default=None, help="bild: tokens drafted per verification "
                    "(default 10)")
     _add_config_options(p)
+    _grid_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8); a cell of "
                    "the progress bar is one batch at one threshold")
     p.add_argument("--time-each-threshold", action="store_true", help="early_exit: decode each threshold in its own "
@@ -88,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype the model is loaded in (default float32); the calibration holds for that dtype")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
-    p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/")
+    p.add_argument("--output", required=True, help="result file (.npz); partial state in OUTPUT.partial/ (a grid: "
+                   "one table per configuration there, <i>.npz)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier run")
     _overwrite_option(p, "an existing --output file (a finished run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,25 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Choose the exit threshold λ̂ from a loss table for a target risk ε with a "
                        "distribution-free guarantee (crc: in expectation; ucb, ltt: with probability 1 - δ) and "
                        "save it as risk_control.json, in the model folder (calibration/<task>/) or --output.")
-    p.add_argument("--results", required=True, help="result file written by `collect`")
+    p.add_argument("--results", required=True, nargs="+", help="result file written by `collect`; with --method "
+                   "pareto a configuration table (collect with grid options) or several 1-D tables of one run's "
+                   "examples, stacked")
     p.add_argument("--eps", type=float, required=True, help="target risk ε in (0, 1)")
-    p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt)")
+    p.add_argument("--delta", type=float, default=None, help="failure probability δ (ucb, ltt, pareto)")
     p.add_argument("--method", default="crc", help="selection method: crc (default; in expectation), ucb, ltt (with "
-                   "probability 1 - δ) or naive (no guarantee)")
+                   "probability 1 - δ), pareto (Pareto Testing: chooses the configuration too, with probability "
+                   "1 - δ) or naive (no guarantee)")
     _selection_options(p)
+    _pareto_options(p)
     p.add_argument("--model", default=None, help="the model directory: checks that the results belong to it; "
                    "without --output, the calibration is stored in it (as with --store-in-model)")
     p.add_argument("--output", default=None, help="also write risk_control.json into this directory")
     p.add_argument("--store-in-model", action="store_true", help="store risk_control.json and the loss table "
-                   "(early_exit_calibration.npz) in the model directory under calibration/<task>/, where "
-                   "RiskControlled(eps=..., task=...) fits any ε from it and the demo and model card find it")
+                   "(early_exit_calibration.npz; pareto: early_exit_configurations.npz) in the model directory under "
+                   "calibration/<task>/, where RiskControlled(eps=..., task=...) fits any ε from it and the demo and "
+                   "model card find it; the other kind of table stored there is kept")
     p.add_argument("--task", default=None, help="the task to store the calibration under (default: the one the "
                    "results were collected on)")
     p.add_argument("--primary", action="store_true", help="make this task the one a bare RiskControlled(eps) uses "
                    "(the first task stored is primary by default)")
     p.add_argument("--allow-missing-fingerprint", action="store_true", help="accept results that do not record the "
                    "model they were collected on (no model_fingerprint) for --model: only if you know they were")
-    _overwrite_option(p, "an existing --output calibration, or the model's whole calibration/<task>/ folder")
+    _overwrite_option(p, "an existing --output calibration, or the model's calibration of the task (risk_control.json, "
+                      "the table of the same kind, and evaluation.json unless the 1-D table it evaluated is kept)")
 
     p = sub.add_parser("evaluate", help="repeated random calibration/test splits: test risk, exit layer, speed-up",
                        description="Split the examples of a loss table at random into calibration and test parts, "
@@ -198,6 +245,8 @@ def _monitor_parser(sub) -> None:
                    "(the sampled pairs are scored against the stream's references through monitor.record)")
     p.add_argument("--sample-rate", type=float, default=0.2, help="probability p in (0, 1] that a row is also decoded "
                    "by the full model (default 0.2)")
+    p.add_argument("--sample", default="row", choices=("row", "call"), help="what --sample-rate applies to: row "
+                   "(default; each row of a call independently) or call (all rows of a call together)")
     p.add_argument("--alpha", type=float, default=0.05, help="level α of the anytime-valid test: P(any false alarm) "
                    "<= α (default 0.05)")
     p.add_argument("--n", type=int, default=100, help="rows of the task's pool replayed first (default 100)")
@@ -206,8 +255,8 @@ def _monitor_parser(sub) -> None:
                    "with 30%% of the article's or context's words replaced by random words of the same text), "
                    "lowercase (the task's rows with the article or context lowercased) or none")
     p.add_argument("--shift-n", type=int, default=None, help="rows of the shifted phase (default: --n)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8); rows of a call are "
-                   "sampled independently")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8); --sample says whether "
+                   "the rows of a call are sampled one by one or together")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream's order, the noise and the monitor's "
                    "sampling (default 0)")
     p.add_argument("--no-fallback", action="store_true", help="keep early exit on after an alarm (default: fall back "

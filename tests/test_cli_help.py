@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_safe_exit import EarlyExitConfig
 from hf_safe_exit.cli import build_parser
-from hf_safe_exit.risk import LossTable, RiskControlled
+from hf_safe_exit.risk import ConfigurationTable, LossTable, RiskControlled
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "hf_safe_exit" / "default_model" / "README.md"]
@@ -81,10 +82,21 @@ def _toy_table():
     return LossTable.from_task_losses(lam, task, consistency_losses=np.abs(task - task[-1]))
 
 
+def _toy_configurations():
+    """The toy table as the one configuration of a ConfigurationTable (its settings and cost recorded)."""
+    toy = _toy_table()
+    cost = np.tile(np.linspace(0.25, 1.0, toy.lambdas.size)[:, None], (1, toy.n))  # fraction of blocks run
+    table = LossTable(toy.lambdas, toy.losses, bounds=toy.bounds, extras={**toy.extras, "layer_fraction": cost},
+                      metadata={**toy.metadata, **EarlyExitConfig(measure="softmax").to_dict()})
+    return ConfigurationTable.from_tables([table])
+
+
 def _works(**kwargs):
+    # Pareto Testing chooses among configurations: it fits a ConfigurationTable (a 1-D table is its special case)
+    table = _toy_configurations() if kwargs.get("method") == "pareto" else _toy_table()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an infeasible toy fit warns; working is what counts
-        rc = RiskControlled(0.2, **kwargs).fit_table(_toy_table())
+        rc = RiskControlled(0.2, **kwargs).fit_table(table)
     assert 0.0 <= rc.threshold <= 1.0
 
 
@@ -99,11 +111,11 @@ def test_every_method_bound_and_risk_named_in_the_docs_and_the_cli_works():
         name = token.split("=")[-1].strip("\"'")
         (bounds if name in ("wsr", "hoeffding", "hoeffding_bentkus") or token.startswith(("bound", '"')) else
          methods).add(name)
-    assert methods == {"crc", "ucb", "ltt", "naive"}, methods
+    assert methods == {"crc", "ucb", "ltt", "naive", "pareto"}, methods
     assert bounds == {"wsr", "hoeffding", "hoeffding_bentkus"}, bounds
     assert risks >= {"performance_gap", "performance_gap_bounded", "consistency"}, risks
     for method in methods:
-        _works(method=method, delta=0.1 if method in ("ucb", "ltt") else None)
+        _works(method=method, delta=0.1 if method in ("ucb", "ltt", "pareto") else None)
     for bound in bounds:
         _works(method="ucb", delta=0.1, bound=bound)
     for risk in risks:

@@ -263,3 +263,16 @@ def test_a_damaged_stored_table_is_refused_naming_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fit itself warns of nothing here
         RiskControlled(0.1, 0.1, method="pareto", risk="consistency").fit_table(other)
+
+
+def test_the_card_refuses_a_pareto_calibration_before_writing_anything(tmp_path):
+    """The card renders scalar calibrations only (its front and split are not described yet): refused, nothing
+    written or removed, rather than a card that misdescribes it."""
+    from hf_safe_exit.cards import write_guarantee_card
+
+    rc, _ = _saved(tmp_path / "calibration")
+    before = sorted(p.name for p in (tmp_path / "calibration").iterdir())
+    with pytest.raises(ValueError, match="pareto"):
+        write_guarantee_card(tmp_path, rc)
+    assert not (tmp_path / "README.md").exists()
+    assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == before

@@ -129,6 +129,10 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
                save_calibration=True, overwrite=False) -> tuple[Path, FilePlan]:
     """:func:`write_guarantee_card`, also returning what it did to the other files (for the Hub push)."""
     check_fitted(controlled)
+    if controlled.certificate.method == "pareto":  # its front, chosen configuration and split are not rendered yet
+        raise ValueError("the model card does not describe a method='pareto' calibration yet (its configuration "
+                         "front and split): write the card from a scalar calibration (crc, ucb, ltt); the Pareto "
+                         "calibration stays in calibration/<task>/ beside it.")
     path = _card_path(model_dir_or_card_path)
     task = controlled.certificate.task
     cal_dir = calibration_directory(path.parent, task)  # also checks the task name, before anything is written
