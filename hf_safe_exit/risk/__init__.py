@@ -22,7 +22,8 @@ from .controlled import RiskControlled
 from .controller import RiskController
 from .loss_table import CALIBRATION_FILENAME, DEFAULT_LOSS_BOUNDS, RISKS, LossTable
 from .pareto import P_VALUES, ParetoResult, pareto_front, pareto_test, select_pareto
-from .sequential_test import SequentialRiskTest, expected_samples_to_alarm, first_alarm
+from .alarm_delay import expected_samples_to_alarm
+from .sequential_test import SequentialRiskTest, first_alarm
 from .selection import (BOUNDS, METHODS, Selection, select, select_crc, select_ltt, select_naive, select_ucb)
 from .store import (CALIBRATION_SUBDIR, RISK_CONTROL_FILENAME, MissingCalibrationError, calibration_dir, find_stored,
                     primary_task, store_calibration, stored_tasks)
