@@ -20,7 +20,6 @@ Errors print one line to stderr and exit with status 2; set ``HF_SAFE_EXIT_DEBUG
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -310,14 +309,16 @@ def _cmd_plot(args) -> int:
 def _cmd_card(args) -> int:
     from .cards import calibration_directory, push_to_hub
     from .cards.write import write_card
-    from .risk import CALIBRATION_FILENAME, RISK_CONTROL_FILENAME, RiskControlled
+    from .risk import CALIBRATION_FILENAME, CONFIGURATIONS_FILENAME, RISK_CONTROL_FILENAME, RiskControlled
 
     model = Path(args.model)
     model_dir = model.parent if model.suffix.lower() == ".md" else model
     source = Path(args.calibration or model_dir)
     rc = RiskControlled.from_pretrained(source)
     table = args.results
-    beside = (source if source.is_dir() else source.parent) / CALIBRATION_FILENAME
+    # a pareto calibration was fitted on the configuration table: that is the one its card draws
+    name = CONFIGURATIONS_FILENAME if rc.certificate.method == "pareto" else CALIBRATION_FILENAME
+    beside = (source if source.is_dir() else source.parent) / name
     if table is None and args.calibration and beside.is_file():
         table = beside
     kwargs = dict(test_results=args.evaluation, table=table, plots=args.plots, hardware=args.hardware,

@@ -18,7 +18,7 @@ from hf_safe_exit.risk import (CONFIGURATIONS_FILENAME, RISK_CONTROL_FILENAME, C
                                store_calibration)
 from hf_safe_exit.risk.pareto import split_examples
 
-from toy_configurations import CONFIGS, LAMBDAS, one_run
+from toy_configurations import CONFIGS, LAMBDAS, model_table, one_run
 from tiny_t5 import random_t5
 
 pytestmark = pytest.mark.usefixtures("fresh_risk_cache")
@@ -179,23 +179,6 @@ def test_the_table_beside_it_recomputes_the_whole_certificate(tmp_path):
 
 
 # ---------------------------------------------------------------- a model that stores a configuration table
-def _model_table(model, n=200):
-    """A configuration table for ``model``: consistency losses 0 everywhere (every configuration safe), so Pareto
-    Testing picks the cheapest; the cheapest is the saturation measure with the decaying schedule at λ = 0.4."""
-    settings, costs = [], []
-    for measure in ("softmax", "saturation"):
-        for schedule in ("constant", "decaying"):
-            for lam in (0.4, 0.8, 1.0):
-                if lam == 1.0 and settings and any(s["threshold"] == 1.0 for s in settings):
-                    continue
-                settings.append({**EarlyExitConfig(measure=measure, schedule=schedule).to_dict(), "threshold": lam})
-                costs.append(lam - 0.1 * (measure == "saturation") - 0.05 * (schedule == "decaying"))
-    G = len(settings)
-    return ConfigurationTable(settings, {"consistency": np.zeros((G, n))}, {"layer_fraction": np.array(costs)},
-                              metadata={"model_fingerprint": model_fingerprint(model), "task": "toy", "dtype": "float32",
-                                        "max_new_tokens": 5, "num_decoder_layers": 3, "n": n})
-
-
 INPUTS = {"input_ids": torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]]),
           "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
 
@@ -203,7 +186,7 @@ INPUTS = {"input_ids": torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]]),
 def test_generate_decodes_the_configuration_chosen(tmp_path):
     model = enable(random_t5(seed=3, initializer_factor=4.0))
     model.name_or_path = str(tmp_path)
-    table = _model_table(model)
+    table = model_table(model)
     store_calibration(tmp_path, table=table)
     request = RiskControlled(0.1, 0.1, method="pareto", risk="consistency")
     out = model.generate(**INPUTS, early_exit=request, return_dict_in_generate=True, output_scores=True)
@@ -225,7 +208,7 @@ def test_generate_decodes_the_configuration_chosen(tmp_path):
 def test_the_scalar_methods_keep_the_one_d_table(tmp_path):
     model = enable(random_t5(seed=3))
     model.name_or_path = str(tmp_path)
-    store_calibration(tmp_path, table=_model_table(model))
+    store_calibration(tmp_path, table=model_table(model))
     with pytest.raises(MissingCalibrationError, match="method='crc'.*only .*early_exit_configurations.npz.*"
                        "RiskControlled\\(eps, delta=..., method='pareto'\\)"):
         RiskControlled(0.1, risk="consistency").policy_for(model)
@@ -251,28 +234,15 @@ def test_pareto_refuses_a_model_with_only_a_one_d_table(tmp_path):
 def test_a_damaged_stored_table_is_refused_naming_it(tmp_path):
     model = enable(random_t5(seed=3))
     model.name_or_path = str(tmp_path)
-    path = store_calibration(tmp_path, table=_model_table(model))[0]
+    path = store_calibration(tmp_path, table=model_table(model))[0]
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CorruptFileError) as caught:
         model.generate(**INPUTS, early_exit=RiskControlled(0.1, 0.1, method="pareto", risk="consistency"))
     assert caught.value.path == str(path)
-    other = _model_table(random_t5(seed=4))
+    other = model_table(random_t5(seed=4))
     store_calibration(tmp_path, table=other)
     with pytest.raises(ValueError, match="calibrated for another model"):
         model.generate(**INPUTS, early_exit=RiskControlled(0.1, 0.1, method="pareto", risk="consistency"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fit itself warns of nothing here
         RiskControlled(0.1, 0.1, method="pareto", risk="consistency").fit_table(other)
-
-
-def test_the_card_refuses_a_pareto_calibration_before_writing_anything(tmp_path):
-    """The card renders scalar calibrations only (its front and split are not described yet): refused, nothing
-    written or removed, rather than a card that misdescribes it."""
-    from hf_safe_exit.cards import write_guarantee_card
-
-    rc, _ = _saved(tmp_path / "calibration")
-    before = sorted(p.name for p in (tmp_path / "calibration").iterdir())
-    with pytest.raises(ValueError, match="pareto"):
-        write_guarantee_card(tmp_path, rc)
-    assert not (tmp_path / "README.md").exists()
-    assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == before

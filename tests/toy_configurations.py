@@ -3,8 +3,9 @@ the configuration-table and Pareto calibration tests."""
 
 import numpy as np
 
+from hf_safe_exit import model_fingerprint
 from hf_safe_exit.config import EarlyExitConfig
-from hf_safe_exit.risk import LossTable
+from hf_safe_exit.risk import ConfigurationTable, LossTable
 
 LAMBDAS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 CONFIGS = ({"measure": "softmax"}, {"measure": "saturation"}, {"measure": "softmax", "schedule": "decaying"})
@@ -32,3 +33,20 @@ def one_run(n=40, seed=0, configs=CONFIGS, **meta):
             extras={"layer_fraction": fraction, "wall_time": 1.0 + LAMBDAS, "num_tokens": np.full((5, n), 7)},
             metadata=metadata))
     return tables
+
+
+def model_table(model, n=200, task="toy"):
+    """A configuration table for ``model``: consistency losses 0 everywhere (every configuration safe), so Pareto
+    Testing picks the cheapest; the cheapest is the saturation measure with the decaying schedule at λ = 0.4."""
+    settings, costs = [], []
+    for measure in ("softmax", "saturation"):
+        for schedule in ("constant", "decaying"):
+            for lam in (0.4, 0.8, 1.0):
+                if lam == 1.0 and settings and any(s["threshold"] == 1.0 for s in settings):
+                    continue
+                settings.append({**EarlyExitConfig(measure=measure, schedule=schedule).to_dict(), "threshold": lam})
+                costs.append(lam - 0.1 * (measure == "saturation") - 0.05 * (schedule == "decaying"))
+    G = len(settings)
+    return ConfigurationTable(settings, {"consistency": np.zeros((G, n))}, {"layer_fraction": np.array(costs)},
+                              metadata={"model_fingerprint": model_fingerprint(model), "task": task, "dtype": "float32",
+                                        "max_new_tokens": 5, "num_decoder_layers": 3, "n": n})

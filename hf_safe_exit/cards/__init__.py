@@ -16,6 +16,7 @@ One concept per module:
 * :mod:`.vocabulary` -- how tasks, datasets, methods and risks are named; the guarantee in words;
 * :mod:`.measurements` -- the numbers and what each measures (shipped λ̂, procedure, held-out);
 * :mod:`.render` -- the section's Markdown and its place in the card;
+* :mod:`.pareto_card` -- the section and front figure of a ``method="pareto"`` calibration;
 * :mod:`.model_index` -- the ``model-index`` results and metadata (``EvalResult``, ``ModelCardData``);
 * :mod:`.files` -- the files written beside the card and the no-silent-overwrite rule;
 * :mod:`.write` -- building and writing a card; :mod:`.hub` -- pushing one to the Hub.

@@ -17,6 +17,8 @@ from typing import Sequence
 
 from ..digest import with_digest, without_digest
 from ..errors import WouldOverwriteError
+from ..risk.certificate import PARETO
+from ..risk.configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from ..risk.store import RISK_CONTROL_FILENAME
 from ..risk.store import calibration_dir as store_calibration_dir
@@ -80,21 +82,28 @@ def _same_table(path: Path, table: LossTable) -> bool:
     return old.digest() == table.digest() and old.metadata == table.metadata
 
 
+def _same_configurations(path: Path, table: ConfigurationTable) -> bool:
+    try:
+        return ConfigurationTable.load(path) == table
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class FilePlan:
     """What a card write will do to files other than README.md; nothing is written until :meth:`apply`."""
 
-    writes: dict = field(default_factory=dict)  # Path -> bytes, or a LossTable to save there
+    writes: dict = field(default_factory=dict)  # Path -> bytes, or a table (LossTable, ConfigurationTable) to save
     removals: list = field(default_factory=list)
     plots: list = field(default_factory=list)  # the plots' paths relative to the card
 
     def apply(self) -> None:
         for path, content in self.writes.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, LossTable):
-                content.save(path)
-            else:
+            if isinstance(content, bytes):
                 path.write_bytes(content)
+            else:
+                content.save(path)
         for path in self.removals:
             path.unlink(missing_ok=True)
 
@@ -123,9 +132,11 @@ def _plots(plots: Sequence, card_dir: Path, task: str | None, plan: FilePlan) ->
 
 
 def plan_files(card_dir, controlled, *, evaluation: dict | None = None, table: LossTable | None = None,
-               plots: Sequence = (), save_calibration: bool = True, overwrite: bool = False) -> FilePlan:
+               plots: Sequence = (), save_calibration: bool = True, overwrite: bool = False,
+               configurations: ConfigurationTable | None = None) -> FilePlan:
     """The files a card write adds, replaces or removes; raises :class:`WouldOverwriteError` (nothing written)
-    when it would replace a file of other content and ``overwrite`` is False."""
+    when it would replace a file of other content and ``overwrite`` is False. ``configurations``: the
+    configuration table a ``method="pareto"`` calibration was fitted on, saved beside it."""
     card_dir = Path(card_dir)
     if table is not None and save_calibration:  # a table changed in place since it was built: checked before any write
         LossTable(table.lambdas, table.losses, dict(table.bounds), table.extras, table.metadata)
@@ -153,13 +164,21 @@ def plan_files(card_dir, controlled, *, evaluation: dict | None = None, table: L
             conflicts.append(table_path)
         if not table_path.is_file() or table_path in conflicts:
             plan.writes[table_path] = table
-    elif replaced and table_path.is_file():
+    elif replaced and table_path.is_file() and controlled.certificate.method != PARETO:
+        # (a pareto calibration is refitted on the configuration table: the 1-D table stays for the scalar methods,
+        # as store_calibration keeps it)
         try:
             stale = table_mismatch(LossTable.load(table_path), controlled) is not None
         except (OSError, ValueError):
             stale = True
         if stale:
             plan.removals.append(table_path)
+    if configurations is not None:
+        path = cal_dir / CONFIGURATIONS_FILENAME
+        if path.is_file() and not _same_configurations(path, configurations):
+            conflicts.append(path)
+        if not path.is_file() or path in conflicts:
+            plan.writes[path] = configurations
     return _refuse_or(plan, conflicts, overwrite)
 
 

@@ -48,6 +48,8 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     ds = _dataset(c, measured, rows, dataset_name)
     level = f"ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "")
     lam = f"λ̂ = {c.threshold:.6g}"
+    # a pareto certificate's risk is the chosen configuration's mean on its test part (the front came from the rest)
+    n_risk, part = (c.n_test, ", the Pareto test part") if c.method == "pareto" else (c.n, "")
 
     def result(metric_type: str, name: str, value, args: dict | None = None):
         value = float(value)
@@ -58,7 +60,7 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
 
     out = [result("early_exit_threshold", f"Early-exit threshold λ̂ ({c.method}, {level}; n = {c.n})", c.threshold),
            result("early_exit_calibration_risk", f"Calibration risk at {lam}: mean {risk_words(c.risk, metric)} "
-                  f"(n = {c.n} calibration examples)", c.empirical_risk),
+                  f"(n = {n_risk} calibration examples{part})", c.empirical_risk),
            result("early_exit_risk_bound", f"Risk bound at {lam} ({c.method}{'/' + c.bound if c.bound else ''}, "
                   f"{level}; n = {c.n})", c.risk_bound)]
     a = measured.at_threshold

@@ -16,7 +16,8 @@ from ..risk.store import check_task_name
 from .measurements import PER_TOKEN, AtThreshold, HeldOut, Measurements, Procedure
 from .vocabulary import BOUND_WORDS, METHOD_WORDS, guarantee_statement, risk_definition, risk_words, task_info
 
-__all__ = ["SECTION_START", "SECTION_END", "section_markers", "render_section", "replace_section", "check_fitted"]
+__all__ = ["SECTION_START", "SECTION_END", "section_markers", "render_section", "replace_section", "check_fitted",
+           "use_it_snippet", "section_title"]
 
 SECTION_START = "<!-- hf_safe_exit:guarantee:start -->"
 SECTION_END = "<!-- hf_safe_exit:guarantee:end -->"
@@ -42,7 +43,7 @@ def section_markers(task: str | None) -> tuple[str, str]:
     return _MARKER.format(task + ":", "start"), _MARKER.format(task + ":", "end")
 
 
-def _title(task: str | None) -> str:
+def section_title(task: str | None) -> str:
     title = "## Early exit with a risk guarantee"
     if task is None:
         return title
@@ -51,7 +52,7 @@ def _title(task: str | None) -> str:
         f" ({info.metric})"
 
 
-def _use_it(controlled, where: str | None, calibration_subfolder: str | None) -> list[str]:
+def use_it_snippet(controlled, where: str | None, calibration_subfolder: str | None) -> list[str]:
     """The code snippet: load the model with its ``custom_generate/`` and decode as the calibration did.
 
     The lengths are the calibration's (``generation_settings``): the guarantee is for outputs decoded that way.
@@ -59,7 +60,10 @@ def _use_it(controlled, where: str | None, calibration_subfolder: str | None) ->
     params = controlled.get_params()
     args = [f"eps={params['eps']:g}"] + [f"{k}={params[k]!r}" for k in ("delta", "method") if params[k] is not None]
     args += [f"{k}={params[k]!r}" for k, default in (("bound", "wsr"), ("risk", "performance_gap"), ("monotonize", None))
-             if params[k] != default and (k != "bound" or params["method"] == "ucb")]
+             if k in params and params[k] != default and (k != "bound" or params["method"] == "ucb")]
+    # a pareto request names its p-value, split share and seed where they differ from RiskControlled's defaults
+    args += [f"{k}={params[k]!r}" for k, default in (("p_value", "hoeffding_bentkus"), ("opt_fraction", 0.5),
+                                                    ("seed", 0)) if params.get(k) not in (None, default)]
     task = controlled.certificate.task
     if task is not None and calibration_subfolder:
         args.append(f"task={task!r}")
@@ -238,7 +242,7 @@ def render_section(controlled, measured: Measurements, *, plots: Sequence[str] =
     start, end = section_markers(c.task)
     metric = task_info(c.task).metric
     rows = rows or (measured.at_threshold.rows if measured.at_threshold else None)
-    lines = [start, _title(c.task), "",
+    lines = [start, section_title(c.task), "",
              "This model can decode with token-level early exit (the `hf_safe_exit` library): each "
              "generated token leaves the decoder at the first layer whose confidence exceeds a threshold λ̂. The "
              "threshold was chosen on held-out calibration data so that the quality lost against running every "
@@ -261,7 +265,7 @@ def render_section(controlled, measured: Measurements, *, plots: Sequence[str] =
             lines += [f"The figures show the procedure on {p.repeats} random splits (n_cal = {p.n_cal}, "
                       f"n_test = {p.n_test}) at each target ε, not the shipped λ̂.", ""]
         lines += [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})" for p in plots] + [""]
-    lines += _use_it(controlled, repo_id, calibration_subfolder) + [end]
+    lines += use_it_snippet(controlled, repo_id, calibration_subfolder) + [end]
     return "\n".join(lines) + "\n"
 
 

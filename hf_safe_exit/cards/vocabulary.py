@@ -105,6 +105,15 @@ def guarantee_statement(certificate, metric: str = "ROUGE-L") -> str:
                 "every decoder layer (the guarantee holds trivially, with no speed-up).")
     else:
         tail = ""
+    if c.method == "pareto":  # Pareto Testing: the guarantee is for the configuration chosen, not a λ of a fixed one
+        if not c.feasible:
+            tail = (f" No configuration below the full model passed the test with these {c.n} examples, so the model "
+                    "always runs every decoder layer (the guarantee holds trivially, with no speed-up).")
+        return (f"With probability at least 1 − δ = {1 - c.delta:.4g} over the random draw of the {n}, the early-exit "
+                f"configuration chosen among {c.num_configurations} (measure, schedule, exit layers and λ̂) has an "
+                f"expected {what} on a new example from the same distribution of at most ε = {c.eps:g} (Pareto "
+                "Testing: the front found on one part of the examples, its configurations tested on the other)."
+                + tail)
     if c.method in ("ucb", "ltt"):
         return (f"With probability at least 1 − δ = {1 - c.delta:.4g} over the random draw of the {n}, the expected "
                 f"{what} on a new example from the same distribution is at most ε = {c.eps:g}." + tail)

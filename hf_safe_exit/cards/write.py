@@ -6,15 +6,20 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import CorruptFileError
+from ..risk.certificate import PARETO
+from ..risk.configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from ..risk.loss_table import CALIBRATION_FILENAME, LossTable
 from .files import FilePlan, calibration_directory, plan_files
-from .measurements import gather, table_mismatch
+from .measurements import Measurements, gather, table_mismatch
+from .pareto_card import PARETO_PLOT_NAME, check_configuration_table, pareto_front_figure, render_pareto_section
 from .model_index import eval_results, update_metadata
 from .render import check_fitted, render_section, replace_section
+from .vocabulary import rows_description
 
 __all__ = ["render_guarantee_section", "to_model_card", "write_guarantee_card", "load_card"]
 
@@ -33,11 +38,14 @@ def render_guarantee_section(controlled, *, test_results=None, efficiency: Mappi
 
 
 def _card(controlled, card, measured, *, plots, model_name, calibration_split, dataset_name, repo_id, anytime,
-          calibration_subfolder):
+          calibration_subfolder, section: str | None = None):
+    """``card`` (None: a new one) with the guarantee section (``section``, else rendered from ``measured``) and the
+    model-index results of ``controlled``; round-tripped once through ``ModelCard``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    section = render_section(controlled, measured, plots=plots, rows=calibration_split, dataset_name=dataset_name,
-                             repo_id=repo_id, anytime=anytime, calibration_subfolder=calibration_subfolder)
+    if section is None:
+        section = render_section(controlled, measured, plots=plots, rows=calibration_split, dataset_name=dataset_name,
+                                 repo_id=repo_id, anytime=anytime, calibration_subfolder=calibration_subfolder)
     name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
         or (repo_id.split("/")[-1] if repo_id else "model")
     if card is None:
@@ -129,11 +137,15 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
                save_calibration=True, overwrite=False) -> tuple[Path, FilePlan]:
     """:func:`write_guarantee_card`, also returning what it did to the other files (for the Hub push)."""
     check_fitted(controlled)
-    if controlled.certificate.method == "pareto":  # its front, chosen configuration and split are not rendered yet
-        raise ValueError("the model card does not describe a method='pareto' calibration yet (its configuration "
-                         "front and split): write the card from a scalar calibration (crc, ucb, ltt); the Pareto "
-                         "calibration stays in calibration/<task>/ beside it.")
     path = _card_path(model_dir_or_card_path)
+    if controlled.certificate.method == PARETO:
+        if test_results is not None or efficiency is not None:
+            raise ValueError("a method='pareto' card states the certificate and its front; an evaluation or held-out "
+                             "results of a scalar λ̂ do not describe it: drop test_results / efficiency "
+                             "(--evaluation).")
+        return _write_pareto_card(path, controlled, table=table, plots=plots, model_name=model_name,
+                                  calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
+                                  save_calibration=save_calibration, overwrite=overwrite)
     task = controlled.certificate.task
     cal_dir = calibration_directory(path.parent, task)  # also checks the task name, before anything is written
     table_path = None
@@ -153,6 +165,11 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
     subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
     card = _card(controlled, card, measured, plots=plan.plots, model_name=name, calibration_split=calibration_split,
                  dataset_name=dataset_name, repo_id=repo_id, anytime=anytime, calibration_subfolder=subfolder)
+    _save(path, card, plan, save_calibration)
+    return path, plan
+
+
+def _save(path: Path, card, plan: FilePlan, save_calibration: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.apply()
     card.save(path)
@@ -160,6 +177,50 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
         from ..decoding.enable import write_custom_generate
 
         write_custom_generate(path.parent)  # the card's snippet loads the model with it
+
+
+def _configurations(table, cal_dir: Path, controlled) -> tuple[ConfigurationTable | None, ConfigurationTable | None]:
+    """(the configuration table to draw, the one given to save beside the calibration): a table or path given, else
+    the one stored in ``cal_dir``; either must reproduce the certificate (else ``InconsistentCalibrationError``)."""
+    where = table
+    if table is not None and not isinstance(table, ConfigurationTable):
+        table = ConfigurationTable.load(table)
+    given = table
+    if table is None and (cal_dir / CONFIGURATIONS_FILENAME).is_file():
+        where = cal_dir / CONFIGURATIONS_FILENAME
+        table = ConfigurationTable.load(where)
+    if table is not None:
+        check_configuration_table(table, controlled, where if where is not None else "the configuration table")
+    return table, given
+
+
+def _write_pareto_card(path: Path, controlled, *, table, plots, model_name, calibration_split, dataset_name,
+                       repo_id, save_calibration, overwrite) -> tuple[Path, FilePlan]:
+    """:func:`write_card` for a ``method="pareto"`` calibration: its section (:mod:`.pareto_card`), the front's
+    figure ``hf_safe_exit_plots/<task>/pareto_front.png``, and the configuration table beside the calibration."""
+    import matplotlib.pyplot as plt
+
+    task = controlled.certificate.task
+    cal_dir = calibration_directory(path.parent, task)
+    drawn, given = _configurations(table, cal_dir, controlled)
+    rows = calibration_split or (rows_description(task, drawn.metadata) if drawn is not None else None)
+    with tempfile.TemporaryDirectory() as tmp:  # the figure is copied into the card's folder by the plan
+        figure = pareto_front_figure(controlled.certificate, drawn)
+        figure.savefig(Path(tmp) / PARETO_PLOT_NAME, dpi=120)
+        plt.close(figure)
+        plan = plan_files(path.parent, controlled, plots=[*plots, Path(tmp) / PARETO_PLOT_NAME],
+                          save_calibration=save_calibration, overwrite=overwrite,
+                          configurations=given if save_calibration else None)
+        card = load_card(path) if path.is_file() else None
+        name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
+            or path.parent.resolve().name
+        subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
+        section = render_pareto_section(controlled, plots=plan.plots, rows=rows, dataset_name=dataset_name,
+                                        repo_id=repo_id, calibration_subfolder=subfolder)
+        card = _card(controlled, card, Measurements(), plots=plan.plots, model_name=name, calibration_split=rows,
+                     dataset_name=dataset_name, repo_id=repo_id, anytime=None, calibration_subfolder=subfolder,
+                     section=section)
+        _save(path, card, plan, save_calibration)
     return path, plan
 
 

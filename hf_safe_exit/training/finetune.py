@@ -79,6 +79,9 @@ class FinetuneConfig:
     delta: Optional[float] = _help(f"δ of the ucb/ltt guarantee (default {DEFAULT_DELTA} for them); crc has no δ: "
                                    "leave it unset", default=None)
     calibration_batch_size: int = _help("examples per generate call when collecting", default=8)
+    time_each_threshold: bool = _help("collect each threshold in its own timed decode, so the card states the "
+                                      "speed-up per generated token; off: the thresholds are decoded as one batch "
+                                      "(3-4x faster to collect) and the card states no speed-up", default=True)
     eval_repeats: int = _help("random calibration/test splits of the calibration rows whose mean the card reports "
                               "(the split procedure, not a held-out test of the shipped λ̂)", default=100)
     plots: bool = _help("plots of risk, exit layer and speed-up against ε in the card", default=True)
@@ -292,6 +295,7 @@ def finetune_calm(config: FinetuneConfig, *, log: Callable[[str], None] = _log) 
     start = time.time()
     table = collect(model, tokenizer, task, pool.select(index.tolist()), batch_size=config.calibration_batch_size,
                     max_new_tokens=max_new, max_input_length=max_input, progress=False,
+                    batch_thresholds=not config.time_each_threshold,
                     metadata={"split": "pool", "subset_seed": config.seed,
                               "data_source": os.fspath(config.data) if config.data else task.hub_id,
                               "model_path": os.fspath(out)})
