@@ -49,6 +49,10 @@ DEFAULT = EarlyExitConfig(measure="meta").to_dict()  # the shipped calibration's
 PARETO = {"pareto_hb": ("hoeffding_bentkus", 0.5), "pareto_hb_opt0.25": ("hoeffding_bentkus", 0.25),
           "pareto_wsr": ("wsr", 0.5), "pareto_wsr_opt0.25": ("wsr", 0.25)}
 SCALAR = {"ucb_wsr": "ucb", "ltt": "ltt"}
+# Could a valid procedure search the grid and still never cost more than UCB-WSR on the default configuration? The
+# nearest one: UCB-WSR on the default λ path at δ·s (all calibration rows) and Pareto-WSR at δ·(1 − s), the cheapest
+# configuration either certifies (valid by the union bound: both families err together with probability ≤ δ).
+ANCHORED = {f"anchored_{s:g}": s for s in (0.5, 0.9, 0.99)}
 
 
 def short(setting: dict) -> str:
@@ -92,6 +96,16 @@ def one_split(data: dict, cal, test, eps: float, seed: int) -> dict:
     for name, method in SCALAR.items():  # LTT tests Hoeffding–Bentkus p-values; bound= is UCB's
         sel = select(method, data["lambdas"], data["losses"][path][:, cal], eps, DELTA, bound="wsr", loss_bounds=GAP)
         out[name] = (*outcome(data, int(path[sel.index]), test), int(path[sel.index]) if sel.feasible else None)
+    cal_cost = data["cost"][:, cal].mean(axis=1)
+    for name, share in ANCHORED.items():
+        sel = select("ucb", data["lambdas"], data["losses"][path][:, cal], eps, DELTA * share, bound="wsr",
+                     loss_bounds=GAP)
+        res = pareto_test(data["losses"][:, cal], data["cost"][:, cal], eps, DELTA * (1 - share), p_value="wsr",
+                          seed=seed, loss_range=GAP)
+        certified = [int(path[sel.index])] if sel.feasible else []
+        certified += [res.index] if res.index is not None else []
+        row = min(certified, key=lambda g: (cal_cost[g], g)) if certified else full
+        out[name] = (*outcome(data, row, test), row if certified else None)
     return out
 
 
@@ -117,7 +131,7 @@ def summarise(data: dict, eps: float, results: list) -> dict:
                        "mean_test_risk": float(risk.mean()), "certified_rate": len(chosen) / len(results),
                        "configurations_chosen": {c: chosen.count(c) for c in sorted(set(chosen))}}
     best = min(SCALAR, key=lambda m: row[m]["mean_block_fraction"])
-    for name in PARETO:
+    for name in (*PARETO, *ANCHORED):
         diff = np.array([r[name][1] - r[best][1] for r in results])
         row[name]["minus_best_scalar"] = {"best_scalar": best, "mean": float(diff.mean()),
                                           "se": float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else None}
@@ -162,14 +176,15 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     labels = {"pareto_hb": "Pareto HB", "pareto_hb_opt0.25": "Pareto HB, D_opt 1/4", "pareto_wsr": "Pareto WSR",
-              "pareto_wsr_opt0.25": "Pareto WSR, D_opt 1/4", "ucb_wsr": "UCB-WSR (meta λ)", "ltt": "LTT (meta λ)"}
+              "pareto_wsr_opt0.25": "Pareto WSR, D_opt 1/4", "anchored_0.9": "UCB-WSR at 0.9δ + Pareto WSR at 0.1δ",
+              "ucb_wsr": "UCB-WSR (meta λ)", "ltt": "LTT (meta λ)"}
     for col, task in enumerate(TASKS):
         rows = [r for r in result["efficiency"] if r["task"] == task]
         if not rows:
             continue
         ax = axes[0, col]
         eps = [r["eps"] for r in rows]
-        for (method, label), color in zip(labels.items(), ("C0", "C9", "C1", "C4", "C2", "C3")):
+        for (method, label), color in zip(labels.items(), ("C0", "C9", "C1", "C4", "C5", "C2", "C3")):
             ax.plot(eps, [r[method]["mean_block_fraction"] for r in rows], "o-", color=color, label=label)
         for key, marker, label in (("grid", "x", "cheapest with pool gap ≤ ε, grid"),
                                    ("default_configuration", "+", "same, meta λ only")):
@@ -209,6 +224,7 @@ def run(splits: int, seed: int, tasks=TASKS, eps_list=EPS) -> dict:
         tables.append(info)
     return {"efficiency": efficiency, "tables": tables, "eps": list(eps_list), "delta": DELTA, "risk": "performance_gap",
             "cost": "layer_fraction", "splits": splits, "seed": seed, "pareto_variants": PARETO,
+            "anchored_shares": ANCHORED,
             "default_configuration": DEFAULT, "machine": platform.processor() or platform.machine()}
 
 
@@ -230,7 +246,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
     for r in result["efficiency"]:
-        cells = "  ".join(f"{m} {r[m]['mean_block_fraction']:.3f}/{r[m]['violation_rate']:.3f}" for m in (*PARETO, *SCALAR))
+        cells = "  ".join(f"{m} {r[m]['mean_block_fraction']:.3f}/{r[m]['violation_rate']:.3f}" for m in (*PARETO, *ANCHORED, *SCALAR))
         print(f"{r['task']} eps={r['eps']}: {cells}  oracle {r['pool_oracle']['grid']['block_fraction']:.3f} "
               f"({r['pool_oracle']['grid']['configuration']} λ={r['pool_oracle']['grid']['threshold']:g})")
     print(f"wrote {out} and {out.with_suffix('.png')} in {result['total_seconds']:.0f} s")

@@ -70,3 +70,29 @@ def test_a_smoke_run_writes_json_and_figure(bench, tmp_path, capsys):
             assert 0.0 <= row[method]["violation_rate"] <= 1.0
             assert sum(row[method]["configurations_chosen"].values()) == round(4 * row[method]["certified_rate"])
     assert result["tables"][0]["default_path_equals_stored_calibration"]
+
+
+def test_the_anchored_combination_takes_the_cheaper_of_its_two_certified_choices(bench):
+    """UCB-WSR on the default path at δ·s and Pareto-WSR at δ·(1 − s), each run here on its own: the combination
+    decodes the one of lower calibration-half cost (or the full model when neither certifies)."""
+    from hf_safe_exit.risk import pareto_test, select
+
+    module, _ = bench
+    data = module.load("cnndm")
+    n = data["losses"].shape[1]
+    perm = np.random.default_rng(3).permutation(n)
+    cal, test = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    path, cost = data["path"], data["cost"][:, cal].mean(axis=1)
+    for eps in (0.05, 0.1, 0.3):
+        out = module.one_split(data, cal, test, eps, seed=3)
+        for name, share in module.ANCHORED.items():
+            sel = select("ucb", data["lambdas"], data["losses"][path][:, cal], eps, 0.1 * share, bound="wsr",
+                         loss_bounds=(-1, 1))
+            res = pareto_test(data["losses"][:, cal], data["cost"][:, cal], eps, 0.1 * (1 - share), p_value="wsr",
+                              seed=3, loss_range=(-1, 1))
+            options = ([int(path[sel.index])] if sel.feasible else []) + ([res.index] if res.index is not None else [])
+            chosen = out[name][2]
+            if not options:
+                assert chosen is None
+                continue
+            assert chosen in options and cost[chosen] == min(cost[g] for g in options)
