@@ -89,9 +89,16 @@ def test_the_figure_draws_the_front_and_the_default_path_on_d_opt():
     figure = pareto_front_figure(c, table)
     (path_line,) = [line for line in figure.axes[0].lines if line.get_linestyle() == "--"]
     np.testing.assert_allclose(path_line.get_ydata(), losses[rows][:, opt].mean(axis=1), rtol=1e-12)
+    cost = table.costs["layer_fraction"][:, opt].mean(axis=1)
+    np.testing.assert_allclose(path_line.get_xdata(), cost[rows], rtol=1e-12)
     star = [coll for coll in figure.axes[0].collections if "decoded" in coll.get_label()]
     (x, y), = star[0].get_offsets()
-    assert y == pytest.approx(losses[c.configuration_index, opt].mean())
+    assert y == pytest.approx(losses[c.configuration_index, opt].mean()) and x == pytest.approx(cost[c.configuration_index])
+    # filled: the first num_rejected of the front in testing order (p ≤ δ), at their D_opt estimates
+    (filled,) = [coll for coll in figure.axes[0].collections if coll.get_label().startswith("front, certified")]
+    order = sorted(_brute_front(losses[:, opt].mean(axis=1), cost), key=lambda g: (losses[g, opt].mean(), g))
+    passed = [g for g, p in zip(order, c.front_p_value)][: c.num_rejected]
+    np.testing.assert_allclose(filled.get_offsets()[:, 0], cost[passed], rtol=1e-12)
     assert not [line for line in pareto_front_figure(c).axes[0].lines if line.get_linestyle() == "--"]  # no table
 
 
@@ -163,4 +170,47 @@ def test_the_cli_card_draws_the_configuration_table_stored_beside(tmp_path, caps
     assert ConfigurationTable.load(tmp_path / "card/calibration/toy" / CONFIGURATIONS_FILENAME) == table
     assert "pareto_front.png" in capsys.readouterr().out
     text = (tmp_path / "card/README.md").read_text()
-    assert f"{table.num_configurations}; {rc.certificate.front_size} on the front" in text
+    opt, _ = _split(table.n, seed=2)
+    cost = np.asarray(table.costs["layer_fraction"], dtype=float)
+    front = _brute_front(table.losses["performance_gap"][:, opt].mean(axis=1),
+                         cost if cost.ndim == 1 else cost[:, opt].mean(axis=1))
+    assert f"{table.num_configurations}; {len(front)} on the front" in text
+
+
+def test_a_calibration_that_certified_nothing_gets_a_card_that_says_so(tmp_path):
+    table = ConfigurationTable.from_tables(one_run(n=40))
+    with pytest.warns(UserWarning, match="λ̂ = 1"):
+        rc = RiskControlled(0.001, 0.1, method="pareto").fit_table(table)
+    c = rc.certificate
+    assert not c.feasible and c.risk_bound is None
+    path = write_guarantee_card(tmp_path, rc, table=table)
+    card = ModelCard.load(path)
+    by_type = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_type["early_exit_threshold"] == 1.0 and "early_exit_risk_bound" not in by_type
+    assert table.settings[c.configuration_index]["threshold"] == 1.0
+    assert "nothing below the full model certified" in card.text and "no speed-up" in card.text
+    assert (tmp_path / "hf_safe_exit_plots/toy/pareto_front.png").is_file()
+
+
+def test_to_model_card_and_the_section_alone_describe_the_pareto_choice():
+    from hf_safe_exit.cards import render_guarantee_section, to_model_card
+
+    rc, table = _fit()
+    section = render_guarantee_section(rc)
+    card = to_model_card(rc)
+    for text in (section, card.text):
+        assert "Pareto Testing" in text and f"n_test = {rc.certificate.n_test}" in text
+        assert "leaves the decoder at the first layer whose confidence exceeds a threshold λ̂" not in text
+    with pytest.raises(ValueError, match="pareto"):
+        to_model_card(rc, test_results={"test_risk": 0.01})
+    with pytest.raises(TypeError, match="ConfigurationTable"):
+        write_guarantee_card("/nonexistent-card-dir", rc, table=one_run(n=400)[0])
+
+
+def test_a_hub_push_compares_the_configuration_table_and_the_figure():
+    from hf_safe_exit.cards.hub import _targets
+
+    rc, _ = _fit()
+    targets = _targets(rc, [])
+    assert "calibration/toy/" + CONFIGURATIONS_FILENAME in targets
+    assert "hf_safe_exit_plots/toy/pareto_front.png" in targets

@@ -8,9 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..risk.certificate import PARETO
+from ..risk.configuration_table import CONFIGURATIONS_FILENAME
 from ..risk.loss_table import CALIBRATION_FILENAME
 from ..risk.store import CALIBRATION_SUBDIR, RISK_CONTROL_FILENAME, check_task_name
 from .files import EVALUATION_FILENAME, PLOTS_DIR
+from .pareto_card import PARETO_PLOT_NAME
 from .render import check_fitted
 from .write import write_card
 
@@ -21,7 +24,10 @@ def _targets(controlled, plots: Sequence) -> list[str]:
     """The repo paths a push may write or compare: the README, the task's calibration folder, its plot copies."""
     task = controlled.certificate.task
     prefix = f"{CALIBRATION_SUBDIR}/{task}/" if task else ""  # calibration_directory's layout, as repo paths
-    out = ["README.md"] + [prefix + f for f in (RISK_CONTROL_FILENAME, EVALUATION_FILENAME, CALIBRATION_FILENAME)]
+    out = ["README.md"] + [prefix + f for f in (RISK_CONTROL_FILENAME, EVALUATION_FILENAME, CALIBRATION_FILENAME,
+                                                CONFIGURATIONS_FILENAME)]
+    if controlled.certificate.method == PARETO:  # the card writes the front's figure itself
+        plots = [*plots, PARETO_PLOT_NAME]
     return out + [f"{PLOTS_DIR}/{task + '/' if task else ''}{Path(p).name}" for p in plots]
 
 

@@ -48,8 +48,12 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     ds = _dataset(c, measured, rows, dataset_name)
     level = f"ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "")
     lam = f"λ̂ = {c.threshold:.6g}"
-    # a pareto certificate's risk is the chosen configuration's mean on its test part (the front came from the rest)
+    # a pareto certificate's risk and bound are the chosen configuration's on its test part (the front came from the
+    # rest), and its λ̂ belongs to that configuration
     n_risk, part = (c.n_test, ", the Pareto test part") if c.method == "pareto" else (c.n, "")
+    if c.method == "pareto":
+        chosen = c.configuration
+        lam += f" ({chosen['measure']}, {chosen['schedule']} schedule, first exit layer {chosen['min_exit_layer']})"
 
     def result(metric_type: str, name: str, value, args: dict | None = None):
         value = float(value)
@@ -60,9 +64,10 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
 
     out = [result("early_exit_threshold", f"Early-exit threshold λ̂ ({c.method}, {level}; n = {c.n})", c.threshold),
            result("early_exit_calibration_risk", f"Calibration risk at {lam}: mean {risk_words(c.risk, metric)} "
-                  f"(n = {n_risk} calibration examples{part})", c.empirical_risk),
-           result("early_exit_risk_bound", f"Risk bound at {lam} ({c.method}{'/' + c.bound if c.bound else ''}, "
-                  f"{level}; n = {c.n})", c.risk_bound)]
+                  f"(n = {n_risk} calibration examples{part})", c.empirical_risk)]
+    if c.risk_bound is not None:  # none when Pareto Testing certified nothing (decoded at λ = 1)
+        out.append(result("early_exit_risk_bound", f"Risk bound at {lam} ({c.method}{'/' + c.bound if c.bound else ''}"
+                          f", {level}; n = {n_risk}{part})", c.risk_bound))
     a = measured.at_threshold
     if a is not None:
         same = f"on the n = {a.n} calibration examples"

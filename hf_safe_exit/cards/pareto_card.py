@@ -49,8 +49,9 @@ def check_configuration_table(table: ConfigurationTable, controlled, where) -> N
 
 
 def default_path(table: ConfigurationTable) -> np.ndarray:
-    """Rows of the table's default configuration (that of its full-model row, the threshold aside), by threshold
-    ascending: the λ path a scalar method calibrates on that configuration."""
+    """Rows of the table's default configuration (that of its full-model row, the threshold aside: the first
+    configuration collected, e.g. the model's own), by threshold ascending: the λ path a scalar method calibrates on
+    that configuration."""
     def plain(setting):
         return {k: v for k, v in setting.items() if k != "threshold"}
 
@@ -82,8 +83,9 @@ def pareto_front_figure(certificate, table: ConfigurationTable | None = None):
         losses, costs = table.losses[c.risk], np.asarray(table.costs[c.cost], dtype=float)
         path_risk = losses[rows][:, opt].mean(axis=1)
         path_cost = costs[rows] if costs.ndim == 1 else costs[rows][:, opt].mean(axis=1)
+        first = table.settings[rows[0]]
         ax.plot(path_cost, path_risk, "--", color="C3", marker=".", lw=1,
-                label=f"default configuration's λ path ({table.settings[rows[-1]]['measure']})")
+                label=f"λ path of the table's first configuration ({first['measure']}, {first['schedule']})")
     if c.feasible:
         at = c.front.index(c.configuration_index)
         ax.scatter([cost[at]], [risk[at]], marker="*", s=180, color="C1", zorder=3,

@@ -31,6 +31,10 @@ def render_guarantee_section(controlled, *, test_results=None, efficiency: Mappi
                              calibration_subfolder: str | None = None) -> str:
     """The Markdown of the guarantee section (see :func:`write_guarantee_card` for the arguments)."""
     check_fitted(controlled)
+    if controlled.certificate.method == PARETO:
+        _no_scalar_results(test_results, efficiency)
+        return render_pareto_section(controlled, plots=plots, rows=calibration_split, dataset_name=dataset_name,
+                                     repo_id=repo_id, calibration_subfolder=calibration_subfolder)
     measured = gather(controlled, test_results=test_results, efficiency=efficiency, table=table, hardware=hardware,
                       rows=calibration_split)
     return render_section(controlled, measured, plots=plots, rows=calibration_split, dataset_name=dataset_name,
@@ -70,11 +74,24 @@ def to_model_card(controlled, card=None, *, test_results=None, efficiency: Mappi
     the card as given (relative paths). Writes nothing.
     """
     check_fitted(controlled)
+    if controlled.certificate.method == PARETO:
+        section = render_guarantee_section(controlled, test_results=test_results, efficiency=efficiency, plots=plots,
+                                           calibration_split=calibration_split, dataset_name=dataset_name,
+                                           repo_id=repo_id, calibration_subfolder=calibration_subfolder)
+        return _card(controlled, card, Measurements(), plots=plots, model_name=model_name,
+                     calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id, anytime=None,
+                     calibration_subfolder=calibration_subfolder, section=section)
     measured = gather(controlled, test_results=test_results, efficiency=efficiency, table=table, hardware=hardware,
                       rows=calibration_split)
     return _card(controlled, card, measured, plots=plots, model_name=model_name, calibration_split=calibration_split,
                  dataset_name=dataset_name, repo_id=repo_id, anytime=anytime,
                  calibration_subfolder=calibration_subfolder)
+
+
+def _no_scalar_results(test_results, efficiency) -> None:
+    if test_results is not None or efficiency is not None:
+        raise ValueError("a method='pareto' card states the certificate and its front; an evaluation or held-out "
+                         "results of a scalar λ̂ do not describe it: drop test_results / efficiency (--evaluation).")
 
 
 def _card_path(model_dir_or_card_path) -> Path:
@@ -139,10 +156,7 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
     check_fitted(controlled)
     path = _card_path(model_dir_or_card_path)
     if controlled.certificate.method == PARETO:
-        if test_results is not None or efficiency is not None:
-            raise ValueError("a method='pareto' card states the certificate and its front; an evaluation or held-out "
-                             "results of a scalar λ̂ do not describe it: drop test_results / efficiency "
-                             "(--evaluation).")
+        _no_scalar_results(test_results, efficiency)
         return _write_pareto_card(path, controlled, table=table, plots=plots, model_name=model_name,
                                   calibration_split=calibration_split, dataset_name=dataset_name, repo_id=repo_id,
                                   save_calibration=save_calibration, overwrite=overwrite)
@@ -183,6 +197,9 @@ def _configurations(table, cal_dir: Path, controlled) -> tuple[ConfigurationTabl
     """(the configuration table to draw, the one given to save beside the calibration): a table or path given, else
     the one stored in ``cal_dir``; either must reproduce the certificate (else ``InconsistentCalibrationError``)."""
     where = table
+    if isinstance(table, LossTable):
+        raise TypeError("a method='pareto' calibration was fitted on a ConfigurationTable, and this is a 1-D λ table: "
+                        f"pass its configuration table ({CONFIGURATIONS_FILENAME}) or its path, or none.")
     if table is not None and not isinstance(table, ConfigurationTable):
         table = ConfigurationTable.load(table)
     given = table
