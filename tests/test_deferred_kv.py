@@ -1,5 +1,6 @@
-"""Deferred state propagation (issue 27): a skipped layer's keys and values are computed when a later token of the
-row reads them, in one product per layer, and never when no token does.
+"""Deferred state propagation (issue 27): a skipped layer's keys and values are computed when a later token reads
+them (any row running that layer fills it for the whole batch), in one product per layer, and never when no token
+does.
 
 The checks poison every pending slot with NaN (``kv_buffer.PENDING_VALUE``) and wrap the fill's write so that it
 refuses a slot that is not pending: a position read before it is filled shows as NaN logits, one filled twice (or
@@ -37,15 +38,18 @@ def step_kind(request, monkeypatch):
 def watched(monkeypatch):
     """Pending slots hold NaN; every fill must find its slot pending; the fills' sizes are recorded per layer."""
     monkeypatch.setattr(kv_buffer, "PENDING_VALUE", float("nan"))
-    real_write, fills = kv_buffer.PreallocatedLayer.write, []
+    real_write, fills = kv_buffer.PreallocatedLayer.write_range, []
 
-    def write(layer, rows, positions, keys, values):
-        slots = layer.keys[rows, :, positions]
-        assert torch.isnan(slots).all(), "a K/V slot was filled that is not pending (filled twice, or written)"
-        fills.append((id(layer), len(rows)))
-        real_write(layer, rows, positions, keys, values)
+    def write_range(layer, start, keys, values):
+        stop = start + keys.shape[2]
+        assert stop <= layer.keys.shape[2], "a fill past the cache's end"
+        for buffer in (layer.keys, layer.values):
+            assert torch.isnan(buffer[:, :, start:stop]).all(), \
+                "a K/V slot was filled that is not pending (filled twice, or written)"
+        fills.append((id(layer), stop - start))
+        real_write(layer, start, keys, values)
 
-    monkeypatch.setattr(kv_buffer.PreallocatedLayer, "write", write)
+    monkeypatch.setattr(kv_buffer.PreallocatedLayer, "write_range", write_range)
     return fills
 
 
@@ -108,8 +112,9 @@ def test_deferred_fills_equal_the_eager_ones_and_the_reference(case, step_kind, 
     elif case == "decoder-prompt":
         policy, prompt_len = ForcedExit(_table()), 3
         kwargs["decoder_input_ids"] = torch.tensor([[0, 7, 9]] * ids.shape[0])
-    else:
-        policy = EarlyExit(0.05, measure="softmax", anytime=PoEConfig())
+    else:  # two rows that both exit below the last layer at most steps (a layer is pending when no row runs it)
+        policy = EarlyExit(0.01, measure="softmax", anytime=PoEConfig())
+        ids, mask = ids[[0, 3]], mask[[0, 3]]
     out = _generate(model, ids, mask, policy, True, monkeypatch, **kwargs)
     if case == "finishing-rows":
         assert (out.exit_layers == 0).any(1).sum() == 2
@@ -159,6 +164,25 @@ def test_a_deep_token_fills_the_pending_positions_in_one_product(watched, monkey
     for idx in range(1, LAYERS):  # one product: the five pending positions and its own
         assert calls[idx] == [6], (idx, calls[idx])
     assert [n for _, n in watched] == [5] * (LAYERS - 1)
+
+
+def test_in_a_batch_a_layer_one_row_runs_is_filled_for_every_row(step_kind, watched, monkeypatch):
+    """Rows at different layers: where one row runs a layer, every row's K/V there come from that layer's one
+    product (the weights are read anyway); a layer is left pending only at the steps where no row runs it."""
+    model = _model()
+    calls = _k_calls(model)
+    ids, mask = _batch(rows=2)
+    table = torch.ones((2, STEPS), dtype=torch.long)
+    table[0, 3] = LAYERS  # steps 0-2: both rows at layer 1 (layers 2-4 pending); step 3: row 0 runs every layer
+    table[1, 6] = 2       # step 6: row 1 runs layer 2 (pending there since step 4)
+    out = _generate(model, ids, mask, ForcedExit(table), True, monkeypatch)
+    assert out.exit_layers.tolist() == table.tolist()
+    assert calls[0] == [2] * STEPS  # both rows' own K/V, every step
+    # layer 2 at step 3: 2 rows x (3 pending + 1); at step 6: 2 x (2 pending + 1); the cache handed back: steps 7-8
+    assert calls[1] == [8, 6, 4] and calls[2] == calls[3] == [8, 10]
+    assert sorted(n for _, n in watched) == sorted([3, 2, 2, 3, 5, 3, 5])
+    calls[:] = [[] for _ in calls]
+    _assert_same(out, _generate(model, ids, mask, ForcedExit(table), False, monkeypatch))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -51,7 +51,7 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float | torch
     # no host check here: the loop stops before every sequence is finished, and a step with all rows done would
     # still be right (blocks run for nothing, zero logits, exit layers 0)
     may_exit, stopped = can_exit(threshold), False
-    position, filled = dec.cache.self_attention_cache.get_seq_length(0), dec.num_layers
+    position = dec.cache.self_attention_cache.get_seq_length(0)
     for idx in range(dec.num_layers):
         layer = idx + 1
         if stopped:
@@ -84,8 +84,7 @@ def dense_step(dec, tokens: torch.Tensor, *, step: int, threshold: float | torch
         deciding = ~exiting if deciding is None else deciding & ~exiting
         if layer < dec.num_layers:
             stopped = not bool(deciding.any())  # the one host round trip of a checked layer
-            filled = layer if stopped else filled
-    dec.finish_step(position, x, [filled] * batch)  # every row's K/V were appended up to where all stopped
+    dec.finish_step(position, x)
     if exit_normed is None:  # every row was already done: nothing to read out
         return (torch.zeros((batch, dec.model.config.vocab_size), dtype=dec.logits_dtype, device=device),
                 exit_layer, confidence)

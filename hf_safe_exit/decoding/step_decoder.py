@@ -145,42 +145,34 @@ class StepDecoder:
         return bias.to(dtype)
 
     def fill_kv(self, idx: int, x: torch.Tensor, rows: DecidingRows | None = None):
-        """Append block ``idx``'s self-attention K/V of this position to the cache, before ``rows`` (None: the whole
-        batch) run the block; returns (their pre-attention normed states, keys, values of the whole batch).
+        """Append block ``idx``'s self-attention K/V of this position for every row of the batch (``x``
+        ``(batch, 1, d)``; for rows that already exited this is CALM's state propagation), before ``rows`` (None: the
+        whole batch) run the block; returns (their pre-attention normed states, keys, values of the whole batch).
 
-        Eager (``fills`` None): the K/V of every row's state ``x`` ``(batch, 1, d)``; for rows that already exited
-        this is CALM's state propagation. Deferred: only the K/V of ``rows``, computed in one product with those of
-        the positions still pending at ``idx`` for them (:class:`DeferredFills`), which are written first; the
-        other rows' stay pending."""
+        With deferred fills, the positions pending at ``idx`` (no row ran it there: :class:`DeferredFills`) are
+        computed in the same product and written first."""
         layer = self.blocks[idx].layer[0]
         att = layer.SelfAttention
-        subset = rows is not None and rows.rows is not None
-        if self.fills is None:
-            normed = layer.layer_norm(x)
-            keys, values = self.cache.self_attention_cache.update(
-                _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim), idx)
-            return (normed[rows.rows] if subset else normed), keys, values
-        own = x[rows.rows] if subset else x
-        taken = self.fills.take(idx, rows.row_list() if subset else None)
-        if taken is None:
-            states = own[:, 0]
-        else:  # in the wider dtype of the two (a half-precision T5 may carry float32 states): no state is rounded
-            dtype = torch.promote_types(taken.states.dtype, own.dtype)
-            states = torch.cat([taken.states.to(dtype), own[:, 0].to(dtype)])
-        normed = layer.layer_norm(states)
-        k, v = att.k(normed), att.v(normed)
-        if taken is not None:
-            n = taken.rows.shape[0]
-            self.fills.write(idx, taken, k[:n], v[:n])
-            normed, k, v = normed[n:], k[n:], v[n:]
-        k, v = _split_heads(k[:, None], self.head_dim), _split_heads(v[:, None], self.head_dim)
         cache_layer = self.cache.self_attention_cache.layers[idx]
-        keys, values = cache_layer.append_rows(rows.rows, k, v, self.batch) if subset else cache_layer.update(k, v)
-        return normed[:, None], keys, values
+        taken = None if self.fills is None else self.fills.take(idx, cache_layer.get_seq_length())
+        if taken is None:
+            normed = layer.layer_norm(x)
+            keys, values = cache_layer.update(_split_heads(att.k(normed), self.head_dim),
+                                              _split_heads(att.v(normed), self.head_dim))
+        else:  # in the wider dtype of the two (a half-precision T5 may carry float32 states): no state is rounded
+            start, past = taken
+            dtype = torch.promote_types(past.dtype, x.dtype)
+            normed = layer.layer_norm(torch.cat([past.to(dtype), x.to(dtype)], dim=1))
+            k, v = _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim)
+            m = past.shape[1]
+            cache_layer.write_range(start, k[:, :, :m], v[:, :, :m])
+            keys, values = cache_layer.update(k[:, :, m:], v[:, :, m:])
+            normed = normed[:, m:]
+        return (normed[rows.rows] if rows is not None and rows.rows is not None else normed), keys, values
 
     def skip_kv(self, idx: int, x: torch.Tensor) -> None:
         """Block ``idx`` runs for no row at this position: eager, fill every row's K/V (state propagation);
-        deferred, append a pending slot for every row."""
+        deferred, append a slot pending for every row."""
         if self.fills is None:
             self.fill_kv(idx, x)
             return
@@ -189,18 +181,20 @@ class StepDecoder:
             dtype = torch.nn.functional.linear(x[:0, 0].to(att.k.weight.dtype), att.k.weight).dtype
             self._no_kv[idx] = x.new_empty((1, att.n_heads, 1, self.head_dim), dtype=dtype).expand(self.batch, -1, -1,
                                                                                                   -1)
-        self.cache.self_attention_cache.layers[idx].append_pending(self._no_kv[idx])
+        cache_layer = self.cache.self_attention_cache.layers[idx]
+        self.fills.mark_pending(idx, cache_layer.get_seq_length())
+        cache_layer.append_pending(self._no_kv[idx])
 
-    def finish_step(self, position: int, x: torch.Tensor, filled_layers: list[int]) -> None:
-        """After the step that decoded ``position``: with deferred fills, keep every row's state ``x`` and mark its
-        K/V pending at the layers after the first ``filled_layers[r]`` (those appended for it at this step)."""
+    def finish_step(self, position: int, x: torch.Tensor) -> None:
+        """After the step that decoded ``position``: with deferred fills, keep every row's final state ``x`` (the
+        states a pending K/V of this position is computed from)."""
         if self.fills is not None:
-            self.fills.keep(position, x, filled_layers)
+            self.fills.keep(position, x)
 
     def complete_cache(self) -> None:
         """Fill every pending K/V (before the cache is handed back): the cache then holds what eager fills give."""
         if self.fills is not None:
-            self.fills.fill_all()
+            self.fills.fill_all(self.cache.self_attention_cache.get_seq_length(0))
 
     def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   position_bias: torch.Tensor, plans: "tuple[RowPlan, RowPlan] | None") -> torch.Tensor:
@@ -310,8 +304,7 @@ class StepDecoder:
             self._record_exits(exits, layer, h, deciding, exiting, conf, normed, known)
             if exiting is not None:
                 deciding.drop(exiting)
-        if self.fills is not None:  # a row's K/V were appended at the layers it ran: up to its exit (0 if done)
-            self.finish_step(position, x, exits.exit_layer.tolist())
+        self.finish_step(position, x)
         return exits.read_out(self.logits, self.model.config.vocab_size), exits.exit_layer, exits.confidence
 
     def _run_deciding(self, idx: int, x: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor,
