@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence, TextIO
 
-from .result import DATA, METRIC, TASK_TITLE, DemoResult
+from .result import DATA, TASK_TITLE, DemoResult
 
 __all__ = ["pieces", "print_result"]
 

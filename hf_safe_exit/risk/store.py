@@ -186,7 +186,7 @@ def read_calibration_json(path, table: LossTable | None = None, table_path=None,
     return data
 
 
-_STORE_CONFIG_FIX = (f"Rewrite it as {{\"primary_task\": \"<task>\"}} (one of the folders beside it), e.g. with "
+_STORE_CONFIG_FIX = ("Rewrite it as {\"primary_task\": \"<task>\"} (one of the folders beside it), e.g. with "
                      "hf_safe_exit.risk.store.set_primary_task(model_dir, task), or delete it")
 
 
