@@ -20,9 +20,11 @@ The same keys and values are computed from the same states, so outputs equal the
 (a product over more rows sums in another order); at λ = 1 no position is ever pending and the step is the eager
 one. A pending slot holds :data:`~hf_safe_exit.decoding.kv_buffer.PENDING_VALUE` until filled, and is never read
 before: a layer's range is filled before any row runs it (``tests/test_deferred_kv.py`` poisons pending slots with
-NaN and checks every fill finds its slots pending). Memory: the states buffer holds ``batch × positions × d_model``
-values, ``1 / (2 · num_layers)`` of the self-attention cache's size when ``heads · d_kv = d_model``, and one int per
-layer.
+NaN and checks every fill finds its slots pending). Memory: the states buffer holds ``batch × capacity × d_model``
+values (capacity ≥ 64 positions, doubled when full, so at most twice the positions decoded; in the wider of the
+states' dtypes: float32 for a float16 T5 whose ``wo`` stays float32): about ``1 / (2 · num_layers)`` of the
+self-attention cache's size when ``heads · d_kv = d_model`` and the dtypes agree, up to 2× that after a doubling
+and 4× with float32 states beside a float16 cache; plus one int per layer.
 """
 
 from __future__ import annotations

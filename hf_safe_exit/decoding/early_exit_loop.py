@@ -8,10 +8,11 @@ One new token per step, one decoder block at a time, over HF's
   ``x`` stays the exit hidden state h_i;
 * a row that exited after layer i gets, at every skipped layer j > i, the self-attention
   K/V of its exit state through layer j's own pre-attention layer norm and k/v projections:
-  CALM's state propagation (Schuster et al. 2022, Sec. 4.2). They are computed only when a
-  later token of the row runs layer j, together with that token's own K/V in one product
-  (:mod:`.deferred_kv`); K/V no token reads are never computed, and the cache handed back
-  is completed first. ``DEFER_FILLS = False`` computes them at once, every layer, every token;
+  CALM's state propagation (Schuster et al. 2022, Sec. 4.2). Where some row of the batch runs
+  layer j, every row's K/V there come from that layer's one product; where no row runs it, they
+  are pending and computed the next time a token runs layer j, in one product with that
+  token's own (:mod:`.deferred_kv`); K/V no token reads are never computed, and the cache
+  handed back is completed first. ``DEFER_FILLS = False`` computes them at once, every layer;
 * only the rows still deciding run the rest of the block (query, attention,
   cross-attention, feed-forward) — the batch never waits for its slowest row. Their
   attention reads the self- and cross-attention caches through slices of the batch
