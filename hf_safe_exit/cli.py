@@ -215,13 +215,26 @@ def _cmd_collect(args) -> int:
         if state.is_main_process:
             print_grid_summary(table)
             print(f"wrote {args.output} ({table.n} examples × {table.num_configurations} (configuration, λ) rows)")
+        _close_processes(state)
         return 0
     table = collect(model, tokenizer, task, data, config=None if bild else EarlyExitConfig.from_dict(settings),
                     policy_factory=factory, **run)
     if state.is_main_process:
         _print_collect_summary(table)
         print(f"wrote {args.output} ({table.n} examples × {table.lambdas.size} thresholds)")
+    _close_processes(state)
     return 0
+
+
+def _close_processes(state) -> None:
+    """Under ``accelerate launch``: every process waits, then the process group is destroyed. A gloo group left
+    for the interpreter's exit can abort a process ("terminate called without an active exception"), which fails
+    the launch although the file was written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _refuse_existing(path: Path, overwrite: bool, what: str) -> None:
