@@ -229,7 +229,7 @@ def _cmd_collect(args) -> int:
 def _close_processes(state) -> None:
     """Under ``accelerate launch``: every process waits, then the process group is destroyed. A gloo group left
     for the interpreter's exit can abort a process ("terminate called without an active exception"), which fails
-    the launch although the file was written."""
+    the launch."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
