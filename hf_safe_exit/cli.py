@@ -323,6 +323,7 @@ def _cmd_card(args) -> int:
     from .cards import calibration_directory, push_to_hub
     from .cards.write import write_card
     from .risk import CALIBRATION_FILENAME, CONFIGURATIONS_FILENAME, RISK_CONTROL_FILENAME, RiskControlled
+    from .risk.certificate import PARETO
 
     model = Path(args.model)
     model_dir = model.parent if model.suffix.lower() == ".md" else model
@@ -330,7 +331,7 @@ def _cmd_card(args) -> int:
     rc = RiskControlled.from_pretrained(source)
     table = args.results
     # a pareto calibration was fitted on the configuration table: that is the one its card draws
-    name = CONFIGURATIONS_FILENAME if rc.certificate.method == "pareto" else CALIBRATION_FILENAME
+    name = CONFIGURATIONS_FILENAME if rc.certificate.method == PARETO else CALIBRATION_FILENAME
     beside = (source if source.is_dir() else source.parent) / name
     if table is None and args.calibration and beside.is_file():
         table = beside

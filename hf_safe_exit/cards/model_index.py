@@ -50,9 +50,9 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     lam = f"λ̂ = {c.threshold:.6g}"
     # a pareto certificate's risk and bound are the chosen configuration's on its test part (the front came from the
     # rest), and its λ̂ belongs to that configuration
-    n_risk, part = (c.n_test, ", the Pareto test part") if c.method == "pareto" else (c.n, "")
+    n_risk, part = c.n, ""
     if c.method == "pareto":
-        chosen = c.configuration
+        n_risk, part, chosen = c.n_test, ", the Pareto test part", c.configuration
         lam += f" ({chosen['measure']}, {chosen['schedule']} schedule, first exit layer {chosen['min_exit_layer']})"
 
     def result(metric_type: str, name: str, value, args: dict | None = None):

@@ -14,7 +14,6 @@ The table (``early_exit_configurations.npz``) is only used when it reproduces th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..errors import InconsistentCalibrationError
 from ..risk.configuration_table import ConfigurationTable
 from ..risk.pareto import split_examples
 from ..risk.pareto_integrity import refit_problem
-from .render import section_markers, section_title, use_it_snippet
+from .render import dataset_words, decoding_rows, plot_lines, section_markers, section_title, use_it_snippet
 from .vocabulary import guarantee_statement, risk_definition, risk_words, task_info
 
 __all__ = ["PARETO_PLOT_NAME", "check_configuration_table", "default_path", "pareto_front_figure",
@@ -109,9 +108,7 @@ def _configuration_words(setting: dict) -> str:
 def _settings(controlled, rows: str | None, dataset_name: str | None) -> list[str]:
     c = controlled.certificate
     info = task_info(c.task)
-    data = dataset_name or info.display_name
-    if info.dataset_id and info.dataset_split:
-        data += f" (`{info.dataset_id}`, split `{info.dataset_split}`)"
+    data = dataset_words(c.task, dataset_name)
     certified = "" if c.feasible else " (nothing below the full model certified: no early exit)"
     lines = ["| | |", "|---|---|",
              f"| Method | Pareto Testing (Laufer-Goldshtein et al. 2023), {c.bound} p-values, fixed-sequence testing |",
@@ -125,12 +122,7 @@ def _settings(controlled, rows: str | None, dataset_name: str | None) -> list[st
              f"| Test-part risk of it | {c.empirical_risk:+.4f} (mean over the n_test = {c.n_test} examples) |"]
     if c.feasible:
         lines.append(f"| Risk bound of it | {c.risk_bound:+.4f} (p-value {c.p_value:.3g} ≤ δ = {c.delta:g}) |")
-    lengths = controlled.generation_settings
-    if lengths:
-        lines.append("| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |")
-    if c.model_fingerprint:
-        lines.append(f"| Model fingerprint | `{c.model_fingerprint}` |")
-    return lines + [""]
+    return lines + decoding_rows(controlled) + [""]
 
 
 def _front_words(c) -> str:
@@ -167,7 +159,6 @@ def render_pareto_section(controlled, *, plots: Sequence[str] = (), rows: str | 
              "this model (fingerprint below) decoded with the configuration below.", ""]
     lines += _settings(controlled, rows, dataset_name)
     lines += ["### The front", "", _front_words(c), ""]
-    if plots:
-        lines += [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})" for p in plots] + [""]
+    lines += plot_lines(plots)
     lines += use_it_snippet(controlled, repo_id, calibration_subfolder) + [end]
     return "\n".join(lines) + "\n"

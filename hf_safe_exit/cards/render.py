@@ -17,7 +17,7 @@ from .measurements import PER_TOKEN, AtThreshold, HeldOut, Measurements, Procedu
 from .vocabulary import BOUND_WORDS, METHOD_WORDS, guarantee_statement, risk_definition, risk_words, task_info
 
 __all__ = ["SECTION_START", "SECTION_END", "section_markers", "render_section", "replace_section", "check_fitted",
-           "use_it_snippet", "section_title"]
+           "use_it_snippet", "section_title", "dataset_words", "decoding_rows", "plot_lines"]
 
 SECTION_START = "<!-- hf_safe_exit:guarantee:start -->"
 SECTION_END = "<!-- hf_safe_exit:guarantee:end -->"
@@ -92,9 +92,7 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
     method = METHOD_WORDS.get(c.method, c.method)
     if c.method == "ucb" and c.bound:
         method += f", {BOUND_WORDS.get(c.bound, c.bound)}"
-    data = dataset_name or info.display_name
-    if info.dataset_id and info.dataset_split:
-        data += f" (`{info.dataset_id}`, split `{info.dataset_split}`)"
+    data = dataset_words(c.task, dataset_name)
     lines = ["| | |", "|---|---|", f"| Method | {method} |",
              f"| Target risk | ε = {c.eps:g}" + (f", δ = {c.delta:g}" if c.delta is not None else "") + " |",
              f"| Risk | {risk_definition(c.risk, info.metric)}; loss range [{c.loss_bounds[0]:g}, {c.loss_bounds[1]:g}] |",
@@ -119,9 +117,7 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
         rest = {k: v for k, v in config.to_dict().items() if k not in described and v != default.get(k)}
         if rest:
             lines.append("| Other early-exit settings | " + ", ".join(f"{k} = {v}" for k, v in rest.items()) + " |")
-    lengths = controlled.generation_settings
-    if lengths:
-        lines.append("| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |")
+    lines += decoding_rows(controlled, fingerprint=False)
     if not anytime and config is not None and config.anytime is not None:  # decoded with PoE predictions
         poe = config.anytime
         anytime = (f"Product-of-Experts over the exits so far (Jazbec et al. 2023): {poe.activation} activation, "
@@ -133,6 +129,29 @@ def _settings_table(controlled, rows: str | None, dataset_name: str | None, anyt
     if c.model_fingerprint:
         lines.append(f"| Model fingerprint | `{c.model_fingerprint}` |")
     return lines + [""]
+
+
+def dataset_words(task: str | None, dataset_name: str | None) -> str:
+    """The calibration dataset's name for a settings table, with its Hub id and split when known."""
+    info = task_info(task)
+    data = dataset_name or info.display_name
+    if info.dataset_id and info.dataset_split:
+        data += f" (`{info.dataset_id}`, split `{info.dataset_split}`)"
+    return data
+
+
+def decoding_rows(controlled, *, fingerprint: bool = True) -> list[str]:
+    """Settings-table rows: how the calibration decoded (greedy, its lengths) and, with ``fingerprint``, the model's
+    fingerprint."""
+    c, lengths = controlled.certificate, controlled.generation_settings
+    rows = ["| Decoding | greedy" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in lengths.items()) + " |"] \
+        if lengths else []
+    return rows + ([f"| Model fingerprint | `{c.model_fingerprint}` |"] if fingerprint and c.model_fingerprint else [])
+
+
+def plot_lines(plots: Sequence[str]) -> list[str]:
+    """The Markdown images of ``plots`` (paths relative to the card), then a blank line; none: nothing."""
+    return [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})" for p in plots] + [""] if plots else []
 
 
 def _layers(value: float, total: int | None) -> str:
@@ -264,7 +283,7 @@ def render_section(controlled, measured: Measurements, *, plots: Sequence[str] =
             p = measured.procedure
             lines += [f"The figures show the procedure on {p.repeats} random splits (n_cal = {p.n_cal}, "
                       f"n_test = {p.n_test}) at each target ε, not the shipped λ̂.", ""]
-        lines += [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).as_posix()})" for p in plots] + [""]
+        lines += plot_lines(plots)
     lines += use_it_snippet(controlled, repo_id, calibration_subfolder) + [end]
     return "\n".join(lines) + "\n"
 

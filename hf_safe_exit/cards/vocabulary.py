@@ -100,15 +100,12 @@ def guarantee_statement(certificate, metric: str = "ROUGE-L") -> str:
     c = certificate
     what = risk_words(c.risk, metric)
     n = f"{c.n} calibration examples"
-    if not c.feasible:
-        tail = (f" No threshold below 1 passed the test with these {c.n} examples, so λ̂ = 1: the model always runs "
-                "every decoder layer (the guarantee holds trivially, with no speed-up).")
-    else:
-        tail = ""
-    if c.method == "pareto":  # Pareto Testing: the guarantee is for the configuration chosen, not a λ of a fixed one
-        if not c.feasible:
-            tail = (f" No configuration below the full model passed the test with these {c.n} examples, so the model "
-                    "always runs every decoder layer (the guarantee holds trivially, with no speed-up).")
+    pareto = c.method == "pareto"
+    none_passed, then = ("No configuration below the full model", "so the model") if pareto else \
+        ("No threshold below 1", "so λ̂ = 1: the model")
+    tail = "" if c.feasible else (f" {none_passed} passed the test with these {c.n} examples, {then} always runs every "
+                                  "decoder layer (the guarantee holds trivially, with no speed-up).")
+    if pareto:  # Pareto Testing: the guarantee is for the configuration chosen, not a λ of a fixed one
         return (f"With probability at least 1 − δ = {1 - c.delta:.4g} over the random draw of the {n}, the early-exit "
                 f"configuration chosen among {c.num_configurations} (measure, schedule, exit layers and λ̂) has an "
                 f"expected {what} on a new example from the same distribution of at most ε = {c.eps:g} (Pareto "

@@ -173,14 +173,20 @@ def write_card(model_dir_or_card_path, controlled, *, test_results=None, efficie
                       hardware=hardware, rows=calibration_split)
     plan = plan_files(path.parent, controlled, evaluation=measured.evaluation, table=given, plots=plots,
                       save_calibration=save_calibration, overwrite=overwrite)
-    card = load_card(path) if path.is_file() else None
-    name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
-        or path.parent.resolve().name
-    subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
+    card, name, subfolder = _existing_card(path, cal_dir, model_name)
     card = _card(controlled, card, measured, plots=plan.plots, model_name=name, calibration_split=calibration_split,
                  dataset_name=dataset_name, repo_id=repo_id, anytime=anytime, calibration_subfolder=subfolder)
     _save(path, card, plan, save_calibration)
     return path, plan
+
+
+def _existing_card(path: Path, cal_dir: Path, model_name: str | None):
+    """(the card at ``path`` or None, the model-index name: ``model_name``, else the card's, else the folder's, the
+    calibration's folder relative to the card for the snippet: None when it is the card's own)."""
+    card = load_card(path) if path.is_file() else None
+    name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
+        or path.parent.resolve().name
+    return card, name, None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
 
 
 def _save(path: Path, card, plan: FilePlan, save_calibration: bool) -> None:
@@ -228,10 +234,7 @@ def _write_pareto_card(path: Path, controlled, *, table, plots, model_name, cali
         plan = plan_files(path.parent, controlled, plots=[*plots, Path(tmp) / PARETO_PLOT_NAME],
                           save_calibration=save_calibration, overwrite=overwrite,
                           configurations=given if save_calibration else None)
-        card = load_card(path) if path.is_file() else None
-        name = model_name or (getattr(card.data, "model_name", None) if card is not None else None) \
-            or path.parent.resolve().name
-        subfolder = None if cal_dir == path.parent else cal_dir.relative_to(path.parent).as_posix()
+        card, name, subfolder = _existing_card(path, cal_dir, model_name)
         section = render_pareto_section(controlled, plots=plan.plots, rows=rows, dataset_name=dataset_name,
                                         repo_id=repo_id, calibration_subfolder=subfolder)
         card = _card(controlled, card, Measurements(), plots=plan.plots, model_name=name, calibration_split=rows,

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from .kv_buffer import project_kv
+
 __all__ = ["DeferredFills"]
 
 
@@ -85,13 +87,5 @@ class DeferredFills:
             if taken is not None:
                 start, states = taken
                 layer = block.layer[0]
-                normed = layer.layer_norm(states)
-                att = layer.SelfAttention
-                self.layers[idx].write_range(start, split_heads(att.k(normed), self.head_dim),
-                                             split_heads(att.v(normed), self.head_dim))
-
-
-def split_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``(batch, positions, heads · d_kv)`` to the cache's ``(batch, heads, positions, d_kv)``."""
-    b, n, _ = t.shape
-    return t.view(b, n, -1, head_dim).transpose(1, 2)
+                self.layers[idx].write_range(start, *project_kv(layer.SelfAttention, layer.layer_norm(states),
+                                                                self.head_dim))

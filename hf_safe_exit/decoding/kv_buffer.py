@@ -20,11 +20,21 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
-__all__ = ["PENDING_VALUE", "PreallocatedLayer", "install_kv_buffers"]
+__all__ = ["PENDING_VALUE", "PreallocatedLayer", "install_kv_buffers", "project_kv", "split_heads"]
 
-# What a slot whose keys and values are pending (appended for other rows only) holds until it is written; tests set
-# it to NaN, so that a read before the write shows.
+# What a slot whose keys and values are pending (no row ran its layer yet: deferred_kv) holds until it is written;
+# tests set it to NaN, so that a read before the write shows.
 PENDING_VALUE = 0.0
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(batch, positions, heads · d_kv)`` to the cache's layout ``(batch, heads, positions, d_kv)`` (a view)."""
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+def project_kv(attention, states: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A T5 attention module's keys and values of ``states`` ``(batch, positions, d)``, in the cache's layout."""
+    return split_heads(attention.k(states), head_dim), split_heads(attention.v(states), head_dim)
 
 
 class PreallocatedLayer(DynamicLayer):

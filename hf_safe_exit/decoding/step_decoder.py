@@ -17,7 +17,7 @@ from ..compat import cache_kwargs
 from ..confidence import LayerView
 from .deferred_kv import DeferredFills
 from .head_projection import project
-from .kv_buffer import PreallocatedLayer
+from .kv_buffer import PreallocatedLayer, project_kv, split_heads
 from .poe import PoEConfig, PoEState
 from .readout import decoder_output_scale
 from .row_plan import DecidingRows, RowPlan
@@ -35,16 +35,10 @@ def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    # (b, s, heads*head_dim) -> (b, heads, s, head_dim)
-    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-
 def cross_attention_kv(block, encoder_hidden: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The cross-attention keys and values ``(batch, heads, source, d_kv)`` of decoder ``block`` over
     ``encoder_hidden``: what HF's T5 block caches at the first decoding step."""
-    att = block.layer[1].EncDecAttention
-    return _split_heads(att.k(encoder_hidden), head_dim), _split_heads(att.v(encoder_hidden), head_dim)
+    return project_kv(block.layer[1].EncDecAttention, encoder_hidden, head_dim)
 
 
 class _PoERead(NamedTuple):
@@ -157,13 +151,12 @@ class StepDecoder:
         taken = None if self.fills is None else self.fills.take(idx, cache_layer.get_seq_length())
         if taken is None:
             normed = layer.layer_norm(x)
-            keys, values = cache_layer.update(_split_heads(att.k(normed), self.head_dim),
-                                              _split_heads(att.v(normed), self.head_dim))
+            keys, values = cache_layer.update(*project_kv(att, normed, self.head_dim))
         else:  # in the wider dtype of the two (a half-precision T5 may carry float32 states): no state is rounded
             start, past = taken
             dtype = torch.promote_types(past.dtype, x.dtype)
             normed = layer.layer_norm(torch.cat([past.to(dtype), x.to(dtype)], dim=1))
-            k, v = _split_heads(att.k(normed), self.head_dim), _split_heads(att.v(normed), self.head_dim)
+            k, v = project_kv(att, normed, self.head_dim)
             m = past.shape[1]
             cache_layer.write_range(start, k[:, :, :m], v[:, :, :m])
             keys, values = cache_layer.update(k[:, :, m:], v[:, :, m:])
@@ -204,13 +197,13 @@ class StepDecoder:
         self_attn_layer, cross_layer, ff_layer = block.layer[0], block.layer[1], block.layer[-1]
         self_plan, cross_plan = (None, None) if plans is None else plans
         att = self_attn_layer.SelfAttention
-        query = _split_heads(att.q(normed), self.head_dim)
+        query = split_heads(att.q(normed), self.head_dim)
         attn = self._attend(att, query, keys, values, None, position_bias, self_plan)
         h = _clamp_fp16(h + self_attn_layer.dropout(att.o(attn)))
         # Cross-attention over the cached encoder K/V.
         ckeys, cvalues = self._cross_kv(idx)
         catt = cross_layer.EncDecAttention
-        query = _split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
+        query = split_heads(catt.q(cross_layer.layer_norm(h)), self.head_dim)
         attn = self._attend(catt, query, ckeys, cvalues, self.cross_mask, self.cross_bias, cross_plan)
         h = _clamp_fp16(h + cross_layer.dropout(catt.o(attn)))
         return _clamp_fp16(ff_layer(h))
