@@ -15,9 +15,13 @@ per-repeat ratio (a load drift slower than one repeat cancels). Cases:
 * ``mixed``: t5-small shape, batch 8, 256 input tokens, rows at different layers at every step (mean 3.5 of 6);
 * ``lambda1``: ``EarlyExit(1.0)``, HF's own loop (must stay <= 1.02x HF and give HF's tokens).
 
-Floor per token (``speed_shapes.floor_parts``, the model's own submodules): eager k·block + (L−k)·kv_fill +
-projection; deferred k·block + projection (a fill merged into the product of a block's own K/V reads no weights
-of its own; its extra arithmetic is not counted).
+Two floors per token. Timed (``speed_shapes.floor_parts``, the model's own submodules): eager k·block +
+(L−k)·kv_fill + projection; deferred k·block + projection (a fill merged into the product of a block's own K/V
+reads no weights of its own; its extra arithmetic is not counted). Read (``weights_read``): the weights a step
+reads, what bounds a read-bound decoder (batch 1 on a CPU): per step every layer up to the deepest row reads its
+block once (all but the cross-attention K/V, cached per context), eager adds each layer above it its layer norm,
+K and V, and the read-out reads the final layer norm and ``lm_head``; HF reads every block and the read-out. Its
+ratios are what the measured ones would be if time were weights read.
 
     python benchmarks/deferred_fills.py            # ~15 min on one idle core: results/deferred_fills.json + .png
     python benchmarks/deferred_fills.py --quick    # smoke run (t5-small mixed batch only), ~20 s
@@ -62,6 +66,25 @@ def cases(args, shapes: dict, gen):
     return out
 
 
+def weights_read(model, table: torch.Tensor) -> dict:
+    """Millions of weights read per step (see the module docstring) by HF, eager and deferred fills, for the exit
+    ``table`` ``(rows, steps)``, and their ratios."""
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    dec, L = model.decoder, model.config.num_decoder_layers
+    sa, ca = dec.block[1].layer[0], dec.block[1].layer[1]  # block 1: no relative-position table of its own
+    block = count(dec.block[1]) - count(ca.EncDecAttention.k, ca.EncDecAttention.v)
+    fill, head = count(sa.layer_norm, sa.SelfAttention.k, sa.SelfAttention.v), count(dec.final_layer_norm,
+                                                                                        model.lm_head)
+    deepest = table.max(dim=0).values.double()  # per step: a layer's weights are read once for every row
+    reads = {"hf": L * block + head, "eager": float((deepest * block + (L - deepest) * fill).mean()) + head,
+             "deferred": float((deepest * block).mean()) + head}
+    return {"weights_read_per_step_M": {k: v / 1e6 for k, v in reads.items()},
+            "read_floor_ratio": {f"{a}/{b}": reads[a] / reads[b]
+                                 for a, b in (("eager", "hf"), ("deferred", "hf"), ("deferred", "eager"))}}
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -97,13 +120,14 @@ def run_case(model, shape, case, batch, n_in, n_new, policy, table, args, gen, p
              "deferred": k * parts["block"] + parts["projection"]}
     row = {"shape": shape, "case": case, "batch": batch, "input_length": n_in, "new_tokens": n_new,
            "num_decoder_layers": L, "mean_exit_layer": k, "ms_per_token": ms, "ratio_paired": ratio,
-           "floor_ms_per_token": {name: 1000 * v for name, v in floor.items()},
+           "floor_ms_per_token": {name: 1000 * v for name, v in floor.items()}, **weights_read(model, table),
            "same_tokens": {"eager_vs_deferred": bool(torch.equal(tokens[False], tokens[True])),
                            "deferred_vs_hf": bool(torch.equal(tokens[True], reference))},
            "seconds": seconds, "load1": os.getloadavg()[0], "exit_table": table.tolist()}
     print(f"{shape:<6}{case:<9}{batch:>3}{n_in:>5}{n_new:>5}{k:>6.2f}{ms['hf']:>9.2f}{ms['eager']:>9.2f}"
           f"{ms['deferred']:>9.2f}{ratio['eager/hf']:>8.3f}{ratio['deferred/hf']:>8.3f}"
-          f"{ratio['deferred/eager']:>8.3f}", flush=True)
+          f"{ratio['deferred/eager']:>8.3f}{row['read_floor_ratio']['deferred/hf']:>8.3f}"
+          f"{row['read_floor_ratio']['deferred/eager']:>8.3f}", flush=True)
     return row
 
 
@@ -149,7 +173,7 @@ def main(argv=None, shapes: dict | None = None) -> dict:
     doc = {**header(args, argv), "benchmark": "deferred_fills", "basis": "decode time per generated token (encoder "
            "excluded), greedy, float32, CPU, random weights with the real configs, forced exits", "rows": []}
     print(f"{'shape':<6}{'case':<9}{'b':>3}{'in':>5}{'N':>5}{'k':>6}{'HF ms':>9}{'eager':>9}{'defer':>9}"
-          f"{'e/HF':>8}{'d/HF':>8}{'d/e':>8}", flush=True)
+          f"{'e/HF':>8}{'d/HF':>8}{'d/e':>8}{'read d/HF':>10}{'d/e':>6}", flush=True)
     with isolated(args.threads, args.seed):
         gen = torch.Generator().manual_seed(args.seed)
         todo = cases(args, shapes, gen)
