@@ -96,7 +96,12 @@ def _assert_same(out, eager, tol=1e-10):
         assert (ours.values - theirs.values).abs().max().item() < tol
 
 
-@pytest.mark.parametrize("case", ["forced", "measure", "finishing-rows", "decoder-prompt", "poe"])
+# thresholds at which the random tiny model's rows exit at different layers (some positions pending, some read)
+MEASURES = {"softmax": 0.999, "softmax_shortlist": 0.999, "saturation": 0.6, "meta": 0.5}
+
+
+@pytest.mark.parametrize("case", ["forced", *(f"measure-{m}" for m in MEASURES), "finishing-rows", "decoder-prompt",
+                                  "poe"])
 def test_deferred_fills_equal_the_eager_ones_and_the_reference(case, step_kind, watched, monkeypatch):
     if case == "poe" and step_kind == "dense":
         pytest.skip("PoE anytime predictions run the row-wise step only")
@@ -105,8 +110,14 @@ def test_deferred_fills_equal_the_eager_ones_and_the_reference(case, step_kind, 
     kwargs, prompt_len = {}, 1
     if case == "forced":
         policy = ForcedExit(_table())
-    elif case == "measure":
-        policy = EarlyExit(0.999, measure="softmax")
+    elif case.startswith("measure-"):
+        measure = case.removeprefix("measure-")
+        if measure == "meta":
+            from hf_safe_exit.confidence import MetaClassifierHead, MetaHeadConfig
+
+            torch.manual_seed(0)
+            model.meta_head = MetaClassifierHead(MetaHeadConfig(d_model=32)).eval().to(torch.float64)
+        policy = EarlyExit(MEASURES[measure], measure=measure)
     elif case == "finishing-rows":  # rows 2 and 5 reach EOS at different steps; their K/V then stay pending
         policy = EarlyExit(0.6, measure="saturation")
     elif case == "decoder-prompt":
@@ -120,7 +131,7 @@ def test_deferred_fills_equal_the_eager_ones_and_the_reference(case, step_kind, 
         assert (out.exit_layers == 0).any(1).sum() == 2
     assert watched, "nothing was deferred: the case does not test the deferred fills"
     _assert_same(out, _generate(model, ids, mask, policy, False, monkeypatch, **kwargs))
-    if case in ("forced", "decoder-prompt"):
+    if case != "poe":  # the logits of each token's exit layer, as the no-cache construction computes them
         L = model.config.num_decoder_layers
         layers = torch.cat([torch.full((ids.shape[0], prompt_len - 1), L), out.exit_layers.clamp(min=1)], dim=1)
         ref = reference_exit_logits(model, ids, mask, out.sequences, layers)[:, prompt_len - 1:]
