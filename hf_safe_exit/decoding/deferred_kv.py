@@ -14,8 +14,7 @@ range starts, and each position's states (one ``(batch, positions, d_model)`` bu
 layer j, the pending range is computed in the **same** product as the new position
 (``[batch · (pending + 1) × d] × [d × heads·d_kv]``, the weights read once) and written as one slice
 (:meth:`~hf_safe_exit.decoding.kv_buffer.PreallocatedLayer.write_range`). Positions no later token reads at j are
-never computed; a cache handed back to the caller fills a layer's pending range when that layer is first read
-(:meth:`DeferredFills.complete_on_read`), so one that nobody reads costs nothing either.
+never computed, unless the cache is handed back to the caller: :meth:`DeferredFills.fill_all` completes it first.
 
 The same keys and values are computed from the same states, so outputs equal the eager fills up to matmul rounding
 (a product over more rows sums in another order); at λ = 1 no position is ever pending and the step is the eager
@@ -25,8 +24,7 @@ NaN and checks every fill finds its slots pending). Memory: the states buffer ho
 values (capacity ≥ 64 positions, doubled when full, so at most twice the positions decoded; in the wider of the
 states' dtypes: float32 for a float16 T5 whose ``wo`` stays float32): about ``1 / (2 · num_layers)`` of the
 self-attention cache's size when ``heads · d_kv = d_model`` and the dtypes agree, up to 2× that after a doubling
-and 4× with float32 states beside a float16 cache; plus one int per layer. A cache handed back with pending K/V
-keeps the buffer alive until its last pending layer is read (or the cache is dropped).
+and 4× with float32 states beside a float16 cache; plus one int per layer.
 """
 
 from __future__ import annotations
@@ -81,33 +79,13 @@ class DeferredFills:
         self.first_pending[idx] = None
         return start, self.states[:, start:position]
 
-    def fill_layer(self, idx: int, length: int) -> None:
-        """Fill layer ``idx``'s pending range up to ``length`` positions in one product (nothing if none)."""
-        taken = self.take(idx, length)
-        if taken is not None:
-            start, states = taken
-            layer = self.blocks[idx].layer[0]
-            self.layers[idx].write_range(start, *project_kv(layer.SelfAttention, layer.layer_norm(states),
-                                                            self.head_dim))
-
     def fill_all(self, length: int) -> None:
-        """Fill every layer's pending range up to ``length`` positions, one product per layer."""
-        for idx in range(len(self.blocks)):
-            self.fill_layer(idx, length)
-
-    def complete_on_read(self, length: int) -> None:
-        """The cache leaves the loop holding ``length`` positions: each layer with a pending range fills it (one
-        product) when its ``keys`` or ``values`` are first read, so a cache nobody reads costs no fill. The fill
-        runs without autograd and under the autocast state of now (the loop's), from the kept states and the
-        model's weights as they are at the read; until then the states buffer stays alive with the cache."""
-        device = self.states.device.type if self.states is not None else None
-        autocast = None if device is None else (device, torch.get_autocast_dtype(device),
-                                                torch.is_autocast_enabled(device))
-        for idx, start in enumerate(self.first_pending):
-            if start is not None and start < length:
-                self.layers[idx].complete_on_read(lambda idx=idx: self._fill_later(idx, length, autocast))
-
-    def _fill_later(self, idx: int, length: int, autocast: tuple) -> None:
-        device, dtype, enabled = autocast
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            self.fill_layer(idx, length)
+        """Fill every layer's pending range up to ``length`` positions, one product per layer (before the cache
+        leaves the loop)."""
+        for idx, block in enumerate(self.blocks):
+            taken = self.take(idx, length)
+            if taken is not None:
+                start, states = taken
+                layer = block.layer[0]
+                self.layers[idx].write_range(start, *project_kv(layer.SelfAttention, layer.layer_norm(states),
+                                                                self.head_dim))

@@ -236,7 +236,7 @@ def early_exit_decode(
         streamer.end()
 
     if return_dict or early_exit_complete_cache:  # the cache leaves the loop (output, or the caller's own object)
-        decoder.complete_cache_on_read()  # no K/V may be pending when it is read
+        decoder.complete_cache()  # no K/V may be pending in it
     if not return_dict:
         return input_ids
     encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None

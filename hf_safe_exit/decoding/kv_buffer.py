@@ -41,55 +41,12 @@ class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose appends write into a buffer of ``capacity`` positions (grown ×2 when full)."""
 
     def __init__(self, capacity: int):
-        self._on_read = None  # set by complete_on_read: what fills this layer's pending K/V before a read
         super().__init__()
         if capacity < 1:
             raise ValueError(f"PreallocatedLayer needs a capacity >= 1, got {capacity}.")
         self.capacity = int(capacity)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
-
-    # `keys` / `values` are properties only so that a layer handed back with K/V still pending (deferred_kv) is
-    # completed before anyone reads them; while the loop decodes, no completion is set and a read is an attribute.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        if self._on_read is not None:
-            self._complete_pending()
-        return self._keys
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._on_read = None  # whatever replaces the tensor (reset, a new allocation) discards what was pending
-        self._keys = tensor
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        if self._on_read is not None:
-            self._complete_pending()
-        return self._values
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._on_read = None
-        self._values = tensor
-
-    def complete_on_read(self, fill) -> None:
-        """Call ``fill()`` (which writes this layer's pending K/V with :meth:`write_range`) on the first read of
-        ``keys`` or ``values``, or before the layer is copied or pickled; :meth:`get_seq_length` does not need it."""
-        self._on_read = fill
-
-    def _complete_pending(self) -> None:
-        fill, self._on_read = self._on_read, None  # cleared first: the fill itself reads the keys it writes
-        fill()
-
-    def get_seq_length(self) -> int:
-        # the length is known without the pending K/V: reading it must not complete them
-        return 0 if not self.is_initialized or self._keys.numel() == 0 else self._keys.shape[-2]
-
-    def __getstate__(self) -> dict:
-        if self._on_read is not None:  # a copy holds the completed K/V, not the model that a completion reads
-            self._complete_pending()
-        return self.__dict__.copy()
 
     def _owns(self, tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
         # `tensor` is still a prefix view of `buffer` (not replaced by crop-to-copy, index_select, .to(), ...)

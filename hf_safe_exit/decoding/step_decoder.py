@@ -184,11 +184,10 @@ class StepDecoder:
         if self.fills is not None:
             self.fills.keep(position, x)
 
-    def complete_cache_on_read(self) -> None:
-        """The cache is handed back: a layer with pending K/V fills them when first read, so that whatever reads
-        the cache sees what eager fills give (:meth:`DeferredFills.complete_on_read`)."""
+    def complete_cache(self) -> None:
+        """Fill every pending K/V (before the cache is handed back): the cache then holds what eager fills give."""
         if self.fills is not None:
-            self.fills.complete_on_read(self.cache.self_attention_cache.get_seq_length(0))
+            self.fills.fill_all(self.cache.self_attention_cache.get_seq_length(0))
 
     def run_block(self, idx: int, h: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   position_bias: torch.Tensor, plans: "tuple[RowPlan, RowPlan] | None") -> torch.Tensor:
