@@ -163,6 +163,22 @@ def test_keys_and_values_no_token_reads_are_never_computed(step_kind, watched, m
     _assert_same(out, eager)
 
 
+def test_with_use_cache_false_no_cache_is_returned_and_nothing_unread_is_filled(step_kind, watched, monkeypatch):
+    """As HF's ``generate(use_cache=False)``, the output holds no cache; the loop still decodes with its own, so the
+    tokens and logits are those of ``use_cache=True`` bit for bit, and the K/V no token read are never computed."""
+    from hf_safe_exit.compat import find_cache
+
+    model = _model()
+    calls = _k_calls(model)
+    ids, mask = _batch(rows=2)
+    out = _generate(model, ids, mask, ForcedExit(2), True, monkeypatch, use_cache=False)
+    assert find_cache(out) is None and calls[2] == calls[3] == [] and not watched
+    cached = _generate(model, ids, mask, ForcedExit(2), True, monkeypatch)
+    assert find_cache(cached) is not None and calls[2] == calls[3] == [2 * STEPS]  # handed back: completed
+    assert torch.equal(out.sequences, cached.sequences) and torch.equal(out.exit_layers, cached.exit_layers)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, cached.logits))
+
+
 def test_a_deep_token_fills_the_pending_positions_in_one_product(watched, monkeypatch):
     model = _model()
     calls = _k_calls(model)
@@ -246,3 +262,20 @@ def test_a_cache_the_caller_passed_is_completed_even_without_return_dict(monkeyp
     for ours, eager in zip(layers[True], layers[False]):
         assert (ours.keys - eager.keys).abs().max().item() < 1e-10
         assert (ours.values - eager.values).abs().max().item() < 1e-10
+
+
+def test_a_call_that_reads_no_cache_skips_the_hand_back_but_never_hf_s_own_cache(monkeypatch):
+    """``no_cache_returned`` (the timed calls of collect and the demo): below λ = 1 the output holds no cache (and
+    nothing unread is filled) with the same tokens; at λ = 1 HF's own loop keeps its cache, as HF decodes it."""
+    from hf_safe_exit.compat import find_cache
+    from hf_safe_exit.decoding.early_exit_loop import no_cache_returned
+
+    model = _model()
+    ids, mask = _batch()
+    assert no_cache_returned(ForcedExit(2)) == {}  # a policy that does not say keeps the cache
+    for threshold in (0.999, 1.0):
+        policy = EarlyExit(threshold, measure="softmax")
+        out, ref = (_generate(model, ids, mask, policy, True, monkeypatch, **extra)
+                    for extra in (no_cache_returned(policy), {}))
+        assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.exit_layers, ref.exit_layers)
+        assert (find_cache(out) is None) == (threshold < 1) and find_cache(ref) is not None

@@ -324,12 +324,14 @@ def decode_cell(model, encoded, policy, max_new_tokens: int):
     first one and then hands each out."""
     import torch
 
+    from ..decoding.early_exit_loop import no_cache_returned
+
     if isinstance(encoded, ThresholdGrid):
         return encoded.output(model, policy)
-    with torch.inference_mode():
+    with torch.inference_mode():  # the cell's time is decoding's: no cache is handed back, none completed
         return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                               early_exit=policy, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              return_dict_in_generate=True)
+                              return_dict_in_generate=True, **no_cache_returned(policy))
 
 
 def _run(plan: _Plan, model, tokenizer, state, progress: bool) -> dict | None:

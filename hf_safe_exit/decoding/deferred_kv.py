@@ -14,7 +14,8 @@ range starts, and each position's states (one ``(batch, positions, d_model)`` bu
 layer j, the pending range is computed in the **same** product as the new position
 (``[batch · (pending + 1) × d] × [d × heads·d_kv]``, the weights read once) and written as one slice
 (:meth:`~hf_safe_exit.decoding.kv_buffer.PreallocatedLayer.write_range`). Positions no later token reads at j are
-never computed, unless the cache is handed back to the caller: :meth:`DeferredFills.fill_all` completes it first.
+never computed, unless the cache is handed back to the caller: :meth:`DeferredFills.fill_all` completes it first
+(``generate(..., use_cache=False)`` hands none back, as HF's).
 
 The same keys and values are computed from the same states, so outputs equal the eager fills up to matmul rounding
 (a product over more rows sums in another order); at λ = 1 no position is ever pending and the step is the eager

@@ -147,7 +147,9 @@ def early_exit_decode(
     column per new token. Prompts must have equal lengths: a ``decoder_attention_mask`` with zeros
     raises :class:`UnsupportedDecoderPromptError`. The cache is taken from ``model_kwargs["cache"]``
     (transformers >= 5.24) or ``model_kwargs["past_key_values"]`` (older). ``early_exit_complete_cache``: the cache
-    is the caller's (complete it even when only the sequences are returned; see :mod:`.deferred_kv`).
+    is the caller's (complete it even when only the sequences are returned; see :mod:`.deferred_kv`). With
+    ``use_cache=False`` the loop still decodes with its cache (early exit needs one; the outputs equal the no-cache
+    computation), but, as HF's, the output holds none, and the K/V no token read are never filled.
     """
     if early_exit_policy is None:
         raise ValueError("early_exit_decode needs early_exit_policy (a bound EarlyExit policy).")
@@ -235,8 +237,11 @@ def early_exit_decode(
     if streamer is not None:
         streamer.end()
 
-    if return_dict or early_exit_complete_cache:  # the cache leaves the loop (output, or the caller's own object)
-        decoder.complete_cache()  # no K/V may be pending in it
+    # The cache leaves the loop in the output (unless use_cache=False: then, as HF, none is returned) or as the
+    # caller's own object: no K/V may be pending in it. A cache nobody takes costs no fill.
+    hand_back = early_exit_complete_cache or (return_dict and generation_config.use_cache is not False)
+    if hand_back:
+        decoder.complete_cache()
     if not return_dict:
         return input_ids
     encoder_hidden_states = encoder_outputs.get("hidden_states") if generation_config.output_hidden_states else None
@@ -245,9 +250,17 @@ def early_exit_decode(
         scores=scores if output_scores else None,
         logits=raw_logits if output_logits else None,
         encoder_hidden_states=encoder_hidden_states,
-        **{cache_field(EarlyExitGenerateOutput): cache},
+        **{cache_field(EarlyExitGenerateOutput): cache if hand_back else None},
         **exit_fields(torch.stack(exit_layers, dim=1), torch.stack(confidences, dim=1), decoder.num_layers),
     )
+
+
+def no_cache_returned(policy) -> dict:
+    """The ``generate`` keywords for a caller that reads no cache from the output (a timed or scoring call):
+    ``{"use_cache": False}`` when ``policy`` decodes in this loop, which then returns no cache and never fills the
+    K/V no token read (:mod:`.deferred_kv`); ``{}`` for a full-model policy (λ >= 1: HF's own loop, which without a
+    cache would decode another way) and for any policy that does not say (``is_full_model``)."""
+    return {} if getattr(policy, "is_full_model", True) else {"use_cache": False}
 
 
 def exit_fields(exit_layers: torch.Tensor, confidences: torch.Tensor, num_layers: int) -> dict:

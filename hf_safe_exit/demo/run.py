@@ -105,7 +105,7 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
 
     from ..cards import guarantee_statement
     from ..compat import cache_kwargs
-    from ..decoding.early_exit_loop import new_decoder_cache
+    from ..decoding.early_exit_loop import new_decoder_cache, no_cache_returned
     from ..tasks import get_task
 
     task = get_task(task_name)
@@ -121,7 +121,8 @@ def _run_task(model, tokenizer, task_name: str, example: dict, rc, source: str, 
             return type(model).generate(model, **enc, **{**gen, **over}, **cache_kwargs(new_decoder_cache(model)))
 
         def run_early(**over):
-            return model.generate(**enc, **{**gen, **over}, early_exit=early_exit, return_dict_in_generate=True)
+            return model.generate(**enc, **{**gen, **no_cache_returned(early_exit), **over}, early_exit=early_exit,
+                                  return_dict_in_generate=True)
 
         full = run_full()  # the full model's own output, shown beside early exit's; also the warm-up
         out = run_early()  # (first-call allocations): neither is timed
