@@ -35,3 +35,13 @@ def test_deferred_fills_smoke(tmp_path, monkeypatch):
     rc = rows[3]["exit_table"][0]
     assert rc[5::6] == [4, 4] and all(1 <= v <= 4 for v in rc)
     assert (tmp_path / "fills.png").is_file() and "speed_shapes" in sys.modules
+    # the read floor, counted by hand from the config: a block reads self-attention q, k, v, o, cross-attention q, o
+    # (its K/V are cached per context), the feed-forward and 3 layer norms; a fill a layer norm, K and V; the read-out
+    # the final layer norm and lm_head (tied here: the embedding)
+    d, inner, ff, vocab, L = 32, 4 * 8, 64, 128, 4
+    block, fill, head = 6 * d * inner + 2 * d * ff + 3 * d, d + 2 * d * inner, d + vocab * d
+    reads = rows[1]["weights_read_per_step_M"]  # every token at layer 1
+    assert abs(reads["hf"] * 1e6 - (L * block + head)) < 1e-3
+    assert abs(reads["deferred"] * 1e6 - (block + head)) < 1e-3
+    assert abs(reads["eager"] * 1e6 - (block + (L - 1) * fill + head)) < 1e-3
+    assert rows[0]["read_floor_ratio"]["deferred/hf"] == 1.0
