@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..risk.certificate import PARETO
 from .measurements import Measurements
 from .vocabulary import risk_words, task_info
 
@@ -51,7 +52,7 @@ def eval_results(controlled, measured: Measurements, *, rows: str | None = None,
     # a pareto certificate's risk and bound are the chosen configuration's on its test part (the front came from the
     # rest), and its λ̂ belongs to that configuration
     n_risk, part = c.n, ""
-    if c.method == "pareto":
+    if c.method == PARETO:
         n_risk, part, chosen = c.n_test, ", the Pareto test part", c.configuration
         lam += f" ({chosen['measure']}, {chosen['schedule']} schedule, first exit layer {chosen['min_exit_layer']})"
 

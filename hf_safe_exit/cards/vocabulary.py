@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..risk.certificate import PARETO
+
 __all__ = ["TaskInfo", "task_info", "METHOD_WORDS", "BOUND_WORDS", "risk_words", "risk_definition",
            "guarantee_statement", "rows_description"]
 
@@ -100,7 +102,7 @@ def guarantee_statement(certificate, metric: str = "ROUGE-L") -> str:
     c = certificate
     what = risk_words(c.risk, metric)
     n = f"{c.n} calibration examples"
-    pareto = c.method == "pareto"
+    pareto = c.method == PARETO
     none_passed, then = ("No configuration below the full model", "so the model") if pareto else \
         ("No threshold below 1", "so λ̂ = 1: the model")
     tail = "" if c.feasible else (f" {none_passed} passed the test with these {c.n} examples, {then} always runs every "

@@ -39,6 +39,7 @@ from pathlib import Path
 from ..errors import CorruptFileError, HubFileError, InconsistentCalibrationError, MissingCalibrationError, \
     read_json_object
 from ..hub_files import HUB_FIX, clear_hub_cache, hub_file, hub_path, loaded_revision
+from .certificate import PARETO
 from .configuration_table import CONFIGURATIONS_FILENAME, ConfigurationTable
 from .integrity import check_calibration_dict, check_calibration_digest, check_refit
 from .loss_table import CALIBRATION_FILENAME, LossTable, check_task_name
@@ -172,7 +173,7 @@ def read_calibration_json(path, table: LossTable | None = None, table_path=None,
                             fix="Write it again with `hf-safe-exit calibrate` or RiskControlled.save_pretrained")
     check_calibration_dict(data, path, digest=False)
     _check_recorded_task(path, data["calibration"].get("task") or data["certificate"].get("task"), task)
-    if data["params"].get("method") == "pareto":
+    if data["params"].get("method") == PARETO:
         table = configurations
         table_path = None if table is None else table.source or CONFIGURATIONS_FILENAME
     if table is not None:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from ..errors import CorruptFileError
 from ..fingerprint import model_fingerprint
 from .calibration import Calibration, table_config
+from .certificate import PARETO
 from .configuration_table import CONFIGURATIONS_FILENAME
 from .loss_table import CALIBRATION_FILENAME, LossTable
 from .provenance import check_fingerprint
@@ -42,11 +43,11 @@ def fit_from_stored(rc, model, fingerprint: str | None = None) -> Calibration:
     :class:`~hf_safe_exit.errors.CorruptFileError` naming the table when the settings it records cannot be used.
     """
     stored = find_stored(model, rc.task)
-    pareto = rc.method == "pareto"
+    pareto = rc.method == PARETO
     table, table_path = (stored.configurations, stored.configurations_path) if pareto else \
         (stored.table, stored.table_path)
     if table is None:
-        json_pareto = stored.controlled_json is not None and stored.controlled_json["params"].get("method") == "pareto"
+        json_pareto = stored.controlled_json is not None and stored.controlled_json["params"].get("method") == PARETO
         if stored.controlled_json is None or json_pareto != pareto:
             raise MissingCalibrationError(_other_kind(rc, stored))
         return _stored_fit(rc, stored)
@@ -74,7 +75,7 @@ def _other_kind(rc, stored: StoredCalibration) -> str:
     fitted with the other kind of method) only."""
     has = [p for p in (stored.table_path, stored.configurations_path, stored.controlled_path) if p is not None]
     where = f"calibration/{stored.task}/"
-    if rc.method == "pareto":
+    if rc.method == PARETO:
         return (f"RiskControlled(method='pareto') chooses among early-exit configurations and needs the task's "
                 f"multi-configuration table ({where}{CONFIGURATIONS_FILENAME}); this model stores for task "
                 f"{stored.task!r} only {', '.join(has)}, which calibrate one configuration's λ. Stack the 1-D tables of "
